@@ -1,0 +1,102 @@
+"""Runner backends, one per artifact format.
+
+Backends are registered by format with a lazy ``module:Class`` reference, so that
+importing the runner loads no runtime until an artifact of that format is run, and
+torch-free formats never pull torch in. Add a format with :func:`register_backend`
+(or the ``edgeship.backends`` entry-point group); the runner does not change.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edgeship.errors import ArtifactLoadError, UnknownKeyError
+from edgeship.spec import TensorSpec, check_feeds
+
+
+class Backend(ABC):
+    """A loaded model that the runner can feed and time."""
+
+    format: ClassVar[str]
+    suffix: ClassVar[str]
+    torch_free: ClassVar[bool] = True
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[str, ...]
+
+    @abstractmethod
+    def __init__(self, path: Path, threads: int | None = None, options: Mapping[str, Any] | None = None) -> None: ...
+
+    @abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once on feeds already adapted by :meth:`adapt_feeds`."""
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """Runtime name/version, threads, providers or delegates available and used."""
+
+    def adapt_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check feeds against this model's signature (names, rank, fixed dims, dtype)."""
+        out = dict(feeds)
+        check_feeds(self.inputs, out)
+        return out
+
+
+_BACKENDS: dict[str, str] = {
+    "onnx": "edgeship.profiling.backends.onnx:OnnxBackend",
+    "tflite": "edgeship.profiling.backends.tflite:TfliteBackend",
+    "pte": "edgeship.profiling.backends.pte:PteBackend",
+}
+SUFFIXES = {".onnx": "onnx", ".tflite": "tflite", ".pte": "pte"}
+
+
+def register_backend(fmt: str, ref: str, suffix: str | None = None) -> None:
+    _BACKENDS[fmt] = ref
+    if suffix:
+        SUFFIXES[suffix] = fmt
+
+
+def _entry_points() -> None:
+    for ep in metadata.entry_points(group="edgeship.backends"):
+        _BACKENDS.setdefault(ep.name, ep.value)
+
+
+def formats() -> list[str]:
+    _entry_points()
+    return sorted(_BACKENDS)
+
+
+def get_backend(fmt: str) -> type[Backend]:
+    _entry_points()
+    if fmt not in _BACKENDS:
+        raise UnknownKeyError("artifact format", fmt, _BACKENDS)
+    mod, _, cls = _BACKENDS[fmt].partition(":")
+    module = importlib.import_module(mod)
+    return getattr(module, cls)  # type: ignore[no-any-return]
+
+
+def format_of(path: Path) -> str:
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise ArtifactLoadError(f"{path}: unknown model file type '{path.suffix}'; edgeship runs "
+                                f"{', '.join(sorted(SUFFIXES))} files or bundle directories")
+    return fmt
+
+
+def load(path: Path, fmt: str | None = None, threads: int | None = None,
+         options: Mapping[str, Any] | None = None) -> Backend:
+    if not path.is_file():
+        raise ArtifactLoadError(f"model file not found: {path}")
+    cls = get_backend(fmt or format_of(path))
+    return cls(path, threads=threads, options=options)
+
+
+def is_torch_free(fmt: str) -> bool:
+    return get_backend(fmt).torch_free if fmt in _BACKENDS else False

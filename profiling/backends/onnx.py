@@ -1,0 +1,82 @@
+"""ONNX Runtime backend (torch-free)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edgeship.errors import ArtifactLoadError, RuntimeMissingError
+from edgeship.profiling.backends import Backend
+from edgeship.spec import TensorSpec
+
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32",
+    "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
+}
+_LEVELS = ("disable", "basic", "extended", "all")
+
+
+class OnnxBackend(Backend):
+    format: ClassVar[str] = "onnx"
+    suffix: ClassVar[str] = ".onnx"
+
+    def __init__(self, path: Path, threads: int | None = None, options: Mapping[str, Any] | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise RuntimeMissingError(f"onnxruntime is not installed ({e}); pip install edgeship (the runtime "
+                                      "install brings it) or pip install onnxruntime") from None
+        opts = dict(options or {})
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        level = str(opts.get("graph_optimization", "basic"))
+        if level not in _LEVELS:
+            raise ArtifactLoadError(f"onnx option graph_optimization={level!r}: use one of {', '.join(_LEVELS)}")
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[level]
+        available = list(ort.get_available_providers())
+        requested = [p for p in opts.get("providers", []) if p != "CPUExecutionProvider"]
+        self.provider_notes = [f"{p} requested but not in this onnxruntime build (available: {', '.join(available)}); "
+                               "ran on CPUExecutionProvider" for p in requested if p not in available]
+        providers = [p for p in requested if p in available] + ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/RuntimeException types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ArtifactLoadError(f"{path}: onnxruntime cannot load it; the file is corrupt, truncated or not "
+                                    f"ONNX ({first[:300]}); re-export or re-copy it") from None
+        self.path = path
+        self.threads = threads
+        self.level = level
+        self.available_providers = available
+        self.inputs = tuple(
+            TensorSpec(i.name, _ORT_TYPES.get(i.type, "float32"),
+                       tuple(d if isinstance(d, int) else (d or f"dim{k}") for k, d in enumerate(i.shape)))
+            for i in self.session.get_inputs()
+        )
+        self.outputs = tuple(o.name for o in self.session.get_outputs())
+        self._version = ort.__version__
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        res = self.session.run(None, dict(feeds))
+        return {n: np.asarray(v) for n, v in zip(self.outputs, res, strict=True)}
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "runtime": "onnxruntime",
+            "runtime_version": self._version,
+            "threads": self.threads,
+            "graph_optimization": self.level,
+            "providers_available": self.available_providers,
+            "providers_used": list(self.session.get_providers()),
+            "notes": self.provider_notes,
+        }

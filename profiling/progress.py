@@ -1,0 +1,31 @@
+"""A dependency-free progress line on stderr (the device runtime has no tqdm)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class Progress:
+    def __init__(self, label: str, enabled: bool = True, stream: TextIO | None = None, every_s: float = 0.5) -> None:
+        self.label = label
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.every_s = every_s
+        self._last = 0.0
+        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def update(self, text: str, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < (self.every_s if self._tty else 5.0):
+            return
+        self._last = now
+        end = "\r" if self._tty and not force else "\n"
+        self.stream.write(f"[{self.label}] {text}\x1b[K{end}" if self._tty else f"[{self.label}] {text}{end}")
+        self.stream.flush()
+
+    def done(self, text: str) -> None:
+        self.update(text, force=True)

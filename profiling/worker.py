@@ -1,0 +1,211 @@
+"""Measure one artifact in this process: ``python -m edgeship.profiling.worker JOB.json RESULT.json``.
+
+Started by :func:`edgeship.profiling.runner.profile` once per artifact. For torch-free
+formats torch is made unimportable before any runtime is loaded, which proves the
+device path needs no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeship.errors import EdgeshipError, InputError
+from edgeship.profiling import backends, energy
+from edgeship.profiling.progress import Progress
+from edgeship.profiling.stats import LatencyStats
+from edgeship.spec import resolve_dims, synthesize
+
+_BLOCKED = ("torch", "transformers", "executorch", "litert_torch", "torchao")
+
+
+def block_torch() -> None:
+    """Make torch & co. unimportable (``import torch`` raises ImportError)."""
+    for name in _BLOCKED:
+        if name in sys.modules and sys.modules[name] is not None:
+            return  # already imported by the caller (in-process use): nothing to prove here
+        sys.modules[name] = None  # type: ignore[assignment]
+
+
+def _rss_mb() -> float:
+    try:
+        import psutil
+
+        return float(psutil.Process().memory_info().rss) / 2**20
+    except ImportError:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB on Linux
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    from edgeship.profiling.runner import RunConfig
+
+    raw = dict(job["config"])
+    raw["shapes"] = {k: tuple(v) for k, v in raw.get("shapes", {}).items()}
+    cfg = RunConfig(**raw)
+    out: dict[str, Any] = {"status": "error"}
+    try:
+        _measure(job, cfg, out)
+        out["status"] = "ok"
+    except EdgeshipError as e:
+        out["error"] = str(e)
+    except Exception as e:  # a runtime failing mid-run must not lose the other measurements
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["traceback"] = traceback.format_exc()
+    return out
+
+
+def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
+    bundle = None
+    ref_inputs: dict[str, np.ndarray] | None = None
+    ref_outputs: dict[str, np.ndarray] | None = None
+    if "bundle" in job:
+        from edgeship.manifest import load_bundle
+
+        bundle = load_bundle(job["bundle"], verify=False)
+        art = bundle.manifest.artifact(job["artifact"])
+        path = bundle.path_of(art)
+        fmt = art.format
+        out.update(artifact=art.key, path=art.path, format=fmt, recipe=art.recipe, size_bytes=art.size_bytes,
+                   fidelity=art.fidelity.to_dict() if art.fidelity else None)
+        run_opts = dict(art.runtime.get("options", {}))
+    else:
+        path = Path(job["file"])
+        fmt = backends.format_of(path)
+        out.update(artifact=path.name, path=str(path), format=fmt, recipe=None, size_bytes=path.stat().st_size,
+                   fidelity=None)
+        run_opts = {}
+    run_opts.update(cfg.options)
+    if backends.is_torch_free(fmt):
+        block_torch()
+    out["torch_free"] = "torch" in sys.modules and sys.modules["torch"] is None
+    label = out["artifact"]
+    prog = Progress(label, enabled=cfg.progress)
+
+    threads = cfg.threads
+    target = bundle.manifest.target.get("name") if bundle else None
+    power_profile, power_reason = energy.power_model_profile(cfg.power_target, target, platform.machine())
+    if threads is None and bundle is not None:
+        threads = int(bundle.manifest.target.get("threads") or 0) or None
+    if threads is not None:
+        threads = min(threads, os.cpu_count() or threads)
+    recorder = energy.Recorder.create(cfg.energy, power_profile, power_reason)
+
+    rss0 = _rss_mb()
+    t0 = time.perf_counter_ns()
+    model = backends.load(path, fmt, threads=threads, options=run_opts)
+    load_s = (time.perf_counter_ns() - t0) / 1e9
+    rss_load = _rss_mb()
+
+    if bundle is not None and not cfg.shapes and bundle.manifest.samples.get("inputs"):
+        with np.load(bundle.root / bundle.manifest.samples["inputs"]) as z:
+            feeds = {k: z[k][:1] if z[k].ndim else z[k] for k in z.files}
+        if bundle.manifest.samples.get("outputs"):
+            with np.load(bundle.root / bundle.manifest.samples["inputs"]) as zi, \
+                    np.load(bundle.root / bundle.manifest.samples["outputs"]) as zo:
+                ref_inputs = {k: zi[k] for k in zi.files}
+                ref_outputs = {k: zo[k] for k in zo.files}
+    else:
+        specs = bundle.manifest.inputs if bundle else model.inputs
+        defaults = bundle.manifest.default_dims() if bundle else {}
+        dims = resolve_dims(specs, cfg.shapes, defaults)
+        for s in specs:
+            for d in s.dynamic_dims:
+                if d not in dims and d.lower() in ("batch", "batch_size", "n", "dim0"):
+                    dims[d] = 1
+        feeds = synthesize(specs, dims, seed=cfg.seed)
+    feeds = model.adapt_feeds(feeds)
+    out["input_shapes"] = {k: list(v.shape) for k, v in feeds.items()}
+    out["input_dtypes"] = {k: str(v.dtype) for k, v in feeds.items()}
+
+    t0 = time.perf_counter_ns()
+    first = model.run(feeds)
+    first_ms = (time.perf_counter_ns() - t0) / 1e6
+    for i in range(cfg.warmup):
+        model.run(feeds)
+        prog.update(f"warm-up {i + 1}/{cfg.warmup}")
+
+    samples: list[int] = []
+    recorder.start()
+    start = time.perf_counter_ns()
+    min_ns, max_ns = int(cfg.min_seconds * 1e9), int(cfg.max_seconds * 1e9)
+    warnings: list[str] = []
+    while True:
+        t = time.perf_counter_ns()
+        model.run(feeds)
+        samples.append(time.perf_counter_ns() - t)
+        elapsed = time.perf_counter_ns() - start
+        prog.update(f"run {len(samples)} ({elapsed / 1e9:.1f} s) p50 {np.median(samples) / 1e6:.2f} ms")
+        if len(samples) >= cfg.runs and elapsed >= min_ns:
+            break
+        if elapsed >= max_ns:
+            warnings.append(f"stopped at --max-seconds {cfg.max_seconds:g} after {len(samples)} of {cfg.runs} runs")
+            break
+    recorder.stop()
+    wall_s = (time.perf_counter_ns() - start) / 1e9
+    stats = LatencyStats.from_ns(samples)
+    prog.done(f"{len(samples)} runs, p50 {stats.p50_ms:.2f} ms, p99 {stats.p99_ms:.2f} ms")
+
+    device_check = None
+    if ref_inputs is not None and ref_outputs is not None:
+        device_check = _device_check(model, ref_inputs, ref_outputs, bundle)
+
+    out.update(
+        load_seconds=load_s, first_inference_ms=first_ms, warmup_runs=cfg.warmup, measured_seconds=wall_s,
+        latency=stats.to_dict(), samples_ns=samples, rss_before_load_mb=rss0, rss_after_load_mb=rss_load,
+        peak_rss_mb=_peak_rss_mb(), threads=threads, runtime=model.info(),
+        output_shapes={k: list(np.shape(v)) for k, v in first.items()},
+        energy=recorder.result(len(samples)).to_dict(), device_check=device_check, warnings=warnings,
+    )
+
+
+def _device_check(model: Any, ref_inputs: dict[str, np.ndarray], ref_outputs: dict[str, np.ndarray],
+                  bundle: Any) -> dict[str, Any]:
+    """Run the bundle's held-out samples here and compare with the PyTorch reference outputs."""
+    from edgeship.fidelity import compare
+
+    out_name = bundle.manifest.outputs[0].name
+    n = next(iter(ref_inputs.values())).shape[0]
+    got, ref = [], []
+    for i in range(n):
+        feeds = model.adapt_feeds({k: v[i:i + 1] for k, v in ref_inputs.items()})
+        res = model.run(feeds)
+        if out_name not in res:
+            raise InputError(f"artifact has no output '{out_name}' (it has {', '.join(res)})")
+        got.append(res[out_name])
+        ref.append(ref_outputs[out_name][i:i + 1])
+    classifier = bundle.manifest.model.get("task", "").endswith("classification")
+    fid = compare(ref, got, out_name, 0.0, classifier=classifier)
+    d = fid.to_dict()
+    d.pop("floor_mean_cosine")
+    d.pop("passed")
+    return d
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 2:
+        print("usage: python -m edgeship.profiling.worker JOB.json RESULT.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(args[0]).read_text())
+    res = run_job(job)
+    Path(args[1]).write_text(json.dumps(res))
+    return 0 if res["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The bundle manifest: typed, versioned, JSON round-trippable. Torch-free (the device reads it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeship.errors import BundleError, ChecksumError, SchemaVersionError
+from edgeship.spec import TensorSpec
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How close an artifact's outputs are to the PyTorch model's, on held-out inputs."""
+
+    output: str
+    n_samples: int
+    max_abs_err: float
+    mean_abs_err: float
+    mean_cosine: float
+    min_cosine: float
+    top1_agreement: float | None
+    floor_mean_cosine: float
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Fidelity:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    path: str
+    format: str
+    recipe: str
+    sha256: str
+    size_bytes: int
+    export_seconds: float
+    fidelity: Fidelity | None
+    runtime: dict[str, Any]
+    stages: dict[str, float] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # exporter-specific: delegation, signatures, fallbacks
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.format}/{self.recipe}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["warnings"] = list(self.warnings)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ArtifactRecord:
+        d = dict(d)
+        fid = d.pop("fidelity", None)
+        d["warnings"] = tuple(d.get("warnings", ()))
+        return cls(fidelity=Fidelity.from_dict(fid) if fid else None, **d)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: dict[str, Any]  # name, task, source, source_sha256, parameters
+    target: dict[str, Any]  # name, display_name, arch, threads
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: dict[str, Any]  # dynamic dimension -> {"default": n, "min": a, "max": b}
+    preprocessing: dict[str, Any]
+    artifacts: tuple[ArtifactRecord, ...]
+    samples: dict[str, str]
+    labels: tuple[str, ...] | None
+    edgeship_version: str
+    created_utc: str
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "edgeship_version": self.edgeship_version,
+            "created_utc": self.created_utc,
+            "model": self.model,
+            "target": self.target,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+            "dims": self.dims,
+            "preprocessing": self.preprocessing,
+            "labels": list(self.labels) if self.labels is not None else None,
+            "samples": self.samples,
+            "artifacts": [a.to_dict() for a in self.artifacts],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> Manifest:
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{where}: schema_version {version!r}, this edgeship reads {SCHEMA_VERSION}; "
+                "re-export the bundle or install the edgeship version that wrote it"
+                f" ({d.get('edgeship_version', 'unknown')})"
+            )
+        try:
+            return cls(
+                schema_version=version,
+                edgeship_version=str(d["edgeship_version"]),
+                created_utc=str(d["created_utc"]),
+                model=dict(d["model"]),
+                target=dict(d["target"]),
+                inputs=tuple(TensorSpec.from_dict(x) for x in d["inputs"]),
+                outputs=tuple(TensorSpec.from_dict(x) for x in d["outputs"]),
+                dims=dict(d["dims"]),
+                preprocessing=dict(d["preprocessing"]),
+                labels=tuple(d["labels"]) if d.get("labels") is not None else None,
+                samples=dict(d["samples"]),
+                artifacts=tuple(ArtifactRecord.from_dict(a) for a in d["artifacts"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e}); re-export the bundle") from None
+
+    def default_dims(self) -> dict[str, int]:
+        return {k: int(v["default"]) for k, v in self.dims.items()}
+
+    def artifact(self, selector: str) -> ArtifactRecord:
+        """Select by path, ``format/recipe``, or a format with a single artifact."""
+        for a in self.artifacts:
+            if selector in (a.path, a.key, Path(a.path).name):
+                return a
+        same_fmt = [a for a in self.artifacts if a.format == selector]
+        if len(same_fmt) == 1:
+            return same_fmt[0]
+        from edgeship.errors import UnknownKeyError
+
+        raise UnknownKeyError("artifact", selector, [a.key for a in self.artifacts])
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    manifest: Manifest
+
+    def path_of(self, art: ArtifactRecord) -> Path:
+        return self.root / art.path
+
+    def verify(self) -> None:
+        """Every artifact exists with its recorded size and sha256; raises on the first that does not."""
+        for a in self.manifest.artifacts:
+            p = self.path_of(a)
+            if not p.is_file():
+                raise ChecksumError(f"bundle {self.root}: artifact {a.path} is missing; re-export the bundle")
+            size = p.stat().st_size
+            if size != a.size_bytes:
+                raise ChecksumError(f"bundle {self.root}: artifact {a.path} is {size} bytes, the manifest says "
+                                    f"{a.size_bytes}: the file was truncated or replaced; re-export or re-copy it")
+            digest = sha256_file(p)
+            if digest != a.sha256:
+                raise ChecksumError(f"bundle {self.root}: artifact {a.path} fails its checksum (sha256 {digest[:12]}..., "
+                                    f"manifest {a.sha256[:12]}...): the file was modified; re-export or re-copy it")
+
+
+def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
+    root = Path(root)
+    mpath = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise BundleError(f"bundle directory not found: {root}")
+    if not mpath.is_file():
+        raise BundleError(f"{root} is not an edgeship bundle (no {MANIFEST_NAME}); an interrupted export leaves none")
+    try:
+        data = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mpath}: not valid JSON ({e}); re-export the bundle") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{mpath}: expected a JSON object")
+    bundle = Bundle(root, Manifest.from_dict(data, str(mpath)))
+    if verify:
+        bundle.verify()
+    return bundle

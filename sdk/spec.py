@@ -1,0 +1,136 @@
+"""Input/output signatures of a model, shared by the exporters and the torch-free runner."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeship.errors import InputError
+
+Dim = int | str  # an int is fixed; a str names a dynamic dimension ("batch", "sequence")
+
+_DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise InputError(f"tensor '{self.name}': dtype '{self.dtype}' is not one of {', '.join(_DTYPES)}")
+
+    @property
+    def dynamic_dims(self) -> tuple[str, ...]:
+        return tuple(d for d in self.shape if isinstance(d, str))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "description": self.description}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorSpec:
+        return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]), str(d.get("description", "")))
+
+    def concrete_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        out = []
+        for d in self.shape:
+            if isinstance(d, str):
+                if d not in dims:
+                    raise InputError(
+                        f"input '{self.name}' has a dynamic dimension '{d}' with no size: pass --shape {self.name}="
+                        + "x".join(str(x) if isinstance(x, int) else "N" for x in self.shape)
+                    )
+                out.append(int(dims[d]))
+            else:
+                out.append(int(d))
+        return tuple(out)
+
+
+def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """``["input_ids=1x128"]`` -> ``{"input_ids": (1, 128)}`` with a clear error on bad syntax."""
+    out: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = tuple(int(x) for x in dims.lower().split("x"))
+            if any(s <= 0 for s in shape):
+                raise ValueError
+        except ValueError:
+            raise InputError(f"--shape '{item}': expected NAME=DxDx..., e.g. input_ids=1x128") from None
+        out[name] = shape
+    return out
+
+
+def resolve_dims(specs: Sequence[TensorSpec], overrides: Mapping[str, tuple[int, ...]],
+                 defaults: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Bind every dynamic dimension name to a size from per-input overrides, then defaults."""
+    names = {s.name for s in specs}
+    for k in overrides:
+        if k not in names:
+            raise InputError(f"--shape names input '{k}', but the model's inputs are: {', '.join(sorted(names))}")
+    dims: dict[str, int] = {}
+    for s in specs:
+        if s.name in overrides:
+            shape = overrides[s.name]
+            if len(shape) != len(s.shape):
+                raise InputError(f"--shape {s.name}: rank {len(shape)} but the input has rank {len(s.shape)} {list(s.shape)}")
+            for want, got in zip(s.shape, shape, strict=True):
+                if isinstance(want, int) and want != got:
+                    raise InputError(f"--shape {s.name}: dimension fixed at {want} in the model, got {got}")
+                if isinstance(want, str):
+                    if dims.get(want, got) != got:
+                        raise InputError(f"--shape: dynamic dimension '{want}' given two sizes ({dims[want]} and {got})")
+                    dims[want] = got
+    for k, v in (defaults or {}).items():
+        dims.setdefault(k, v)
+    return dims
+
+
+def synthesize(specs: Sequence[TensorSpec], dims: Mapping[str, int], seed: int = 0,
+               vocab_size: int = 1000) -> dict[str, np.ndarray]:
+    """Plausible random inputs for a signature: token ids in [0, vocab), all-ones masks, N(0,1) floats."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for s in specs:
+        shape = s.concrete_shape(dims)
+        lname = s.name.lower()
+        if s.dtype in ("int64", "int32"):
+            if "mask" in lname:
+                arr = np.ones(shape, dtype=s.dtype)
+            elif "type" in lname or "segment" in lname:
+                arr = np.zeros(shape, dtype=s.dtype)
+            else:
+                arr = rng.integers(0, vocab_size, size=shape).astype(s.dtype)
+        elif s.dtype == "bool":
+            arr = np.ones(shape, dtype=bool)
+        elif s.dtype in ("int8", "uint8"):
+            info = np.iinfo(s.dtype)
+            arr = rng.integers(info.min, info.max + 1, size=shape).astype(s.dtype)
+        else:
+            arr = rng.standard_normal(shape).astype(s.dtype)
+        feeds[s.name] = arr
+    return feeds
+
+
+def check_feeds(specs: Sequence[TensorSpec], feeds: Mapping[str, np.ndarray]) -> None:
+    """Reject feeds whose names, ranks, fixed dims or dtypes do not match the signature."""
+    want = {s.name: s for s in specs}
+    missing = sorted(set(want) - set(feeds))
+    extra = sorted(set(feeds) - set(want))
+    if missing or extra:
+        raise InputError(f"inputs do not match the model: missing {missing or '[]'}, unexpected {extra or '[]'}; "
+                         f"the model takes {', '.join(want)}")
+    for name, arr in feeds.items():
+        s = want[name]
+        if str(arr.dtype) != s.dtype:
+            raise InputError(f"input '{name}': dtype {arr.dtype}, the model wants {s.dtype}")
+        if arr.ndim != len(s.shape) or any(isinstance(d, int) and d != g for d, g in zip(s.shape, arr.shape, strict=True)):
+            raise InputError(f"input '{name}': shape {list(arr.shape)}, the model wants {list(s.shape)}")

@@ -1,0 +1,260 @@
+"""Schema and loader for target profiles (``targets/profiles/*.toml``).
+
+A profile is validated field by field on load; unknown keys, missing keys and
+wrong types are errors that name the file and the key. The loader is torch-free:
+it runs on the device too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from edgeship.errors import ConfigError, UnknownKeyError
+
+PROFILE_DIR = Path(__file__).with_name("profiles")
+SCHEMA_VERSION = 1
+
+KNOWN_FORMATS = ("onnx", "tflite", "pte")
+KNOWN_RECIPES = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
+KNOWN_ISA = ("neon", "fp16", "dotprod", "i8mm", "sve", "sve2", "sse4.2", "avx", "avx2", "fma", "avx512f",
+             "avx512-vnni", "avx-vnni", "amx")
+KNOWN_METERS = ("rapl", "hwmon", "rpi5-pmic", "jetson", "android-battery", "android-odpm", "csv", "estimate")
+
+
+@dataclass(frozen=True)
+class CoreCluster:
+    name: str
+    count: int
+    max_mhz: int
+
+
+@dataclass(frozen=True)
+class DelegateRoute:
+    """How one format reaches an accelerator: an ORT execution provider, a LiteRT
+    delegate or an ExecuTorch backend. ``installable_here`` is False when its SDK
+    cannot be installed on a build machine like ours (then export falls back and says so)."""
+
+    format: str
+    backend: str
+    installable_here: bool = False
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    kind: str  # "npu" | "gpu" | "dsp"
+    name: str
+    routes: tuple[DelegateRoute, ...] = ()
+
+
+@dataclass(frozen=True)
+class PowerModel:
+    idle_w: float
+    active_w_per_core: float
+    meter: str
+    calibration_scale: float = 1.0
+    calibration_offset_w: float = 0.0
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    display_name: str
+    source: str
+    arch: str
+    soc: str
+    clusters: tuple[CoreCluster, ...]
+    isa: tuple[str, ...]
+    ram_gb: float
+    memory_bandwidth_gbps: float
+    peak_fp32_gflops: float
+    peak_int8_gops: float
+    formats: tuple[str, ...]
+    recipes: tuple[str, ...]
+    threads: int
+    sequence_length: int
+    image_size: int
+    power: PowerModel
+    accelerators: tuple[Accelerator, ...] = ()
+    int4_group_size: int = 32
+    fidelity_floor: dict[str, float] = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def cores(self) -> int:
+        return sum(c.count for c in self.clusters)
+
+    def min_mean_cosine(self, recipe: str) -> float:
+        """The fidelity floor for an artifact of this recipe (mean cosine vs PyTorch)."""
+        return self.fidelity_floor.get(recipe, self.fidelity_floor.get("default", 0.99))
+
+    def preferred_backends(self, fmt: str) -> list[DelegateRoute]:
+        return [r for a in self.accelerators for r in a.routes if r.format == fmt]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _take(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
+    if key not in d:
+        if default is ...:
+            raise ConfigError(f"{where}: missing key '{key}'")
+        return default
+    v = d.pop(key)
+    if typ is float and isinstance(v, int) and not isinstance(v, bool):
+        v = float(v)
+    if not isinstance(v, typ) or (isinstance(v, bool) and typ in (int, float)):
+        tname = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        raise ConfigError(f"{where}: key '{key}' must be {tname}, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _no_extra(d: dict[str, Any], where: str) -> None:
+    if d:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(d))}")
+
+
+def _check_members(values: list[str], valid: tuple[str, ...], what: str, where: str) -> tuple[str, ...]:
+    for v in values:
+        if v not in valid:
+            raise ConfigError(f"{where}: unknown {what} '{v}' (valid: {', '.join(valid)})")
+    return tuple(values)
+
+
+def parse_profile(data: dict[str, Any], where: str) -> TargetProfile:
+    d = dict(data)
+    version = _take(d, "schema_version", int, where)
+    if version != SCHEMA_VERSION:
+        raise ConfigError(f"{where}: schema_version {version} is not supported (this edgeship reads {SCHEMA_VERSION})")
+    name = _take(d, "name", str, where)
+    display = _take(d, "display_name", str, where)
+    source = _take(d, "source", str, where)
+
+    cpu = dict(_take(d, "cpu", dict, where))
+    w = f"{where} [cpu]"
+    arch = _take(cpu, "arch", str, w)
+    if arch not in ("aarch64", "x86_64", "armv7l"):
+        raise ConfigError(f"{w}: arch must be aarch64, x86_64 or armv7l, got {arch!r}")
+    soc = _take(cpu, "soc", str, w)
+    clusters = []
+    for i, c in enumerate(_take(cpu, "clusters", list, w)):
+        c = dict(c)
+        wc = f"{w} clusters[{i}]"
+        clusters.append(CoreCluster(_take(c, "name", str, wc), _take(c, "count", int, wc), _take(c, "max_mhz", int, wc)))
+        _no_extra(c, wc)
+    if not clusters:
+        raise ConfigError(f"{w}: at least one core cluster is required")
+    isa = _check_members(_take(cpu, "isa", list, w), KNOWN_ISA, "ISA feature", w)
+    _no_extra(cpu, w)
+
+    mem = dict(_take(d, "memory", dict, where))
+    w = f"{where} [memory]"
+    ram = _take(mem, "ram_gb", float, w)
+    bw = _take(mem, "bandwidth_gbps", float, w)
+    _no_extra(mem, w)
+
+    comp = dict(_take(d, "compute", dict, where))
+    w = f"{where} [compute]"
+    fp32 = _take(comp, "peak_fp32_gflops", float, w)
+    int8 = _take(comp, "peak_int8_gops", float, w)
+    _no_extra(comp, w)
+
+    accs = []
+    for i, a in enumerate(_take(d, "accelerators", list, where, [])):
+        a = dict(a)
+        wa = f"{where} accelerators[{i}]"
+        routes = []
+        for j, r in enumerate(_take(a, "routes", list, wa, [])):
+            r = dict(r)
+            wr = f"{wa} routes[{j}]"
+            fmt = _take(r, "format", str, wr)
+            _check_members([fmt], KNOWN_FORMATS, "format", wr)
+            routes.append(DelegateRoute(fmt, _take(r, "backend", str, wr), _take(r, "installable_here", bool, wr, False),
+                                        _take(r, "note", str, wr, "")))
+            _no_extra(r, wr)
+        kind = _take(a, "kind", str, wa)
+        if kind not in ("npu", "gpu", "dsp"):
+            raise ConfigError(f"{wa}: kind must be npu, gpu or dsp, got {kind!r}")
+        accs.append(Accelerator(kind, _take(a, "name", str, wa), tuple(routes)))
+        _no_extra(a, wa)
+
+    exp = dict(_take(d, "export", dict, where))
+    w = f"{where} [export]"
+    formats = _check_members(_take(exp, "formats", list, w), KNOWN_FORMATS, "format", w)
+    recipes = _check_members(_take(exp, "recipes", list, w), KNOWN_RECIPES, "recipe", w)
+    if not formats or not recipes:
+        raise ConfigError(f"{w}: formats and recipes must not be empty")
+    group = _take(exp, "int4_group_size", int, w, 32)
+    floor_raw = dict(_take(exp, "min_mean_cosine", dict, w, {"default": 0.99}))
+    floor: dict[str, float] = {}
+    for k, v in floor_raw.items():
+        if k != "default":
+            _check_members([k], KNOWN_RECIPES, "recipe", f"{w} min_mean_cosine")
+        if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+            raise ConfigError(f"{w}: min_mean_cosine.{k} must be a number in [0, 1], got {v!r}")
+        floor[k] = float(v)
+    _no_extra(exp, w)
+
+    run = dict(_take(d, "runtime", dict, where))
+    w = f"{where} [runtime]"
+    threads = _take(run, "threads", int, w)
+    seq = _take(run, "sequence_length", int, w)
+    img = _take(run, "image_size", int, w)
+    _no_extra(run, w)
+
+    pw = dict(_take(d, "power", dict, where))
+    w = f"{where} [power]"
+    meter = _take(pw, "meter", str, w)
+    _check_members([meter], KNOWN_METERS, "meter", w)
+    power = PowerModel(_take(pw, "idle_w", float, w), _take(pw, "active_w_per_core", float, w), meter,
+                       _take(pw, "calibration_scale", float, w, 1.0), _take(pw, "calibration_offset_w", float, w, 0.0))
+    _no_extra(pw, w)
+    _no_extra(d, where)
+
+    total = sum(c.count for c in clusters)
+    if not 1 <= threads <= total:
+        raise ConfigError(f"{where}: runtime.threads={threads} must be between 1 and the core count {total}")
+    return TargetProfile(
+        name=name, display_name=display, source=source, arch=arch, soc=soc, clusters=tuple(clusters), isa=isa,
+        ram_gb=ram, memory_bandwidth_gbps=bw, peak_fp32_gflops=fp32, peak_int8_gops=int8, formats=formats,
+        recipes=recipes, threads=threads, sequence_length=seq, image_size=img, power=power,
+        accelerators=tuple(accs), int4_group_size=group, fidelity_floor=floor, path=where,
+    )
+
+
+def load_profile_file(path: str | Path) -> TargetProfile:
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"target profile file not found: {p}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    prof = parse_profile(data, str(p))
+    if p.parent == PROFILE_DIR and prof.name != p.stem:
+        raise ConfigError(f"{p}: name '{prof.name}' must match the file name '{p.stem}'")
+    return prof
+
+
+@cache
+def _builtin() -> dict[str, TargetProfile]:
+    return {p.stem: load_profile_file(p) for p in sorted(PROFILE_DIR.glob("*.toml"))}
+
+
+def list_profiles() -> list[TargetProfile]:
+    return list(_builtin().values())
+
+
+def get_profile(name_or_path: str) -> TargetProfile:
+    """A built-in profile by name, or a profile file by path (ends with .toml)."""
+    if name_or_path.endswith(".toml"):
+        return load_profile_file(name_or_path)
+    profiles = _builtin()
+    if name_or_path not in profiles:
+        raise UnknownKeyError("target", name_or_path, profiles)
+    return profiles[name_or_path]
