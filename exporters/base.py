@@ -1,0 +1,133 @@
+"""The exporter protocol, its registry, and the support matrix every exporter declares.
+
+An exporter turns a :class:`~edgeship.models.LoadedModel` into one artifact file for
+one recipe. The core (``edgeship.export``) does everything else: stages and timing,
+fidelity against PyTorch, the manifest and the atomic bundle. Adding a format means
+adding one module with a class decorated by ``@register`` and listing the module in
+``edgeship.exporters.BUILTIN`` (or an ``edgeship.exporters`` entry point).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import traceback
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from edgeship.errors import EdgeshipError, ExportError
+from edgeship.manifest import Fidelity
+from edgeship.registry import Registry
+
+if TYPE_CHECKING:
+    from edgeship.models import LoadedModel
+    from edgeship.targets import TargetProfile
+
+RECIPES = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
+RECIPE_HELP = {
+    "fp32": "float32 weights and activations (reference)",
+    "fp16": "float16 weights (and activations where the runtime computes in fp16)",
+    "int8-dynamic": "int8 per-channel weights, activations quantized at run time",
+    "int8-static": "int8 weights and activations, calibrated; sensitive layers kept in float",
+    "int4-weight": "block-wise 4-bit weights, float or int8 activations",
+}
+
+
+@dataclass(frozen=True)
+class RecipeSupport:
+    recipe: str
+    how: str  # one line: what this format does for the recipe
+    needs_calibration: bool = False
+
+
+@dataclass
+class ExportOutput:
+    """What one exporter call produced (the core adds checksum, size, time and fidelity)."""
+
+    path: Path
+    runtime: dict[str, Any]
+    quantization: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportContext:
+    """Everything an exporter may use, handed in by the core."""
+
+    model: LoadedModel
+    target: TargetProfile
+    workdir: Path
+    calibration: list[dict[str, np.ndarray]]
+    calibration_source: str
+    heldout: list[dict[str, np.ndarray]]
+    reference: list[dict[str, np.ndarray]]
+    evaluate: Callable[[Path, str, Mapping[str, Any]], Fidelity]  # (file, format, runtime options) -> fidelity
+    options: dict[str, Any] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, fmt: str, recipe: str) -> Iterator[None]:
+        """Time a named stage; re-raise failures as ExportError naming the format, recipe and stage."""
+        self.log(f"[{fmt}/{recipe}] {name}...")
+        t0 = time.perf_counter()
+        try:
+            yield
+        except EdgeshipError:
+            raise
+        except Exception as e:
+            tb = traceback.extract_tb(e.__traceback__)
+            where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ExportError(f"{fmt}/{recipe}: stage '{name}' failed: {type(e).__name__}: {first[:400]}{where}") from e
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+
+    def floor(self, recipe: str) -> float:
+        return self.target.min_mean_cosine(recipe)
+
+
+class Exporter(ABC):
+    format: ClassVar[str]
+    suffix: ClassVar[str]
+    support: ClassVar[tuple[RecipeSupport, ...]]
+    extra: ClassVar[str] = "export"  # pip extra that brings this exporter's dependencies
+
+    @classmethod
+    def recipes(cls) -> tuple[str, ...]:
+        return tuple(s.recipe for s in cls.support)
+
+    @classmethod
+    def supports(cls, recipe: str) -> RecipeSupport | None:
+        return next((s for s in cls.support if s.recipe == recipe), None)
+
+    @classmethod
+    @abstractmethod
+    def check_environment(cls) -> None:
+        """Raise RuntimeMissingError naming the pip extra when a dependency is missing."""
+
+    @abstractmethod
+    def export(self, ctx: ExportContext, recipe: str, out: Path) -> ExportOutput:
+        """Write the artifact for ``recipe`` to ``out``."""
+
+
+EXPORTERS: Registry[type[Exporter]] = Registry("format")
+register = EXPORTERS.register
+
+
+def support_matrix(formats: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
+    """(format, recipe, how) rows for docs, ``edgeship formats`` and tests: one source of truth."""
+    from edgeship.exporters import load_builtin
+
+    load_builtin()
+    rows = []
+    for fmt in formats or EXPORTERS.keys():
+        for s in EXPORTERS.get(fmt).support:
+            rows.append((fmt, s.recipe, s.how))
+    return rows

@@ -1,0 +1,266 @@
+"""ONNX exporter: ``torch.onnx.export`` (dynamo) + ONNX Runtime quantization.
+
+Recipes (the support matrix below is the one source of truth):
+
+* ``fp32``: torch.export-based ONNX with dynamic batch/sequence dims, optimised by onnxscript.
+* ``fp16``: float16 weights and compute, float32 I/O (for GPU/NPU execution providers;
+  ORT's CPU EP has few fp16 kernels and inserts casts).
+* ``int8-dynamic``: per-channel int8 weights, activations quantized at run time (MatMulInteger).
+* ``int8-static``: QDQ int8 calibrated on the user's data. Layers are ranked by
+  sensitivity and the fewest needed are kept in float to meet the profile's floor. QDQ
+  is also the form NPU execution providers (QNN, NNAPI) consume.
+* ``int4-weight``: block-wise 4-bit weights (ORT ``MatMulNBits``), block size from the profile.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edgeship.errors import ExportError, RuntimeMissingError
+from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport, register
+
+OPSET = 18
+
+
+@register("onnx")
+class OnnxExporter(Exporter):
+    format: ClassVar[str] = "onnx"
+    suffix: ClassVar[str] = ".onnx"
+    support: ClassVar[tuple[RecipeSupport, ...]] = (
+        RecipeSupport("fp32", "torch.onnx dynamo export, dynamic batch/sequence"),
+        RecipeSupport("fp16", "float16 weights and compute, float32 I/O (GPU/NPU EPs)"),
+        RecipeSupport("int8-dynamic", "ORT quantize_dynamic, per-channel int8 weights incl. embeddings"),
+        RecipeSupport("int8-static", "ORT QDQ, calibrated, sensitivity-ranked layers kept in float", True),
+        RecipeSupport("int4-weight", "ORT MatMulNBits, block-wise symmetric 4-bit weights"),
+    )
+
+    @classmethod
+    def check_environment(cls) -> None:
+        missing = []
+        for mod in ("torch", "onnx", "onnxscript", "onnxruntime"):
+            try:
+                __import__(mod)
+            except ImportError:
+                missing.append(mod)
+        if missing:
+            raise RuntimeMissingError(f"the ONNX exporter needs {', '.join(missing)}: pip install 'edgeship[export]'")
+
+    # ---- fp32 base graph, shared by every recipe of one export ------------------------------
+    def _fp32(self, ctx: ExportContext, recipe: str) -> Path:
+        base = ctx.workdir / "onnx-fp32-base.onnx"
+        if base.is_file():
+            return base
+        import torch
+
+        lm = ctx.model
+        args = lm.torch_args(ctx.heldout[0])
+        dyn: dict[str, torch.export.Dim] = {}
+        for name, d in lm.dims.items():
+            # torch.export specialises a size-1 example dim; a batch Dim needs an example >= 2
+            dyn[name] = torch.export.Dim(name, min=max(int(d.get("min", 1)), 1), max=int(d.get("max", 2**16)))
+        shapes = tuple({i: dyn[s] for i, s in enumerate(spec.shape) if isinstance(s, str) and s in dyn}
+                       for spec in lm.inputs)
+        if lm.dims.get("batch") is not None:
+            args = tuple(torch.cat([a, a]) for a in args)
+        with ctx.stage("lower", "onnx", recipe), torch.inference_mode(False), torch.no_grad():
+            prog = torch.onnx.export(lm.module, args, dynamo=True, optimize=True, opset_version=OPSET,
+                                     input_names=[s.name for s in lm.inputs], output_names=[s.name for s in lm.outputs],
+                                     dynamic_shapes=shapes, verbose=False, report=False)
+            if prog is None:
+                raise ExportError("torch.onnx.export returned no program")
+        with ctx.stage("serialize", "onnx", recipe):
+            prog.save(str(base))
+            _check_single_file(base)
+        return base
+
+    def export(self, ctx: ExportContext, recipe: str, out: Path) -> ExportOutput:
+        base = self._fp32(ctx, recipe)
+        runtime: dict[str, Any] = {"name": "onnxruntime", "options": {"graph_optimization": "basic"},
+                                   "opset": OPSET, "execution_providers": ["CPUExecutionProvider"]}
+        npu = [r for r in ctx.target.preferred_backends("onnx")]
+        if npu:
+            runtime["preferred_execution_providers"] = [r.backend for r in npu] + ["CPUExecutionProvider"]
+            runtime["options"]["providers"] = [r.backend for r in npu]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        quant: dict[str, Any] = {"recipe": recipe}
+        warnings: list[str] = []
+        if recipe == "fp32":
+            _copy(base, out)
+        elif recipe == "fp16":
+            with ctx.stage("quantize", "onnx", recipe):
+                _to_fp16(base, out)
+            quant.update(weights="float16", io="float32")
+            warnings.append("fp16 targets GPU/NPU execution providers; ORT's CPU provider runs it through casts")
+        elif recipe == "int8-dynamic":
+            with ctx.stage("quantize", "onnx", recipe):
+                _dynamic_int8(base, out)
+            quant.update(weights="int8 symmetric per-channel (MatMul) / per-tensor (Gather)", activations="uint8 dynamic",
+                         ops="MatMul, Gather")
+        elif recipe == "int4-weight":
+            with ctx.stage("quantize", "onnx", recipe):
+                _int4(base, out, ctx.target.int4_group_size)
+            quant.update(weights=f"int4 symmetric, block {ctx.target.int4_group_size} (MatMulNBits)",
+                         activations="float32")
+        elif recipe == "int8-static":
+            quant.update(self._static(ctx, base, out))
+            runtime["qdq"] = True
+            runtime["npu_note"] = ("QDQ int8 is the form the QNN and NNAPI execution providers take; on a device with "
+                                   "onnxruntime-qnn pass providers=QNNExecutionProvider")
+        else:
+            raise ExportError(f"onnx: recipe {recipe} is not implemented")
+        return ExportOutput(path=out, runtime=runtime, quantization=quant, warnings=warnings)
+
+    # ---- static int8 with sensitivity analysis -----------------------------------------------
+    def _static(self, ctx: ExportContext, base: Path, out: Path) -> dict[str, Any]:
+        from edgeship.sensitivity import rank_layers, search
+
+        lm = ctx.model
+        node_of = linear_nodes(base)  # torch module name -> ONNX MatMul node name
+        if not node_of:
+            raise ExportError("onnx/int8-static: found no MatMul nodes with weight initializers to quantize")
+        with ctx.stage("calibrate", "onnx", "int8-static"):
+            ranges = _calibration_ranges(base, ctx.calibration, ctx.workdir)
+        with ctx.stage("sensitivity", "onnx", "int8-static"):
+            ranked = rank_layers(lm, ctx.calibration[:16], ctx.heldout[:8], "int8-static",
+                                 layers=[n for n in lm.linear_layers() if n in node_of])
+        order = [s.layer for s in ranked]
+        floor = ctx.floor("int8-static")
+        tries = ctx.workdir / "onnx-static-tries"
+        tries.mkdir(exist_ok=True)
+
+        def build(kept: Sequence[str]) -> Path:
+            p = tries / f"kept{len(kept)}.onnx"
+            quantize = [node_of[n] for n in order if n not in kept]
+            with ctx.stage("quantize", "onnx", "int8-static"):
+                _qdq(base, p, ranges, quantize)
+            return p
+
+        with ctx.stage("search", "onnx", "int8-static"):
+            res = search(order, build, lambda p: ctx.evaluate(p, "onnx", {}), floor)
+        _copy(res.artifact, out)
+        ctx.log(f"[onnx/int8-static] kept {len(res.kept)} of {len(order)} linear layers in float to reach "
+                f"mean cosine {res.fidelity.mean_cosine:.4f} (floor {floor})")
+        return {
+            "weights": "int8 symmetric per-channel", "activations": "uint8 asymmetric per-tensor, MinMax calibrated",
+            "format": "QDQ", "calibration": ctx.calibration_source, "calibration_samples": len(ctx.calibration),
+            "quantized_layers": len(order) - len(res.kept), "kept_in_float": list(res.kept),
+            "kept_onnx_nodes": [node_of[n] for n in res.kept], "sensitivity": [s.to_dict() for s in ranked],
+            "search": list(res.attempts), "floor_mean_cosine": floor,
+        }
+
+
+def _copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.copyfile(src, dst)
+
+
+def _check_single_file(path: Path) -> None:
+    data = path.with_name(path.name + ".data")
+    if data.exists():  # > 2 GB models need external data; keep the bundle self-describing
+        raise ExportError(f"{path.name}: model needs ONNX external data (> 2 GB); not supported by the bundle yet")
+
+
+def linear_nodes(path: Path) -> dict[str, str]:
+    """Map torch module names (e.g. ``model.encoder.layer.0.output.dense``) to ONNX MatMul node names.
+
+    The dynamo exporter records the module scope of every node in ``pkg.torch.onnx.name_scopes``.
+    Only MatMuls with a constant (initializer) operand are layers; attention's activation x
+    activation MatMuls are not.
+    """
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    out: dict[str, str] = {}
+    for node in m.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or not any(i in inits for i in node.input):
+            continue
+        meta = {p.key: p.value for p in node.metadata_props}
+        scopes = meta.get("pkg.torch.onnx.name_scopes")
+        if not scopes:
+            continue
+        try:
+            names = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            continue
+        if names:
+            out.setdefault(str(names[-1]), node.name)
+    return out
+
+
+class _Reader:
+    """ORT CalibrationDataReader over our feeds."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # pragma: no cover - ORT calls it for some methods
+        pass
+
+
+def _calibration_ranges(base: Path, feeds: Sequence[dict[str, np.ndarray]], workdir: Path) -> Any:
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    cal = create_calibrator(str(base), None, augmented_model_path=str(workdir / "onnx-augmented.onnx"),
+                            calibrate_method=CalibrationMethod.MinMax, extra_options={"symmetric": False})
+    cal.collect_data(_Reader(feeds))
+    ranges = cal.compute_data()
+    del cal
+    return ranges
+
+
+def _qdq(base: Path, out: Path, ranges: Any, nodes: Sequence[str]) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantizationMode, QuantType
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
+    model = onnx.load(str(base))
+    q = QDQQuantizer(model, True, False, QuantizationMode.QLinearOps, True, QuantType.QInt8, QuantType.QUInt8, ranges,
+                     list(nodes), [], ["MatMul", "Gemm"], {"DefaultTensorType": onnx.TensorProto.FLOAT})
+    if not nodes:
+        onnx.save(model, str(out))
+        return
+    q.quantize_model()
+    q.model.save_model_to_file(str(out), False)
+
+
+def _dynamic_int8(base: Path, out: Path) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(base), str(out), per_channel=True, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gather"],
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def _int4(base: Path, out: Path, block: int) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    model = onnx.load(str(base))
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4,
+                                       op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)))
+    q = MatMulNBitsQuantizer(model, algo_config=cfg)
+    q.process()
+    q.model.save_model_to_file(str(out), False)
+
+
+def _to_fp16(base: Path, out: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(base))
+    fp16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    onnx.save(fp16, str(out))
+
+
+__all__ = ["OnnxExporter", "linear_nodes"]

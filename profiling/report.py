@@ -1,0 +1,99 @@
+"""Terminal tables for profile results (JSON is ``ProfileResult.to_json``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def _fmt(v: float | None, spec: str, dash: str = "-") -> str:
+    return dash if v is None else format(v, spec)
+
+
+def _numeric(cell: object) -> bool:
+    text = str(cell).split(" ")[0]
+    try:
+        float(text)
+    except ValueError:
+        return text == "-"
+    return True
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    right = [bool(rows) and all(_numeric(r[i]) for r in rows) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).rjust(w) if r else str(c).ljust(w) for c, w, r in zip(cells, widths, right, strict=True))
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def energy_cell(e: Mapping[str, Any] | None) -> str:
+    if not e or not e.get("available"):
+        return "n/a"
+    j = e.get("joules_per_inference_net")
+    if j is None:
+        j = e.get("joules_per_inference_gross")
+    if j is None:
+        return "n/a"
+    return f"{j * 1000:.2f}{' (est)' if e.get('estimated') else ''}"
+
+
+def result_rows(results: Sequence[Mapping[str, Any]], device: str | None = None) -> list[list[str]]:
+    rows = []
+    for r in results:
+        fid = r.get("fidelity") or {}
+        lat = r.get("latency") or {}
+        name = r.get("artifact", "?") if device is None else f"{device}:{r.get('artifact', '?')}"
+        if r.get("status") != "ok":
+            rows.append([name, _fmt((r.get("size_bytes") or 0) / 2**20, ".1f"), "-", "-", "-", "-", "-", "-",
+                         f"ERROR: {str(r.get('error', ''))[:60]}"])
+            continue
+        rows.append([
+            name,
+            _fmt(r.get("size_bytes", 0) / 2**20, ".1f"),
+            _fmt(fid.get("mean_cosine"), ".4f"),
+            _fmt(lat.get("p50_ms"), ".2f"),
+            _fmt(lat.get("p90_ms"), ".2f"),
+            _fmt(lat.get("p99_ms"), ".2f"),
+            _fmt(r.get("peak_rss_mb"), ".0f"),
+            energy_cell(r.get("energy")),
+            ", ".join(_notes(r)),
+        ])
+    return rows
+
+
+HEADER = ["artifact", "MB", "cosine", "p50 ms", "p90 ms", "p99 ms", "peak MB", "mJ/inf", "notes"]
+
+
+def _notes(r: Mapping[str, Any]) -> list[str]:
+    notes = []
+    if r.get("emulated"):
+        notes.append(f"EMULATED ({r['emulated']}): not device latency")
+    tele = r.get("telemetry") or {}
+    if tele.get("throttled"):
+        notes.append("THROTTLED")
+    if r.get("warnings"):
+        notes.append(f"{len(r['warnings'])} warning(s)")
+    return notes
+
+
+def render(result: Mapping[str, Any]) -> str:
+    dev = result.get("device", {})
+    emu = dev.get("emulated")
+    head = f"device: {dev.get('cpu_model', '?')} ({dev.get('arch', '?')}, {dev.get('logical_cpus', '?')} CPUs)"
+    if emu:
+        head += f"  [EMULATED by {emu}: latency and energy are not the device's]"
+    rows = result_rows(result.get("results", []))
+    if emu:
+        for row in rows:
+            row[-1] = ", ".join(x for x in (f"EMULATED ({emu})", row[-1]) if x)
+    energy = [r.get("energy") or {} for r in result.get("results", [])]
+    srcs = sorted({f"{e.get('source')}{' (estimated)' if e.get('estimated') else ''}" for e in energy if e})
+    foot = f"energy: {', '.join(srcs) or 'n/a'}"
+    reasons = sorted({e.get("reason", "") for e in energy if e.get("reason")})
+    if reasons:
+        foot += f" - {reasons[0]}"
+    return "\n".join([head, table(rows, HEADER), foot])

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One entry point for the README's two commands:
+#   ./run.sh quickstart   set up .venv, then export + profile the embedded all-MiniLM-L6-v2
+#   ./run.sh test         set up .venv (with test tools and test services), then run the whole test suite
+# Anything after the command is passed on (to `edgeship quickstart` or to pytest).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${EDGESHIP_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+
+setup() {
+  local extras="$1"
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+  fi
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # torch first and pinned: an unpinned torch (or a package that asks for one) pulls a multi-GB CUDA build.
+  "$VENV/bin/python" -m pip install -q -c constraints.txt "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$extras]"
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+  quickstart)
+    setup "export,models,remote,report"
+    exec "$VENV/bin/edgeship" quickstart "$@"
+    ;;
+  test)
+    setup "export,models,remote,report,dev"
+    if [ -x scripts/test-services.sh ]; then scripts/test-services.sh; fi
+    set +e
+    "$VENV/bin/python" -m pytest "$@"
+    rc=$?
+    set -e
+    if [ "$rc" -eq 5 ]; then echo "run.sh: pytest collected no tests: that is a failure" >&2; exit 1; fi
+    exit "$rc"
+    ;;
+  *)
+    echo "usage: ./run.sh quickstart [edgeship quickstart options] | ./run.sh test [pytest options]" >&2
+    exit 2
+    ;;
+esac

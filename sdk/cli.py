@@ -1,0 +1,280 @@
+"""The ``edgeship`` command line. One line of error, non-zero exit, traceback only with --debug."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edgeship.errors import ConfigError, EdgeshipError
+
+EXIT_USAGE = 2
+EXIT_FAIL = 1
+
+
+def _add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="bundle directory, or a .onnx / .tflite / .pte file")
+    p.add_argument("--artifact", help="one artifact of the bundle: FORMAT/RECIPE or its path")
+    p.add_argument("--runs", type=int, default=50, help="at least this many timed runs (default 50)")
+    p.add_argument("--min-seconds", type=float, default=2.0, help="and at least this long (default 2 s)")
+    p.add_argument("--max-seconds", type=float, default=300.0, help="stop after this long whatever the count")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs before measuring (default 5)")
+    p.add_argument("--threads", type=int, help="runtime threads (default: the bundle's target profile)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=DxD",
+                   help="size of dynamic dims for synthesised inputs, e.g. input_ids=1x128 (repeatable)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="runtime option, e.g. graph_optimization=all, delegate=/path/libdelegate.so")
+    p.add_argument("--energy", default="auto", help="auto (best real meter, else estimate), estimate, off, or a meter name")
+    p.add_argument("--idle-seconds", type=float, default=1.0, help="idle power window before and after the run")
+    p.add_argument("--sample-hz", type=float, default=10.0, help="power meter sampling rate")
+    p.add_argument("--energy-csv", help="log of an external USB power meter (csv meter)")
+    p.add_argument("--cooldown-to", type=float, metavar="C", help="wait until the SoC is below C degrees first")
+    p.add_argument("--target", help="target profile whose power model the energy estimate uses")
+    p.add_argument("--per-op", action="store_true", help="per-operator timings where the runtime supports it")
+    p.add_argument("--device", action="append", default=[], metavar="ssh://user@host[:port]",
+                   help="profile on a remote device (repeatable: a fleet)")
+    p.add_argument("--inventory", help="TOML file naming devices and their target profiles")
+    p.add_argument("--identity", help="SSH private key file")
+    p.add_argument("--accept-new-host-key", action="store_true", help="trust an unknown host key (like accept-new)")
+    p.add_argument("--no-isolate", action="store_true", help="measure in this process (peak RSS then covers all)")
+    p.add_argument("--json", dest="json_path", help="write the results as JSON")
+    p.add_argument("--html", dest="html_path", help="write an HTML report with plots")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _kv(items: Sequence[str], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or not k:
+            raise ConfigError(f"{flag} '{it}': expected KEY=VALUE")
+        out[k] = v
+    return out
+
+
+def _run_config(a: argparse.Namespace) -> Any:
+    from edgeship.profiling.runner import RunConfig
+    from edgeship.spec import parse_shape_overrides
+
+    return RunConfig(runs=a.runs, min_seconds=a.min_seconds, max_seconds=a.max_seconds, warmup=a.warmup,
+                     threads=a.threads, shapes=parse_shape_overrides(a.shape), energy=a.energy,
+                     idle_seconds=a.idle_seconds, sample_hz=a.sample_hz, cooldown_to_c=a.cooldown_to,
+                     energy_csv=a.energy_csv, power_target=a.target, options=_kv(a.option, "--option"),
+                     per_op=a.per_op, progress=not a.quiet)
+
+
+def cmd_profile(a: argparse.Namespace) -> int:
+    from edgeship.profiling import report
+    from edgeship.profiling.runner import profile, write_json_atomic
+
+    cfg = _run_config(a)
+    if a.device or a.inventory:
+        from edgeship.profiling.remote import profile_fleet
+
+        doc = profile_fleet(a.source, devices=a.device, inventory=a.inventory, config=cfg, artifact=a.artifact,
+                            identity=a.identity, accept_new_host_key=a.accept_new_host_key)
+        if a.json_path:
+            write_json_atomic(Path(a.json_path), json.dumps(doc, indent=2))
+        for run in doc["runs"]:
+            print(report.render(run) if "results" in run else f"{run.get('device_url')}: ERROR {run.get('error')}")
+            print()
+        _html(a, doc)
+        return 0 if all(r.get("status", "ok") == "ok" and all(x.get("status") == "ok" for x in r.get("results", []))
+                        for r in doc["runs"]) else EXIT_FAIL
+    res = profile(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path)
+    print(report.render(res.to_dict()))
+    _html(a, {"schema_version": res.schema_version, "runs": [res.to_dict()]})
+    return 0 if res.ok else EXIT_FAIL
+
+
+def _html(a: argparse.Namespace, doc: dict[str, Any]) -> None:
+    if getattr(a, "html_path", None):
+        from edgeship.profiling.html import write_html
+
+        write_html(doc, Path(a.html_path))
+        print(f"HTML report: {a.html_path}")
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from edgeship.export import export
+
+    res = export(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
+                 calibration=a.calibration, overwrite=a.overwrite, allow_degraded=a.allow_degraded, task=a.task,
+                 seq_len=a.seq_len, checkpoint=a.checkpoint, log=None if not a.quiet else (lambda m: None))
+    print(res.summary())
+    print(f"bundle: {res.bundle}  ({res.seconds:.1f} s)")
+    return 0
+
+
+def cmd_targets(a: argparse.Namespace) -> int:
+    from edgeship.profiling.report import table
+    from edgeship.targets import get_profile, list_profiles
+
+    if a.action == "show":
+        if not a.name:
+            raise ConfigError("edgeship targets show NAME")
+        p = get_profile(a.name)
+        print(json.dumps(p.to_dict(), indent=2))
+        return 0
+    rows = [[p.name, p.display_name, p.arch, str(p.cores), ", ".join(p.formats), p.recipes[0], p.power.meter,
+             ", ".join(a.name for a in p.accelerators) or "-"] for p in list_profiles()]
+    print(table(rows, ["name", "device", "arch", "cores", "formats", "first recipe", "meter", "accelerators"]))
+    return 0
+
+
+def cmd_formats(a: argparse.Namespace) -> int:
+    from edgeship.exporters.base import support_matrix
+    from edgeship.profiling.report import table
+
+    print(table([list(r) for r in support_matrix()], ["format", "recipe", "how"]))
+    return 0
+
+
+def cmd_pack(a: argparse.Namespace) -> int:
+    from edgeship.bundle import pack
+
+    dest = pack(a.bundle, a.output, overwrite=a.overwrite)
+    print(f"packed {a.bundle} -> {dest} ({dest.stat().st_size / 2**20:.1f} MB)")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from edgeship.manifest import load_bundle
+    from edgeship.profiling.report import table
+
+    b = load_bundle(a.bundle, verify=True)
+    m = b.manifest
+    print(f"model {m.model['name']} ({m.model['task']}), target {m.target['name']}, edgeship {m.edgeship_version}")
+    print("inputs:  " + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in m.inputs))
+    print("outputs: " + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in m.outputs))
+    rows = []
+    for art in m.artifacts:
+        f = art.fidelity
+        rows.append([art.key, art.path, f"{art.size_bytes / 2**20:.1f}", f"{f.mean_cosine:.4f}" if f else "-",
+                     str(len(art.quantization.get("kept_in_float", []))), art.sha256[:12]])
+    print(table(rows, ["artifact", "path", "MB", "mean cos", "kept float", "sha256"]))
+    for art in m.artifacts:
+        for key in ("delegation", "fallbacks", "signatures"):
+            if key in art.details:
+                print(f"\n{art.key} {key}:")
+                print(json.dumps(art.details[key], indent=2)[:4000])
+        for w in art.warnings:
+            print(f"{art.key}: warning: {w}")
+    print("checksums: all artifacts verified")
+    return 0
+
+
+def cmd_quickstart(a: argparse.Namespace) -> int:
+    from edgeship.export import export
+    from edgeship.models import default_model_dir
+    from edgeship.profiling import report
+    from edgeship.profiling.runner import RunConfig, profile
+
+    out = Path(a.output)
+    print(f"edgeship quickstart: all-MiniLM-L6-v2 -> {a.target} -> {out}", flush=True)
+    res = export(default_model_dir(), target=a.target, out=out, formats=a.format or None, recipes=a.quant or None,
+                 overwrite=True)
+    print(res.summary(), flush=True)
+    cfg = RunConfig(runs=a.runs, min_seconds=a.min_seconds, energy="auto", progress=True)
+    prof = profile(out, config=cfg, json_path=out.with_name(out.name + "-profile.json"))
+    print()
+    print(report.render(prof.to_dict()))
+    print(f"\nbundle: {out}   results: {out.with_name(out.name + '-profile.json')}")
+    return 0 if prof.ok else EXIT_FAIL
+
+
+def cmd_device(a: argparse.Namespace) -> int:
+    from edgeship.profiling import virtual_pi
+
+    return int(virtual_pi.cli(a.name, a.action, Path(a.workdir) if a.workdir else None, a.port))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeship", description="Export models for edge devices and measure them there.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    e = sub.add_parser("export", help="export a model into a checked, quantized bundle")
+    e.add_argument("model", help="Hugging Face model directory, or package.module:factory")
+    e.add_argument("--target", required=True, help="target profile name (edgeship targets) or a .toml file")
+    e.add_argument("--format", action="append", help="onnx, tflite, pte (repeatable; default: the profile's)")
+    e.add_argument("--quant", action="append", help="fp32, fp16, int8-dynamic, int8-static, int4-weight (repeatable)")
+    e.add_argument("--calibration", help="calibration data: .txt/.jsonl texts, or .npy/.npz arrays")
+    e.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    e.add_argument("--allow-degraded", action="store_true", help="keep artifacts below the fidelity floor (marked)")
+    e.add_argument("--task", help="override the task detected from config.json")
+    e.add_argument("--seq-len", type=int, help="sequence length for text models (default: the profile's)")
+    e.add_argument("--checkpoint", help="state_dict for a factory model (loaded with weights_only=True)")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(fn=cmd_export)
+
+    pr = sub.add_parser("profile", help="run and measure a bundle or model file")
+    _add_profile_args(pr)
+    pr.set_defaults(fn=cmd_profile)
+
+    t = sub.add_parser("targets", help="list or show target profiles")
+    t.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    t.add_argument("name", nargs="?")
+    t.set_defaults(fn=cmd_targets)
+
+    f = sub.add_parser("formats", help="the format x recipe support matrix")
+    f.set_defaults(fn=cmd_formats)
+
+    pk = sub.add_parser("pack", help="pack a bundle into one .zip for an app")
+    pk.add_argument("bundle")
+    pk.add_argument("-o", "--output")
+    pk.add_argument("--overwrite", action="store_true")
+    pk.set_defaults(fn=cmd_pack)
+
+    i = sub.add_parser("inspect", help="verify a bundle and show its manifest")
+    i.add_argument("bundle")
+    i.set_defaults(fn=cmd_inspect)
+
+    q = sub.add_parser("quickstart", help="export + profile the embedded all-MiniLM-L6-v2")
+    q.add_argument("--target", default="raspberry-pi-5")
+    q.add_argument("-o", "--output", default="edgeship-quickstart")
+    q.add_argument("--format", action="append")
+    q.add_argument("--quant", action="append")
+    q.add_argument("--runs", type=int, default=50)
+    q.add_argument("--min-seconds", type=float, default=2.0)
+    q.set_defaults(fn=cmd_quickstart)
+
+    d = sub.add_parser("device", help="manage the virtual arm64 Raspberry Pi")
+    d.add_argument("name", choices=["virtual-pi"])
+    d.add_argument("action", choices=["up", "down", "status"])
+    d.add_argument("--workdir", help="where the rootfs lives (default ~/.cache/edgeship/virtual-pi)")
+    d.add_argument("--port", type=int, default=0, help="sshd port on 127.0.0.1 (default: a free one)")
+    d.set_defaults(fn=cmd_device)
+    return p
+
+
+def _version() -> str:
+    from edgeship import __version__
+
+    return f"edgeship {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or bool(os.environ.get("EDGESHIP_DEBUG"))
+    try:
+        return int(args.fn(args))
+    except EdgeshipError as e:
+        if debug:
+            raise
+        print(f"edgeship: error: {e}", file=sys.stderr)
+        return EXIT_FAIL if not isinstance(e, ConfigError) else EXIT_USAGE
+    except KeyboardInterrupt:
+        print("edgeship: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

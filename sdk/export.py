@@ -1,0 +1,223 @@
+"""``edgeship.export``: one call from a fine-tuned model to a checked, quantized bundle.
+
+Stages per artifact: load -> (calibrate/quantize) -> lower -> serialize -> validate.
+Every artifact is run through the same torch-free runner backend the device uses and
+compared with PyTorch on held-out inputs; the numbers go into the manifest.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeship.bundle import BundleWriter, check_output_dir
+from edgeship.errors import ConfigError, FidelityError, UnknownKeyError, UnsupportedRecipeError
+from edgeship.exporters import EXPORTERS, load_builtin
+from edgeship.exporters.base import RECIPES, ExportContext, Exporter
+from edgeship.fidelity import compare
+from edgeship.manifest import ArtifactRecord, Fidelity, Manifest, sha256_file
+from edgeship.targets import TargetProfile, get_profile
+
+N_HELDOUT = 16
+N_SAMPLES_IN_BUNDLE = 8
+
+
+def builtin_corpus() -> list[str]:
+    text = resources.files("edgeship").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+    return [t for t in text.splitlines() if t.strip()]
+
+
+def split_corpus() -> tuple[list[str], list[str]]:
+    """(calibration fallback, held-out) halves of the built-in corpus, disjoint."""
+    c = builtin_corpus()
+    return c[: len(c) // 2], c[len(c) // 2:]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    bundle: Path
+    manifest: Manifest
+    seconds: float
+
+    def summary(self) -> str:
+        from edgeship.profiling.report import table
+
+        rows = []
+        for a in self.manifest.artifacts:
+            f = a.fidelity
+            kept = a.quantization.get("kept_in_float") or []
+            rows.append([a.key, f"{a.size_bytes / 2**20:.1f}", f"{f.mean_cosine:.4f}" if f else "-",
+                         f"{f.min_cosine:.4f}" if f else "-", f"{f.max_abs_err:.2e}" if f else "-",
+                         f"{a.export_seconds:.1f}", f"{len(kept)} layer(s) kept in float" if kept else ""])
+        return table(rows, ["artifact", "MB", "mean cos", "min cos", "max abs err", "export s", "notes"])
+
+
+def _plan(target: TargetProfile, formats: Sequence[str] | None, recipes: Sequence[str] | None) -> list[tuple[type[Exporter], str]]:
+    """Validate formats x recipes against the exporters' support matrix; collect every problem, raise once."""
+    load_builtin()
+    problems: list[str] = []
+    fmts = list(formats) if formats else [f for f in target.formats if f in EXPORTERS]
+    for f in fmts:
+        if f not in EXPORTERS:
+            problems.append(str(UnknownKeyError("format", f, EXPORTERS.keys())))
+    for r in recipes or ():
+        if r not in RECIPES:
+            problems.append(str(UnknownKeyError("recipe", r, RECIPES)))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    plan: list[tuple[type[Exporter], str]] = []
+    for f in fmts:
+        exp = EXPORTERS.get(f)
+        if recipes:
+            for r in recipes:
+                if exp.supports(r) is None:
+                    problems.append(f"format '{f}' has no recipe '{r}' (it offers: {', '.join(exp.recipes())})")
+                else:
+                    plan.append((exp, r))
+        else:
+            # the profile's preference order: the reference fp32 plus the first quantized recipe
+            wanted = ["fp32"] + [r for r in target.recipes if r != "fp32" and exp.supports(r)][:1]
+            plan.extend((exp, r) for r in wanted if exp.supports(r))
+    if problems:
+        raise UnsupportedRecipeError("; ".join(problems))
+    if not plan:
+        raise ConfigError(f"nothing to export for target {target.name} (formats {fmts})")
+    for exp in {e for e, _ in plan}:
+        exp.check_environment()
+    return plan
+
+
+def make_evaluator(model: Any, heldout: Sequence[dict[str, np.ndarray]], reference: Sequence[dict[str, np.ndarray]],
+                   target: TargetProfile) -> Callable[..., Fidelity]:
+    """Fidelity of an artifact file, run through the device runner's backend for its format."""
+    from edgeship.profiling import backends
+
+    out_name = model.outputs[0].name
+
+    def evaluate(path: Path, fmt: str, options: Mapping[str, Any] | None = None, recipe: str = "default") -> Fidelity:
+        b = backends.load(path, fmt, threads=None, options=options or {})
+        got = []
+        for f in heldout:
+            res = b.run(b.adapt_feeds(f))
+            if out_name not in res:
+                raise FidelityError(f"{path.name}: no output named '{out_name}' (outputs: {', '.join(res)})")
+            got.append(res[out_name])
+        return compare([r[out_name] for r in reference], got, out_name, target.min_mean_cosine(recipe),
+                       classifier=model.classifier)
+
+    return evaluate
+
+
+def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: str | Path,
+           formats: Sequence[str] | None = None, recipes: Sequence[str] | None = None,
+           calibration: str | Path | None = None, overwrite: bool = False, allow_degraded: bool = False,
+           task: str | None = None, example_inputs: Mapping[str, Any] | None = None, seq_len: int | None = None,
+           checkpoint: str | None = None, options: Mapping[str, Any] | None = None,
+           log: Callable[[str], None] | None = None) -> ExportResult:
+    """Export ``model`` (HF directory, ``nn.Module``, or ``pkg.module:factory``) for ``target``."""
+    from edgeship import __version__
+    from edgeship.models import TEXT_TASKS, load_calibration, load_model
+
+    t_start = time.perf_counter()
+    say = log or (lambda m: print(m, file=sys.stderr))
+    prof = target if isinstance(target, TargetProfile) else get_profile(target)
+    out_dir = Path(out)
+    check_output_dir(out_dir.resolve(), overwrite)
+    plan = _plan(prof, formats, recipes)
+    seq = seq_len or prof.sequence_length
+    if seq < 2:
+        raise ConfigError(f"--seq-len must be >= 2, got {seq}")
+
+    say(f"loading model {model if not hasattr(model, 'forward') else type(model).__name__}...")
+    lm = load_model(model, task=task, example_inputs=example_inputs, seq_len=seq, image_size=prof.image_size,
+                    checkpoint=checkpoint)
+    if "sequence" in lm.dims:
+        seq = lm.dims["sequence"]["default"]
+    calib_pool, held_pool = split_corpus()
+    heldout = lm.sample_inputs(N_HELDOUT, seed=1, seq_len=seq, image_size=prof.image_size, corpus=held_pool)
+    needs_calib = any(e.supports(r).needs_calibration for e, r in plan)  # type: ignore[union-attr]
+    warnings: list[str] = []
+    if calibration is not None:
+        calib = load_calibration(calibration, lm, seq)
+        calib_source = str(calibration)
+    else:
+        calib = lm.sample_inputs(len(calib_pool), seed=2, seq_len=seq, image_size=prof.image_size, corpus=calib_pool)
+        calib_source = ("built-in generic English corpus (32 sentences)" if lm.task in TEXT_TASKS
+                        else "synthetic N(0,1) inputs")
+        if needs_calib:
+            w = (f"no --calibration given: static quantization calibrates on the {calib_source}; for accuracy on "
+                 "your data pass --calibration FILE with a few hundred real inputs")
+            warnings.append(w)
+            say(f"WARNING: {w}")
+    reference = [lm.run_torch(f) for f in heldout]
+    evaluate = make_evaluator(lm, heldout, reference, prof)
+
+    records: list[ArtifactRecord] = []
+    with BundleWriter(out_dir, overwrite=overwrite) as writer, \
+            tempfile.TemporaryDirectory(prefix="edgeship-work-") as tmp:
+        workdir = Path(tmp)
+        for i, (exp_cls, recipe) in enumerate(plan, 1):
+            fmt = exp_cls.format
+            say(f"[{i}/{len(plan)}] {fmt}/{recipe}")
+            ctx = ExportContext(model=lm, target=prof, workdir=workdir, calibration=calib, calibration_source=calib_source,
+                                heldout=heldout, reference=reference,
+                                evaluate=lambda p, f, o, r=recipe: evaluate(p, f, o, r),
+                                options=dict(options or {}), log=say)
+            rel = f"{fmt}/{recipe}{exp_cls.suffix}"
+            dest = writer.path(rel)
+            t0 = time.perf_counter()
+            res = exp_cls().export(ctx, recipe, dest)
+            if res.path != dest:
+                shutil.move(str(res.path), dest)
+            with ctx.stage("validate", fmt, recipe):
+                fid = evaluate(dest, fmt, res.runtime.get("options", {}), recipe)
+            secs = time.perf_counter() - t0
+            if not fid.passed:
+                msg = (f"{fmt}/{recipe}: mean cosine {fid.mean_cosine:.4f} vs PyTorch is below the {prof.name} floor "
+                       f"{fid.floor_mean_cosine}; try a higher-precision recipe or calibration data like your real "
+                       "inputs, or pass --allow-degraded to keep it")
+                if not allow_degraded:
+                    raise FidelityError(msg)
+                res.warnings.append("DEGRADED: " + msg)
+            say(f"[{i}/{len(plan)}] {fmt}/{recipe}: {dest.stat().st_size / 2**20:.1f} MB, mean cosine "
+                f"{fid.mean_cosine:.4f} (min {fid.min_cosine:.4f}), {secs:.1f} s")
+            records.append(ArtifactRecord(
+                path=rel, format=fmt, recipe=recipe, sha256=sha256_file(dest), size_bytes=dest.stat().st_size,
+                export_seconds=round(secs, 3), fidelity=fid, runtime=res.runtime,
+                stages={k: round(v, 3) for k, v in ctx.stages.items()}, quantization=res.quantization,
+                details=res.details, warnings=tuple(res.warnings),
+            ))
+
+        for name, src in lm.files_to_copy.items():
+            shutil.copyfile(src, writer.path(name))
+        samples = heldout[:N_SAMPLES_IN_BUNDLE]
+        np.savez(writer.path("samples/inputs.npz"), **{k: np.concatenate([f[k] for f in samples]) for k in samples[0]})
+        np.savez(writer.path("samples/outputs.npz"),
+                 **{k: np.concatenate([r[k] for r in reference[:N_SAMPLES_IN_BUNDLE]]) for k in reference[0]})
+        if lm.labels:
+            writer.path("labels.txt").write_text("\n".join(lm.labels) + "\n", encoding="utf-8")
+        manifest = Manifest(
+            model={"name": lm.name, "task": lm.task, "source": lm.source, "source_sha256": lm.source_sha256,
+                   "parameters": lm.parameters},
+            target={"name": prof.name, "display_name": prof.display_name, "arch": prof.arch, "threads": prof.threads},
+            inputs=lm.inputs, outputs=lm.outputs, dims=lm.dims, preprocessing=lm.preprocessing,
+            artifacts=tuple(records),
+            samples={"inputs": "samples/inputs.npz", "outputs": "samples/outputs.npz",
+                     "note": f"{len(samples)} held-out inputs and the PyTorch outputs for them"},
+            labels=lm.labels, edgeship_version=__version__,
+            created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        manifest.model["export_host"] = {"arch": platform.machine(), "python": platform.python_version(),
+                                         "calibration": calib_source, "warnings": warnings}
+        path = writer.commit(manifest)
+    return ExportResult(path, manifest, time.perf_counter() - t_start)

