@@ -10,6 +10,7 @@ adding one module with a class decorated by ``@register`` and listing the module
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -82,6 +83,9 @@ class ExportContext:
         except EdgeshipError:
             raise
         except Exception as e:
+            capture = explain_capture_failure(e)
+            if capture:
+                raise ExportError(f"{fmt}/{recipe}: stage '{name}' failed: {capture}") from e
             tb = traceback.extract_tb(e.__traceback__)
             where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -91,6 +95,31 @@ class ExportContext:
 
     def floor(self, recipe: str) -> float:
         return self.target.min_mean_cosine(recipe)
+
+
+_USER_FRAME = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+
+
+def explain_capture_failure(exc: BaseException) -> str | None:
+    """A one-line diagnosis when torch.export could not capture the model, naming the user's code.
+
+    torch.export (used by every exporter here) cannot follow Python control flow that
+    depends on tensor *values*; its error buries the location in a long report.
+    """
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and len(chain) < 10:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = "\n".join(str(c) for c in chain)
+    data_dep = any(type(c).__name__ in ("GuardOnDataDependentSymNode", "UserError") for c in chain) or \
+        "data-dependent" in text
+    if not data_dep:
+        return None
+    m = _USER_FRAME.search(text)
+    where = f" at {m.group(1)}:{m.group(2)} in {m.group(3)}() `{m.group(4).strip()}`" if m else ""
+    return (f"torch.export cannot capture data-dependent control flow{where}: the branch depends on a tensor value. "
+            "Rewrite it with torch.where / torch.cond, or make it depend on shapes only")
 
 
 class Exporter(ABC):

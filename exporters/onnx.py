@@ -15,7 +15,8 @@ Recipes (the support matrix below is the one source of truth):
 from __future__ import annotations
 
 import ast
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +26,7 @@ from edgeship.errors import ExportError, RuntimeMissingError
 from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport, register
 
 OPSET = 18
+logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
 
 @register("onnx")
@@ -102,12 +104,16 @@ class OnnxExporter(Exporter):
             quant.update(weights="int8 symmetric per-channel (MatMul) / per-tensor (Gather)", activations="uint8 dynamic",
                          ops="MatMul, Gather")
         elif recipe == "int4-weight":
-            with ctx.stage("quantize", "onnx", recipe):
-                _int4(base, out, ctx.target.int4_group_size)
-            quant.update(weights=f"int4 symmetric, block {ctx.target.int4_group_size} (MatMulNBits)",
+            block = ctx.target.int4_group_size
+            quant.update(weights=f"int4 symmetric, block {block} (MatMulNBits); embeddings int4 along the hidden axis",
                          activations="float32")
+            quant.update(self._searched(ctx, base, out, recipe, lambda src, dst, nodes: _int4(src, dst, block, nodes)))
         elif recipe == "int8-static":
-            quant.update(self._static(ctx, base, out))
+            with ctx.stage("calibrate", "onnx", recipe):
+                ranges = _calibration_ranges(base, ctx.calibration, ctx.workdir)
+            quant.update(weights="int8 symmetric per-channel", activations="uint8 asymmetric per-tensor, MinMax calibrated",
+                         format="QDQ", calibration=ctx.calibration_source, calibration_samples=len(ctx.calibration))
+            quant.update(self._searched(ctx, base, out, recipe, lambda src, dst, nodes: _qdq(src, dst, ranges, nodes)))
             runtime["qdq"] = True
             runtime["npu_note"] = ("QDQ int8 is the form the QNN and NNAPI execution providers take; on a device with "
                                    "onnxruntime-qnn pass providers=QNNExecutionProvider")
@@ -115,39 +121,36 @@ class OnnxExporter(Exporter):
             raise ExportError(f"onnx: recipe {recipe} is not implemented")
         return ExportOutput(path=out, runtime=runtime, quantization=quant, warnings=warnings)
 
-    # ---- static int8 with sensitivity analysis -----------------------------------------------
-    def _static(self, ctx: ExportContext, base: Path, out: Path) -> dict[str, Any]:
+    # ---- recipes that keep their most sensitive layers in float ------------------------------
+    def _searched(self, ctx: ExportContext, base: Path, out: Path, recipe: str,
+                  quantize: Callable[[Path, Path, list[str]], None]) -> dict[str, Any]:
+        """Quantize every linear layer except the fewest most-sensitive ones needed to meet the floor."""
         from edgeship.sensitivity import rank_layers, search
 
         lm = ctx.model
-        node_of = linear_nodes(base)  # torch module name -> ONNX MatMul node name
+        node_of = linear_nodes(base, lm.linear_layers())  # torch module name -> ONNX MatMul node name
         if not node_of:
-            raise ExportError("onnx/int8-static: found no MatMul nodes with weight initializers to quantize")
-        with ctx.stage("calibrate", "onnx", "int8-static"):
-            ranges = _calibration_ranges(base, ctx.calibration, ctx.workdir)
-        with ctx.stage("sensitivity", "onnx", "int8-static"):
-            ranked = rank_layers(lm, ctx.calibration[:16], ctx.heldout[:8], "int8-static",
+            raise ExportError(f"onnx/{recipe}: found no MatMul nodes with weight initializers to quantize")
+        with ctx.stage("sensitivity", "onnx", recipe):
+            ranked = rank_layers(lm, ctx.calibration[:16], ctx.heldout[:8], recipe, group_size=ctx.target.int4_group_size,
                                  layers=[n for n in lm.linear_layers() if n in node_of])
         order = [s.layer for s in ranked]
-        floor = ctx.floor("int8-static")
-        tries = ctx.workdir / "onnx-static-tries"
+        floor = ctx.floor(recipe)
+        tries = ctx.workdir / f"onnx-{recipe}-tries"
         tries.mkdir(exist_ok=True)
 
         def build(kept: Sequence[str]) -> Path:
             p = tries / f"kept{len(kept)}.onnx"
-            quantize = [node_of[n] for n in order if n not in kept]
-            with ctx.stage("quantize", "onnx", "int8-static"):
-                _qdq(base, p, ranges, quantize)
+            with ctx.stage("quantize", "onnx", recipe):
+                quantize(base, p, [node_of[n] for n in order if n not in kept])
             return p
 
-        with ctx.stage("search", "onnx", "int8-static"):
+        with ctx.stage("search", "onnx", recipe):
             res = search(order, build, lambda p: ctx.evaluate(p, "onnx", {}), floor)
         _copy(res.artifact, out)
-        ctx.log(f"[onnx/int8-static] kept {len(res.kept)} of {len(order)} linear layers in float to reach "
-                f"mean cosine {res.fidelity.mean_cosine:.4f} (floor {floor})")
+        ctx.log(f"[onnx/{recipe}] kept {len(res.kept)} of {len(order)} linear layers in float "
+                f"(mean cosine {res.fidelity.mean_cosine:.4f}, floor {floor})")
         return {
-            "weights": "int8 symmetric per-channel", "activations": "uint8 asymmetric per-tensor, MinMax calibrated",
-            "format": "QDQ", "calibration": ctx.calibration_source, "calibration_samples": len(ctx.calibration),
             "quantized_layers": len(order) - len(res.kept), "kept_in_float": list(res.kept),
             "kept_onnx_nodes": [node_of[n] for n in res.kept], "sensitivity": [s.to_dict() for s in ranked],
             "search": list(res.attempts), "floor_mean_cosine": floor,
@@ -166,7 +169,7 @@ def _check_single_file(path: Path) -> None:
         raise ExportError(f"{path.name}: model needs ONNX external data (> 2 GB); not supported by the bundle yet")
 
 
-def linear_nodes(path: Path) -> dict[str, str]:
+def linear_nodes(path: Path, layers: Sequence[str]) -> dict[str, str]:
     """Map torch module names (e.g. ``model.encoder.layer.0.output.dense``) to ONNX MatMul node names.
 
     The dynamo exporter records the module scope of every node in ``pkg.torch.onnx.name_scopes``.
@@ -175,6 +178,7 @@ def linear_nodes(path: Path) -> dict[str, str]:
     """
     import onnx
 
+    wanted = set(layers)
     m = onnx.load(str(path), load_external_data=False)
     inits = {i.name for i in m.graph.initializer}
     out: dict[str, str] = {}
@@ -189,8 +193,11 @@ def linear_nodes(path: Path) -> dict[str, str]:
             names = ast.literal_eval(scopes)
         except (ValueError, SyntaxError):
             continue
-        if names:
-            out.setdefault(str(names[-1]), node.name)
+        # scopes run outermost -> innermost, ending with the op ("linear"); the deepest known layer wins
+        for scope in reversed(names):
+            if scope in wanted:
+                out.setdefault(str(scope), node.name)
+                break
     return out
 
 
@@ -220,12 +227,12 @@ def _calibration_ranges(base: Path, feeds: Sequence[dict[str, np.ndarray]], work
 
 def _qdq(base: Path, out: Path, ranges: Any, nodes: Sequence[str]) -> None:
     import onnx
-    from onnxruntime.quantization import QuantizationMode, QuantType
+    from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
     model = onnx.load(str(base))
-    q = QDQQuantizer(model, True, False, QuantizationMode.QLinearOps, True, QuantType.QInt8, QuantType.QUInt8, ranges,
-                     list(nodes), [], ["MatMul", "Gemm"], {"DefaultTensorType": onnx.TensorProto.FLOAT})
+    q = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QUInt8, ranges, list(nodes), [], ["MatMul", "Gemm"],
+                     {"DefaultTensorType": onnx.TensorProto.FLOAT})
     if not nodes:
         onnx.save(model, str(out))
         return
@@ -242,14 +249,17 @@ def _dynamic_int8(base: Path, out: Path) -> None:
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
-def _int4(base: Path, out: Path, block: int) -> None:
+def _int4(base: Path, out: Path, block: int, nodes: Sequence[str]) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     model = onnx.load(str(base))
+    matmuls = {n.name for n in model.graph.node if n.op_type == "MatMul"}
+    exclude = sorted(matmuls - set(nodes))
     cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4,
                                        op_types_to_quantize=("MatMul", "Gather"), quant_axes=(("MatMul", 0), ("Gather", 1)))
-    q = MatMulNBitsQuantizer(model, algo_config=cfg)
+    q = MatMulNBitsQuantizer(model, block_size=block, is_symmetric=True, accuracy_level=4, nodes_to_exclude=exclude,
+                             algo_config=cfg)
     q.process()
     q.model.save_model_to_file(str(out), False)
 

@@ -1,0 +1,201 @@
+"""ONNX exporter on tiny random-init models: every recipe, every task, and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgeship.errors import (
+    CalibrationError,
+    ConfigError,
+    ExportError,
+    FidelityError,
+    ModelLoadError,
+    OutputExistsError,
+    UnsupportedRecipeError,
+)
+from edgeship.export import export
+from edgeship.exporters import EXPORTERS
+from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport
+from edgeship.manifest import load_bundle
+
+pytestmark = pytest.mark.needs_export
+QUIET = {"log": lambda m: None}
+
+
+def test_bundle_contents(tiny_onnx_bundle: Path) -> None:
+    b = load_bundle(tiny_onnx_bundle)
+    m = b.manifest
+    assert [a.key for a in m.artifacts] == ["onnx/fp32", "onnx/int8-dynamic"]
+    assert [s.name for s in m.inputs] == ["input_ids", "attention_mask"]
+    assert m.outputs[0].name == "sentence_embedding"
+    assert m.preprocessing["kind"] == "tokenizer" and m.preprocessing["pooling"] == "mean"
+    assert (tiny_onnx_bundle / "tokenizer/vocab.txt").is_file()
+    for a in m.artifacts:
+        assert a.fidelity is not None and a.fidelity.passed and a.fidelity.n_samples == 16
+        assert a.sha256 and a.size_bytes > 0 and a.export_seconds > 0 and "validate" in a.stages
+    fp32, int8 = m.artifacts
+    assert int8.size_bytes < fp32.size_bytes
+    with np.load(tiny_onnx_bundle / "samples/inputs.npz") as z:
+        assert z["input_ids"].shape == (8, 128)
+
+
+def test_dynamic_batch_and_sequence(tiny_onnx_bundle: Path) -> None:
+    sess = ort.InferenceSession(str(tiny_onnx_bundle / "onnx/fp32.onnx"))
+    shapes = [i.shape for i in sess.get_inputs()]
+    assert all(isinstance(d, str) for s in shapes for d in s), shapes
+    out = sess.run(None, {"input_ids": np.ones((3, 17), np.int64), "attention_mask": np.ones((3, 17), np.int64)})[0]
+    assert out.shape == (3, 32)
+    assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)  # the Normalize module is part of the graph
+
+
+@pytest.mark.parametrize("recipe", ["fp16", "int4-weight", "int8-static"])
+def test_other_recipes(tiny_bert_dir: Path, tmp_path: Path, recipe: str) -> None:
+    r = export(tiny_bert_dir, target="raspberry-pi-5", out=tmp_path / "b", formats=["onnx"], recipes=[recipe], **QUIET)
+    (a,) = r.manifest.artifacts
+    assert a.fidelity is not None and a.fidelity.mean_cosine >= a.fidelity.floor_mean_cosine
+    if recipe == "int8-static":
+        q = a.quantization
+        assert q["format"] == "QDQ" and "built-in" in q["calibration"]
+        # 2 layers x (q, k, v, o, up, down); the unused pooler is pruned by torch.export
+        assert len(q["sensitivity"]) == 2 * 6
+        assert q["quantized_layers"] + len(q["kept_in_float"]) == len(q["sensitivity"])
+        assert a.runtime["qdq"] is True
+        assert any("calibrat" in w for w in r.manifest.model["export_host"]["warnings"])
+
+
+def test_classifiers(tiny_bert_cls_dir: Path, tiny_vit_dir: Path, tmp_path: Path) -> None:
+    r = export(tiny_bert_cls_dir, target="x86-64-laptop", out=tmp_path / "cls", formats=["onnx"], recipes=["fp32"], **QUIET)
+    m = r.manifest
+    assert m.model["task"] == "sequence-classification" and m.labels == ("negative", "neutral", "positive")
+    assert m.artifacts[0].fidelity.top1_agreement == 1.0
+    assert (r.bundle / "labels.txt").read_text().split() == ["negative", "neutral", "positive"]
+    r = export(tiny_vit_dir, target="x86-64-laptop", out=tmp_path / "vit", formats=["onnx"], recipes=["int8-dynamic"], **QUIET)
+    assert r.manifest.model["task"] == "image-classification"
+    assert r.manifest.inputs[0].shape == ("batch", 3, 32, 32)
+    assert r.manifest.preprocessing["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_calibration_file_is_used(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    cal = tmp_path / "cal.txt"
+    cal.write_text("a man is playing a guitar\nthe dog runs in the rain\n")
+    r = export(tiny_bert_dir, target="raspberry-pi-5", out=tmp_path / "b", formats=["onnx"], recipes=["int8-static"],
+               calibration=cal, **QUIET)
+    q = r.manifest.artifacts[0].quantization
+    assert q["calibration"] == str(cal) and q["calibration_samples"] == 2
+
+
+def test_bad_calibration(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    kw = {"target": "raspberry-pi-5", "formats": ["onnx"], "recipes": ["int8-static"], **QUIET}
+    with pytest.raises(CalibrationError, match="not found"):
+        export(tiny_bert_dir, out=tmp_path / "a", calibration=tmp_path / "nope.txt", **kw)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(CalibrationError, match="empty"):
+        export(tiny_bert_dir, out=tmp_path / "b", calibration=tmp_path / "empty.txt", **kw)
+    np.save(tmp_path / "images.npy", np.zeros((2, 3, 32, 32), np.float32))
+    with pytest.raises(CalibrationError, match="calibrates on text"):
+        export(tiny_bert_dir, out=tmp_path / "c", calibration=tmp_path / "images.npy", **kw)
+    assert not any(p.name in ("a", "b", "c") for p in tmp_path.iterdir())
+
+
+def test_bad_model_dirs(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    kw = {"target": "raspberry-pi-5", "formats": ["onnx"], "recipes": ["fp32"], **QUIET}
+    with pytest.raises(ModelLoadError, match="not found"):
+        export(tmp_path / "missing", out=tmp_path / "o1", **kw)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        export(broken, out=tmp_path / "o2", **kw)
+    trunc = tmp_path / "trunc"
+    trunc.mkdir()
+    for f in tiny_bert_dir.iterdir():
+        if f.is_file():
+            (trunc / f.name).write_bytes(f.read_bytes())
+    w = trunc / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="cannot load the weights"):
+        export(trunc, out=tmp_path / "o3", **kw)
+
+
+def test_unknown_keys_and_unsupported_recipe(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown format 'onxx'. Did you mean 'onnx'"):
+        export(tiny_bert_dir, target="raspberry-pi-5", out=tmp_path / "o", formats=["onxx"], **QUIET)
+    with pytest.raises(ConfigError, match="unknown recipe 'int8'"):
+        export(tiny_bert_dir, target="raspberry-pi-5", out=tmp_path / "o", formats=["onnx"], recipes=["int8"], **QUIET)
+
+    class OnlyFp32(Exporter):
+        format: ClassVar[str] = "only-fp32"
+        suffix: ClassVar[str] = ".bin"
+        support: ClassVar[tuple[RecipeSupport, ...]] = (RecipeSupport("fp32", "test exporter"),)
+
+        @classmethod
+        def check_environment(cls) -> None:
+            pass
+
+        def export(self, ctx: ExportContext, recipe: str, out: Path) -> ExportOutput:
+            raise AssertionError("never reached")
+
+    snap = EXPORTERS.snapshot()
+    try:
+        EXPORTERS.add("only-fp32", OnlyFp32)
+        with pytest.raises(UnsupportedRecipeError, match="format 'only-fp32' has no recipe 'int8-dynamic' .*offers: fp32"):
+            export(tiny_bert_dir, target="raspberry-pi-5", out=tmp_path / "o", formats=["only-fp32"],
+                   recipes=["int8-dynamic"], **QUIET)
+    finally:
+        EXPORTERS.restore(snap)
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_exists_and_failed_export_leaves_no_bundle(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        export(tiny_bert_dir, target="raspberry-pi-5", out=out, formats=["onnx"], recipes=["fp32"], **QUIET)
+    assert (out / "precious.txt").read_text() == "keep me"
+    # A floor nothing can meet fails the export, and the old directory survives untouched.
+    prof = (Path(__file__).parents[2] / "targets/profiles/raspberry-pi-5.toml").read_text()
+    strict = tmp_path / "strict.toml"
+    strict.write_text(prof.replace('name = "raspberry-pi-5"', 'name = "strict"')
+                      .replace('min_mean_cosine = { default = 0.99, "int4-weight" = 0.97 }',
+                               'min_mean_cosine = { default = 1.0 }'))
+    with pytest.raises(FidelityError, match="below the strict floor 1.0.*--allow-degraded"):
+        export(tiny_bert_dir, target=str(strict), out=out, formats=["onnx"], recipes=["int8-dynamic"], overwrite=True,
+               **QUIET)
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "strict.toml"]
+    r = export(tiny_bert_dir, target=str(strict), out=out, formats=["onnx"], recipes=["int8-dynamic"], overwrite=True,
+               allow_degraded=True, **QUIET)
+    assert r.manifest.artifacts[0].warnings[0].startswith("DEGRADED")
+    assert not (out / "precious.txt").exists()
+
+
+def test_export_stage_error_names_stage(tmp_path: Path) -> None:
+    import torch
+
+    class DataDependent(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # Python control flow on a tensor value: torch.export cannot capture it
+                return x * 2
+            return x - 1
+
+    with pytest.raises(ExportError, match=r"stage 'lower' failed: .*data-dependent .*test_onnx.py:\d+ in forward.*torch.where"):
+        export(DataDependent(), example_inputs={"x": np.ones((1, 4), np.float32)}, target="raspberry-pi-5",
+               out=tmp_path / "o", formats=["onnx"], recipes=["fp32"], **QUIET)
+
+
+def test_nn_module_export(tmp_path: Path) -> None:
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    r = export(net, example_inputs={"image": np.zeros((1, 1, 8, 8), np.float32)}, target="x86-64-laptop",
+               out=tmp_path / "m", formats=["onnx"], recipes=["fp32", "int8-dynamic"], **QUIET)
+    assert [a.key for a in r.manifest.artifacts] == ["onnx/fp32", "onnx/int8-dynamic"]
+    assert r.manifest.inputs[0].shape == ("batch", 1, 8, 8)
+    assert json.loads((r.bundle / "manifest.json").read_text())["model"]["task"] == "custom"
