@@ -251,7 +251,10 @@ def _dynamic_int8(base: Path, out: Path) -> None:
 
 def _int4(base: Path, out: Path, block: int, nodes: Sequence[str]) -> None:
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     model = onnx.load(str(base))
     matmuls = {n.name for n in model.graph.node if n.op_type == "MatMul"}

@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 
 from edgeship.bundle import BundleWriter, check_output_dir
-from edgeship.errors import ConfigError, FidelityError, UnknownKeyError, UnsupportedRecipeError
+from edgeship.errors import (
+    CalibrationError,
+    ConfigError,
+    FidelityError,
+    UnknownKeyError,
+    UnsupportedRecipeError,
+)
 from edgeship.exporters import EXPORTERS, load_builtin
 from edgeship.exporters.base import RECIPES, ExportContext, Exporter
 from edgeship.fidelity import compare
@@ -86,7 +92,7 @@ def _plan(target: TargetProfile, formats: Sequence[str] | None, recipes: Sequenc
                     plan.append((exp, r))
         else:
             # the profile's preference order: the reference fp32 plus the first quantized recipe
-            wanted = ["fp32"] + [r for r in target.recipes if r != "fp32" and exp.supports(r)][:1]
+            wanted = ["fp32", *[r for r in target.recipes if r != "fp32" and exp.supports(r)][:1]]
             plan.extend((exp, r) for r in wanted if exp.supports(r))
     if problems:
         raise UnsupportedRecipeError("; ".join(problems))
@@ -118,6 +124,10 @@ def make_evaluator(model: Any, heldout: Sequence[dict[str, np.ndarray]], referen
     return evaluate
 
 
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
+
+
 def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: str | Path,
            formats: Sequence[str] | None = None, recipes: Sequence[str] | None = None,
            calibration: str | Path | None = None, overwrite: bool = False, allow_degraded: bool = False,
@@ -134,6 +144,8 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
     out_dir = Path(out)
     check_output_dir(out_dir.resolve(), overwrite)
     plan = _plan(prof, formats, recipes)
+    if calibration is not None and not Path(calibration).is_file():
+        raise CalibrationError(f"calibration file not found: {calibration}")
     seq = seq_len or prof.sequence_length
     if seq < 2:
         raise ConfigError(f"--seq-len must be >= 2, got {seq}")
@@ -201,9 +213,9 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
         for name, src in lm.files_to_copy.items():
             shutil.copyfile(src, writer.path(name))
         samples = heldout[:N_SAMPLES_IN_BUNDLE]
-        np.savez(writer.path("samples/inputs.npz"), **{k: np.concatenate([f[k] for f in samples]) for k in samples[0]})
-        np.savez(writer.path("samples/outputs.npz"),
-                 **{k: np.concatenate([r[k] for r in reference[:N_SAMPLES_IN_BUNDLE]]) for k in reference[0]})
+        _savez(writer.path("samples/inputs.npz"), {k: np.concatenate([f[k] for f in samples]) for k in samples[0]})
+        _savez(writer.path("samples/outputs.npz"),
+               {k: np.concatenate([r[k] for r in reference[:N_SAMPLES_IN_BUNDLE]]) for k in reference[0]})
         if lm.labels:
             writer.path("labels.txt").write_text("\n".join(lm.labels) + "\n", encoding="utf-8")
         manifest = Manifest(

@@ -253,6 +253,7 @@ def load_hf_dir(path: str | Path, task: str | None = None, seq_len: int = 128, i
     import transformers
     from transformers import AutoConfig
 
+    transformers.utils.logging.disable_progress_bar()  # our own progress lines say what is loading
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except Exception as e:
@@ -290,7 +291,7 @@ def load_hf_dir(path: str | Path, task: str | None = None, seq_len: int = 128, i
         for f in (*_TOKENIZER_FILES, *_ST_FILES):
             if (model_dir / f).is_file():
                 files[f"tokenizer/{f}"] = model_dir / f
-        inputs = (TensorSpec("input_ids", "int64", (b, s), "token ids"),
+        inputs: tuple[TensorSpec, ...] = (TensorSpec("input_ids", "int64", (b, s), "token ids"),
                   TensorSpec("attention_mask", "int64", (b, s), "1 for tokens, 0 for padding"))
         dims = {b: {"default": 1, "min": 1, "max": 64}, s: {"default": min(seq_len, max_pos), "min": 2, "max": max_pos}}
         pre: dict[str, Any] = {"kind": "tokenizer", "max_length": dims[s]["default"], "padding": "max_length",

@@ -1,0 +1,100 @@
+"""The torch-free runner: bundles and bare files, metrics, and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeship.errors import ArtifactLoadError, InputError, UnknownKeyError
+from edgeship.profiling.runner import ProfileResult, RunConfig, profile
+
+FAST = {"runs": 5, "min_seconds": 0.0, "warmup": 1, "progress": False, "energy": "estimate"}
+LATENCY_KEYS = {"count", "mean_ms", "std_ms", "min_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms", "throughput_per_s"}
+
+
+def test_profile_bundle_fills_every_field(tiny_onnx_bundle: Path, tmp_path: Path) -> None:
+    res = profile(tiny_onnx_bundle, json_path=tmp_path / "r.json", **FAST)
+    assert res.ok and res.target == "raspberry-pi-5" and len(res.results) == 2
+    for r in res.results:
+        assert r["status"] == "ok" and r["torch_free"] is True
+        assert set(r["latency"]) == LATENCY_KEYS and r["latency"]["count"] == len(r["samples_ns"]) >= 5
+        assert r["latency"]["min_ms"] <= r["latency"]["p50_ms"] <= r["latency"]["p99_ms"] <= r["latency"]["max_ms"]
+        assert r["load_seconds"] > 0 and r["first_inference_ms"] > 0
+        assert r["peak_rss_mb"] >= r["rss_after_load_mb"] > 0
+        assert r["runtime"]["providers_used"] == ["CPUExecutionProvider"]
+        assert r["fidelity"]["passed"] is True
+        assert r["device_check"]["mean_cosine"] > 0.99  # held-out samples re-run here vs PyTorch's outputs
+        e = r["energy"]
+        assert e["estimated"] is True and e["joules_per_inference_gross"] > 0 and e["source"] == "estimate"
+    assert res.device["arch"] and res.device["cpu_model"] and "onnxruntime" in res.device["runtimes"]
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert ProfileResult.from_dict(doc).results == res.results
+
+
+def test_min_seconds_extends_the_run(tiny_onnx_bundle: Path) -> None:
+    res = profile(tiny_onnx_bundle, artifact="onnx/int8-dynamic", **{**FAST, "runs": 1, "min_seconds": 0.3})
+    (r,) = res.results
+    assert r["measured_seconds"] >= 0.3 and r["latency"]["count"] > 1
+
+
+def test_bare_onnx_file_with_shapes(tiny_onnx_bundle: Path) -> None:
+    f = tiny_onnx_bundle / "onnx/fp32.onnx"
+    res = profile(f, shapes={"input_ids": (1, 16), "attention_mask": (1, 16)}, **FAST)
+    (r,) = res.results
+    assert r["status"] == "ok" and r["input_shapes"] == {"input_ids": [1, 16], "attention_mask": [1, 16]}
+    # an unbound dynamic dim is an error that says how to bind it
+    res = profile(f, **FAST)
+    assert res.results[0]["status"] == "error" and "--shape input_ids=" in res.results[0]["error"]
+
+
+def test_corrupt_and_truncated_onnx(tiny_onnx_bundle: Path, tmp_path: Path) -> None:
+    data = (tiny_onnx_bundle / "onnx/fp32.onnx").read_bytes()
+    bad = tmp_path / "trunc.onnx"
+    bad.write_bytes(data[: len(data) // 3])
+    res = profile(bad, **FAST)
+    assert res.results[0]["status"] == "error" and "corrupt, truncated" in res.results[0]["error"]
+    from edgeship.profiling import backends
+
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ArtifactLoadError, match="cannot load it"):
+        backends.load(junk)
+    with pytest.raises(ArtifactLoadError, match="unknown model file type"):
+        backends.load(tmp_path.joinpath("m.xyz").resolve() if (tmp_path / "m.xyz").write_text("x") else junk)
+
+
+def test_wrong_input_shape_and_dtype(tiny_onnx_bundle: Path) -> None:
+    from edgeship.profiling import backends
+
+    b = backends.load(tiny_onnx_bundle / "onnx/fp32.onnx")
+    with pytest.raises(InputError, match="dtype int32"):
+        b.adapt_feeds({"input_ids": np.ones((1, 8), np.int32), "attention_mask": np.ones((1, 8), np.int64)})
+    with pytest.raises(InputError, match="shape"):
+        b.adapt_feeds({"input_ids": np.ones((8,), np.int64), "attention_mask": np.ones((1, 8), np.int64)})
+
+
+def test_unknown_artifact_and_bad_config(tiny_onnx_bundle: Path) -> None:
+    with pytest.raises(UnknownKeyError, match="onnx/int8-dynamic"):
+        profile(tiny_onnx_bundle, artifact="onnx/int9", **FAST)
+    with pytest.raises(ValueError, match="--runs"):
+        RunConfig(runs=0)
+
+
+def test_cli_profile_with_torch_unimportable(tiny_onnx_bundle: Path, tmp_path: Path) -> None:
+    """The whole device path (CLI -> runner -> worker -> onnxruntime) runs where torch cannot be imported."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "from edgeship.cli import main\n"
+            f"rc = main(['profile', {str(tiny_onnx_bundle)!r}, '--runs', '3', '--min-seconds', '0', '--quiet',"
+            f" '--json', {str(tmp_path / 'r.json')!r}, '--no-isolate'])\n"
+            "assert 'torch' in sys.modules and sys.modules['torch'] is None\n"
+            "sys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "onnx/int8-dynamic" in proc.stdout and "mJ/inf" in proc.stdout
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert all(r["status"] == "ok" for r in doc["results"])
