@@ -99,6 +99,25 @@ def _html(a: argparse.Namespace, doc: dict[str, Any]) -> None:
         print(f"HTML report: {a.html_path}")
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    from edgeship.profiling.decide import Budget, decide, load_documents, render
+    from edgeship.profiling.runner import write_json_atomic
+
+    runs = load_documents(a.results)
+    budget = Budget(max_p99_ms=a.max_p99_ms, max_p50_ms=a.max_p50_ms, max_peak_mb=a.max_peak_mb,
+                    min_cosine=a.min_cosine, max_mj=a.max_mj, max_size_mb=a.max_size_mb)
+    d = decide(runs, budget, a.objective)
+    print(render(d))
+    if a.json_path:
+        write_json_atomic(Path(a.json_path), json.dumps(d.to_dict(), indent=2))
+    if a.html_path:
+        from edgeship.profiling.html import write_html
+
+        write_html({"runs": runs}, Path(a.html_path), d)
+        print(f"HTML report: {a.html_path}")
+    return 0 if d.pick is not None else EXIT_FAIL
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from edgeship.export import export
 
@@ -231,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("-o", "--output")
     pk.add_argument("--overwrite", action="store_true")
     pk.set_defaults(fn=cmd_pack)
+
+    r = sub.add_parser("report", help="compare results side by side and pick what meets a budget")
+    r.add_argument("results", nargs="+", help="results JSON files from edgeship profile --json")
+    r.add_argument("--max-p99-ms", type=float)
+    r.add_argument("--max-p50-ms", type=float)
+    r.add_argument("--max-peak-mb", type=float)
+    r.add_argument("--min-cosine", type=float, help="minimum mean cosine vs PyTorch")
+    r.add_argument("--max-mj", type=float, help="maximum energy per inference in mJ")
+    r.add_argument("--max-size-mb", type=float)
+    r.add_argument("--objective", default="latency", help="what the pick minimises: latency, energy, size, memory")
+    r.add_argument("--json", dest="json_path")
+    r.add_argument("--html", dest="html_path")
+    r.set_defaults(fn=cmd_report)
 
     i = sub.add_parser("inspect", help="verify a bundle and show its manifest")
     i.add_argument("bundle")

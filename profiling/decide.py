@@ -1,0 +1,167 @@
+"""Pick the artifact that meets a latency / memory / accuracy / energy budget.
+
+Reads one or more results documents (a single ``edgeship profile --json`` result, or a
+fleet document ``{"runs": [...]}``), puts every (device, artifact) side by side and keeps
+the ones inside the budget. Emulated measurements are never picked for latency or energy
+budgets: they do not describe the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeship.errors import ConfigError
+
+OBJECTIVES = ("latency", "energy", "size", "memory")
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_p99_ms: float | None = None
+    max_p50_ms: float | None = None
+    max_peak_mb: float | None = None
+    min_cosine: float | None = None
+    max_mj: float | None = None
+    max_size_mb: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Row:
+    device: str
+    artifact: str
+    format: str | None
+    recipe: str | None
+    size_mb: float
+    mean_cosine: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    peak_mb: float | None
+    mj_per_inference: float | None
+    energy_estimated: bool
+    emulated: str | None
+    ok: bool
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_documents(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = []
+    for p in paths:
+        try:
+            doc = json.loads(Path(p).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"results file not found: {p}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: not JSON ({e})") from None
+        if isinstance(doc, dict) and "runs" in doc:
+            runs.extend(r for r in doc["runs"] if isinstance(r, dict))
+        elif isinstance(doc, dict) and "results" in doc:
+            runs.append(doc)
+        else:
+            raise ConfigError(f"{p}: not an edgeship results file (no 'results' or 'runs')")
+    return runs
+
+
+def rows_of(runs: Sequence[Mapping[str, Any]]) -> list[Row]:
+    out = []
+    for run in runs:
+        dev = run.get("device") or {}
+        name = str(run.get("device_url") or dev.get("board") or dev.get("cpu_model") or dev.get("hostname") or "local")
+        emulated = dev.get("emulated")
+        for r in run.get("results", []):
+            e = r.get("energy") or {}
+            j = e.get("joules_per_inference_net") if e.get("joules_per_inference_net") is not None \
+                else e.get("joules_per_inference_gross")
+            lat = r.get("latency") or {}
+            fid = r.get("fidelity") or {}
+            out.append(Row(
+                device=name, artifact=str(r.get("artifact")), format=r.get("format"), recipe=r.get("recipe"),
+                size_mb=float(r.get("size_bytes") or 0) / 2**20, mean_cosine=fid.get("mean_cosine"),
+                p50_ms=lat.get("p50_ms"), p99_ms=lat.get("p99_ms"), peak_mb=r.get("peak_rss_mb"),
+                mj_per_inference=j * 1000 if (e.get("available") and j is not None) else None,
+                energy_estimated=bool(e.get("estimated")), emulated=emulated, ok=r.get("status") == "ok",
+                error=r.get("error"),
+            ))
+    return out
+
+
+def violations(row: Row, b: Budget) -> list[str]:
+    if not row.ok:
+        return [f"failed: {row.error}"]
+    v = []
+    timing_budget = any(x is not None for x in (b.max_p50_ms, b.max_p99_ms, b.max_mj))
+    if row.emulated and timing_budget:
+        v.append(f"emulated ({row.emulated}): timings are not the device's")
+    checks = [("p99", row.p99_ms, b.max_p99_ms, "ms", True), ("p50", row.p50_ms, b.max_p50_ms, "ms", True),
+              ("peak RSS", row.peak_mb, b.max_peak_mb, "MB", True), ("energy", row.mj_per_inference, b.max_mj, "mJ", True),
+              ("size", row.size_mb, b.max_size_mb, "MB", True), ("cosine", row.mean_cosine, b.min_cosine, "", False)]
+    for name, val, lim, unit, is_max in checks:
+        if lim is None:
+            continue
+        if val is None:
+            v.append(f"{name} not measured")
+        elif (val > lim) if is_max else (val < lim):
+            v.append(f"{name} {val:.4g}{unit} {'>' if is_max else '<'} {lim:g}{unit}")
+    return v
+
+
+def _key(row: Row, objective: str) -> float:
+    val = {"latency": row.p50_ms, "energy": row.mj_per_inference, "size": row.size_mb, "memory": row.peak_mb}[objective]
+    return float("inf") if val is None else float(val)
+
+
+@dataclass(frozen=True)
+class Decision:
+    budget: Budget
+    objective: str
+    rows: tuple[Row, ...]
+    verdicts: tuple[tuple[str, ...], ...]  # per row: the budget violations (empty = inside the budget)
+    pick: Row | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget": self.budget.to_dict(), "objective": self.objective,
+                "pick": self.pick.to_dict() if self.pick else None,
+                "rows": [{**r.to_dict(), "violations": list(v)} for r, v in zip(self.rows, self.verdicts, strict=True)]}
+
+
+def decide(runs: Sequence[Mapping[str, Any]], budget: Budget, objective: str = "latency") -> Decision:
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective '{objective}'; use one of {', '.join(OBJECTIVES)}")
+    rows = rows_of(runs)
+    if not rows:
+        raise ConfigError("the results hold no measured artifacts")
+    verdicts = tuple(tuple(violations(r, budget)) for r in rows)
+    inside = [r for r, v in zip(rows, verdicts, strict=True) if not v]
+    pick = min(inside, key=lambda r: (_key(r, objective), -(r.mean_cosine or 0))) if inside else None
+    return Decision(budget, objective, tuple(rows), verdicts, pick)
+
+
+def render(d: Decision) -> str:
+    from edgeship.profiling.report import table
+
+    def f(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    body = []
+    for r, v in zip(d.rows, d.verdicts, strict=True):
+        mark = "PICK" if r is d.pick else ("ok" if not v else "no")
+        mj = f(r.mj_per_inference, ".2f") + (" (est)" if r.energy_estimated and r.mj_per_inference is not None else "")
+        body.append([mark, r.device[:28], r.artifact, f(r.size_mb, ".1f"), f(r.mean_cosine, ".4f"), f(r.p50_ms, ".2f"),
+                     f(r.p99_ms, ".2f"), f(r.peak_mb, ".0f"), mj, "; ".join(v)[:90]])
+    lines = [table(body, ["", "device", "artifact", "MB", "cosine", "p50 ms", "p99 ms", "peak MB", "mJ/inf", "why not"])]
+    budget = ", ".join(f"{k}={v:g}" for k, v in d.budget.to_dict().items()) or "none"
+    if d.pick:
+        lines.append(f"budget: {budget}; objective: lowest {d.objective}. Pick: {d.pick.artifact} on {d.pick.device}")
+    else:
+        lines.append(f"budget: {budget}: no artifact meets it; relax the budget or export another recipe")
+    return "\n".join(lines)
