@@ -183,7 +183,7 @@ def linear_nodes(path: Path, layers: Sequence[str]) -> dict[str, str]:
     inits = {i.name for i in m.graph.initializer}
     out: dict[str, str] = {}
     for node in m.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or not any(i in inits for i in node.input):
+        if node.op_type not in ("MatMul", "Gemm", "Conv") or not any(i in inits for i in node.input):
             continue
         meta = {p.key: p.value for p in node.metadata_props}
         scopes = meta.get("pkg.torch.onnx.name_scopes")
@@ -231,7 +231,8 @@ def _qdq(base: Path, out: Path, ranges: Any, nodes: Sequence[str]) -> None:
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
     model = onnx.load(str(base))
-    q = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QUInt8, ranges, list(nodes), [], ["MatMul", "Gemm"],
+    q = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QUInt8, ranges, list(nodes), [],
+                     ["MatMul", "Gemm", "Conv"],
                      {"DefaultTensorType": onnx.TensorProto.FLOAT})
     if not nodes:
         onnx.save(model, str(out))
@@ -245,7 +246,7 @@ def _dynamic_int8(base: Path, out: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(base), str(out), per_channel=True, weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul", "Gather"],
+                     op_types_to_quantize=["MatMul", "Gather", "Conv"],
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 

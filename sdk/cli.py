@@ -122,7 +122,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from edgeship.export import export
 
     res = export(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
-                 calibration=a.calibration, overwrite=a.overwrite, allow_degraded=a.allow_degraded, task=a.task,
+                 calibration=a.calibration, heldout=a.heldout, overwrite=a.overwrite, allow_degraded=a.allow_degraded, task=a.task,
                  seq_len=a.seq_len, checkpoint=a.checkpoint, log=None if not a.quiet else (lambda m: None))
     print(res.summary())
     print(f"bundle: {res.bundle}  ({res.seconds:.1f} s)")
@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", action="append", help="onnx, tflite, pte (repeatable; default: the profile's)")
     e.add_argument("--quant", action="append", help="fp32, fp16, int8-dynamic, int8-static, int4-weight (repeatable)")
     e.add_argument("--calibration", help="calibration data: .txt/.jsonl texts, or .npy/.npz arrays")
+    e.add_argument("--heldout", help="held-out inputs for the fidelity check (same file kinds as --calibration)")
     e.add_argument("-o", "--output", required=True, help="bundle directory to create")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     e.add_argument("--allow-degraded", action="store_true", help="keep artifacts below the fidelity floor (marked)")

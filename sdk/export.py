@@ -130,7 +130,8 @@ def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: str | Path,
            formats: Sequence[str] | None = None, recipes: Sequence[str] | None = None,
-           calibration: str | Path | None = None, overwrite: bool = False, allow_degraded: bool = False,
+           calibration: str | Path | None = None, heldout: str | Path | None = None, overwrite: bool = False,
+           allow_degraded: bool = False,
            task: str | None = None, example_inputs: Mapping[str, Any] | None = None, seq_len: int | None = None,
            checkpoint: str | None = None, options: Mapping[str, Any] | None = None,
            log: Callable[[str], None] | None = None) -> ExportResult:
@@ -144,8 +145,9 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
     out_dir = Path(out)
     check_output_dir(out_dir.resolve(), overwrite)
     plan = _plan(prof, formats, recipes)
-    if calibration is not None and not Path(calibration).is_file():
-        raise CalibrationError(f"calibration file not found: {calibration}")
+    for flag, f in (("calibration", calibration), ("held-out", heldout)):
+        if f is not None and not Path(f).is_file():
+            raise CalibrationError(f"{flag} file not found: {f}")
     seq = seq_len or prof.sequence_length
     if seq < 2:
         raise ConfigError(f"--seq-len must be >= 2, got {seq}")
@@ -156,7 +158,12 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
     if "sequence" in lm.dims:
         seq = lm.dims["sequence"]["default"]
     calib_pool, held_pool = split_corpus()
-    heldout = lm.sample_inputs(N_HELDOUT, seed=1, seq_len=seq, image_size=prof.image_size, corpus=held_pool)
+    if heldout is not None:
+        held = load_calibration(heldout, lm, seq)[:N_HELDOUT]
+        held_source = str(heldout)
+    else:
+        held = lm.sample_inputs(N_HELDOUT, seed=1, seq_len=seq, image_size=prof.image_size, corpus=held_pool)
+        held_source = "built-in" if lm.task in TEXT_TASKS else "synthetic"
     needs_calib = any(e.supports(r).needs_calibration for e, r in plan)  # type: ignore[union-attr]
     warnings: list[str] = []
     if calibration is not None:
@@ -171,8 +178,8 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
                  "your data pass --calibration FILE with a few hundred real inputs")
             warnings.append(w)
             say(f"WARNING: {w}")
-    reference = [lm.run_torch(f) for f in heldout]
-    evaluate = make_evaluator(lm, heldout, reference, prof)
+    reference = [lm.run_torch(f) for f in held]
+    evaluate = make_evaluator(lm, held, reference, prof)
 
     records: list[ArtifactRecord] = []
     with BundleWriter(out_dir, overwrite=overwrite) as writer, \
@@ -182,7 +189,7 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
             fmt = exp_cls.format
             say(f"[{i}/{len(plan)}] {fmt}/{recipe}")
             ctx = ExportContext(model=lm, target=prof, workdir=workdir, calibration=calib, calibration_source=calib_source,
-                                heldout=heldout, reference=reference,
+                                heldout=held, reference=reference,
                                 evaluate=lambda p, f, o, r=recipe: evaluate(p, f, o, r),
                                 options=dict(options or {}), log=say)
             rel = f"{fmt}/{recipe}{exp_cls.suffix}"
@@ -212,7 +219,7 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
 
         for name, src in lm.files_to_copy.items():
             shutil.copyfile(src, writer.path(name))
-        samples = heldout[:N_SAMPLES_IN_BUNDLE]
+        samples = held[:N_SAMPLES_IN_BUNDLE]
         _savez(writer.path("samples/inputs.npz"), {k: np.concatenate([f[k] for f in samples]) for k in samples[0]})
         _savez(writer.path("samples/outputs.npz"),
                {k: np.concatenate([r[k] for r in reference[:N_SAMPLES_IN_BUNDLE]]) for k in reference[0]})
@@ -230,6 +237,7 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
             created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         manifest.model["export_host"] = {"arch": platform.machine(), "python": platform.python_version(),
-                                         "calibration": calib_source, "warnings": warnings}
+                                         "calibration": calib_source, "heldout": held_source,
+                                         "warnings": warnings}
         path = writer.commit(manifest)
     return ExportResult(path, manifest, time.perf_counter() - t_start)

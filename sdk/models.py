@@ -70,8 +70,8 @@ class LoadedModel:
         return sum(p.numel() for p in self.module.parameters())
 
     def linear_layers(self) -> list[str]:
-        """Qualified names (inside the wrapped HF model) of the nn.Linear layers, in forward order."""
-        return [n for n, m in self.module.named_modules() if isinstance(m, nn.Linear)]
+        """Qualified names of the weight layers quantization acts on (nn.Linear, nn.Conv1d/2d), in module order."""
+        return [n for n, m in self.module.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
 
     def run_torch(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in self.inputs]
@@ -413,7 +413,8 @@ def load_model(model: str | Path | nn.Module | LoadedModel, *, task: str | None 
     if isinstance(model, nn.Module):
         if example_inputs is None:
             raise ConfigError("exporting an nn.Module needs example_inputs={'name': array, ...}")
-        return from_module(model, example_inputs, task=task or "custom")
+        return from_module(model, example_inputs, task=task or "custom",
+                           output_names=("logits",) if (task or "").endswith("classification") else ("output",))
     ref = str(model)
     if Path(ref).exists():
         return load_hf_dir(ref, task=task, seq_len=seq_len, image_size=image_size)

@@ -3,7 +3,7 @@
 Quantizing every layer of a small transformer the same way is where accuracy dies
 (static int8 on MiniLM: mean cosine 0.37). The answer used by every exporter here:
 
-1. **Rank** (format-agnostic, in PyTorch): for each ``nn.Linear``, fake-quantize only that
+1. **Rank** (format-agnostic, in PyTorch): for each ``nn.Linear`` / ``nn.Conv``, fake-quantize only that
    layer (weights per-channel or block-wise, activations per-tensor from calibration
    ranges) and measure the end-to-end mean cosine on held-out inputs. One forward pass
    per layer.
@@ -40,6 +40,8 @@ class LayerSensitivity:
 
 
 def _fq_weight(w: torch.Tensor, mode: str, group: int) -> torch.Tensor:
+    if w.dim() != 2:  # conv: per output channel over the flattened kernel
+        return _fq_weight(w.reshape(w.shape[0], -1), mode, group).reshape(w.shape)
     if mode == "int4-weight":
         out_f, in_f = w.shape
         g = group if in_f % group == 0 else in_f
@@ -101,7 +103,7 @@ def rank_layers(model: LoadedModel, calibration: Sequence[dict[str, np.ndarray]]
     result = []
     for n in names:
         lin = named[n]
-        assert isinstance(lin, nn.Linear)
+        assert isinstance(lin, (nn.Linear, nn.Conv1d, nn.Conv2d))
         orig = lin.weight.data.clone()
         hook = None
         try:
