@@ -7,11 +7,12 @@ inputs are made. Export side only: imports torch and transformers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,18 @@ class LoadedModel:
             out = (out,)
         return {s.name: o.detach().float().numpy() for s, o in zip(self.outputs, out, strict=True)}
 
+    @contextlib.contextmanager
+    def native_attention_mask(self) -> Iterator[bool]:
+        """Trace with the HF model's own mask builder; yields False when the model has no such switch."""
+        if not isinstance(self.module, _MaskMode):
+            yield False
+            return
+        self.module.native_mask = True
+        try:
+            yield True
+        finally:
+            self.module.native_mask = False
+
     def torch_args(self, feeds: Mapping[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
         return tuple(torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in self.inputs)
 
@@ -141,7 +154,21 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - m) * torch.finfo(dtype).min
 
 
-class _TextEncoder(nn.Module):
+class _MaskMode:
+    """``native_mask = True`` hands the 0/1 mask to the HF model as-is, so its own mask builder is traced.
+
+    Only the ONNX fused path wants that: ONNX Runtime's transformer optimizer recognises the
+    standard BERT mask pattern and fuses whole attention blocks. Everything else (PT2E, LiteRT)
+    gets the ready additive mask.
+    """
+
+    native_mask = False
+
+    def _mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        return attention_mask if self.native_mask else additive_mask(attention_mask, torch.float32)
+
+
+class _TextEncoder(_MaskMode, nn.Module):
     def __init__(self, model: nn.Module, pooling: str, normalize: bool) -> None:
         super().__init__()
         self.model = model
@@ -149,7 +176,7 @@ class _TextEncoder(nn.Module):
         self.normalize = normalize
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=input_ids, attention_mask=additive_mask(attention_mask, torch.float32),
+        hidden = self.model(input_ids=input_ids, attention_mask=self._mask(attention_mask),
                             token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
         if self.pooling == "cls":
             emb = hidden[:, 0]
@@ -164,13 +191,13 @@ class _TextEncoder(nn.Module):
         return emb
 
 
-class _TextClassifier(nn.Module):
+class _TextClassifier(_MaskMode, nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": additive_mask(attention_mask, torch.float32)}
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": self._mask(attention_mask)}
         if getattr(self.model.config, "type_vocab_size", 0):
             kwargs["token_type_ids"] = torch.zeros_like(input_ids)
         return self.model(**kwargs).logits

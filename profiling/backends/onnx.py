@@ -48,8 +48,12 @@ class OnnxBackend(Backend):
         self.provider_notes = [f"{p} requested but not in this onnxruntime build (available: {', '.join(available)}); "
                                "ran on CPUExecutionProvider" for p in requested if p not in available]
         providers = [p for p in requested if p in available] + ["CPUExecutionProvider"]
+        disabled = opts.get("disabled_optimizers") or []
+        if isinstance(disabled, str):
+            disabled = [d for d in disabled.split(",") if d]
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+            self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers,
+                                                disabled_optimizers=list(disabled) or None)
         except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/RuntimeException types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactLoadError(f"{path}: onnxruntime cannot load it; the file is corrupt, truncated or not "
@@ -57,6 +61,7 @@ class OnnxBackend(Backend):
         self.path = path
         self.threads = threads
         self.level = level
+        self.disabled_optimizers = list(disabled)
         self.available_providers = available
         self.inputs = tuple(
             TensorSpec(i.name, _ORT_TYPES.get(i.type, "float32"),
@@ -76,6 +81,7 @@ class OnnxBackend(Backend):
             "runtime_version": self._version,
             "threads": self.threads,
             "graph_optimization": self.level,
+            "disabled_optimizers": self.disabled_optimizers,
             "providers_available": self.available_providers,
             "providers_used": list(self.session.get_providers()),
             "notes": self.provider_notes,

@@ -199,3 +199,25 @@ def test_nn_module_export(tmp_path: Path) -> None:
     assert [a.key for a in r.manifest.artifacts] == ["onnx/fp32", "onnx/int8-dynamic"]
     assert r.manifest.inputs[0].shape == ("batch", 1, 8, 8)
     assert json.loads((r.bundle / "manifest.json").read_text())["model"]["task"] == "custom"
+
+
+def test_bert_graph_is_fused_without_skip_layer_norm(tiny_onnx_bundle: Path, tmp_path: Path) -> None:
+    """Trap: ORT's SkipLayerNormalization CPU kernel is far slower than Add + LayerNormalization
+    (benchmarks/bench_ort_skiplayernorm.py). Fused artifacts keep the pair and tell the runtime not to re-fuse."""
+    import onnx
+
+    from edgeship.profiling import backends
+
+    art = load_bundle(tiny_onnx_bundle).manifest.artifact("onnx/int8-dynamic")
+    assert art.runtime["graph"]["graph"] == "fused" and art.runtime["graph"]["fused_ops"]["Attention"] == 2
+    assert art.runtime["options"]["disabled_optimizers"] == ["SkipLayerNormFusion"]
+    ops = {n.op_type for n in onnx.load(str(tiny_onnx_bundle / art.path)).graph.node}
+    assert "QAttention" in ops and "SkipLayerNormalization" not in ops
+    # what the runtime actually runs, after its own graph optimisations
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tiny_onnx_bundle / art.path), so, disabled_optimizers=art.runtime["options"]["disabled_optimizers"])
+    assert "SkipLayerNormalization" not in {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    b = backends.load(tiny_onnx_bundle / art.path, "onnx", options=art.runtime["options"])
+    assert b.info()["disabled_optimizers"] == ["SkipLayerNormFusion"]
