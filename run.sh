@@ -23,11 +23,11 @@ cmd="${1:-}"
 shift || true
 case "$cmd" in
   quickstart)
-    setup "export,models,remote,report"
+    setup "export,models,remote"
     exec "$VENV/bin/edgeship" quickstart "$@"
     ;;
   test)
-    setup "export,models,remote,report,dev"
+    setup "export,models,remote,dev"
     if [ -x scripts/test-services.sh ]; then scripts/test-services.sh; fi
     set +e
     "$VENV/bin/python" -m pytest "$@"
