@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ WORDS = ("the a an is are was of to and in on for with at by from man woman dog 
          "fast slow energy power device raspberry pi quick brown fox jumps over lazy").split()
 
 
-def _write_vocab(d: Path) -> None:
+def write_vocab(d: Path) -> None:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     letters = list("abcdefghijklmnopqrstuvwxyz.,!?'-0123456789")
     vocab = specials + sorted(set(WORDS)) + letters + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
@@ -34,6 +35,12 @@ def _tiny_bert_config(**extra: object) -> dict[str, object]:
 
 
 @pytest.fixture(scope="session")
+def vocab_writer() -> Callable[[Path], None]:
+    """Writes a small WordPiece vocab + tokenizer config into a model directory."""
+    return write_vocab
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random-init BERT sentence encoder (sentence-transformers layout, mean pooling + normalize)."""
     import torch
@@ -42,7 +49,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tiny-bert")
     BertModel(BertConfig(**_tiny_bert_config())).eval().save_pretrained(d)
-    _write_vocab(d)
+    write_vocab(d)
     (d / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -63,7 +70,7 @@ def tiny_bert_cls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = BertConfig(**_tiny_bert_config(num_labels=3, id2label={0: "negative", 1: "neutral", 2: "positive"},
                                          label2id={"negative": 0, "neutral": 1, "positive": 2}))
     BertForSequenceClassification(cfg).eval().save_pretrained(d)
-    _write_vocab(d)
+    write_vocab(d)
     return d
 
 
