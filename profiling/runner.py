@@ -8,9 +8,11 @@ unimportable in the child. Never imports torch, transformers or the exporters.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,6 +102,12 @@ class ProfileResult:
 
 def _jobs(source: Path, artifact: str | None) -> tuple[list[dict[str, Any]], str | None]:
     """One job per artifact to measure."""
+    if source.suffix == ".zip" and source.is_file():
+        from edgeship.bundle import unpack
+
+        dest = Path(tempfile.mkdtemp(prefix="edgeship-bundle-"))
+        _UNPACKED.append(dest)
+        return _jobs(unpack(source, dest), artifact)
     if source.is_dir():
         bundle = load_bundle(source, verify=True)
         arts = [bundle.manifest.artifact(artifact)] if artifact else list(bundle.manifest.artifacts)
@@ -111,6 +119,15 @@ def _jobs(source: Path, artifact: str | None) -> tuple[list[dict[str, Any]], str
     if artifact:
         raise ConfigError("--artifact selects inside a bundle; a single model file was given")
     return [{"file": str(source.resolve())}], None
+
+
+_UNPACKED: list[Path] = []  # bundles unpacked from .zip for this process; removed at exit
+
+
+@atexit.register
+def _cleanup_unpacked() -> None:
+    for d in _UNPACKED:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -98,3 +98,11 @@ def test_cli_profile_with_torch_unimportable(tiny_onnx_bundle: Path, tmp_path: P
     assert "onnx/int8-dynamic" in proc.stdout and "mJ/inf" in proc.stdout
     doc = json.loads((tmp_path / "r.json").read_text())
     assert all(r["status"] == "ok" for r in doc["results"])
+
+
+def test_profile_packed_zip(tiny_onnx_bundle: Path, tmp_path: Path) -> None:
+    from edgeship.bundle import pack
+
+    z = pack(tiny_onnx_bundle, tmp_path / "b.zip")
+    res = profile(z, artifact="onnx/fp32", **FAST)
+    assert res.ok and res.results[0]["artifact"] == "onnx/fp32" and res.target == "raspberry-pi-5"
