@@ -47,6 +47,19 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
+    """Peak RSS of this process image.
+
+    Linux keeps ``ru_maxrss`` across ``execve``, so a worker started from a large parent (an
+    export that just held torch and the model) would inherit the parent's peak. ``VmHWM`` in
+    /proc/self/status belongs to the new address space; use it where it exists.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB on Linux
 

@@ -106,3 +106,13 @@ def test_profile_packed_zip(tiny_onnx_bundle: Path, tmp_path: Path) -> None:
     z = pack(tiny_onnx_bundle, tmp_path / "b.zip")
     res = profile(z, artifact="onnx/fp32", **FAST)
     assert res.ok and res.results[0]["artifact"] == "onnx/fp32" and res.target == "raspberry-pi-5"
+
+
+def test_peak_rss_is_the_workers_own(tiny_onnx_bundle: Path) -> None:
+    """Trap: Linux keeps ru_maxrss across execve, so a worker forked from a big parent inherited its peak."""
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MB resident in the parent
+    res = profile(tiny_onnx_bundle, artifact="onnx/fp32", **FAST)
+    assert ballast.sum() > 0
+    r = res.results[0]
+    assert r["peak_rss_mb"] < 300, r["peak_rss_mb"]
+    assert r["peak_rss_mb"] >= r["rss_after_load_mb"]
