@@ -58,8 +58,8 @@ def _scatter(title: str, pts: Sequence[tuple[str, float, float]], xlab: str, yla
     xs, ys = [p[1] for p in pts], [p[2] for p in pts]
     x0, x1 = 0.0, max(xs) * 1.1 or 1.0
     y0, y1 = min(ys) - 0.002, max(ys) + 0.002
-    w, h, m = 560, 300, 50
-    sx = lambda x: m + (x - x0) / (x1 - x0) * (w - 2 * m)  # noqa: E731
+    w, h, m = 680, 300, 50
+    sx = lambda x: m + (x - x0) / (x1 - x0) * (w - 2 * m - 120)  # noqa: E731  (room for labels on the right)
     sy = lambda y: h - m - (y - y0) / ((y1 - y0) or 1) * (h - 2 * m)  # noqa: E731
     out = [f'<svg width="{w}" height="{h}" role="img" aria-label="{_esc(title)}">',
            f'<text x="10" y="20" font-weight="bold">{_esc(title)}</text>',
@@ -115,7 +115,8 @@ def render_html(doc: Mapping[str, Any], decision: Decision | None = None) -> str
     parts.append(f"<table>{head}{''.join(body)}</table>")
     if decision:
         pick = decision.pick
-        parts.append(f"<p><b>Budget</b> {_esc(decision.budget.to_dict() or 'none')}, objective lowest "
+        budget = ", ".join(f"{k} = {v:g}" for k, v in decision.budget.to_dict().items()) or "none"
+        parts.append(f"<p><b>Budget</b> {_esc(budget)}; objective: lowest "
                      f"{_esc(decision.objective)}: "
                      + (f"<b>pick {_esc(pick.artifact)} on {_esc(pick.device)}</b>" if pick else "nothing meets it")
                      + "</p>")
