@@ -103,6 +103,11 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
                    fidelity=None)
         run_opts = {}
     run_opts.update(cfg.options)
+    if cfg.per_op:  # only backends that can time single operators get the option; the others say so
+        if getattr(backends.get_backend(fmt), "per_op_capable", False):
+            run_opts["per_op"] = True
+        else:
+            out["per_op"] = {"available": False, "note": f"the {fmt} backend has no per-operator timings"}
     if backends.is_torch_free(fmt):
         block_torch()
     out["torch_free"] = "torch" in sys.modules and sys.modules["torch"] is None

@@ -1,0 +1,423 @@
+"""ExecuTorch exporter: ``torch.export`` -> ``to_edge_transform_and_lower`` (XNNPACK) -> ``.pte``.
+
+Recipes (the support matrix below is the one source of truth):
+
+* ``fp32``: float graph, XNNPACK-delegated where the partitioner takes it.
+* ``int8-dynamic``: PT2E ``XNNPACKQuantizer``, per-channel int8 weights, int8 activations
+  quantized at run time; int8 embeddings.
+* ``int8-static``: PT2E, linear/conv layers int8 with activations calibrated on the user's
+  data; the most sensitive layers stay in float (sensitivity search).
+* ``int4-weight``: torchao 8-bit dynamic activations + 4-bit grouped weights ("8da4w", group
+  size from the profile); the layers whose 4-bit weights break the floor keep 8-bit weights.
+
+Every artifact gets a delegation report (``details["delegation"]``, see
+:mod:`edgeship.exporters.pte_delegation`) and the input/output names, dtypes and dynamic
+dimensions embedded as the constant method ``edgeship_io`` so a bare ``.pte`` is
+self-describing. Sequence length is dynamic (bounded ``Dim``) when the model allows it;
+batch is fixed at 1 because ExecuTorch's memory planner reserves buffers for the upper
+bound of every dynamic dimension (a batch of 64 would reserve 64x the activations).
+
+The search over kept layers is scored on the quantized PyTorch graph first (a forward pass,
+seconds) and then confirmed, and if needed grown, on real lowered artifacts run by the
+ExecuTorch runtime (~30 s each on MiniLM); both kinds of attempt are in the manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from edgeship.errors import RuntimeMissingError, UnsupportedRecipeError
+from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport, register
+from edgeship.manifest import Fidelity
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+IO_METHOD = "edgeship_io"  # constant method holding the I/O description as JSON
+DELEGATE = "XnnpackBackend"
+MAX_REAL_BUILDS = 4  # lowering MiniLM takes ~30 s on 2 cores: real builds after the proxy search are capped
+
+
+def _qnn_missing() -> str:
+    root = os.environ.get("QNN_SDK_ROOT")
+    if not root:
+        return "the Qualcomm AI Engine Direct (QNN) SDK is not installed here (QNN_SDK_ROOT is unset)"
+    if not any(Path(root).rglob("libQnnHtp.so")):
+        return f"QNN_SDK_ROOT={root} has no libQnnHtp.so"
+    return "edgeship does not lower to QNN yet"
+
+
+# Why a preferred ExecuTorch backend from a target profile cannot be used here, by backend name.
+_UNAVAILABLE: dict[str, Callable[[], str]] = {
+    "qnn": _qnn_missing,
+    "coreml": lambda: "Core ML lowering needs coremltools on macOS; this build machine is Linux",
+    "mps": lambda: "the MPS backend needs macOS with Metal",
+    "vulkan": lambda: "edgeship does not lower to the ExecuTorch Vulkan backend yet",
+}
+
+
+@register("pte")
+class PteExporter(Exporter):
+    format: ClassVar[str] = "pte"
+    suffix: ClassVar[str] = ".pte"
+    support: ClassVar[tuple[RecipeSupport, ...]] = (
+        RecipeSupport("fp32", "torch.export + XNNPACK delegate, dynamic sequence (batch 1)"),
+        RecipeSupport("int8-dynamic", "PT2E XNNPACKQuantizer per-channel int8, dynamic activations, int8 embeddings"),
+        RecipeSupport("int8-static", "PT2E int8 linear/conv calibrated on your data, sensitive layers kept float", True),
+        RecipeSupport("int4-weight", "torchao 8da4w (int8 dyn. act., 4-bit grouped weights), sensitive layers 8-bit"),
+    )
+
+    @classmethod
+    def check_environment(cls) -> None:
+        missing = []
+        for mod in ("torch", "executorch", "torchao"):
+            try:
+                __import__(mod)
+            except ImportError:
+                missing.append(mod)
+        if missing:
+            raise RuntimeMissingError(f"the ExecuTorch exporter needs {', '.join(missing)}: pip install 'edgeship[export]'")
+
+    def export(self, ctx: ExportContext, recipe: str, out: Path) -> ExportOutput:
+        import torch
+
+        if self.supports(recipe) is None:
+            raise UnsupportedRecipeError(f"pte: no recipe '{recipe}' (it offers: {', '.join(self.recipes())})")
+        lm = ctx.model
+        args = lm.torch_args(ctx.heldout[0])
+        with ctx.stage("capture", "pte", recipe), torch.no_grad():
+            ep, shapes_info = _capture(lm.module, args, lm)
+        dyn = _dynamic_shapes(lm, shapes_info)
+        io = _io_description(lm, shapes_info)
+        quant: dict[str, Any] = {"recipe": recipe}
+        warnings: list[str] = []
+        fallbacks = self._fallbacks(ctx)
+        for f in fallbacks:
+            ctx.log(f"[pte/{recipe}] {f['wanted']} -> XNNPACK: {f['reason']}")
+            warnings.append(f"preferred backend {f['wanted']} not used ({f['reason']}); lowered to XNNPACK + portable CPU")
+        emb = _has_embedding(lm.module)
+
+        def lower(module: nn.Module, path: Path) -> dict[str, Any]:
+            with ctx.stage("lower", "pte", recipe), torch.no_grad():
+                prog = torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
+                return _lower(prog, path, io, {k: list(v.shape) for k, v in zip(io["input_names"], args, strict=True)})
+
+        if recipe == "fp32":
+            with ctx.stage("lower", "pte", recipe), torch.no_grad():
+                report = _lower(ep, out, io, {k: list(v.shape) for k, v in zip(io["input_names"], args, strict=True)})
+        else:
+            make = self._quantizer(ctx, recipe, ep, args, emb, quant, dyn)
+            report, extra = _searched(ctx, recipe, make, lower, out, args)
+            quant.update(extra)
+        details = {"delegation": report, "shapes": shapes_info, "fallbacks": fallbacks}
+        runtime: dict[str, Any] = {"name": "executorch", "version": _version(), "delegates": [DELEGATE],
+                                   "options": {}, "io_method": IO_METHOD}
+        if fallbacks:
+            runtime["preferred_backends"] = [f["wanted"] for f in fallbacks]
+        return ExportOutput(path=out, runtime=runtime, quantization=quant, details=details, warnings=warnings)
+
+    # ---- recipes -----------------------------------------------------------------------------
+    def _quantizer(self, ctx: ExportContext, recipe: str, ep: Any, args: tuple[torch.Tensor, ...], emb: bool,
+                   quant: dict[str, Any], dyn: Any) -> Callable[[Sequence[str]], nn.Module]:
+        """A function: layers to keep in higher precision -> quantized torch module (runnable eagerly)."""
+        lm = ctx.model
+        if emb:
+            quant["embeddings"] = "int8 per-row (quantized_decomposed::embedding_byte, portable kernel)"
+        if recipe in ("int8-dynamic", "int8-static"):
+            static = recipe == "int8-static"
+            quant.update(weights="int8 symmetric per-channel",
+                         activations="int8 per-tensor, calibrated" if static else "int8 per-tensor, dynamic",
+                         quantizer="PT2E XNNPACKQuantizer")
+            if static:
+                quant.update(calibration=ctx.calibration_source, calibration_samples=len(ctx.calibration))
+                calib = [lm.torch_args(f) for f in ctx.calibration]
+            else:
+                calib = [args]
+            return lambda kept: _pt2e(ep, lm.linear_layers(), kept, static, emb, calib)
+        # int4-weight
+        group = ctx.target.int4_group_size
+        layers = _linear_layers(lm.module)
+        fits = [n for n, m in layers.items() if m.in_features % group == 0]
+        if not fits:
+            raise UnsupportedRecipeError(
+                f"pte/int4-weight: none of the {len(layers)} linear layers of {lm.name} has in_features divisible by "
+                f"the group size {group} (target {ctx.target.name}); use int8-dynamic, or a profile with a smaller "
+                "int4_group_size")
+        quant.update(weights=f"int4 symmetric, group {group}", activations="int8 asymmetric per-token, dynamic",
+                     quantizer="torchao Int8DynamicActivationIntxWeightConfig (8da4w)")
+        by_shape = sorted(set(layers) - set(fits))
+        if by_shape:
+            quant["int8_weights_by_shape"] = by_shape
+        return lambda kept: _8da4w(lm.module, fits, kept, group, emb, args, dyn)
+
+    def _fallbacks(self, ctx: ExportContext) -> list[dict[str, Any]]:
+        out = []
+        for r in ctx.target.preferred_backends("pte"):
+            probe = _UNAVAILABLE.get(r.backend.lower())
+            reason = probe() if probe else f"edgeship lowers .pte to XNNPACK only; no lowering for '{r.backend}'"
+            out.append({"wanted": r.backend, "used": "xnnpack", "reason": reason, "route_note": r.note,
+                        "installable_here": r.installable_here})
+        return out
+
+
+# ---- capture -------------------------------------------------------------------------------------
+def _capture(module: nn.Module, args: tuple[torch.Tensor, ...], lm: Any) -> tuple[Any, dict[str, Any]]:
+    """torch.export with a bounded dynamic sequence if the model allows it, else static; says which and why."""
+    import torch
+
+    seq = lm.dims.get("sequence")
+    info: dict[str, Any] = {"batch": 1, "batch_note": "static: ExecuTorch plans memory for the upper bound of "
+                                                      "every dynamic dim; mobile inference is batch 1"}
+    if seq is not None:
+        lo, hi = max(2, int(seq.get("min", 2))), int(seq.get("max", 512))
+        try:
+            ep = torch.export.export(module, args, dynamic_shapes=_dynamic_shapes(lm, {"sequence": [lo, hi]}),
+                                     strict=False)
+            info["sequence"] = {"dynamic": True, "min": lo, "max": hi}
+            return ep, info
+        except Exception as e:  # constraint violations: the model specialises the length; static still works
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            info["sequence"] = {"dynamic": False, "length": int(args[0].shape[1]),
+                                "why_static": f"torch.export could not keep it dynamic: {first}"}
+    ep = torch.export.export(module, args, strict=False)
+    info.setdefault("static_shapes", {s.name: list(a.shape) for s, a in zip(lm.inputs, args, strict=True)})
+    return ep, info
+
+
+def _dynamic_shapes(lm: Any, info: dict[str, Any]) -> tuple[dict[int, Any], ...] | None:
+    import torch
+
+    s = info.get("sequence")
+    if isinstance(s, dict):
+        if not s.get("dynamic"):
+            return None
+        s = [s["min"], s["max"]]
+    if not s:
+        return None
+    dim = torch.export.Dim("sequence", min=int(s[0]), max=int(s[1]))
+    return tuple({i: dim for i, d in enumerate(spec.shape) if d == "sequence"} for spec in lm.inputs)
+
+
+def _io_description(lm: Any, info: dict[str, Any]) -> dict[str, Any]:
+    seq = info.get("sequence") or {}
+
+    def shape(spec: Any) -> list[int | str]:
+        out: list[int | str] = []
+        for d in spec.shape:
+            if d == "sequence" and seq.get("dynamic"):
+                out.append("sequence")
+            elif d == "sequence":
+                out.append(int(seq.get("length", 1)))
+            elif isinstance(d, str):
+                out.append(1)  # batch and other named dims are fixed at their example value (1)
+            else:
+                out.append(int(d))
+        return out
+
+    return {"input_names": [s.name for s in lm.inputs], "input_dtypes": [s.dtype for s in lm.inputs],
+            "input_shapes": [shape(s) for s in lm.inputs], "output_names": [s.name for s in lm.outputs],
+            "dims": {"sequence": [seq["min"], seq["max"]]} if seq.get("dynamic") else {}}
+
+
+# ---- lowering ------------------------------------------------------------------------------------
+def _lower(ep: Any, out: Path, io: dict[str, Any], example_shapes: dict[str, list[int]]) -> dict[str, Any]:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+
+    from edgeship.exporters import pte_delegation
+
+    part = XnnpackPartitioner()
+    with pte_delegation.capture_rejections() as why:
+        edge = to_edge_transform_and_lower(ep, partitioner=[part], constant_methods={IO_METHOD: json.dumps(io)})
+    # quant fusion turns dequantize + embedding into the int8 embedding_byte kernel
+    prog = edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True))
+    rep = pte_delegation.report(prog, pte_delegation.supported_targets(part), why.reasons, DELEGATE, example_shapes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    with open(tmp, "wb") as f:
+        prog.write_to_file(f)
+    tmp.replace(out)
+    d = rep.to_dict()
+    d["summary"] = rep.summary()
+    return d
+
+
+def _version() -> str:
+    from executorch.version import __version__
+
+    return str(__version__)
+
+
+def _linear_layers(module: nn.Module) -> dict[str, nn.Linear]:
+    from torch import nn
+
+    return {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _has_embedding(module: nn.Module) -> bool:
+    from torch import nn
+
+    return any(isinstance(m, nn.Embedding) for m in module.modules())
+
+
+def _module_path(node: Any) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    for prefix in ("L['self'].", "L__self__.", "self."):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+    return path
+
+
+def _pt2e(ep: Any, layers: Sequence[str], kept: Sequence[str], static: bool, emb: bool,
+          calib: Sequence[tuple[torch.Tensor, ...]]) -> nn.Module:
+    """PT2E int8 on a fresh copy of the captured graph; ``kept`` layers are left in float."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import ComposableQuantizer
+    from torchao.quantization.pt2e.quantizer.embedding_quantizer import EmbeddingQuantizer
+
+    wanted = set(layers) - set(kept)
+    q = XNNPACKQuantizer()
+    q.set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=not static))
+    # only the weight layers are quantized: int8 adds/muls/softmax inputs ruin transformer accuracy
+    q.set_filter_function(lambda n: _module_path(n) in wanted)
+    quantizer: Any = ComposableQuantizer([EmbeddingQuantizer(), q]) if emb else q
+    with torch.no_grad():
+        prepared = prepare_pt2e(copy.deepcopy(ep).module(), quantizer)
+        for a in calib:
+            prepared(*a)
+        converted = convert_pt2e(prepared)
+    return converted  # type: ignore[no-any-return]
+
+
+def _8da4w(module: nn.Module, fits: Sequence[str], kept: Sequence[str], group: int, emb: bool,
+           args: tuple[torch.Tensor, ...], dyn: Any) -> nn.Module:
+    """torchao 8da4w on a copy of ``module``; ``kept`` and odd-shaped layers get 8-bit weights (8da8w)."""
+    import torch
+    from torch import nn
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    four = set(fits) - set(kept)
+    m = copy.deepcopy(module)
+    with torch.no_grad():
+        int4 = torch.int4  # type: ignore[attr-defined]  # torch's stubs lack the sub-byte dtypes
+        quantize_(m, Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, weight_granularity=PerGroup(group)),
+                  filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and fqn in four)
+        quantize_(m, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+                  filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and fqn not in four)
+        if not emb:
+            return m
+        # int8 embeddings through PT2E on the exported graph (torchao's subclass weights are unwrapped by export)
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer.embedding_quantizer import EmbeddingQuantizer
+
+        gm = torch.export.export(m, args, dynamic_shapes=dyn, strict=False).module()
+        prepared = prepare_pt2e(gm, EmbeddingQuantizer())
+        prepared(*args)
+        return convert_pt2e(prepared)  # type: ignore[no-any-return]
+
+
+# ---- search over layers kept in higher precision ------------------------------------------------------
+def _searched(ctx: ExportContext, recipe: str, make: Callable[[Sequence[str]], nn.Module],
+              lower: Callable[[nn.Module, Path], dict[str, Any]], out: Path,
+              args: tuple[torch.Tensor, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Quantize every layer except the fewest most-sensitive ones needed to meet the floor.
+
+    Scored first on the quantized PyTorch graph (cheap), then confirmed on the real artifact;
+    if the artifact misses the floor, more layers are kept, scored on real artifacts.
+    """
+    from edgeship.fidelity import compare
+    from edgeship.sensitivity import rank_layers, search
+
+    lm = ctx.model
+    floor = ctx.floor(recipe)
+    out_name = lm.outputs[0].name
+    refs = [r[out_name] for r in ctx.reference]
+
+    def proxy(module: nn.Module) -> Fidelity:
+        import torch
+
+        got = []
+        with torch.no_grad():
+            for f in ctx.heldout:
+                res = module(*lm.torch_args(f))
+                got.append((res[0] if isinstance(res, (tuple, list)) else res).detach().float().numpy())
+        return compare(refs, got, out_name, floor, classifier=lm.classifier)
+
+    candidates = list(_linear_layers(lm.module)) if recipe == "int4-weight" else lm.linear_layers()
+    ranked: list[Any] = []
+    order: list[str] = []
+    attempts: list[dict[str, Any]] = []
+    with ctx.stage("quantize", "pte", recipe):
+        first = proxy(make([]))
+    attempts.append({"kept": 0, "mean_cosine": first.mean_cosine, "min_cosine": first.min_cosine, "scored_on": "pytorch"})
+    kept: tuple[str, ...] = ()
+    if first.mean_cosine < floor:
+        with ctx.stage("sensitivity", "pte", recipe):
+            ranked = rank_layers(lm, ctx.calibration[:16], ctx.heldout[:8], recipe,
+                                 group_size=ctx.target.int4_group_size, layers=candidates)
+        order = [s.layer for s in ranked]
+        with ctx.stage("search", "pte", recipe):
+            res = search(order, make, proxy, floor)
+        kept = res.kept
+        attempts += [{**a, "scored_on": "pytorch"} for a in res.attempts if a["kept"] != 0]
+    tries = ctx.workdir / f"pte-{recipe}-tries"
+    tries.mkdir(exist_ok=True)
+    built: dict[Path, dict[str, Any]] = {}
+
+    def build(extra: Sequence[str]) -> Path:
+        p = tries / f"kept{len(kept) + len(extra)}.pte"
+        built[p] = lower(make([*kept, *extra]), p)
+        return p
+
+    def real(p: Path) -> Fidelity:
+        with ctx.stage("validate", "pte", recipe):
+            return ctx.evaluate(p, "pte", {})
+
+    if not order:  # the proxy met the floor with everything quantized; rank only if the real artifact does not
+        p = build(())
+        fid = real(p)
+        attempts.append({"kept": 0, "mean_cosine": fid.mean_cosine, "min_cosine": fid.min_cosine, "scored_on": "executorch"})
+        if fid.mean_cosine < floor:
+            with ctx.stage("sensitivity", "pte", recipe):
+                ranked = rank_layers(lm, ctx.calibration[:16], ctx.heldout[:8], recipe,
+                                     group_size=ctx.target.int4_group_size, layers=candidates)
+            order = [s.layer for s in ranked]
+        final = p, fid
+    if order:
+        rest = [n for n in order if n not in kept]
+        res = search(rest, build, real, floor, max_builds=MAX_REAL_BUILDS)
+        kept = (*kept, *res.kept)
+        attempts += [{**a, "kept": a["kept"] + len(kept) - len(res.kept), "scored_on": "executorch"}
+                     for a in res.attempts]
+        final = res.artifact, res.fidelity
+    path, fid = final
+    path.replace(out)
+    higher = "int8 weights" if recipe == "int4-weight" else "float"
+    ctx.log(f"[pte/{recipe}] kept {len(kept)} of {len(candidates)} linear layers in {higher} "
+            f"(mean cosine {fid.mean_cosine:.4f}, floor {floor})")
+    extra: dict[str, Any] = {
+        "quantized_layers": len(candidates) - len(kept), "floor_mean_cosine": floor, "search": attempts,
+        "sensitivity": [s.to_dict() for s in ranked],
+        ("kept_in_int8" if recipe == "int4-weight" else "kept_in_float"): list(kept),
+    }
+    if recipe == "int4-weight":
+        extra["kept_in_float"] = []
+    return built[path], extra
+
+
+__all__ = ["IO_METHOD", "PteExporter"]

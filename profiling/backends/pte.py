@@ -1,0 +1,236 @@
+"""ExecuTorch ``.pte`` backend, through the executorch Python runtime bindings.
+
+Not torch-free: ``executorch.runtime`` imports torch and torchao (~3 s, ~350 MB RSS before
+the model loads; a C++ app on a phone pays neither), so the runner measures ``.pte`` files
+in a child process where torch is allowed, and nothing here is imported by the ONNX/TFLite
+path. Every import of executorch happens inside :class:`PteBackend`.
+
+Options: ``per_op`` (bool) adds per-operator timings from an ETDump to :meth:`info`, taken
+in a separate, instrumented load of the program after the timed runs so the event tracer
+does not slow the latency samples; ``per_op_runs`` (int, default 10) sets how many runs
+it averages.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edgeship.errors import ArtifactLoadError, RuntimeMissingError
+from edgeship.profiling.backends import Backend
+from edgeship.spec import TensorSpec
+
+IO_METHOD = "edgeship_io"
+OPTIONS = ("per_op", "per_op_runs")
+# c10::ScalarType codes reported by MethodMeta.input_tensor_meta(i).dtype()
+_SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 7: "float64",
+                 11: "bool"}
+_WRAPPERS = {"OPERATOR_CALL", "DELEGATE_CALL", "Method::execute"}
+
+
+def check_header(path: Path) -> None:
+    """Refuse files that are not a complete ExecuTorch program before the C++ loader sees them.
+
+    The loader aborts the whole process (not an exception) when it logs a non-UTF-8
+    file identifier, and reports truncation only as an error code.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(40)
+    if len(head) < 8 or head[4:6] != b"ET" or not head[6:8].isdigit():
+        raise ArtifactLoadError(f"{path}: not an ExecuTorch program (no 'ETnn' identifier at byte 4; the file is "
+                                "corrupt or another format); re-export it with edgeship export --format pte")
+    if head[8:12] == b"eh00" and len(head) >= 40:
+        header_len, = struct.unpack_from("<I", head, 12)
+        program_size, seg_base, seg_size = struct.unpack_from("<QQQ", head, 16)
+        expected = max(program_size, seg_base + seg_size if header_len >= 32 and seg_size else 0)
+        if size < expected:
+            raise ArtifactLoadError(f"{path}: truncated ExecuTorch program ({size} of {expected} bytes); re-copy or "
+                                    "re-export it")
+
+
+class PteBackend(Backend):
+    format: ClassVar[str] = "pte"
+    suffix: ClassVar[str] = ".pte"
+    torch_free: ClassVar[bool] = False
+    per_op_capable: ClassVar[bool] = True  # the worker passes options["per_op"] on --per-op
+
+    def __init__(self, path: Path, threads: int | None = None, options: Mapping[str, Any] | None = None) -> None:
+        opts = dict(options or {})
+        unknown = sorted(set(opts) - set(OPTIONS))
+        if unknown:
+            raise ArtifactLoadError(f"pte: unknown runtime option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+        check_header(path)
+        try:
+            import executorch.kernels.quantized  # noqa: F401  # registers embedding_byte & co. before any load
+            import torch
+            from executorch.extension.pybindings import portable_lib
+            from executorch.runtime import Runtime, Verification
+            from executorch.version import __version__
+        except ImportError as e:
+            raise RuntimeMissingError(f"the executorch runtime is not installed ({e}); pip install "
+                                      "'edgeship[export]' (or executorch) to run .pte files") from None
+        self._torch = torch
+        self.path = path
+        self.threads = threads
+        self.per_op = bool(opts.get("per_op", False))
+        self.per_op_runs = int(opts.get("per_op_runs", 10))
+        if threads:
+            # XNNPACK runs on executorch's shared threadpool; its default is one thread per core
+            portable_lib._unsafe_reset_threadpool(int(threads))
+        self._runtime = Runtime.get()
+        self._verification = Verification.InternalConsistency
+        try:
+            self.program = self._runtime.load_program(path, verification=self._verification)
+        except Exception as e:  # RuntimeError with an error code from the C++ loader
+            raise ArtifactLoadError(f"{path}: the executorch runtime cannot load it ({_first(e)}); the file is corrupt, "
+                                    "truncated or from an incompatible executorch version; re-export it") from None
+        if "forward" not in self.program.method_names:
+            raise ArtifactLoadError(f"{path}: no 'forward' method (it has {', '.join(sorted(self.program.method_names))})")
+        try:
+            self.method = self.program.load_method("forward")
+        except Exception as e:
+            raise ArtifactLoadError(f"{path}: cannot load method 'forward' ({_first(e)}); an operator kernel or delegate "
+                                    f"it needs is missing from this runtime (backends: "
+                                    f"{', '.join(self._runtime.backend_registry.registered_backend_names)})") from None
+        if self.method is None:
+            raise ArtifactLoadError(f"{path}: method 'forward' did not load")
+        self.io = self._io()
+        self.inputs = self._input_specs()
+        self.outputs = tuple(self.io.get("output_names") or
+                             [f"output_{i}" for i in range(self.method.metadata.num_outputs())])
+        self._version = str(__version__)
+        self._last_feeds: list[Any] | None = None
+        self._per_op_result: dict[str, Any] | None = None
+
+    def _io(self) -> dict[str, Any]:
+        if IO_METHOD not in self.program.method_names:
+            return {}
+        try:
+            m = self.program.load_method(IO_METHOD)
+            raw = m.execute([])[0] if m is not None else "{}"
+            doc = json.loads(raw)
+            return doc if isinstance(doc, dict) else {}
+        except (ValueError, RuntimeError, IndexError):
+            return {}  # a foreign or damaged description: fall back to the method metadata
+
+    def _input_specs(self) -> tuple[TensorSpec, ...]:
+        meta = self.method.metadata
+        names = self.io.get("input_names") or [f"input_{i}" for i in range(meta.num_inputs())]
+        shapes = self.io.get("input_shapes") or []
+        specs = []
+        for i, name in enumerate(names):
+            info = meta.input_tensor_meta(i)
+            dtype = _SCALAR_TYPES.get(int(info.dtype()), "float32")
+            shape: tuple[int | str, ...] = tuple(shapes[i]) if i < len(shapes) else tuple(int(d) for d in info.sizes())
+            specs.append(TensorSpec(name, dtype, shape))
+        return tuple(specs)
+
+    def adapt_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+        for s in self.inputs:  # the graph was traced with these dtypes; ints of another width are safe to cast
+            v = out.get(s.name)
+            if v is not None and str(v.dtype) != s.dtype and np.issubdtype(v.dtype, np.integer) and "int" in s.dtype:
+                out[s.name] = v.astype(s.dtype)
+        return super().adapt_feeds(out)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [self._torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in self.inputs]
+        self._last_feeds = args
+        res = self.method.execute(args)
+        return {n: r.numpy() if hasattr(r, "numpy") else np.asarray(r) for n, r in zip(self.outputs, res, strict=True)}
+
+    def info(self) -> dict[str, Any]:
+        from executorch.extension.pybindings import portable_lib
+
+        d: dict[str, Any] = {
+            "runtime": "executorch",
+            "runtime_version": self._version,
+            "threads": int(portable_lib._threadpool_get_thread_count()),
+            "threads_requested": self.threads,
+            "backends_available": list(self._runtime.backend_registry.registered_backend_names),
+            "io_described": bool(self.io),
+            "notes": ["the executorch Python runtime imports torch: load time and RSS include it"],
+        }
+        if self.per_op:
+            d["per_op"] = self.per_op_profile()
+        return d
+
+    # ---- per-operator timings ------------------------------------------------------------------
+    def per_op_profile(self) -> dict[str, Any]:
+        """Per-operator times from an ETDump of a separate, instrumented load of the same program."""
+        if self._per_op_result is not None:
+            return self._per_op_result
+        if self._last_feeds is None:
+            return {"available": False, "note": "no run yet: per-op timings are taken after the timed runs"}
+        try:
+            from executorch.devtools import Inspector
+        except ImportError as e:
+            return {"available": False, "note": f"executorch.devtools is not installed ({e}); no per-op timings"}
+        with tempfile.TemporaryDirectory(prefix="edgeship-etdump-") as tmp:
+            try:
+                prog = self._runtime.load_program(self.path, verification=self._verification, enable_etdump=True)
+                m = prog.load_method("forward")
+                for _ in range(self.per_op_runs):
+                    m.execute(self._last_feeds)
+                dump = Path(tmp) / "run.etdp"
+                prog.write_etdump_result_to_file(str(dump), str(Path(tmp) / "debug.bin"))
+            except RuntimeError as e:
+                return {"available": False, "note": f"this executorch build records no ETDump ({_first(e)}); it needs "
+                        "a runtime built with EXECUTORCH_ENABLE_EVENT_TRACER"}
+            if not dump.is_file() or dump.stat().st_size == 0:
+                return {"available": False, "note": "this executorch build wrote an empty ETDump (event tracer off)"}
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "Output Buffer not found": we ask for timings, not tensors
+                insp = Inspector(etdump_path=str(dump))
+            self._per_op_result = summarize_etdump(insp, self.per_op_runs)
+        return self._per_op_result
+
+
+def summarize_etdump(insp: Any, runs: int) -> dict[str, Any]:
+    """Aggregate Inspector events of the ``Execute`` block by operator: mean ms per inference."""
+    per_op: dict[str, dict[str, Any]] = {}
+    totals = {"delegate_ms": 0.0, "portable_ms": 0.0}
+    for block in insp.event_blocks:
+        if block.name != "Execute":
+            continue
+        for ev in block.events:
+            raw = list(ev.perf_data.raw) if ev.perf_data is not None else []
+            if not raw:
+                continue
+            mean = float(np.mean(raw))
+            if ev.name == "DELEGATE_CALL":
+                totals["delegate_ms"] += mean
+                continue
+            if ev.name == "OPERATOR_CALL":
+                totals["portable_ms"] += mean
+                continue
+            if ev.name in _WRAPPERS:
+                continue
+            portable = ev.name.startswith("native_call_")
+            name = ev.name[len("native_call_"):] if portable else re.sub(r"\s+#\d+$", "", ev.name)
+            row = per_op.setdefault(name, {"op": name, "kernel": "portable" if portable else "xnnpack", "calls": 0,
+                                           "mean_ms": 0.0})
+            row["calls"] += 1
+            row["mean_ms"] += mean
+    rows = sorted(per_op.values(), key=lambda r: -r["mean_ms"])
+    for r in rows:
+        r["mean_ms"] = round(r["mean_ms"], 4)
+    total = totals["delegate_ms"] + totals["portable_ms"]
+    return {"available": True, "runs": runs, "source": "ETDump (executorch event tracer), ms per inference",
+            "delegate_ms": round(totals["delegate_ms"], 4), "portable_ms": round(totals["portable_ms"], 4),
+            "delegate_share": round(totals["delegate_ms"] / total, 4) if total else None, "ops": rows}
+
+
+def _first(e: BaseException) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:300]

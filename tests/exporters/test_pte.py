@@ -1,0 +1,135 @@
+"""ExecuTorch exporter on tiny random-init models: recipes, delegation report, fallbacks, bad inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeship.errors import ExportError, UnsupportedRecipeError
+from edgeship.export import export
+from edgeship.manifest import load_bundle
+from edgeship.profiling import backends
+from edgeship.targets import get_profile
+
+pytestmark = pytest.mark.needs_export
+QUIET = {"log": lambda m: None}
+
+
+@pytest.fixture(scope="module")
+def tiny_pte_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pte") / "b"
+    export(tiny_bert_dir, target="galaxy-s24", out=out, formats=["pte"], recipes=["fp32", "int8-dynamic"], **QUIET)
+    return out
+
+
+def test_artifacts_checked_and_smaller(tiny_pte_bundle: Path) -> None:
+    m = load_bundle(tiny_pte_bundle).manifest
+    arts = {a.recipe: a for a in m.artifacts}
+    assert set(arts) == {"fp32", "int8-dynamic"}
+    for a in arts.values():
+        assert a.path.endswith(".pte") and a.fidelity is not None and a.fidelity.passed
+        assert a.runtime["name"] == "executorch" and a.runtime["delegates"] == ["XnnpackBackend"]
+        assert {"capture", "lower", "validate"} <= set(a.stages)
+    assert arts["fp32"].fidelity.mean_cosine > 0.9999
+    assert arts["int8-dynamic"].size_bytes < 0.7 * arts["fp32"].size_bytes
+    q = arts["int8-dynamic"].quantization
+    assert "embedding_byte" in q["embeddings"] and q["kept_in_float"] == [] and q["quantized_layers"] > 0
+    assert [a["scored_on"] for a in q["search"]] == ["pytorch", "executorch"]
+
+
+def test_delegation_report(tiny_pte_bundle: Path) -> None:
+    for a in load_bundle(tiny_pte_bundle).manifest.artifacts:
+        d = a.details["delegation"]
+        assert d["backend"] == "XnnpackBackend" and d["delegate_blobs"] >= 1
+        assert d["ops_delegated"] > d["ops_portable"] > 0
+        assert 0.8 < d["compute_share_delegated"] < 1.0  # linears dominate; layer norms stay portable
+        assert any(k.startswith("linear") or k.startswith("mm") for k in d["delegated_by_op"]) or \
+            any("addmm" in k or "linear" in k for k in d["delegated_by_op"])
+        assert d["ops_portable"] == len(d["not_lowered"]) == sum(d["portable_by_op"].values())
+        ln = [n for n in d["not_lowered"] if n["op"].startswith("native_layer_norm")]
+        assert len(ln) == 5  # 2 layers x 2 + the embedding norm: XNNPACK 1.5.1 has no layer-norm partition
+        assert all(n["module"].endswith("LayerNorm") and "no partitioner config" in n["reason"] for n in ln)
+        assert any(n["reason"].startswith("rejected by the XNNPACK partitioner") for n in d["not_lowered"])
+        assert "blobs" in d["summary"]
+
+
+def test_fallback_recorded_not_silent(tiny_pte_bundle: Path) -> None:
+    for a in load_bundle(tiny_pte_bundle).manifest.artifacts:
+        (fb,) = a.details["fallbacks"]
+        assert fb["wanted"] == "qnn" and fb["used"] == "xnnpack" and "QNN" in fb["reason"]
+        assert any("qnn" in w for w in a.warnings)
+        assert a.runtime["preferred_backends"] == ["qnn"]
+
+
+def test_dynamic_sequence_recorded_and_runs(tiny_pte_bundle: Path) -> None:
+    a = load_bundle(tiny_pte_bundle).manifest.artifact("pte/fp32")
+    assert a.details["shapes"]["sequence"] == {"dynamic": True, "min": 2, "max": 128}
+    assert a.details["shapes"]["batch"] == 1
+    b = backends.load(tiny_pte_bundle / a.path)
+    assert [s.shape for s in b.inputs] == [(1, "sequence"), (1, "sequence")]
+    for n in (5, 77):
+        out = b.run(b.adapt_feeds({"input_ids": np.ones((1, n), np.int64), "attention_mask": np.ones((1, n), np.int64)}))
+        assert out["sentence_embedding"].shape == (1, 32)
+
+
+def test_image_classifier_static_and_int4(tiny_vit_dir: Path, tmp_path: Path) -> None:
+    r = export(tiny_vit_dir, target="pixel-8", out=tmp_path / "vit", formats=["pte"], recipes=["fp32", "int4-weight"],
+               **QUIET)
+    arts = {a.recipe: a for a in r.manifest.artifacts}
+    assert "sequence" not in arts["fp32"].details["shapes"] and arts["fp32"].fidelity.top1_agreement == 1.0
+    (fb,) = arts["fp32"].details["fallbacks"]
+    assert fb["wanted"] == "vulkan"
+    q = arts["int4-weight"].quantization
+    assert q["weights"].startswith("int4") and "kept_in_int8" in q and q["quantized_layers"] > 0
+    assert "embeddings" not in q  # a ViT has no nn.Embedding: nothing to shrink there
+    assert arts["int4-weight"].fidelity.mean_cosine >= 0.97
+
+
+def test_int8_static_calibrated(tiny_bert_cls_dir: Path, tmp_path: Path) -> None:
+    r = export(tiny_bert_cls_dir, target="raspberry-pi-5", out=tmp_path / "cls", formats=["pte"],
+               recipes=["int8-static"], **QUIET)
+    (a,) = r.manifest.artifacts
+    q = a.quantization
+    assert q["activations"].endswith("calibrated") and q["calibration_samples"] > 0 and "built-in" in q["calibration"]
+    assert a.fidelity.passed and a.details["fallbacks"] == []  # the Pi has no NPU route: nothing to fall back from
+
+
+def test_recipe_the_format_does_not_offer(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedRecipeError, match="format 'pte' has no recipe 'fp16'"):
+        export(tiny_bert_dir, target="galaxy-s24", out=tmp_path / "x", formats=["pte"], recipes=["fp16"], **QUIET)
+
+
+def test_recipe_the_model_cannot_take(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    # hidden 32 and intermediate 64: no linear layer's input width divides a group of 48
+    prof = dataclasses.replace(get_profile("galaxy-s24"), int4_group_size=48)
+    with pytest.raises(UnsupportedRecipeError, match=r"pte/int4-weight: none of the \d+ linear layers .* group size 48"):
+        export(tiny_bert_dir, target=prof, out=tmp_path / "x", formats=["pte"], recipes=["int4-weight"], **QUIET)
+    assert not (tmp_path / "x").exists()
+
+
+def test_data_dependent_control_flow_names_the_line(tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.lin(x)
+            if y.sum() > 0:  # data-dependent branch
+                return y * 2
+            return y
+
+    with pytest.raises(ExportError) as ei:
+        export(Gate(), example_inputs={"x": np.ones((1, 8), np.float32)}, target="galaxy-s24", out=tmp_path / "x",
+               formats=["pte"], recipes=["fp32"], **QUIET)
+    msg = str(ei.value)
+    assert "pte/fp32" in msg and "data-dependent" in msg and "torch.where" in msg
+    assert re.search(r"test_pte\.py:\d+ in forward\(\)", msg), msg
+    assert "y.sum() > 0" in msg and not (tmp_path / "x").exists()
