@@ -3,6 +3,8 @@
     python benchmarks/bench_minilm.py                          # export ONNX fp32/int8-dynamic/int8-static/int4, then time
     python benchmarks/bench_minilm.py --formats onnx tflite pte --recipes fp32 int8-dynamic
     python benchmarks/bench_minilm.py --bundle B               # time an existing bundle
+    python benchmarks/bench_minilm.py --formats pte --target galaxy-s24 --recipes fp32 int8-dynamic int4-weight
+                                                               # the ExecuTorch (.pte, XNNPACK) rows
 
 Timing is interleaved (round-robin over candidates, several rounds) so that background load
 on a shared machine hits every candidate alike; each figure is the median over all rounds.
