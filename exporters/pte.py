@@ -234,7 +234,8 @@ def _lower(ep: Any, out: Path, io: dict[str, Any], example_shapes: dict[str, lis
 
     part = XnnpackPartitioner()
     with pte_delegation.capture_rejections() as why:
-        edge = to_edge_transform_and_lower(ep, partitioner=[part], constant_methods={IO_METHOD: json.dumps(io)})
+        edge = to_edge_transform_and_lower(ep, transform_passes=[_drop_noop_expands], partitioner=[part],
+                                           constant_methods={IO_METHOD: json.dumps(io)})
     # quant fusion turns dequantize + embedding into the int8 embedding_byte kernel
     prog = edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True))
     rep = pte_delegation.report(prog, pte_delegation.supported_targets(part), why.reasons, DELEGATE, example_shapes)
@@ -246,6 +247,33 @@ def _lower(ep: Any, out: Path, io: dict[str, Any], example_shapes: dict[str, lis
     d = rep.to_dict()
     d["summary"] = rep.summary()
     return d
+
+
+def _drop_noop_expands(gm: torch.fx.GraphModule) -> Any:
+    """Remove ``expand_copy`` nodes whose output shape equals their input shape.
+
+    ``torch.matmul`` on 4-D attention tensors decomposes into expand + view + bmm; the
+    expand is a no-op copy there, XNNPACK has no partition for it, and each one splits the
+    graph and copies the tensor on a portable kernel (24 per MiniLM inference).
+    """
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    from edgeship.exporters.pte_delegation import op_name
+
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not op_name(node).startswith("expand_copy"):
+            continue
+        src = node.args[0]
+        a, b = src.meta.get("val"), node.meta.get("val")
+        if a is None or b is None or a.dtype != b.dtype or [str(d) for d in a.shape] != [str(d) for d in b.shape]:
+            continue
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()
+    return PassResult(gm, changed)
 
 
 def _version() -> str:
