@@ -1,0 +1,150 @@
+"""Several devices at once: one thread per device, one progress view, one combined results document.
+
+A device that fails (unreachable, refused, too small, lost mid-run) becomes an entry with
+``status: "error"`` and whatever it measured before failing; the others carry on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from edgeship.errors import BundleError, ConfigError, EdgeshipError
+from edgeship.profiling.remote.session import DeviceSession
+from edgeship.profiling.remote.transport import ConnectOptions, DeviceURL
+from edgeship.profiling.runner import RESULT_SCHEMA_VERSION, RunConfig
+
+_INVENTORY_KEYS = {"url", "name", "target", "identity", "workdir"}
+
+
+@dataclass(frozen=True)
+class DeviceEntry:
+    url: str
+    name: str | None = None
+    target: str | None = None
+    identity: str | None = None
+    workdir: str | None = None
+
+
+def load_inventory(path: str | Path) -> list[DeviceEntry]:
+    """``[[device]]`` tables with url (required), name, target, identity, workdir."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"--inventory {p}: cannot read it ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--inventory {p}: not valid TOML ({e})") from None
+    extra = sorted(set(data) - {"device"})
+    if extra or not isinstance(data.get("device"), list) or not data["device"]:
+        raise ConfigError(f"--inventory {p}: expected one or more [[device]] tables"
+                          + (f", found unknown key(s) {', '.join(extra)}" if extra else ""))
+    out = []
+    for i, d in enumerate(data["device"], 1):
+        unknown = sorted(set(d) - _INVENTORY_KEYS)
+        if unknown:
+            raise ConfigError(f"--inventory {p}: device #{i} has unknown key(s) {', '.join(unknown)}; "
+                              f"valid: {', '.join(sorted(_INVENTORY_KEYS))}")
+        if not isinstance(d.get("url"), str):
+            raise ConfigError(f"--inventory {p}: device #{i} needs url = \"ssh://user@host[:port]\"")
+        DeviceURL.parse(d["url"])  # reject bad URLs before anything connects
+        if d.get("target"):
+            from edgeship.targets import get_profile
+
+            get_profile(d["target"])  # unknown target: UnknownKeyError with the closest name
+        opt = {k: str(d[k]) for k in ("name", "target", "identity", "workdir") if d.get(k) is not None}
+        out.append(DeviceEntry(url=d["url"], **opt))
+    return out
+
+
+class FleetProgress:
+    """One view for all devices: ``[name] message`` lines, serialised, throttled per device."""
+
+    def __init__(self, enabled: bool = True, stream: TextIO | None = None, every_s: float = 1.0) -> None:
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._last: dict[str, float] = {}
+
+    def logger(self, name: str) -> Any:
+        def log(text: str) -> None:
+            if not self.enabled:
+                return
+            now = time.monotonic()
+            routine = text.startswith("[") and " run " in text  # the device runner's running counters
+            with self._lock:
+                if routine and now - self._last.get(name, 0.0) < self.every_s:
+                    return
+                self._last[name] = now
+                self.stream.write(f"[{name}] {text}\n")
+                self.stream.flush()
+
+        return log
+
+
+def _entries(devices: Sequence[str], inventory: str | None) -> list[DeviceEntry]:
+    entries = [DeviceEntry(url=u) for u in devices]
+    if inventory:
+        entries += load_inventory(inventory)
+    if not entries:
+        raise ConfigError("no device: give --device ssh://user@host[:port] (repeatable) or --inventory FILE")
+    names = [e.name or str(DeviceURL.parse(e.url)) for e in entries]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"device(s) listed twice: {', '.join(dup)}; give each a distinct name in the inventory")
+    return entries
+
+
+def _config_for(entry: DeviceEntry, config: RunConfig) -> RunConfig:
+    """An inventory target supplies the power model and thread count unless the command line chose them."""
+    if not entry.target:
+        return config
+    from edgeship.targets import get_profile
+
+    prof = get_profile(entry.target)
+    return dataclasses.replace(config, power_target=config.power_target or entry.target,
+                               threads=config.threads or prof.threads)
+
+
+def profile_fleet(source: str | Path, *, devices: Sequence[str] = (), inventory: str | None = None,
+                  config: RunConfig | None = None, artifact: str | None = None, identity: str | None = None,
+                  accept_new_host_key: bool = False, known_hosts: str | None = None, ssh_config: str | None = None,
+                  workdir: str | None = None, progress: FleetProgress | None = None,
+                  max_parallel: int = 8) -> dict[str, Any]:
+    """Profile ``source`` on every device in parallel.
+
+    Returns ``{"schema_version": 1, "runs": [...]}``: per device the same document a local
+    ``profile`` writes, plus ``device_url``, ``device_identity``, ``status`` and ``error``.
+    """
+    config = config or RunConfig()
+    entries = _entries(devices, inventory)
+    src = Path(source)
+    if not src.exists():
+        raise BundleError(f"nothing to profile at {src}: give a bundle directory, a .zip bundle or a model file")
+    view = progress or FleetProgress(enabled=config.progress)
+    # The device runner's own progress lines are streamed back and shown in the view.
+    sessions = [DeviceSession(e.url, ConnectOptions(identity=e.identity or identity, accept_new_host_key=accept_new_host_key,
+                                                    known_hosts=known_hosts, ssh_config=ssh_config),
+                              _config_for(e, config), view.logger(e.name or str(DeviceURL.parse(e.url))),
+                              workdir=e.workdir or workdir, name=e.name) for e in entries]
+
+    def one(s: DeviceSession) -> dict[str, Any]:
+        try:
+            return s.run(src, artifact)
+        except EdgeshipError as e:
+            return s._failed(str(e))
+        except Exception as e:  # a bug or an odd network error on one device must not stop the fleet
+            return s._failed(f"{s.name}: {type(e).__name__}: {e}")
+
+    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(sessions)))) as pool:
+        runs = list(pool.map(one, sessions))
+    return {"schema_version": RESULT_SCHEMA_VERSION, "runs": runs}

@@ -1,0 +1,124 @@
+"""How the host reaches a device: a small protocol, one implementation per URL scheme.
+
+``ssh://user@host:port`` is the only scheme today (:mod:`.ssh`); a new one (adb://, a serial
+console...) registers itself with ``@TRANSPORTS.register("scheme")`` and implements
+:class:`Transport`. Everything above this layer (device checks, pushing, the runner) only
+talks to the protocol.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from edgeship.errors import ConfigError
+from edgeship.registry import Registry
+
+# Lines the device agent prints on stdout so results survive a connection that dies mid-run.
+DEVICE_TAG = "EDGESHIP-DEVICE "
+RESULT_TAG = "EDGESHIP-RESULT "
+
+LineSink = Callable[[str, str], None]  # (stream name "stdout"/"stderr", line without newline)
+
+TRANSPORTS: Registry[type[Transport]] = Registry("device transport scheme")
+# Modules that register a scheme; imported on first use so `import edgeship.profiling.remote` stays light.
+_BUILTIN = {"ssh": "edgeship.profiling.remote.ssh"}
+
+
+@dataclass(frozen=True)
+class DeviceURL:
+    """A parsed ``scheme://user@host:port?workdir=...``. Never holds a password."""
+
+    scheme: str
+    host: str
+    user: str | None
+    port: int | None
+    workdir: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> DeviceURL:
+        parts = urlsplit(url)
+        if not parts.scheme or not parts.hostname:
+            raise ConfigError(f"--device '{url}': expected scheme://[user@]host[:port], e.g. ssh://pi@raspberrypi.local")
+        if parts.password is not None:
+            # A password in a URL ends up in shell history, logs and results files.
+            raise ConfigError(f"--device for {parts.hostname}: passwords in device URLs are refused; "
+                              "use a key (--identity KEY or ~/.ssh/config IdentityFile) or ssh-agent")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"--device '{url}': the port is not a number between 1 and 65535") from None
+        query = parse_qs(parts.query)
+        unknown = sorted(set(query) - {"workdir"})
+        if unknown:
+            raise ConfigError(f"--device '{url}': unknown option(s) {', '.join(unknown)}; the only one is ?workdir=DIR")
+        workdir = query.get("workdir", [None])[-1]
+        return cls(scheme=parts.scheme, host=parts.hostname, user=parts.username, port=port, workdir=workdir)
+
+    def __str__(self) -> str:
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port else ""
+        return f"{self.scheme}://{user}{self.host}{port}"
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """How to authenticate and whom to trust. Paths only: key material is never copied into results."""
+
+    identity: str | None = None
+    accept_new_host_key: bool = False
+    known_hosts: str | None = None  # default ~/.ssh/known_hosts (or the ssh config's UserKnownHostsFile)
+    ssh_config: str | None = None  # default ~/.ssh/config
+    connect_timeout: float = 15.0
+
+
+class Transport(ABC):
+    """One live connection to one device."""
+
+    scheme = ""
+
+    def __init__(self, url: DeviceURL, options: ConnectOptions) -> None:
+        self.url = url
+        self.options = options
+
+    @abstractmethod
+    def connect(self) -> None:
+        """Open the connection; raises DeviceError with a one-line reason."""
+
+    @abstractmethod
+    def run(self, command: str, on_line: LineSink | None = None, timeout: float | None = None) -> tuple[int, str, str]:
+        """Run a shell command; returns (exit code, stdout, stderr). Lines are streamed to ``on_line``."""
+
+    @abstractmethod
+    def put(self, local: Path, remote: str) -> None:
+        """Copy a file to the device (atomically: a temporary name, then a rename)."""
+
+    @abstractmethod
+    def get(self, remote: str, local: Path) -> None:
+        """Copy a file from the device."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """Who we are connected to (host, port, user, host key fingerprint); no secrets."""
+
+    def __enter__(self) -> Transport:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def transport_for(url: DeviceURL, options: ConnectOptions) -> Transport:
+    for key, module in _BUILTIN.items():
+        if key not in TRANSPORTS:
+            importlib.import_module(module)
+    return TRANSPORTS.get(url.scheme)(url, options)  # unknown scheme: UnknownKeyError listing the valid ones
