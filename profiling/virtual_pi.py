@@ -121,6 +121,7 @@ def build_rootfs(rootfs: Path, log: Log = print) -> float:
     """debootstrap an arm64 bookworm with Python and sshd into ``rootfs``; returns seconds taken."""
     t0 = time.monotonic()
     if rootfs.exists():
+        _unmount_under(rootfs)  # an interrupted second stage leaves proc/sys mounted inside
         shutil.rmtree(rootfs)
     rootfs.parent.mkdir(parents=True, exist_ok=True)
     log(f"virtual Pi: debootstrap {SUITE} arm64 from {_mirror()} (about 4 minutes)")
@@ -197,6 +198,14 @@ def _mount(rootfs: Path) -> None:
     fake.write_text(PI5_CPUINFO)
     if not _mounted(rootfs / "proc/cpuinfo"):
         _run(["mount", "--bind", str(fake), str(rootfs / "proc/cpuinfo")], "bind-mounting the Pi 5 /proc/cpuinfo")
+
+
+def _unmount_under(path: Path) -> None:
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
+    for p in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", p], capture_output=True, check=False)
 
 
 def _unmount(rootfs: Path) -> None:

@@ -80,7 +80,12 @@ def cmd_profile(a: argparse.Namespace) -> int:
         if a.json_path:
             write_json_atomic(Path(a.json_path), json.dumps(doc, indent=2))
         for run in doc["runs"]:
-            print(report.render(run) if "results" in run else f"{run.get('device_url')}: ERROR {run.get('error')}")
+            ident = run.get("device_identity") or {}
+            print(f"== {ident.get('name') or run.get('device_url')}")
+            if "results" in run:  # a device that failed mid-run still shows what it measured
+                print(report.render(run))
+            if run.get("error"):
+                print(f"{run.get('device_url')}: ERROR {run['error']}")
             print()
         _html(a, doc)
         return 0 if all(r.get("status", "ok") == "ok" and all(x.get("status") == "ok" for x in r.get("results", []))

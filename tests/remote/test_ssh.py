@@ -14,7 +14,14 @@ import pytest
 from edgeship.cli import main
 from edgeship.errors import ConfigError, DeviceError, UnknownKeyError
 from edgeship.profiling import report
-from edgeship.profiling.remote import ConnectOptions, DeviceURL, FleetProgress, load_inventory, profile_fleet, transport_for
+from edgeship.profiling.remote import (
+    ConnectOptions,
+    DeviceURL,
+    FleetProgress,
+    load_inventory,
+    profile_fleet,
+    transport_for,
+)
 from edgeship.profiling.runner import RunConfig, profile
 
 pytestmark = [pytest.mark.remote, pytest.mark.needs_export]
@@ -49,7 +56,8 @@ def test_profile_over_ssh_has_the_local_schema(tiny_onnx_bundle: Path, sshd: Any
     ident = run["device_identity"]
     assert ident["machine"] == ident["arch"] == "x86_64" and ident["emulated"] is None
     assert ident["host_key"].startswith("ssh-ed25519 SHA256:") and ident["python"].startswith("3.")
-    assert ident["runtimes"]["onnxruntime"] and ident["pushed_files"] == 5
+    assert ident["runtimes"]["onnxruntime"]
+    assert ident["pushed_files"] + ident["skipped_files"] == 5  # 2 artifacts, 2 sample files, the manifest
     # Secrets never reach the results: no key material, no key path.
     text = json.dumps(doc)
     assert "PRIVATE KEY" not in text and str(sshd.identity) not in text
