@@ -101,7 +101,8 @@ class PteExporter(Exporter):
         for f in fallbacks:
             ctx.log(f"[pte/{recipe}] {f['wanted']} -> XNNPACK: {f['reason']}")
             warnings.append(f"preferred backend {f['wanted']} not used ({f['reason']}); lowered to XNNPACK + portable CPU")
-        emb = _has_embedding(lm.module)
+        # int8 embeddings shrink the file; _searched turns them off if the runtime gets them wrong
+        state = {"emb": _has_embedding(lm.module)}
 
         def lower(module: nn.Module, path: Path) -> dict[str, Any]:
             with ctx.stage("lower", "pte", recipe), torch.no_grad():
@@ -112,8 +113,8 @@ class PteExporter(Exporter):
             with ctx.stage("lower", "pte", recipe), torch.no_grad():
                 report = _lower(ep, out, io, {k: list(v.shape) for k, v in zip(io["input_names"], args, strict=True)})
         else:
-            make = self._quantizer(ctx, recipe, ep, args, emb, quant, dyn)
-            report, extra = _searched(ctx, recipe, make, lower, out, args)
+            make = self._quantizer(ctx, recipe, ep, args, state, quant, dyn)
+            report, extra = _searched(ctx, recipe, make, lower, out, state)
             quant.update(extra)
         details = {"delegation": report, "shapes": shapes_info, "fallbacks": fallbacks}
         runtime: dict[str, Any] = {"name": "executorch", "version": _version(), "delegates": [DELEGATE],
@@ -123,11 +124,11 @@ class PteExporter(Exporter):
         return ExportOutput(path=out, runtime=runtime, quantization=quant, details=details, warnings=warnings)
 
     # ---- recipes -----------------------------------------------------------------------------
-    def _quantizer(self, ctx: ExportContext, recipe: str, ep: Any, args: tuple[torch.Tensor, ...], emb: bool,
-                   quant: dict[str, Any], dyn: Any) -> Callable[[Sequence[str]], nn.Module]:
+    def _quantizer(self, ctx: ExportContext, recipe: str, ep: Any, args: tuple[torch.Tensor, ...],
+                   state: dict[str, bool], quant: dict[str, Any], dyn: Any) -> Callable[[Sequence[str]], nn.Module]:
         """A function: layers to keep in higher precision -> quantized torch module (runnable eagerly)."""
         lm = ctx.model
-        if emb:
+        if state["emb"]:
             quant["embeddings"] = "int8 per-row (quantized_decomposed::embedding_byte, portable kernel)"
         if recipe in ("int8-dynamic", "int8-static"):
             static = recipe == "int8-static"
@@ -139,7 +140,7 @@ class PteExporter(Exporter):
                 calib = [lm.torch_args(f) for f in ctx.calibration]
             else:
                 calib = [args]
-            return lambda kept: _pt2e(ep, lm.linear_layers(), kept, static, emb, calib)
+            return lambda kept: _pt2e(ep, lm.linear_layers(), kept, static, state["emb"], calib)
         # int4-weight
         group = ctx.target.int4_group_size
         layers = _linear_layers(lm.module)
@@ -154,7 +155,7 @@ class PteExporter(Exporter):
         by_shape = sorted(set(layers) - set(fits))
         if by_shape:
             quant["int8_weights_by_shape"] = by_shape
-        return lambda kept: _8da4w(lm.module, fits, kept, group, emb, args, dyn)
+        return lambda kept: _8da4w(lm.module, fits, kept, group, state["emb"], args, dyn)
 
     def _fallbacks(self, ctx: ExportContext) -> list[dict[str, Any]]:
         out = []
@@ -244,9 +245,7 @@ def _lower(ep: Any, out: Path, io: dict[str, Any], example_shapes: dict[str, lis
     with open(tmp, "wb") as f:
         prog.write_to_file(f)
     tmp.replace(out)
-    d = rep.to_dict()
-    d["summary"] = rep.summary()
-    return d
+    return {"summary": rep.summary(), **rep.to_dict()}  # summary first: `edgeship inspect` truncates long reports
 
 
 def _drop_noop_expands(gm: torch.fx.GraphModule) -> Any:
@@ -362,7 +361,7 @@ def _8da4w(module: nn.Module, fits: Sequence[str], kept: Sequence[str], group: i
 # ---- search over layers kept in higher precision ------------------------------------------------------
 def _searched(ctx: ExportContext, recipe: str, make: Callable[[Sequence[str]], nn.Module],
               lower: Callable[[nn.Module, Path], dict[str, Any]], out: Path,
-              args: tuple[torch.Tensor, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+              state: dict[str, bool]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Quantize every layer except the fewest most-sensitive ones needed to meet the floor.
 
     Scored first on the quantized PyTorch graph (cheap), then confirmed on the real artifact;
@@ -406,20 +405,43 @@ def _searched(ctx: ExportContext, recipe: str, make: Callable[[Sequence[str]], n
     tries = ctx.workdir / f"pte-{recipe}-tries"
     tries.mkdir(exist_ok=True)
     built: dict[Path, dict[str, Any]] = {}
+    paths: dict[tuple[Any, ...], Path] = {}
+    scores: dict[Path, Fidelity] = {}
+    emb_note = None
 
-    def build(extra: Sequence[str]) -> Path:
-        p = tries / f"kept{len(kept) + len(extra)}.pte"
-        built[p] = lower(make([*kept, *extra]), p)
-        return p
+    def build(extra: Sequence[str]) -> Path:  # memoised: search() re-asks for k=0 after the confirm build
+        key = (state["emb"], *kept, *extra)
+        if key not in paths:
+            p = tries / f"kept{len(key) - 1}{'-int8emb' if state['emb'] else ''}.pte"
+            built[p] = lower(make([*kept, *extra]), p)
+            paths[key] = p
+        return paths[key]
 
     def real(p: Path) -> Fidelity:
-        with ctx.stage("validate", "pte", recipe):
-            return ctx.evaluate(p, "pte", {})
+        if p not in scores:
+            with ctx.stage("validate", "pte", recipe):
+                scores[p] = ctx.evaluate(p, "pte", {})
+        return scores[p]
 
     if not order:  # the proxy met the floor with everything quantized; rank only if the real artifact does not
         p = build(())
         fid = real(p)
         attempts.append({"kept": 0, "mean_cosine": fid.mean_cosine, "min_cosine": fid.min_cosine, "scored_on": "executorch"})
+        if fid.mean_cosine < floor and state["emb"]:
+            # the PyTorch graph was fine, the runtime was not: suspect the int8 embedding kernel before the layers
+            state["emb"] = False
+            p2 = build(())
+            fid2 = real(p2)
+            attempts.append({"kept": 0, "mean_cosine": fid2.mean_cosine, "min_cosine": fid2.min_cosine,
+                             "scored_on": "executorch", "embeddings": "float"})
+            if fid2.mean_cosine > fid.mean_cosine:
+                emb_note = (f"float: int8 embeddings gave mean cosine {fid.mean_cosine:.4f} (max abs error "
+                            f"{fid.max_abs_err:.3g}) on the ExecuTorch runtime while the quantized PyTorch graph gave "
+                            f"{first.mean_cosine:.4f}; kept in float")
+                ctx.log(f"[pte/{recipe}] embeddings: {emb_note}")
+                p, fid = p2, fid2
+            else:
+                state["emb"] = True
         if fid.mean_cosine < floor:
             with ctx.stage("sensitivity", "pte", recipe):
                 ranked = rank_layers(lm, ctx.calibration[:16], ctx.heldout[:8], recipe,
@@ -445,6 +467,8 @@ def _searched(ctx: ExportContext, recipe: str, make: Callable[[Sequence[str]], n
     }
     if recipe == "int4-weight":
         extra["kept_in_float"] = []
+    if emb_note:
+        extra["embeddings"] = emb_note
     return built[path], extra
 
 
