@@ -157,17 +157,17 @@ class DeviceSession:
             raise DeviceError(f"{self.name}: probing the device failed (exit {code}): {err.strip()[-300:]}")
         return dict(json.loads(out.strip().splitlines()[-1]))
 
-    def _check(self, info: dict[str, Any], to_push: list[PushFile], wheels: RuntimeWheels | None,
-               wheels_missing: list[Path], biggest_artifact: int) -> None:
+    def _check(self, info: dict[str, Any], to_push: list[PushFile], install: list[Path], wheels_missing: list[Path],
+               biggest_artifact: int) -> None:
         py = tuple(int(x) for x in info["python"].split(".")[:2])
         if py < MIN_PYTHON:
             raise DeviceError(f"{self.name}: Python {info['python']} on the device; edgeship's runtime needs "
                               f">= {'.'.join(map(str, MIN_PYTHON))} (Raspberry Pi OS bookworm ships 3.11)")
-        if wheels is not None and not info["has_venv"]:
+        if install and not info["has_venv"]:
             raise DeviceError(f"{self.name}: the device's python3 has no venv/ensurepip; apt install python3-venv")
         push_bytes = sum(f.size for f in to_push) + sum(p.stat().st_size for p in wheels_missing)
         # An installed wheel takes about three times its compressed size; keep a margin for results and logs.
-        install_bytes = 3 * sum(p.stat().st_size for p in (*wheels.deps, wheels.edgeship)) if wheels else 0
+        install_bytes = 3 * sum(p.stat().st_size for p in install)
         need = push_bytes + install_bytes + 16 * 2**20
         if info["free_disk"] < need:
             raise DeviceError(f"{self.name}: only {info['free_disk'] / 2**20:.1f} MB free in {info['workdir']}, this run "
@@ -234,7 +234,8 @@ class DeviceSession:
         if not edgeship_ok:
             wheels_missing.append(wheels.edgeship)
         biggest = max((f.size for f in files if f.remote.split("/")[-1] != MANIFEST_NAME), default=0)
-        self._check(info, to_push, None if edgeship_ok else wheels, wheels_missing, biggest)
+        install = [] if edgeship_ok else [wheels.edgeship] if deps_ok else [*wheels.deps, wheels.edgeship]
+        self._check(info, to_push, install, wheels_missing, biggest)
         t0 = self._stage("check", t0)
 
         skipped = len(files) - len(to_push)

@@ -56,6 +56,11 @@ def test_virtual_pi_is_an_emulated_pi5_on_cortex_a76(virtual_pi: Any) -> None:
     assert env == "cortex-a76 qemu-user"  # never "max": qemu 7.2 corrupts int8 results with it
 
 
+def test_device_cli_status(virtual_pi: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["device", "virtual-pi", "status", "--workdir", virtual_pi.workdir]) == 0
+    assert json.loads(capsys.readouterr().out)["url"] == virtual_pi.url
+
+
 def _aarch64_outputs(pi: Any, bundle_dir: str, art_path: str, fmt: str, tmp: Path) -> dict[str, np.ndarray]:
     """Run one artifact on the Pi's sample inputs with the device venv; fetch the raw outputs."""
     code = (
