@@ -1,41 +1,32 @@
 """Energy per inference.
 
-A :class:`Meter` measures a window of the run (``start()`` ... ``stop()``).
-Meters are registered by name in :data:`METERS`; real sensor meters live in
-:mod:`edgeship.profiling.meters`. The ``estimate`` meter here multiplies the
-target profile's power model by the process CPU time and is always labelled
-``estimated: true``: it is a model, not a measurement.
+A :class:`Meter` measures a window of the run (``start()`` ... ``stop()``). Meters live in
+:mod:`edgeship.profiling.meters`, one module per sensor family, and are registered in :data:`METERS`
+when that package is imported (explicitly, just below). The :class:`Recorder` picks one (``--energy auto``:
+the best available real meter, else the ``estimate`` meter, which is always labelled ``estimated: true``),
+measures idle power before and after the run, and turns the windows into gross and net joules per inference.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgeship.errors import EdgeshipError, MeterError
-from edgeship.registry import Registry
+from edgeship.profiling.meters import (
+    AUTO_ORDER,
+    METERS,
+    Availability,
+    EnergyWindow,
+    EstimateMeter,
+    Meter,
+    MeterContext,
+)
 
-
-@dataclass(frozen=True)
-class Availability:
-    ok: bool
-    reason: str
-
-
-@dataclass(frozen=True)
-class EnergyWindow:
-    """What a meter saw over one window."""
-
-    joules: float
-    seconds: float
-    samples: int
-    resolution_j: float | None = None
-    sampler_cpu_s: float = 0.0
-    warnings: tuple[str, ...] = ()
+__all__ = ["METERS", "Availability", "EnergyResult", "EnergyWindow", "EstimateMeter", "Meter", "MeterContext",
+           "Recorder", "power_model_profile"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +39,15 @@ class EnergyResult:
     joules_per_inference_net: float | None = None
     avg_watts: float | None = None
     idle_watts: float | None = None
+    idle_source: str | None = None  # "measured" (idle windows before and after) or "power model"
+    joules_total: float | None = None
     duration_s: float | None = None
     inferences: int = 0
     samples: int = 0
+    idle_samples: int = 0
     resolution_j: float | None = None
     sampler_cpu_s: float | None = None
+    sampler_cpu_fraction: float | None = None  # sampler thread CPU time / measured wall time
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,57 +58,6 @@ class EnergyResult:
     @classmethod
     def unavailable(cls, source: str, reason: str) -> EnergyResult:
         return cls(source=source, estimated=False, reason=reason, available=False)
-
-
-class Meter(ABC):
-    name: str = ""
-    estimated: bool = False
-
-    @abstractmethod
-    def available(self) -> Availability: ...
-
-    @abstractmethod
-    def start(self) -> None: ...
-
-    @abstractmethod
-    def stop(self) -> EnergyWindow: ...
-
-
-METERS: Registry[type[Meter]] = Registry("energy meter")
-
-
-@METERS.register("estimate")
-class EstimateMeter(Meter):
-    """E = idle_w x wall time + active_w_per_core x process CPU seconds (from the target profile)."""
-
-    name = "estimate"
-    estimated = True
-
-    def __init__(self, idle_w: float, active_w_per_core: float, **_: Any) -> None:
-        if idle_w < 0 or active_w_per_core < 0:
-            raise MeterError("estimate meter: power model values must be >= 0")
-        self.idle_w = idle_w
-        self.active_w_per_core = active_w_per_core
-        self._t0 = 0.0
-        self._cpu0 = 0.0
-
-    def available(self) -> Availability:
-        return Availability(True, "power model of the target profile x process CPU time (an estimate, not a measurement)")
-
-    def start(self) -> None:
-        self._t0 = time.perf_counter()
-        t = os.times()
-        self._cpu0 = t.user + t.system
-
-    def stop(self) -> EnergyWindow:
-        wall = time.perf_counter() - self._t0
-        t = os.times()
-        cpu = t.user + t.system - self._cpu0
-        return EnergyWindow(joules=self.idle_w * wall + self.active_w_per_core * cpu, seconds=wall, samples=2,
-                            warnings=(f"estimated from {cpu:.3f} CPU-seconds over {wall:.3f} s",))
-
-    def net_joules(self, window: EnergyWindow) -> float:
-        return window.joules - self.idle_w * window.seconds
 
 
 def power_model_profile(explicit: str | None, bundle_target: str | None, host_arch: str) -> tuple[Any, str]:
@@ -144,67 +88,118 @@ def power_model_profile(explicit: str | None, bundle_target: str | None, host_ar
 
 
 class Recorder:
-    """Drives one meter around the measured loop and turns its window into an :class:`EnergyResult`."""
+    """Drives one meter around the measured loop and turns its windows into an :class:`EnergyResult`.
 
-    def __init__(self, meter: Meter | None, reason: str, idle_w: float | None = None) -> None:
+    ``start()`` measures idle power for ``idle_seconds`` and then opens the run window; ``stop()`` closes it
+    and measures idle again. A meter failing mid-run (a file vanishing, a counter going backwards, a CSV log
+    that misses the run) never stops the run: the result says energy is unavailable and why.
+    """
+
+    def __init__(self, meter: Meter | None, reason: str, idle_seconds: float = 0.0,
+                 sleep: Any = time.sleep) -> None:
         self.meter = meter
         self.reason = reason
-        self.idle_w = idle_w
+        self.idle_seconds = idle_seconds
+        self.sleep = sleep
         self.window: EnergyWindow | None = None
+        self.idle_windows: list[EnergyWindow] = []
+        self.failure: str | None = None
 
     @classmethod
-    def create(cls, choice: str, profile: Any, profile_reason: str) -> Recorder:
+    def create(cls, choice: str, profile: Any, profile_reason: str, ctx: MeterContext | None = None,
+               idle_seconds: float = 0.0) -> Recorder:
+        """The recorder for ``--energy choice``; a forced meter that is unavailable raises :class:`MeterError`."""
+        ctx = dataclasses.replace(ctx or MeterContext(), profile=profile)
         if choice == "off":
             return cls(None, "energy measurement switched off (--energy off)")
         if choice not in ("auto", "estimate"):
-            meter = METERS.get(choice)()  # unknown names raise UnknownKeyError listing the meters
+            meter = METERS.get(choice)(ctx)  # unknown names raise UnknownKeyError listing the meters
             avail = meter.available()
             if not avail.ok:
                 raise MeterError(f"--energy {choice}: meter not available here: {avail.reason}; "
-                                 "use --energy auto to fall back to an estimate")
-            return cls(meter, f"--energy {choice}: {avail.reason}")
+                                 "use --energy auto to fall back to the best available one")
+            return cls(meter, f"--energy {choice}: {avail.reason}", idle_seconds)
         reasons = []
         if choice == "auto":
-            for name, meter_cls in METERS.items():
+            for name in [*AUTO_ORDER, *(n for n in METERS if n not in AUTO_ORDER)]:
+                meter_cls = METERS.get(name)
                 if meter_cls.estimated:
                     continue
                 try:
-                    meter = meter_cls()
+                    meter = meter_cls(ctx)
                     avail = meter.available()
                 except EdgeshipError as e:
-                    reasons.append(f"{name}: {e}")
-                    continue
+                    avail = Availability(False, str(e))
                 if avail.ok:
-                    return cls(meter, f"{name}: {avail.reason}")
+                    return cls(meter, f"{name}: {avail.reason}", idle_seconds)
                 reasons.append(f"{name}: {avail.reason}")
-        if profile is None:
+        estimate = EstimateMeter(ctx)
+        if not estimate.available().ok:
             return cls(None, f"no power model ({profile_reason}); " + "; ".join(reasons))
-        meter = EstimateMeter(profile.power.idle_w, profile.power.active_w_per_core)
-        why = "no real power meter found" + (f" ({'; '.join(reasons)})" if reasons else "") if choice == "auto" \
-            else "--energy estimate"
-        return cls(meter, f"{why}; estimate from the {profile.name} power model ({profile_reason})",
-                   idle_w=profile.power.idle_w)
+        why = f"no real power meter found ({'; '.join(reasons)})" if choice == "auto" else "--energy estimate"
+        return cls(estimate, f"{why}; estimate from the {profile.name} power model ({profile_reason})")
+
+    def min_duration_s(self) -> float:
+        """The measured loop must last at least this long for the meter to resolve it."""
+        return self.meter.min_window_s() if self.meter is not None and self.failure is None else 0.0
+
+    def _idle(self) -> None:
+        assert self.meter is not None
+        self.meter.start()
+        self.sleep(self.idle_seconds)
+        self.idle_windows.append(self.meter.stop())
 
     def start(self) -> None:
-        if self.meter is not None:
+        if self.meter is None:
+            return
+        try:
+            if self.idle_seconds > 0 and not self.meter.estimated:
+                self._idle()
             self.meter.start()
+        except MeterError as e:
+            self.failure = str(e)
 
     def stop(self) -> None:
-        if self.meter is not None:
+        if self.meter is None or self.failure is not None:
+            return
+        try:
             self.window = self.meter.stop()
+            if self.idle_seconds > 0 and not self.meter.estimated:
+                self._idle()
+        except MeterError as e:
+            self.failure = str(e)
+
+    def idle_watts(self) -> tuple[float | None, str | None]:
+        if isinstance(self.meter, EstimateMeter):
+            return self.meter.idle_w, "power model"
+        watts = [w.watts for w in self.idle_windows if w.watts is not None]
+        return (sum(watts) / len(watts), "measured") if watts else (None, None)
 
     def result(self, inferences: int) -> EnergyResult:
+        name = self.meter.name if self.meter else "none"
+        if self.failure is not None:
+            return EnergyResult.unavailable(name, f"{self.reason}; measurement failed: {self.failure}")
         if self.meter is None or self.window is None:
-            return EnergyResult.unavailable(self.meter.name if self.meter else "none", self.reason)
+            return EnergyResult.unavailable(name, self.reason)
         w = self.window
-        gross = w.joules / max(inferences, 1)
+        if inferences < 1:
+            return EnergyResult.unavailable(name, f"{self.reason}; no inferences were measured")
+        idle_w, idle_source = self.idle_watts()
+        warnings = list(w.warnings) + [x for iw in self.idle_windows for x in iw.warnings if x not in w.warnings]
         net = None
-        if isinstance(self.meter, EstimateMeter):
-            net = self.meter.net_joules(w) / max(inferences, 1)
+        if idle_w is not None:
+            net = (w.joules - idle_w * w.seconds) / inferences
+            if net < 0:
+                warnings.append(f"run power {w.joules / w.seconds:.3f} W is below idle {idle_w:.3f} W: the load is "
+                                "within the meter's noise; net energy is not meaningful")
+        elif self.idle_seconds <= 0 and not self.meter.estimated:
+            warnings.append("no idle window (--idle-seconds 0): only gross energy")
+        sampler_cpu = w.sampler_cpu_s + sum(iw.sampler_cpu_s for iw in self.idle_windows)
         return EnergyResult(
             source=self.meter.name, estimated=self.meter.estimated, reason=self.reason, available=True,
-            joules_per_inference_gross=gross, joules_per_inference_net=net,
-            avg_watts=w.joules / w.seconds if w.seconds > 0 else None, idle_watts=self.idle_w, duration_s=w.seconds,
-            inferences=inferences, samples=w.samples, resolution_j=w.resolution_j, sampler_cpu_s=w.sampler_cpu_s,
-            warnings=w.warnings,
+            joules_per_inference_gross=w.joules / inferences, joules_per_inference_net=net,
+            avg_watts=w.watts, idle_watts=idle_w, idle_source=idle_source, joules_total=w.joules, duration_s=w.seconds,
+            inferences=inferences, samples=w.samples, idle_samples=sum(iw.samples for iw in self.idle_windows),
+            resolution_j=w.resolution_j, sampler_cpu_s=sampler_cpu,
+            sampler_cpu_fraction=w.sampler_cpu_s / w.seconds if w.seconds > 0 else None, warnings=tuple(warnings),
         )

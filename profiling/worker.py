@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgeship.errors import EdgeshipError, InputError
-from edgeship.profiling import backends, energy
+from edgeship.profiling import backends, energy, telemetry
 from edgeship.profiling.progress import Progress
 from edgeship.profiling.stats import LatencyStats
 from edgeship.spec import resolve_dims, synthesize
@@ -121,7 +121,8 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
         threads = int(bundle.manifest.target.get("threads") or 0) or None
     if threads is not None:
         threads = min(threads, os.cpu_count() or threads)
-    recorder = energy.Recorder.create(cfg.energy, power_profile, power_reason)
+    recorder = energy.Recorder.create(cfg.energy, power_profile, power_reason, idle_seconds=cfg.idle_seconds,
+                                      ctx=energy.MeterContext(sample_hz=cfg.sample_hz, csv_path=cfg.energy_csv))
 
     rss0 = _rss_mb()
     t0 = time.perf_counter_ns()
@@ -158,10 +159,17 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
         prog.update(f"warm-up {i + 1}/{cfg.warmup}")
 
     samples: list[int] = []
-    recorder.start()
-    start = time.perf_counter_ns()
-    min_ns, max_ns = int(cfg.min_seconds * 1e9), int(cfg.max_seconds * 1e9)
     warnings: list[str] = []
+    tele = telemetry.Telemetry()
+    cooldown = tele.wait_for_cooldown(cfg.cooldown_to_c) if cfg.cooldown_to_c is not None else None
+    recorder.start()  # measures idle power first, outside the timed loop
+    min_s = max(cfg.min_seconds, min(recorder.min_duration_s(), cfg.max_seconds))
+    if min_s > cfg.min_seconds:
+        warnings.append(f"run extended to {min_s:.2f} s so the {recorder.meter.name if recorder.meter else ''} "
+                        "meter can resolve it")
+    tele.start()
+    start = time.perf_counter_ns()
+    min_ns, max_ns = int(min_s * 1e9), int(cfg.max_seconds * 1e9)
     while True:
         t = time.perf_counter_ns()
         model.run(feeds)
@@ -173,8 +181,11 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
         if elapsed >= max_ns:
             warnings.append(f"stopped at --max-seconds {cfg.max_seconds:g} after {len(samples)} of {cfg.runs} runs")
             break
-    recorder.stop()
     wall_s = (time.perf_counter_ns() - start) / 1e9
+    tele_out = tele.stop()
+    recorder.stop()  # and the idle window after the run
+    if cooldown is not None:
+        tele_out["cooldown"] = cooldown
     stats = LatencyStats.from_ns(samples)
     prog.done(f"{len(samples)} runs, p50 {stats.p50_ms:.2f} ms, p99 {stats.p99_ms:.2f} ms")
 
@@ -187,7 +198,8 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
         latency=stats.to_dict(), samples_ns=samples, rss_before_load_mb=rss0, rss_after_load_mb=rss_load,
         peak_rss_mb=_peak_rss_mb(), threads=threads, runtime=model.info(),
         output_shapes={k: list(np.shape(v)) for k, v in first.items()},
-        energy=recorder.result(len(samples)).to_dict(), device_check=device_check, warnings=warnings,
+        energy=recorder.result(len(samples)).to_dict(), telemetry=tele_out, device_check=device_check,
+        warnings=warnings,
     )
 
 
