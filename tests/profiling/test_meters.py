@@ -50,7 +50,7 @@ def vcgencmd(**outputs: str) -> Callable[[Sequence[str]], str]:
     return run
 
 
-def window(meter: object, between: Callable[[], None]) -> object:
+def window(meter: object, between: Callable[[], object]) -> object:
     meter.start()  # type: ignore[attr-defined]
     between()
     return meter.stop()  # type: ignore[attr-defined]
