@@ -1,0 +1,473 @@
+"""LiteRT exporter: ``litert_torch.convert`` (no TensorFlow) + ai-edge-quantizer -> ``.tflite``.
+
+Recipes (the support matrix below is the one source of truth):
+
+* ``fp32``: the converted float graph; static shapes (batch 1, the profile's sequence length),
+  which is what XNNPACK plans best and what an Android app feeds.
+* ``fp16``: float16 weights (ai-edge-quantizer float casting); compute stays float32 on CPU,
+  GPU delegates run it in fp16.
+* ``int8-dynamic``: ai-edge-quantizer ``dynamic_wi8_afp32``: per-channel int8 weights for the
+  fully connected layers and int8 embedding tables, activations quantized at run time.
+  (litert-torch's PT2E dynamic path converts but does not run: the embedding lookup it
+  emits fails ``embedding_lookup.cc`` zero-point checks in LiteRT 2.3.)
+* ``int8-static``: int8 weights *and* activations for the fully connected layers, activation
+  ranges calibrated on the user's data, int8 embedding tables. The stock ``static_wi8_ai8``
+  recipe (every op int8) gave mean cosine 0.61 on MiniLM and ran slower than fp32, so only
+  FULLY_CONNECTED ops are quantized and the layers ranked most sensitive
+  (:func:`edgeship.sensitivity.rank_layers`) are kept in float, the fewest needed to meet the
+  profile's floor; they are listed in the manifest.
+* ``int4-weight``: block-wise (block = the profile's ``int4_group_size``, 32/64/128/256)
+  symmetric 4-bit weights for the fully connected layers with dynamic int8 activations, int8
+  embeddings; the layers that break the floor keep 8-bit weights.
+
+Not offered: int8 model inputs/outputs for microcontroller runtimes. Text models take int32
+token ids (nothing to quantize) and ai-edge-quantizer 0.10 keeps float interfaces.
+
+Every artifact has one signature, ``serving_default``, whose inputs and outputs carry the
+bundle's names (``input_ids``, ``attention_mask`` -> ``sentence_embedding``) so an app calls
+them by name. Token ids are int32 (LiteRT has no int64 I/O); the runner casts int64 feeds
+with an overflow check. The task, labels, pre-processing and I/O description are embedded
+as flatbuffer metadata named ``edgeship`` (JSON) and repeated in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from edgeship.errors import ExportError, RuntimeMissingError, UnsupportedRecipeError
+from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport, register
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from edgeship.models import LoadedModel
+
+SIGNATURE = "serving_default"
+METADATA_NAME = "edgeship"
+BLOCKS = (32, 64, 128, 256)  # block sizes ai-edge-quantizer offers for int4 weights
+_NOT_LOWERED = re.compile(r"Lowering not found: (\S+)")
+_ORIGIN = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+
+
+@register("tflite")
+class TfliteExporter(Exporter):
+    format: ClassVar[str] = "tflite"
+    suffix: ClassVar[str] = ".tflite"
+    support: ClassVar[tuple[RecipeSupport, ...]] = (
+        RecipeSupport("fp32", "litert-torch convert, static shapes, named serving_default signature"),
+        RecipeSupport("fp16", "float16 weights (float casting), float32 compute on CPU"),
+        RecipeSupport("int8-dynamic", "ai-edge-quantizer dynamic_wi8_afp32: int8 per-channel weights + embeddings"),
+        RecipeSupport("int8-static", "int8 FULLY_CONNECTED calibrated on your data, sensitive layers kept float", True),
+        RecipeSupport("int4-weight", "block-wise 4-bit FULLY_CONNECTED weights, dynamic int8 activations"),
+    )
+
+    @classmethod
+    def check_environment(cls) -> None:
+        missing = []
+        for mod in ("torch", "litert_torch", "ai_edge_quantizer", "ai_edge_litert"):
+            try:
+                __import__(mod)
+            except ImportError:
+                missing.append(mod)
+        if missing:
+            raise RuntimeMissingError(f"the LiteRT exporter needs {', '.join(missing)}: pip install 'edgeship[export]'")
+
+    # ---- fp32 base graph, shared by every recipe of one export ------------------------------
+    def _fp32(self, ctx: ExportContext, recipe: str) -> tuple[Path, dict[str, Any]]:
+        base = ctx.workdir / "tflite-fp32-base.tflite"
+        info_path = ctx.workdir / "tflite-fp32-base.json"
+        if base.is_file():
+            return base, json.loads(info_path.read_text())
+        import torch
+
+        lm = ctx.model
+        wrapper = _signature_module(lm)
+        sample = {s.name: torch.from_numpy(_int32(ctx.heldout[0][s.name])) for s in lm.inputs}
+        with ctx.stage("lower", "tflite", recipe), torch.no_grad():
+            try:
+                edge = _convert(wrapper, sample)
+            except Exception as e:
+                why = explain_unlowered(e, wrapper, sample)
+                if why:
+                    raise ExportError(f"tflite/{recipe}: stage 'lower' failed: {why}") from e
+                raise
+        with ctx.stage("serialize", "tflite", recipe):
+            edge.export(str(base))
+        info = {"layers": fc_layers(base, lm.module, lm.linear_layers()),
+                "shapes": {s.name: list(sample[s.name].shape) for s in lm.inputs}}
+        info_path.write_text(json.dumps(info))
+        return base, info
+
+    def export(self, ctx: ExportContext, recipe: str, out: Path) -> ExportOutput:
+        if self.supports(recipe) is None:
+            raise UnsupportedRecipeError(f"tflite: no recipe '{recipe}' (it offers: {', '.join(self.recipes())})")
+        base, info = self._fp32(ctx, recipe)
+        buf = base.read_bytes()
+        quant: dict[str, Any] = {"recipe": recipe}
+        warnings: list[str] = []
+        if recipe == "fp32":
+            data = buf
+        elif recipe == "fp16":
+            with ctx.stage("quantize", "tflite", recipe):
+                data = _quantize(buf, _fp16_config)
+            quant.update(weights="float16", activations="float32 (fp16 on GPU delegates)")
+        elif recipe == "int8-dynamic":
+            with ctx.stage("quantize", "tflite", recipe):
+                data = _quantize(buf, _dynamic_config)
+            quant.update(weights="int8 symmetric per-channel (FULLY_CONNECTED, CONV) and embedding tables",
+                         activations="int8 dynamic (per inference)", quantizer="ai-edge-quantizer dynamic_wi8_afp32")
+        elif recipe == "int8-static":
+            data, extra = self._static(ctx, buf, info)
+            quant.update(extra)
+        else:
+            data, extra = self._int4(ctx, buf, info)
+            quant.update(extra)
+        meta = _metadata(ctx.model)
+        with ctx.stage("serialize", "tflite", recipe):
+            data = embed_metadata(data, meta)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".part")
+            tmp.write_bytes(data)
+            tmp.replace(out)
+        runtime: dict[str, Any] = {
+            "name": "litert", "options": {}, "signature": SIGNATURE,
+            "input_dtypes": {s.name: _lite_dtype(s.dtype) for s in ctx.model.inputs},
+            "cast": {s.name: "int64 -> int32, refused when a value overflows int32"
+                     for s in ctx.model.inputs if s.dtype == "int64"},
+            "runtimes": ["ai-edge-litert", "tflite-runtime"], "delegates": ["xnnpack (default)"],
+        }
+        npu = ctx.target.preferred_backends("tflite")
+        if npu:
+            runtime["preferred_delegates"] = [r.backend for r in npu]
+            warnings.append("preferred delegate(s) " + ", ".join(r.backend for r in npu) + " are not bundled; pass "
+                            "--option delegate=PATH/TO/DELEGATE.so on the device (the CPU runs it otherwise)")
+        details = {"signatures": {SIGNATURE: {"inputs": [{"name": s.name, "dtype": _lite_dtype(s.dtype),
+                                                         "shape": info["shapes"][s.name]} for s in ctx.model.inputs],
+                                              "outputs": [s.name for s in ctx.model.outputs]}},
+                   "metadata": {"embedded": METADATA_NAME, **meta},
+                   "shapes": {"static": True, "why": "LiteRT signatures are converted with fixed shapes (batch 1, "
+                                                     "the profile's sequence length); pad inputs to it"}}
+        return ExportOutput(path=out, runtime=runtime, quantization=quant, details=details, warnings=warnings)
+
+    # ---- recipes that keep their most sensitive layers in higher precision ---------------------------
+    def _static(self, ctx: ExportContext, buf: bytes, info: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        from ai_edge_quantizer import quantizer
+
+        recipe = "int8-static"
+        calib = {SIGNATURE: [{k: _int32(v) for k, v in f.items()} for f in ctx.calibration]}
+        with ctx.stage("calibrate", "tflite", recipe):
+            q = quantizer.Quantizer(buf)
+            _static_config(q, [])
+            ranges = q.calibrate(calib)
+
+        def build(keep: Sequence[str]) -> bytes:
+            return _quantize(buf, lambda q: _static_config(q, keep), ranges)
+
+        extra = self._searched(ctx, recipe, info, build)
+        extra.update(weights="int8 symmetric per-channel", activations="int8 per-tensor, MinMax calibrated",
+                     ops="FULLY_CONNECTED (int8 in/out); embedding tables int8 (dynamic)",
+                     calibration=ctx.calibration_source, calibration_samples=len(ctx.calibration),
+                     quantizer="ai-edge-quantizer static (FULLY_CONNECTED only)")
+        return extra.pop("_data"), extra
+
+    def _int4(self, ctx: ExportContext, buf: bytes, info: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        block = ctx.target.int4_group_size
+        if block not in BLOCKS:
+            raise UnsupportedRecipeError(f"tflite/int4-weight: block size {block} (target {ctx.target.name}) is not one "
+                                         f"ai-edge-quantizer offers ({', '.join(map(str, BLOCKS))}); use a profile "
+                                         "with int4_group_size 32, or the int8-dynamic recipe")
+        extra = self._searched(ctx, "int4-weight", info, lambda keep: _quantize(buf, lambda q: _int4_config(q, block, keep)))
+        extra["kept_in_int8"] = extra.pop("kept_in_float")
+        extra.update(kept_in_float=[], weights=f"int4 symmetric, block {block} (FULLY_CONNECTED)",
+                     activations="int8 dynamic", embeddings="int8 per-channel")
+        return extra.pop("_data"), extra
+
+    def _searched(self, ctx: ExportContext, recipe: str, info: dict[str, Any],
+                  build: Callable[[Sequence[str]], bytes]) -> dict[str, Any]:
+        """Quantize every linear layer except the fewest most-sensitive ones needed to meet the floor."""
+        from edgeship.sensitivity import rank_layers, search
+
+        lm = ctx.model
+        scope_of: dict[str, str] = info["layers"]  # torch module name -> FULLY_CONNECTED output tensor name
+        if not scope_of:
+            raise ExportError(f"tflite/{recipe}: no FULLY_CONNECTED op could be matched to a linear layer of {lm.name}; "
+                              "use int8-dynamic")
+        with ctx.stage("sensitivity", "tflite", recipe):
+            ranked = rank_layers(lm, ctx.calibration[:16], ctx.heldout[:8], recipe, group_size=ctx.target.int4_group_size,
+                                 layers=[n for n in lm.linear_layers() if n in scope_of])
+        order = [s.layer for s in ranked]
+        floor = ctx.floor(recipe)
+        tries = ctx.workdir / f"tflite-{recipe}-tries"
+        tries.mkdir(exist_ok=True)
+
+        def make(kept: Sequence[str]) -> Path:
+            p = tries / f"kept{len(kept)}.tflite"
+            with ctx.stage("quantize", "tflite", recipe):
+                p.write_bytes(build([scope_of[n] for n in kept]))
+            return p
+
+        with ctx.stage("search", "tflite", recipe):
+            res = search(order, make, lambda p: ctx.evaluate(p, "tflite", {}), floor)
+        higher = "int8 weights" if recipe == "int4-weight" else "float"
+        ctx.log(f"[tflite/{recipe}] kept {len(res.kept)} of {len(order)} linear layers in {higher} "
+                f"(mean cosine {res.fidelity.mean_cosine:.4f}, floor {floor})")
+        return {"_data": Path(res.artifact).read_bytes(), "quantized_layers": len(order) - len(res.kept),
+                "kept_in_float": list(res.kept), "kept_tflite_tensors": [scope_of[n] for n in res.kept],
+                "sensitivity": [s.to_dict() for s in ranked], "search": list(res.attempts), "floor_mean_cosine": floor}
+
+
+# ---- conversion ------------------------------------------------------------------------------------
+def _signature_module(lm: LoadedModel) -> nn.Module:
+    """``forward(**named int32/float inputs) -> {output name: tensor}``: the names become the signature's."""
+    import torch
+
+    class LiteRtSignature(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = lm.module
+
+        def forward(self, **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
+            # the model was written for int64 ids; LiteRT feeds int32 (the converter drops 64-bit types anyway)
+            args = [feeds[s.name].long() if s.dtype == "int64" else feeds[s.name] for s in lm.inputs]
+            res = self.inner(*args)
+            outs = (res,) if isinstance(res, torch.Tensor) else tuple(res)
+            return {s.name: o for s, o in zip(lm.outputs, outs, strict=True)}
+
+    return LiteRtSignature().eval()
+
+
+def _convert(module: nn.Module, sample: dict[str, Any]) -> Any:
+    import logging
+
+    import litert_torch
+
+    logging.getLogger("litert_torch").setLevel(logging.WARNING)
+    return litert_torch.convert(module, sample_kwargs=sample)
+
+
+def explain_unlowered(exc: BaseException, module: nn.Module, sample: dict[str, Any]) -> str | None:
+    """One line naming the op litert-torch has no lowering for, the module it came from, and what to do."""
+    text = "\n".join(str(e) for e in _chain(exc))
+    m = _NOT_LOWERED.search(text)
+    if not m:
+        return None
+    op = m.group(1)
+    base = op.split(".")[1] if op.count(".") >= 2 else op
+    where = _module_of(module, sample, base.lstrip("_"))
+    frames = _ORIGIN.findall(text[text.find("Original traceback"):]) if "Original traceback" in text else []
+    src = f" at {Path(frames[-1][0]).name}:{frames[-1][1]} `{frames[-1][3].strip()}`" if frames else ""
+    return (f"litert-torch has no LiteRT lowering for {op} (in module {where or '?'}{src}); rewrite that code with "
+            "ops LiteRT supports (matmul, elementwise, reductions, conv), or export this model with --format onnx "
+            "or --format pte")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and len(out) < 10:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _module_of(module: nn.Module, sample: dict[str, Any], op_base: str) -> str | None:
+    """The innermost module (qualified name and class) whose graph holds an aten op named ``op_base``."""
+    import torch
+
+    try:
+        ep = torch.export.export(module, (), sample, strict=False)
+        graphs = [ep.graph, ep.run_decompositions().graph]
+    except Exception:
+        return None
+    for g in graphs:
+        for node in g.nodes:
+            if node.op != "call_function":
+                continue
+            name = str(getattr(node.target, "__name__", node.target)).split(".")[0].lstrip("_")
+            if name != op_base:
+                continue
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            if not stack:
+                return "the top-level forward()"
+            path, cls = stack[-1]
+            path = re.sub(r"^(L\['self'\]\.|L__self__\.|self\.)", "", str(path)).replace("inner.", "", 1)
+            cls_name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+            return f"{path} ({str(cls_name).rsplit('.', 1)[-1]})"
+    return None
+
+
+def fc_layers(path: Path, root: nn.Module, layers: Sequence[str]) -> dict[str, str]:
+    """Map torch layer names to the output tensor name of their FULLY_CONNECTED op in ``path``.
+
+    litert-torch names each tensor after the module stack it came from:
+    ``pkg.Class_attr/…/torch.nn.modules.linear.Linear_dense`` (ModuleList/ModuleDict are indexed,
+    never called, so they are absent). ai-edge-quantizer selects ops by these names.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    names = {int(t["index"]): str(t["name"]) for t in it.get_tensor_details()}
+    fc_out = [names.get(int(o["outputs"][0]), "") for o in it._get_ops_details() if o["op_name"] == "FULLY_CONNECTED"]
+    scopes = {layer: sc for layer in layers if (sc := _scope(root, layer))}
+    # a fused op's name lists every source location it absorbed (q/k/v projections share the
+    # query's location): peel off names that match exactly one still-unassigned layer
+    cands = {n: {layer for layer, sc in scopes.items() if any(p.endswith(sc) for p in _pieces(n))} for n in fc_out}
+    out: dict[str, str] = {}
+    changed = True
+    while changed:
+        changed = False
+        for n, left in cands.items():
+            left -= set(out)
+            if len(left) == 1 and n not in out.values():
+                out[left.pop()] = n
+                changed = True
+    return out
+
+
+def _pieces(name: str) -> list[str]:
+    return [p for p in name.split(";") if p and not p.isdigit()]
+
+
+def _scope(root: nn.Module, layer: str) -> str | None:
+    from torch import nn
+
+    segs = []
+    mod: nn.Module | None = root
+    for part in layer.split("."):
+        mod = mod._modules.get(part) if mod is not None else None
+        if mod is None:
+            return None
+        if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
+            continue
+        segs.append(f"{type(mod).__module__}.{type(mod).__qualname__}_{part}")
+    return "/".join(segs)
+
+
+# ---- quantization configs (ai-edge-quantizer) ----------------------------------------------------------
+def _quantize(buf: bytes, configure: Callable[[Any], None], calibration: Any = None) -> bytes:
+    import logging
+
+    from ai_edge_quantizer import quantizer
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    q = quantizer.Quantizer(buf)
+    configure(q)
+    res = q.quantize(calibration, enable_progress_bar=False, enable_progress_report=False)
+    return bytes(res.quantized_model)
+
+
+def _ops() -> Any:
+    from ai_edge_quantizer import qtyping
+
+    return qtyping.TFLOperationName
+
+
+def _fp16_config(q: Any) -> None:
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    q.add_weight_only_config(".*", _ops().ALL_SUPPORTED, 16, algorithm_key=AlgorithmName.FLOAT_CASTING)
+
+
+def _dynamic_config(q: Any) -> None:
+    from ai_edge_quantizer import recipe
+
+    q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+
+
+def _exact(name: str) -> str:
+    return "^" + re.escape(name) + ";$"  # an op's scope is its output names joined by ';' plus a trailing ';'
+
+
+def _static_config(q: Any, keep: Sequence[str]) -> None:
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    ops = _ops()
+    q.add_dynamic_config(".*", ops.EMBEDDING_LOOKUP, 8)
+    q.add_static_config(".*", ops.FULLY_CONNECTED, 8, 8)
+    for name in keep:
+        q.update_quantization_recipe(_exact(name), ops.FULLY_CONNECTED, algorithm_key=AlgorithmName.NO_QUANTIZE)
+
+
+def _int4_config(q: Any, block: int, keep: Sequence[str]) -> None:
+    from ai_edge_quantizer import qtyping
+
+    ops = _ops()
+    q.add_dynamic_config(".*", ops.ALL_SUPPORTED, 8)
+    q.add_dynamic_config(".*", ops.FULLY_CONNECTED, 4, getattr(qtyping.QuantGranularity, f"BLOCKWISE_{block}"))
+    for name in keep:
+        q.add_dynamic_config(_exact(name), ops.FULLY_CONNECTED, 8)
+
+
+# ---- metadata ------------------------------------------------------------------------------------------
+def _metadata(lm: LoadedModel) -> dict[str, Any]:
+    return {"task": lm.task, "model": lm.name, "labels": list(lm.labels) if lm.labels else None,
+            "preprocessing": lm.preprocessing,
+            "inputs": [{**s.to_dict(), "dtype": _lite_dtype(s.dtype)} for s in lm.inputs],
+            "outputs": [s.to_dict() for s in lm.outputs]}
+
+
+def embed_metadata(data: bytes, meta: dict[str, Any]) -> bytes:
+    """Add (or replace) the flatbuffer metadata entry ``edgeship`` holding ``meta`` as JSON."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as fb
+
+    model = fb.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    for b in model.buffers or []:
+        # ai-edge-quantizer stores constants after the flatbuffer (offset/size from the file start);
+        # re-packing moves the end of the flatbuffer, so pull them back inline
+        if b.offset and b.offset > 1:
+            b.data = np.frombuffer(data, dtype=np.uint8, count=b.size, offset=b.offset)
+            b.offset, b.size = 0, 0
+    buf = fb.BufferT()
+    buf.data = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+    model.buffers.append(buf)
+    entry = fb.MetadataT()
+    entry.name = METADATA_NAME
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or []) if _name(m.name) != METADATA_NAME] + [entry]
+    builder = flatbuffers.Builder(len(data) + 4096)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def read_metadata(data: bytes) -> dict[str, Any] | None:
+    """The ``edgeship`` metadata of a ``.tflite`` file's bytes, or None."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    model = fb.Model.GetRootAs(bytearray(data), 0)
+    for i in range(model.MetadataLength()):
+        m = model.Metadata(i)
+        if m is not None and _name(m.Name()) == METADATA_NAME:
+            raw = model.Buffers(m.Buffer())
+            if raw is None:
+                return None
+            doc = json.loads(raw.DataAsNumpy().tobytes().decode())
+            return doc if isinstance(doc, dict) else None
+    return None
+
+
+def _name(n: Any) -> str:
+    return n.decode() if isinstance(n, bytes) else str(n or "")
+
+
+def _lite_dtype(dtype: str) -> str:
+    return "int32" if dtype == "int64" else dtype
+
+
+def _int32(a: np.ndarray) -> np.ndarray:
+    if a.dtype != np.int64:
+        return a
+    info = np.iinfo(np.int32)
+    if a.size and (int(a.min()) < info.min or int(a.max()) > info.max):
+        raise ExportError(f"an example input holds values outside int32 ({int(a.min())}..{int(a.max())}); LiteRT takes "
+                          "int32 integer inputs")
+    return a.astype(np.int32)
+
+
+__all__ = ["TfliteExporter", "embed_metadata", "explain_unlowered", "fc_layers", "read_metadata"]

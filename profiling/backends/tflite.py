@@ -1,0 +1,280 @@
+"""LiteRT (``.tflite``) backend, torch-free.
+
+Uses ``ai_edge_litert.interpreter`` and, where only the older ``tflite_runtime`` package
+is installed (common on Raspberry Pi OS), that one with the same behaviour. Inputs and
+outputs come from the model's signature runner, so they carry the names the exporter gave
+them (``input_ids``, ``attention_mask`` -> ``sentence_embedding``); one interpreter is only
+ever used through its signature runner, never through raw ``invoke()`` as well (LiteRT
+refuses mixing them: "There is at least 1 reference to internal data").
+
+Options (runtime ``options`` in the manifest, or ``--option`` on the command line):
+
+* ``xnnpack`` (bool, default True): LiteRT's default XNNPACK CPU delegate.
+* ``delegate`` (path to a ``.so``): an external delegate (GPU/NPU). :meth:`info` says which
+  ops it took, or why it could not be loaded and that the CPU ran the model instead.
+* ``signature`` (str): which signature to run when the file has several.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edgeship.errors import ArtifactLoadError, InputError, RuntimeMissingError
+from edgeship.profiling.backends import Backend
+from edgeship.spec import TensorSpec
+
+OPTIONS = ("xnnpack", "delegate", "signature")
+IDENTIFIER = b"TFL3"  # flatbuffer file identifier of every LiteRT/TFLite model, at byte 4
+_INT32 = np.iinfo(np.int32)
+
+
+def runtime_module() -> tuple[Any, str, str]:
+    """(interpreter module, package name, version): ai-edge-litert first, then tflite-runtime."""
+    from importlib import metadata
+
+    try:
+        from ai_edge_litert import interpreter as mod
+
+        return mod, "ai-edge-litert", metadata.version("ai-edge-litert")
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime import interpreter as mod
+
+        return mod, "tflite-runtime", metadata.version("tflite-runtime")
+    except ImportError as e:
+        raise RuntimeMissingError(f"no LiteRT runtime is installed ({e}); pip install edgeship (brings ai-edge-litert) "
+                                  "or, on Raspberry Pi OS, pip install tflite-runtime") from None
+
+
+def check_header(path: Path) -> None:
+    """Refuse files that are not a LiteRT flatbuffer before the interpreter sees them."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[4:8] != IDENTIFIER:
+        raise ArtifactLoadError(f"{path}: not a LiteRT/TFLite model (no 'TFL3' identifier at byte 4; the file is "
+                                "corrupt or another format); re-export it with edgeship export --format tflite")
+
+
+def check_bounds(path: Path) -> None:
+    """Refuse a flatbuffer whose tables or constant buffers point past the end of the file.
+
+    ai-edge-litert verifies the flatbuffer, but tflite-runtime 2.14 does not and crashes the
+    whole process (SIGSEGV) on a truncated file, so the runner checks the parts that matter
+    itself: the root table, the subgraphs and every constant buffer (inline or offset/size).
+    """
+    import struct
+
+    data = path.read_bytes()
+    size = len(data)
+
+    def bad(what: str) -> ArtifactLoadError:
+        return ArtifactLoadError(f"{path}: truncated or corrupt LiteRT model ({what} lies outside the {size}-byte file); "
+                                 "re-copy or re-export it")
+
+    def u32(at: int) -> int:
+        if at < 0 or at + 4 > size:
+            raise bad(f"offset {at}")
+        return int(struct.unpack_from("<I", data, at)[0])
+
+    def field(table: int, i: int) -> int:  # absolute position of field i of a table, or 0 when absent
+        vt = table - struct.unpack_from("<i", data, table)[0] if 0 <= table <= size - 4 else -1
+        if vt < 0 or vt + 4 > size:
+            raise bad("a table")
+        vt_len = struct.unpack_from("<H", data, vt)[0]
+        if 4 + 2 * i + 2 > vt_len:
+            return 0
+        off = struct.unpack_from("<H", data, vt + 4 + 2 * i)[0]
+        return table + off if off else 0
+
+    def vector(at: int, what: str) -> tuple[int, int]:  # (start, length) of the vector referenced at ``at``
+        start = at + u32(at)
+        n = u32(start)
+        return start + 4, n
+
+    root = u32(0)
+    for idx, name, elem in ((2, "subgraphs", 4), (4, "buffers", 4)):
+        pos = field(root, idx)
+        if not pos:
+            continue
+        start, n = vector(pos, name)
+        if start + elem * n > size:
+            raise bad(f"the {name} table")
+        if name != "buffers":
+            continue
+        for k in range(n):
+            buf = start + 4 * k + u32(start + 4 * k)
+            d = field(buf, 0)
+            if d:
+                b0, blen = vector(d, "buffer data")
+                if b0 + blen > size:
+                    raise bad(f"constant buffer {k}")
+            o, z = field(buf, 1), field(buf, 2)
+            if o and z:
+                off, ln = struct.unpack_from("<QQ", data, o)[0], struct.unpack_from("<Q", data, z)[0]
+                if off > 1 and off + ln > size:
+                    raise bad(f"constant buffer {k}")
+
+
+def _dtype(t: Any) -> str:
+    return str(np.dtype(t))
+
+
+class TfliteBackend(Backend):
+    format: ClassVar[str] = "tflite"
+    suffix: ClassVar[str] = ".tflite"
+
+    def __init__(self, path: Path, threads: int | None = None, options: Mapping[str, Any] | None = None) -> None:
+        opts = dict(options or {})
+        unknown = sorted(set(opts) - set(OPTIONS))
+        if unknown:
+            raise ArtifactLoadError(f"tflite: unknown runtime option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+        check_header(path)
+        check_bounds(path)
+        mod, self.runtime, self._version = runtime_module()
+        self.path = path
+        self.threads = threads
+        self.xnnpack = _flag(opts.get("xnnpack", True))
+        self.notes: list[str] = []
+        self.delegate_report: dict[str, Any] | None = None
+        delegates = []
+        want = opts.get("delegate")
+        if want:
+            try:
+                delegates.append(mod.load_delegate(str(want)))
+                self.delegate_report = {"path": str(want), "loaded": True}
+            except (ValueError, OSError, AttributeError, RuntimeError) as e:
+                cpu = "XNNPACK CPU" if self.xnnpack else "the reference CPU kernels"
+                why = f"{type(e).__name__}: {_first(e)}"
+                self.delegate_report = {"path": str(want), "loaded": False, "error": why, "ran_on": cpu}
+                self.notes.append(f"delegate {want} could not be loaded ({why}); {cpu} ran the model instead")
+        kwargs: dict[str, Any] = {"model_path": str(path), "num_threads": int(threads) if threads else None}
+        if delegates:
+            kwargs["experimental_delegates"] = delegates
+        if not self.xnnpack:
+            kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        try:
+            self.interpreter = mod.Interpreter(**kwargs)
+        except ValueError as e:  # "The model is not a valid Flatbuffer buffer": truncated or damaged
+            raise ArtifactLoadError(f"{path}: the LiteRT runtime cannot load it ({_first(e)}); the file is corrupt or "
+                                    "truncated; re-copy or re-export it") from None
+        except RuntimeError as e:  # an op the installed runtime has no kernel for, or a delegate that failed
+            raise ArtifactLoadError(f"{path}: the LiteRT runtime ({self.runtime} {self._version}) cannot prepare it "
+                                    f"({_first(e)}); update the runtime or re-export") from None
+        sigs = self.interpreter.get_signature_list()
+        if not sigs:
+            raise ArtifactLoadError(f"{path}: the model has no signature; edgeship runs models whose inputs and outputs "
+                                    "are named (re-export it with edgeship export --format tflite)")
+        key = str(opts.get("signature") or ("serving_default" if "serving_default" in sigs else sorted(sigs)[0]))
+        if key not in sigs:
+            raise ArtifactLoadError(f"{path}: no signature '{key}' (it has {', '.join(sorted(sigs))})")
+        self.signature = key
+        self.runner = self.interpreter.get_signature_runner(key)
+        ins = sorted(self.runner.get_input_details().items(), key=lambda kv: int(kv[1]["index"]))
+        self.inputs = tuple(TensorSpec(name, _dtype(d["dtype"]), _shape(d)) for name, d in ins)
+        outs = sorted(self.runner.get_output_details().items(), key=lambda kv: int(kv[1]["index"]))
+        self.outputs = tuple(name for name, _ in outs)
+        self.quantized_io = {name: d["quantization"] for name, d in (*ins, *outs)
+                             if d.get("quantization") and d["quantization"][0]}
+        if want and self.delegate_report and self.delegate_report["loaded"]:
+            self.delegate_report.update(self._delegation(mod, str(want)))
+
+    # ---- feeds ------------------------------------------------------------------------------------
+    def adapt_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """int64 token ids -> int32 (LiteRT's integer type), refusing values that would overflow."""
+        out = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+        for s in self.inputs:
+            v = out.get(s.name)
+            if v is None or s.dtype != "int32" or v.dtype != np.int64:
+                continue
+            if v.size and (int(v.min()) < _INT32.min or int(v.max()) > _INT32.max):
+                raise InputError(f"input '{s.name}': values up to {int(v.max())} do not fit int32, the model's integer "
+                                 "type (LiteRT has no int64 inputs); check the token ids")
+            out[s.name] = v.astype(np.int32)
+        return super().adapt_feeds(out)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            res = self.runner(**feeds)
+        except (ValueError, RuntimeError) as e:  # shapes the static graph cannot take
+            raise InputError(f"{self.path.name}: LiteRT refused the inputs ({_first(e)}); the model takes "
+                             + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in self.inputs)) from None
+        return {n: np.array(res[n]) for n in self.outputs}
+
+    # ---- reporting ---------------------------------------------------------------------------------
+    def _delegation(self, mod: Any, lib: str) -> dict[str, Any]:
+        """Which original ops the delegate's partitions replaced (walked back from their outputs to their inputs).
+
+        Measured on a second interpreter with only that delegate (no XNNPACK, whose partitions
+        would be indistinguishable); the Python wrapper exposes no execution plan, so the
+        replaced ops are recovered from the DELEGATE nodes' boundary tensors.
+        """
+        probe = mod.Interpreter(model_path=str(self.path), experimental_delegates=[mod.load_delegate(lib)],
+                                experimental_op_resolver_type=mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        probe.allocate_tensors()
+        return delegation_summary(probe._get_ops_details(), lib)
+
+    def info(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "runtime": self.runtime,
+            "runtime_version": self._version,
+            "threads": self.threads,
+            "xnnpack": self.xnnpack,
+            "signature": self.signature,
+            "notes": list(self.notes),
+        }
+        if self.delegate_report is not None:
+            d["delegate"] = dict(self.delegate_report)
+        if self.quantized_io:
+            d["quantized_io"] = {k: {"scale": float(v[0]), "zero_point": int(v[1])} for k, v in self.quantized_io.items()}
+        return d
+
+
+def delegation_summary(ops: list[dict[str, Any]], label: str) -> dict[str, Any]:
+    """Which original ops the DELEGATE nodes of an interpreter replaced, from ``_get_ops_details()``.
+
+    The node list holds the original ops plus one DELEGATE node per partition; the ops a
+    partition replaced are those between its input and output tensors (walked backwards).
+    """
+    original = [o for o in ops if o["op_name"] != "DELEGATE"]
+    parts = [o for o in ops if o["op_name"] == "DELEGATE"]
+    producer = {int(t): o for o in original for t in o["outputs"]}
+    taken: collections.Counter[str] = collections.Counter()
+    seen: set[int] = set()
+    for p in parts:
+        stop = {int(t) for t in p["inputs"]}
+        todo = [int(t) for t in p["outputs"]]
+        while todo:
+            t = todo.pop()
+            op = producer.get(t)
+            if t in stop or op is None or int(op["index"]) in seen:
+                continue
+            seen.add(int(op["index"]))
+            taken[op["op_name"]] += 1
+            todo.extend(int(i) for i in op["inputs"] if i >= 0)
+    left = collections.Counter(o["op_name"] for o in original if int(o["index"]) not in seen)
+    return {"partitions": len(parts), "ops_total": len(original), "ops_taken": sum(taken.values()),
+            "taken_by_op": dict(taken), "left_on_cpu_by_op": dict(left),
+            "note": f"{label}: {sum(taken.values())} of {len(original)} ops in {len(parts)} partition(s)"}
+
+
+def _shape(detail: Mapping[str, Any]) -> tuple[int | str, ...]:
+    sig = detail.get("shape_signature")
+    dims = sig if sig is not None and len(sig) else detail["shape"]
+    return tuple(int(x) if int(x) >= 0 else f"dim{i}" for i, x in enumerate(dims))
+
+
+def _flag(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() not in ("0", "false", "no", "off")
+    return bool(v)
+
+
+def _first(e: BaseException) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:300]

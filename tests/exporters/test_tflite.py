@@ -1,0 +1,129 @@
+"""LiteRT exporter on tiny random-init models: recipes, signatures, metadata, bad inputs, torch-free profiling."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeship.errors import ExportError, UnsupportedRecipeError
+from edgeship.export import export
+from edgeship.exporters.tflite import read_metadata
+from edgeship.manifest import load_bundle
+from edgeship.profiling import backends
+from edgeship.targets import get_profile
+
+pytestmark = pytest.mark.needs_export
+QUIET = {"log": lambda m: None}
+
+
+@pytest.fixture(scope="module")
+def tiny_tflite_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tflite") / "b"
+    export(tiny_bert_dir, target="raspberry-pi-5", out=out, formats=["tflite"],
+           recipes=["fp32", "fp16", "int8-dynamic", "int4-weight"], **QUIET)
+    return out
+
+
+def test_recipes_checked_and_described(tiny_tflite_bundle: Path) -> None:
+    m = load_bundle(tiny_tflite_bundle).manifest
+    arts = {a.recipe: a for a in m.artifacts}
+    assert set(arts) == {"fp32", "fp16", "int8-dynamic", "int4-weight"}
+    for a in arts.values():
+        assert a.path.endswith(".tflite") and a.fidelity is not None and a.fidelity.passed
+        assert a.runtime["name"] == "litert" and a.runtime["signature"] == "serving_default"
+        assert a.runtime["input_dtypes"] == {"input_ids": "int32", "attention_mask": "int32"}
+        assert "overflow" in a.runtime["cast"]["input_ids"]
+        assert {"lower", "serialize", "validate"} <= set(a.stages) or a.recipe != "fp32"
+    assert arts["fp32"].fidelity.mean_cosine > 0.9999
+    # the tiny model is mostly embedding tables: int8 shrinks them, int4 FC weights shrink it a bit more
+    assert arts["int8-dynamic"].size_bytes < 0.8 * arts["fp32"].size_bytes
+    assert arts["int4-weight"].size_bytes < arts["int8-dynamic"].size_bytes
+    assert arts["fp16"].quantization["weights"] == "float16"
+    q4 = arts["int4-weight"].quantization
+    assert q4["weights"] == "int4 symmetric, block 32 (FULLY_CONNECTED)" and "kept_in_int8" in q4
+    assert q4["quantized_layers"] + len(q4["kept_in_int8"]) == 12  # every linear layer was matched to its op
+
+
+def test_signature_and_embedded_metadata_match_the_bundle(tiny_tflite_bundle: Path) -> None:
+    bundle = load_bundle(tiny_tflite_bundle)
+    m = bundle.manifest
+    for a in m.artifacts:
+        path = bundle.path_of(a)
+        b = backends.load(path)
+        assert [s.name for s in b.inputs] == [s.name for s in m.inputs]
+        assert list(b.outputs) == [s.name for s in m.outputs] == ["sentence_embedding"]
+        assert all(s.dtype == "int32" for s in b.inputs)
+        meta = read_metadata(path.read_bytes())
+        assert meta is not None and meta["task"] == "feature-extraction"
+        assert [i["dtype"] for i in meta["inputs"]] == ["int32", "int32"]
+        assert meta["preprocessing"] == m.preprocessing
+        sig = a.details["signatures"]["serving_default"]
+        assert [i["name"] for i in sig["inputs"]] == ["input_ids", "attention_mask"]
+        assert a.details["metadata"]["embedded"] == "edgeship" and a.details["metadata"]["task"] == meta["task"]
+        with np.load(tiny_tflite_bundle / "samples/inputs.npz") as z:  # the bundle's int64 samples run as they are
+            out = b.run(b.adapt_feeds({k: z[k][:1] for k in z.files}))
+        assert out["sentence_embedding"].shape == (1, 32)
+
+
+def test_int8_static_calibrated_with_labels(tiny_bert_cls_dir: Path, tmp_path: Path) -> None:
+    r = export(tiny_bert_cls_dir, target="raspberry-pi-5", out=tmp_path / "cls", formats=["tflite"],
+               recipes=["int8-static"], **QUIET)
+    (a,) = r.manifest.artifacts
+    q = a.quantization
+    assert q["activations"].endswith("calibrated") and q["calibration_samples"] > 0 and "built-in" in q["calibration"]
+    assert q["quantized_layers"] + len(q["kept_in_float"]) == len(q["sensitivity"]) > 0
+    assert q["search"][0]["kept"] == 0 and q["floor_mean_cosine"] == 0.99
+    assert a.fidelity.passed and a.fidelity.top1_agreement is not None
+    meta = read_metadata((r.bundle / a.path).read_bytes())
+    assert meta is not None and meta["labels"] == ["negative", "neutral", "positive"]
+    assert a.details["metadata"]["labels"] == meta["labels"]
+
+
+def test_block_size_the_quantizer_lacks(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    prof = dataclasses.replace(get_profile("raspberry-pi-5"), int4_group_size=48)
+    with pytest.raises(UnsupportedRecipeError, match=r"tflite/int4-weight: block size 48 .* \(32, 64, 128, 256\)"):
+        export(tiny_bert_dir, target=prof, out=tmp_path / "x", formats=["tflite"], recipes=["int4-weight"], **QUIET)
+    assert not (tmp_path / "x").exists()
+
+
+def test_op_without_lowering_names_op_and_module(tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    class Volume(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.det(x)  # no LiteRT lowering
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.volume = Volume()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.volume(self.lin(x))
+
+    with pytest.raises(ExportError) as ei:
+        export(Net(), example_inputs={"x": np.ones((1, 4, 4), np.float32)}, target="raspberry-pi-5",
+               out=tmp_path / "x", formats=["tflite"], recipes=["fp32"], **QUIET)
+    msg = str(ei.value)
+    assert msg.startswith("tflite/fp32: stage 'lower' failed: litert-torch has no LiteRT lowering for aten._linalg_det")
+    assert "in module volume (Volume)" in msg and "test_tflite.py:" in msg and "torch.linalg.det(x)" in msg
+    assert "--format onnx" in msg and "\n" not in msg
+    assert not (tmp_path / "x").exists()
+
+
+def test_profile_runs_torch_free(tiny_tflite_bundle: Path, tmp_path: Path) -> None:
+    from edgeship.profiling.runner import profile
+
+    res = profile(tiny_tflite_bundle, artifact="tflite/int8-dynamic", runs=5, min_seconds=0.05, warmup=1,
+                  energy="estimate", progress=False, json_path=tmp_path / "r.json")
+    (r,) = res.results
+    assert r["status"] == "ok", r.get("error")
+    assert r["torch_free"] is True and r["runtime"]["runtime"] == "ai-edge-litert"
+    assert r["input_shapes"] == {"input_ids": [1, 128], "attention_mask": [1, 128]}
+    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["latency"]["count"] >= 5
