@@ -5,6 +5,8 @@
     python benchmarks/bench_minilm.py --bundle B               # time an existing bundle
     python benchmarks/bench_minilm.py --formats pte --target galaxy-s24 --recipes fp32 int8-dynamic int4-weight
                                                                # the ExecuTorch (.pte, XNNPACK) rows
+    python benchmarks/bench_minilm.py --formats tflite --target raspberry-pi-5 \
+        --recipes fp32 fp16 int8-dynamic int8-static int4-weight   # every LiteRT (.tflite) recipe
 
 Timing is interleaved (round-robin over candidates, several rounds) so that background load
 on a shared machine hits every candidate alike; each figure is the median over all rounds.
