@@ -200,6 +200,7 @@ class Recorder:
             joules_per_inference_gross=w.joules / inferences, joules_per_inference_net=net,
             avg_watts=w.watts, idle_watts=idle_w, idle_source=idle_source, joules_total=w.joules, duration_s=w.seconds,
             inferences=inferences, samples=w.samples, idle_samples=sum(iw.samples for iw in self.idle_windows),
-            resolution_j=w.resolution_j, sampler_cpu_s=sampler_cpu,
-            sampler_cpu_fraction=w.sampler_cpu_s / w.seconds if w.seconds > 0 else None, warnings=tuple(warnings),
+            resolution_j=w.resolution_j, sampler_cpu_s=None if self.meter.estimated else sampler_cpu,
+            sampler_cpu_fraction=w.sampler_cpu_s / w.seconds if w.seconds > 0 and not self.meter.estimated else None,
+            warnings=tuple(warnings),
         )

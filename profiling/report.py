@@ -96,4 +96,24 @@ def render(result: Mapping[str, Any]) -> str:
     reasons = sorted({e.get("reason", "") for e in energy if e.get("reason")})
     if reasons:
         foot += f" - {reasons[0]}"
-    return "\n".join([head, table(rows, HEADER), foot])
+    lines = [head, table(rows, HEADER), foot]
+    lines += [f"  {r.get('artifact', '?')}: {energy_detail(r['energy'])}" for r in result.get("results", [])
+              if (r.get("energy") or {}).get("available")]
+    return "\n".join(lines)
+
+
+def energy_detail(e: Mapping[str, Any]) -> str:
+    """Gross and net mJ/inference, average and idle watts: the figures behind the table's one energy cell."""
+    text = f"gross {_fmt(_mj(e.get('joules_per_inference_gross')), '.2f')} mJ"
+    if e.get("joules_per_inference_net") is not None:
+        text += f", net {_fmt(_mj(e.get('joules_per_inference_net')), '.2f')} mJ"
+    text += f", {_fmt(e.get('avg_watts'), '.2f')} W avg"
+    if e.get("idle_watts") is not None:
+        text += f" (idle {e['idle_watts']:.2f} W, {e.get('idle_source') or '?'})"
+    if e.get("samples") and not e.get("estimated"):
+        text += f", {e['samples']} samples"
+    return text + (" [estimate]" if e.get("estimated") else "")
+
+
+def _mj(j: float | None) -> float | None:
+    return None if j is None else j * 1000

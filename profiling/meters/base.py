@@ -14,6 +14,7 @@ test points a meter at a fixture tree and a recorded ``vcgencmd`` output instead
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import threading
 import time
@@ -35,17 +36,39 @@ MIN_SAMPLES = 10
 UJ_PER_J = 1_000_000
 
 
+_CHILD_CPU = threading.local()  # CPU seconds of the commands this thread ran (the sampler's vcgencmd calls)
+
+
+def child_cpu_s() -> float:
+    """CPU time of the device tools run by :func:`run_command` from the calling thread so far."""
+    return float(getattr(_CHILD_CPU, "seconds", 0.0))
+
+
 def run_command(argv: Sequence[str]) -> str:
-    """Run a device tool (``vcgencmd``) and return its stdout; every failure is a :class:`MeterError`."""
+    """Run a device tool (``vcgencmd``) and return its stdout; every failure is a :class:`MeterError`.
+
+    The child is reaped with ``wait4`` so its own CPU time is known and can be charged to the sampler.
+    """
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
+        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except FileNotFoundError:
         raise MeterError(f"`{argv[0]}` not found on PATH") from None
-    except (subprocess.TimeoutExpired, OSError) as e:
+    except OSError as e:
         raise MeterError(f"`{' '.join(argv)}` failed: {e}") from None
+    timer = threading.Timer(10.0, proc.kill)  # a hung firmware call must not hang the run
+    timer.start()
+    try:
+        out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    _CHILD_CPU.seconds = child_cpu_s() + usage.ru_utime + usage.ru_stime
     if proc.returncode != 0:
-        raise MeterError(f"`{' '.join(argv)}` exited with code {proc.returncode}: {proc.stderr.strip()[:200]}")
-    return proc.stdout
+        raise MeterError(f"`{' '.join(argv)}` exited with code {proc.returncode}: {err.strip()[:200]}")
+    return out
 
 
 class SysRoot:
@@ -168,7 +191,8 @@ def counter_delta(prev: int, cur: int, wrap: int | None, dt_s: float, where: str
 class Sampler:
     """Calls ``read()`` at ``hz`` on a daemon thread; the first and last reads happen in start()/stop().
 
-    The thread's own CPU time (``time.thread_time``) is the sampler cost reported with the result.
+    The thread's own CPU time (``time.thread_time``) plus the CPU time of the tools it ran (``vcgencmd``)
+    is the sampler cost reported with the result.
     """
 
     def __init__(self, read: Callable[[], Any], hz: float, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -187,7 +211,7 @@ class Sampler:
         self._thread.start()
 
     def _loop(self) -> None:
-        cpu0 = time.thread_time()
+        cpu0 = time.thread_time() + child_cpu_s()
         due = self.readings[0][0] + self.period
         try:
             while not self._stop.wait(max(0.0, due - self.clock())):
@@ -197,7 +221,7 @@ class Sampler:
             self.error = e
         except Exception as e:  # a sensor returning something unexpected must not kill the run
             self.error = MeterError(f"sensor read failed: {type(e).__name__}: {e}")
-        self.cpu_s = time.thread_time() - cpu0
+        self.cpu_s = time.thread_time() + child_cpu_s() - cpu0
 
     def stop(self) -> list[tuple[float, Any]]:
         self._stop.set()

@@ -162,3 +162,28 @@ def test_csv_log_that_misses_the_run_still_completes(tiny_onnx_bundle: Path) -> 
     assert r["energy"]["available"] is False and "does not overlap the run" in r["energy"]["reason"]
     assert any("run extended" in w for w in r["warnings"])  # 10 rows of a 10 Hz log = 1 s minimum
     assert r["measured_seconds"] >= 1.0
+
+
+def test_command_runner_charges_the_tools_cpu_to_the_calling_thread() -> None:
+    from edgeship.profiling.meters.base import child_cpu_s, run_command
+
+    before = child_cpu_s()
+    text = run_command(["cat", str(FIXTURES / "rpi5/pmic_read_adc.txt")])
+    assert text.startswith(" 3V7_WL_SW_A current(0)=0.00000000A") and child_cpu_s() > before
+    with pytest.raises(MeterError, match="exited with code 1"):
+        run_command(["false"])
+    with pytest.raises(MeterError, match="not found on PATH"):
+        run_command(["edgeship-no-such-tool"])
+
+
+def test_report_shows_gross_net_watts_and_source() -> None:
+    from edgeship.profiling import report
+
+    e = EnergyResult(source="rpi5-pmic", estimated=False, reason="rpi5-pmic: Pi 5 PMIC ADC", available=True,
+                     joules_per_inference_gross=0.012, joules_per_inference_net=0.004, avg_watts=6.1, idle_watts=4.1,
+                     idle_source="measured", samples=41).to_dict()
+    run = {"device": {}, "results": [{"artifact": "onnx/fp32", "status": "ok", "energy": e,
+                                      "telemetry": {"throttled": True}}]}
+    text = report.render(run)
+    assert "4.00" in text.splitlines()[3] and "THROTTLED" in text and "energy: rpi5-pmic -" in text
+    assert "onnx/fp32: gross 12.00 mJ, net 4.00 mJ, 6.10 W avg (idle 4.10 W, measured), 41 samples" in text
