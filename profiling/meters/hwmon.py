@@ -10,6 +10,10 @@ from edgeship.errors import MeterError
 from edgeship.profiling.meters.base import METERS, Availability, MeterContext, PolledMeter
 
 _INDEX = re.compile(r"^(power|in|curr|energy)(\d+)_(input|average)$")
+# Drivers whose power reading describes the board or the CPU: INA2xx-style shunt monitors, the ACPI power
+# meter (whole system) and the Zen energy drivers. A GPU's own hwmon (amdgpu, nouveau) would present GPU-only
+# power as the machine's, so it is not used.
+BOARD_SENSORS = ("ina", "power_meter", "zenergy", "amd_energy")
 
 
 @METERS.register("hwmon")
@@ -27,6 +31,7 @@ class HwmonMeter(PolledMeter):
     def available(self) -> Availability:
         sysfs = self.ctx.sys
         found: list[tuple[int, Path, str]] = []
+        skipped: list[str] = []
         try:
             for d in sysfs.glob("sys/class/hwmon/hwmon*"):
                 if not (d / "name").exists():
@@ -36,6 +41,9 @@ class HwmonMeter(PolledMeter):
                     continue
                 files = {m.group(0): m for f in d.iterdir() if (m := _INDEX.match(f.name))}
                 if not any(k.startswith(("power", "energy")) or k.startswith("curr") for k in files):
+                    continue
+                if not name.startswith(BOARD_SENSORS):
+                    skipped.append(name)
                     continue
                 found.append((0 if name.startswith("ina") else 1, d, name))  # dedicated power monitors first
         except (MeterError, OSError) as e:
@@ -49,7 +57,9 @@ class HwmonMeter(PolledMeter):
                     return Availability(False, str(e))
                 what = "power" if self.mode == "power" else "energy counter"
                 return Availability(True, f"hwmon {what} sensor {self.device}")
-        return Availability(False, f"no hwmon power, V x I or energy sensor under {sysfs.path('sys/class/hwmon')}")
+        also = f" (skipped {', '.join(skipped)}: not a board or CPU power sensor)" if skipped else ""
+        return Availability(False, f"no hwmon power, V x I or energy sensor under {sysfs.path('sys/class/hwmon')}"
+                            + also)
 
     def _probe(self, d: Path) -> bool:
         names = {f.name for f in d.iterdir()}

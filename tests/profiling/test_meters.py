@@ -170,6 +170,10 @@ def test_hwmon_bad_values(tmp_path: Path) -> None:
     power.write_text("\x00\x01garbage\n")
     assert "expected an integer" in HwmonMeter(MeterContext(root=root)).available().reason
     # the Jetson INA3221 is left to the jetson meter (its channels overlap VDD_IN)
+    # a GPU's own power sensor is not the board's
+    shutil.rmtree(root / "sys/devices/platform/soc/fe804000.i2c/i2c-1/1-0040/hwmon/hwmon2")
+    why = HwmonMeter(MeterContext(root=root)).available()
+    assert not why.ok and "skipped amdgpu" in why.reason
     jroot = tree("jetson-jp6", tmp_path)
     assert not HwmonMeter(MeterContext(root=jroot)).available().ok
     assert "no hwmon power" in HwmonMeter(MeterContext(root=tmp_path / "none")).available().reason
