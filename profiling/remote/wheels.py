@@ -174,7 +174,10 @@ def edgeship_wheel(log: Log = print) -> tuple[Path, str]:
         for d in _SOURCE_DIRS:
             shutil.copytree(root / d, src / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         out = Path(td, "out")
-        _pip(["wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)], "building the edgeship wheel")
+        try:  # this environment's setuptools first: no index needed
+            _pip(["wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)], "building the edgeship wheel")
+        except DeviceError:  # too old a setuptools here: let pip fetch the build backend pyproject asks for
+            _pip(["wheel", "-q", "--no-deps", "-w", str(out), str(src)], "building the edgeship wheel")
         built = sorted(out.glob("edgeship-*.whl"))
         dest.mkdir(parents=True, exist_ok=True)
         shutil.copy2(built[0], dest / built[0].name)
