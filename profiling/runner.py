@@ -58,6 +58,9 @@ class RunConfig:
                               "0 <= min <= max and max > 0")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if self.idle_seconds < 0 or not self.sample_hz > 0:
+            raise ConfigError(f"--idle-seconds {self.idle_seconds} / --sample-hz {self.sample_hz}: need idle >= 0 "
+                              "and a sampling rate > 0")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -28,7 +28,8 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="size of dynamic dims for synthesised inputs, e.g. input_ids=1x128 (repeatable)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="runtime option, e.g. graph_optimization=all, delegate=/path/libdelegate.so")
-    p.add_argument("--energy", default="auto", help="auto (best real meter, else estimate), estimate, off, or a meter name")
+    p.add_argument("--energy", default="auto", help="auto (best real meter, else estimate), estimate, off, or a meter: csv, jetson, "
+                   "rpi5-pmic, android-odpm, hwmon, rapl, android-battery")
     p.add_argument("--idle-seconds", type=float, default=1.0, help="idle power window before and after the run")
     p.add_argument("--sample-hz", type=float, default=10.0, help="power meter sampling rate")
     p.add_argument("--energy-csv", help="log of an external USB power meter (csv meter)")

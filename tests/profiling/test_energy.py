@@ -187,3 +187,21 @@ def test_report_shows_gross_net_watts_and_source() -> None:
     text = report.render(run)
     assert "4.00" in text.splitlines()[3] and "THROTTLED" in text and "energy: rpi5-pmic -" in text
     assert "onnx/fp32: gross 12.00 mJ, net 4.00 mJ, 6.10 W avg (idle 4.10 W, measured), 41 samples" in text
+
+
+def test_meters_and_telemetry_import_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfor n in ('torch', 'transformers', 'executorch'): sys.modules[n] = None\n"
+            "import edgeship.profiling.energy, edgeship.profiling.telemetry, edgeship.profiling.meters\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bad_energy_options_are_config_errors() -> None:
+    from edgeship.profiling.runner import RunConfig
+
+    with pytest.raises(ConfigError, match="--sample-hz 0"):
+        RunConfig(sample_hz=0)
+    with pytest.raises(ConfigError, match="--idle-seconds -1"):
+        RunConfig(idle_seconds=-1)
