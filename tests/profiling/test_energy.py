@@ -205,3 +205,34 @@ def test_bad_energy_options_are_config_errors() -> None:
         RunConfig(sample_hz=0)
     with pytest.raises(ConfigError, match="--idle-seconds -1"):
         RunConfig(idle_seconds=-1)
+
+
+def test_worker_with_a_real_meter_tree_extends_the_run_and_measures_idle(
+        tiny_onnx_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole worker path in-process, with sysfs and vcgencmd pointed at fixture trees (INA219 + Pi throttling)."""
+    import functools
+
+    from edgeship.profiling import energy, telemetry, worker
+
+    root = tmp_path / "dev"
+    shutil.copytree(FIXTURES / "hwmon-ina219", root, symlinks=True)
+    shutil.copytree(FIXTURES / "rpi5/sys", root / "sys", dirs_exist_ok=True)
+    throttled = iter([(FIXTURES / f"rpi5/get_throttled_{v}.txt").read_text() for v in ("0x0", "0x50005")])
+
+    def vcgencmd(argv: object) -> str:
+        return next(throttled, (FIXTURES / "rpi5/get_throttled_0x50005.txt").read_text())
+
+    monkeypatch.setattr(worker.energy, "MeterContext", functools.partial(energy.MeterContext, root=root))
+    monkeypatch.setattr(worker.telemetry, "Telemetry", functools.partial(telemetry.Telemetry, root, run=vcgencmd))
+    res = profile(tiny_onnx_bundle, artifact="onnx/int8-dynamic", runs=2, min_seconds=0.0, warmup=0, progress=False,
+                  energy="auto", idle_seconds=0.2, sample_hz=20, isolate=False)
+    (r,) = res.results
+    assert r["status"] == "ok", r.get("error")
+    e = r["energy"]
+    assert e["source"] == "hwmon" and e["estimated"] is False and e["idle_source"] == "measured"
+    assert e["avg_watts"] == pytest.approx(2.0896, rel=1e-9) and e["idle_watts"] == pytest.approx(2.0896, rel=1e-9)
+    assert e["joules_per_inference_gross"] == pytest.approx(2.0896 * e["duration_s"] / e["inferences"], rel=1e-9)
+    assert e["samples"] >= 10 and e["idle_samples"] >= 2 * 4 and e["sampler_cpu_s"] >= 0
+    assert r["measured_seconds"] >= 0.5 and any("run extended to 0.50 s" in w for w in r["warnings"])
+    assert r["telemetry"]["throttled"] is True and r["telemetry"]["pi_throttled"]["end"] == "0x50005"
+    assert r["telemetry"]["cpufreq"]["cpu0"]["hw_max_khz"] == 2400000
