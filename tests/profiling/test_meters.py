@@ -330,5 +330,9 @@ def test_auto_prefers_real_meters_and_forced_unavailable_fails(tmp_path: Path) -
     r = Recorder.create("auto", x86, "test", MeterContext(root=tmp_path / "empty", run=vcgencmd()))
     assert r.meter is not None and r.meter.estimated and "no real power meter found" in r.reason
     assert "rapl: no RAPL zones" in r.reason
+    log = tmp_path / "wall.csv"
+    log.write_text("timestamp,watts\n" + "".join(f"{time.time() + i * 0.1:.2f},3.1\n" for i in range(5)))
+    r = Recorder.create("auto", x86, "test", MeterContext(root=tree("rapl", tmp_path / "r2"), csv_path=str(log)))
+    assert r.meter is not None and r.meter.name == "csv" and "external power meter log" in r.reason  # wall power wins
     with pytest.raises(MeterError, match="--energy jetson: meter not available here: no INA3221"):
         Recorder.create("jetson", x86, "test", MeterContext(root=tmp_path / "empty"))
