@@ -44,8 +44,8 @@ def test_recipes_checked_and_described(tiny_tflite_bundle: Path) -> None:
     assert arts["int4-weight"].size_bytes < arts["int8-dynamic"].size_bytes
     assert arts["fp16"].quantization["weights"] == "float16"
     q4 = arts["int4-weight"].quantization
-    assert q4["weights"] == "int4 symmetric, block 32 (FULLY_CONNECTED)" and "kept_in_int8" in q4
-    assert q4["quantized_layers"] + len(q4["kept_in_int8"]) == 12  # every linear layer was matched to its op
+    assert q4["weights"] == "int4 symmetric, block 32 (FULLY_CONNECTED)" and q4["floor_mean_cosine"] == 0.97
+    assert q4["quantized_layers"] + len(q4["kept_in_float"]) == 12  # every linear layer was matched to its op
 
 
 def test_signature_and_embedded_metadata_match_the_bundle(tiny_tflite_bundle: Path) -> None:
