@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+
 from edgeship.errors import RuntimeMissingError, UnsupportedRecipeError
 from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport, register
 from edgeship.manifest import Fidelity
@@ -365,7 +367,9 @@ def _searched(ctx: ExportContext, recipe: str, make: Callable[[Sequence[str]], n
     """Quantize every layer except the fewest most-sensitive ones needed to meet the floor.
 
     Scored first on the quantized PyTorch graph (cheap), then confirmed on the real artifact;
-    if the artifact misses the floor, more layers are kept, scored on real artifacts.
+    if the artifact misses the floor, more layers are kept, scored on real artifacts. Int8
+    embeddings are dropped (and the reason recorded) when they, not the layers, cost the
+    accuracy: on the PyTorch graph, or on the runtime (non-finite outputs).
     """
     from edgeship.fidelity import compare
     from edgeship.sensitivity import rank_layers, search
@@ -385,31 +389,49 @@ def _searched(ctx: ExportContext, recipe: str, make: Callable[[Sequence[str]], n
                 got.append((res[0] if isinstance(res, (tuple, list)) else res).detach().float().numpy())
         return compare(refs, got, out_name, floor, classifier=lm.classifier)
 
+    def note(f: Fidelity, scored_on: str, kept_n: int, **extra: Any) -> None:
+        attempts.append({"kept": kept_n, "mean_cosine": f.mean_cosine, "min_cosine": f.min_cosine,
+                         "scored_on": scored_on, **extra})
+
+    def rank() -> list[Any]:
+        with ctx.stage("sensitivity", "pte", recipe):
+            return rank_layers(lm, ctx.calibration[:16], ctx.heldout[:8], recipe,
+                               group_size=ctx.target.int4_group_size, layers=candidates)
+
     candidates = list(_linear_layers(lm.module)) if recipe == "int4-weight" else lm.linear_layers()
     ranked: list[Any] = []
-    order: list[str] = []
     attempts: list[dict[str, Any]] = []
+    emb_note = None
     with ctx.stage("quantize", "pte", recipe):
         first = proxy(make([]))
-    attempts.append({"kept": 0, "mean_cosine": first.mean_cosine, "min_cosine": first.min_cosine, "scored_on": "pytorch"})
+    note(first, "pytorch", 0)
+    if first.mean_cosine < floor and state["emb"]:
+        state["emb"] = False
+        with ctx.stage("quantize", "pte", recipe):
+            no_emb = proxy(make([]))
+        note(no_emb, "pytorch", 0, embeddings="float")
+        if no_emb.mean_cosine - first.mean_cosine > (1.0 - first.mean_cosine) / 2:  # embeddings were most of the loss
+            emb_note = (f"float: int8 embeddings alone took the quantized PyTorch graph from mean cosine "
+                        f"{no_emb.mean_cosine:.4f} to {first.mean_cosine:.4f}; kept in float")
+            first = no_emb
+        else:
+            state["emb"] = True
     kept: tuple[str, ...] = ()
+    proxy_fid = first
     if first.mean_cosine < floor:
-        with ctx.stage("sensitivity", "pte", recipe):
-            ranked = rank_layers(lm, ctx.calibration[:16], ctx.heldout[:8], recipe,
-                                 group_size=ctx.target.int4_group_size, layers=candidates)
-        order = [s.layer for s in ranked]
+        ranked = rank()
         with ctx.stage("search", "pte", recipe):
-            res = search(order, make, proxy, floor)
-        kept = res.kept
+            res = search([s.layer for s in ranked], make, proxy, floor)
+        kept, proxy_fid = res.kept, res.fidelity
         attempts += [{**a, "scored_on": "pytorch"} for a in res.attempts if a["kept"] != 0]
+
     tries = ctx.workdir / f"pte-{recipe}-tries"
     tries.mkdir(exist_ok=True)
     built: dict[Path, dict[str, Any]] = {}
     paths: dict[tuple[Any, ...], Path] = {}
     scores: dict[Path, Fidelity] = {}
-    emb_note = None
 
-    def build(extra: Sequence[str]) -> Path:  # memoised: search() re-asks for k=0 after the confirm build
+    def build(extra: Sequence[str]) -> Path:  # memoised: search() re-asks for its k=0, the confirm build
         key = (state["emb"], *kept, *extra)
         if key not in paths:
             p = tries / f"kept{len(key) - 1}{'-int8emb' if state['emb'] else ''}.pte"
@@ -423,40 +445,34 @@ def _searched(ctx: ExportContext, recipe: str, make: Callable[[Sequence[str]], n
                 scores[p] = ctx.evaluate(p, "pte", {})
         return scores[p]
 
-    if not order:  # the proxy met the floor with everything quantized; rank only if the real artifact does not
-        p = build(())
-        fid = real(p)
-        attempts.append({"kept": 0, "mean_cosine": fid.mean_cosine, "min_cosine": fid.min_cosine, "scored_on": "executorch"})
-        if fid.mean_cosine < floor and state["emb"]:
-            # the PyTorch graph was fine, the runtime was not: suspect the int8 embedding kernel before the layers
-            state["emb"] = False
-            p2 = build(())
-            fid2 = real(p2)
-            attempts.append({"kept": 0, "mean_cosine": fid2.mean_cosine, "min_cosine": fid2.min_cosine,
-                             "scored_on": "executorch", "embeddings": "float"})
-            if fid2.mean_cosine > fid.mean_cosine:
-                emb_note = (f"float: int8 embeddings gave mean cosine {fid.mean_cosine:.4f} (max abs error "
-                            f"{fid.max_abs_err:.3g}) on the ExecuTorch runtime while the quantized PyTorch graph gave "
-                            f"{first.mean_cosine:.4f}; kept in float")
-                ctx.log(f"[pte/{recipe}] embeddings: {emb_note}")
-                p, fid = p2, fid2
-            else:
-                state["emb"] = True
-        if fid.mean_cosine < floor:
-            with ctx.stage("sensitivity", "pte", recipe):
-                ranked = rank_layers(lm, ctx.calibration[:16], ctx.heldout[:8], recipe,
-                                     group_size=ctx.target.int4_group_size, layers=candidates)
-            order = [s.layer for s in ranked]
-        final = p, fid
-    if order:
-        rest = [n for n in order if n not in kept]
+    p = build(())
+    fid = real(p)
+    note(fid, "executorch", len(kept))
+    broken = not np.isfinite(fid.max_abs_err) or fid.mean_cosine < proxy_fid.mean_cosine - 0.05
+    if fid.mean_cosine < floor and state["emb"] and broken:
+        # the PyTorch graph was fine, the runtime was not: suspect the int8 embedding kernel before the layers
+        state["emb"] = False
+        p2 = build(())
+        fid2 = real(p2)
+        note(fid2, "executorch", len(kept), embeddings="float")
+        if fid2.mean_cosine > fid.mean_cosine:
+            emb_note = (f"float: int8 embeddings gave mean cosine {fid.mean_cosine:.4f} (max abs error "
+                        f"{fid.max_abs_err:.3g}) on the ExecuTorch runtime against {proxy_fid.mean_cosine:.4f} on "
+                        "the quantized PyTorch graph; kept in float")
+            p, fid = p2, fid2
+        else:
+            state["emb"] = True
+    if emb_note:
+        ctx.log(f"[pte/{recipe}] embeddings: {emb_note}")
+    if fid.mean_cosine < floor:
+        ranked = ranked or rank()
+        rest = [s.layer for s in ranked if s.layer not in kept]
         res = search(rest, build, real, floor, max_builds=MAX_REAL_BUILDS)
         kept = (*kept, *res.kept)
         attempts += [{**a, "kept": a["kept"] + len(kept) - len(res.kept), "scored_on": "executorch"}
-                     for a in res.attempts]
-        final = res.artifact, res.fidelity
-    path, fid = final
-    path.replace(out)
+                     for a in res.attempts if a["kept"] != 0]
+        p, fid = res.artifact, res.fidelity
+    p.replace(out)
     higher = "int8 weights" if recipe == "int4-weight" else "float"
     ctx.log(f"[pte/{recipe}] kept {len(kept)} of {len(candidates)} linear layers in {higher} "
             f"(mean cosine {fid.mean_cosine:.4f}, floor {floor})")
@@ -469,7 +485,7 @@ def _searched(ctx: ExportContext, recipe: str, make: Callable[[Sequence[str]], n
         extra["kept_in_float"] = []
     if emb_note:
         extra["embeddings"] = emb_note
-    return built[path], extra
+    return built[p], extra
 
 
 __all__ = ["IO_METHOD", "PteExporter"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,22 @@ def test_data_dependent_control_flow_names_the_line(tmp_path: Path) -> None:
     assert "pte/fp32" in msg and "data-dependent" in msg and "torch.where" in msg
     assert re.search(r"test_pte\.py:\d+ in forward\(\)", msg), msg
     assert "y.sum() > 0" in msg and not (tmp_path / "x").exists()
+
+
+def test_distilbert_classifier(tmp_path: Path, vocab_writer: Callable[[Path], None]) -> None:
+    import torch
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    d = tmp_path / "distil"
+    cfg = DistilBertConfig(vocab_size=200, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128)
+    cfg.num_labels = 2
+    DistilBertForSequenceClassification(cfg).eval().save_pretrained(d)
+    vocab_writer(d)
+    r = export(d, target="galaxy-s24", out=tmp_path / "b", formats=["pte"], recipes=["int8-dynamic"], **QUIET)
+    (a,) = r.manifest.artifacts
+    assert a.fidelity.passed and a.fidelity.top1_agreement == 1.0
+    emb = a.quantization["embeddings"]
+    # int8 embeddings are kept when the runtime reproduces them; otherwise the fallback and its reason are recorded
+    assert "embedding_byte" in emb or (emb.startswith("float: int8 embeddings") and
+                                       any(s.get("embeddings") == "float" for s in a.quantization["search"]))
