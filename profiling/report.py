@@ -99,7 +99,16 @@ def render(result: Mapping[str, Any]) -> str:
     lines = [head, table(rows, HEADER), foot]
     lines += [f"  {r.get('artifact', '?')}: {energy_detail(r['energy'])}" for r in result.get("results", [])
               if (r.get("energy") or {}).get("available")]
+    lines += [f"  {r.get('artifact', '?')}: {delegate_line(d)}" for r in result.get("results", [])
+              if isinstance(d := (r.get("runtime") or {}).get("delegate"), dict)]
     return "\n".join(lines)
+
+
+def delegate_line(d: Mapping[str, Any]) -> str:
+    """What an external delegate (--delegate PATH) took, or why it failed and what ran instead."""
+    if d.get("loaded"):
+        return f"delegate {d.get('note') or d.get('path')}"
+    return f"delegate {d.get('path')} FAILED ({d.get('error')}); {d.get('ran_on', 'the CPU')} ran the model instead"
 
 
 def energy_detail(e: Mapping[str, Any]) -> str:

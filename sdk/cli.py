@@ -28,6 +28,8 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="size of dynamic dims for synthesised inputs, e.g. input_ids=1x128 (repeatable)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="runtime option, e.g. graph_optimization=all, delegate=/path/libdelegate.so")
+    p.add_argument("--delegate", metavar="PATH", help="external LiteRT delegate (.so) for .tflite files; the report says "
+                   "which ops it took, or why it failed and that the CPU ran instead")
     p.add_argument("--energy", default="auto", help="auto (best real meter, else estimate), estimate, off, or a meter: csv, jetson, "
                    "rpi5-pmic, android-odpm, hwmon, rapl, android-battery")
     p.add_argument("--idle-seconds", type=float, default=1.0, help="idle power window before and after the run")
@@ -64,7 +66,7 @@ def _run_config(a: argparse.Namespace) -> Any:
     return RunConfig(runs=a.runs, min_seconds=a.min_seconds, max_seconds=a.max_seconds, warmup=a.warmup,
                      threads=a.threads, shapes=parse_shape_overrides(a.shape), energy=a.energy,
                      idle_seconds=a.idle_seconds, sample_hz=a.sample_hz, cooldown_to_c=a.cooldown_to,
-                     energy_csv=a.energy_csv, power_target=a.target, options=_kv(a.option, "--option"),
+                     energy_csv=a.energy_csv, power_target=a.target, options={**_kv(a.option, "--option"), **({"delegate": a.delegate} if a.delegate else {})},
                      per_op=a.per_op, progress=not a.quiet)
 
 

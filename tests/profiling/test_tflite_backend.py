@@ -139,3 +139,18 @@ def test_runs_where_torch_cannot_be_imported() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith("(1, 4)")
+
+
+def test_cli_delegate_failure_in_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeship.cli import main
+
+    lib = tmp_path / "libmissing_gpu_delegate.so"
+    rc = main(["profile", str(TINY), "--delegate", str(lib), "--runs", "3", "--min-seconds", "0", "--warmup", "1",
+               "--energy", "estimate", "--quiet", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    shown = capsys.readouterr().out
+    assert f"tiny.tflite: delegate {lib} FAILED (" in shown and "XNNPACK CPU ran the model instead" in shown
+    import json
+
+    (r,) = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert r["status"] == "ok" and r["runtime"]["delegate"]["loaded"] is False and r["torch_free"] is True
