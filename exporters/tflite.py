@@ -8,8 +8,8 @@ Recipes (the support matrix below is the one source of truth):
   GPU delegates run it in fp16.
 * ``int8-dynamic``: ai-edge-quantizer ``dynamic_wi8_afp32``: per-channel int8 weights for the
   fully connected layers and int8 embedding tables, activations quantized at run time.
-  (litert-torch's PT2E dynamic path converts but does not run: the embedding lookup it
-  emits fails ``embedding_lookup.cc`` zero-point checks in LiteRT 2.3.)
+  (litert-torch's PT2E dynamic path was reported to convert but not run, failing
+  ``embedding_lookup.cc`` zero-point checks in LiteRT 2.3; not used here.)
 * ``int8-static``: int8 weights *and* activations for the fully connected layers, activation
   ranges calibrated on the user's data, int8 embedding tables. The stock ``static_wi8_ai8``
   recipe (every op int8) gave mean cosine 0.61 on MiniLM and ran slower than fp32, so only
@@ -21,7 +21,10 @@ Recipes (the support matrix below is the one source of truth):
   embeddings, convolutions float; the layers that break the floor stay float.
 
 Not offered: int8 model inputs/outputs for microcontroller runtimes. Text models take int32
-token ids (nothing to quantize) and ai-edge-quantizer 0.10 keeps float interfaces.
+token ids (nothing to quantize), and ``int8-static`` keeps the non-FULLY_CONNECTED ops (layer
+norms, softmax, pooling) in float for accuracy, so there is no integer-only graph whose float
+interface could be swapped for int8. Known gap: ``int4-weight`` on a tiny random ViT stays
+below the 0.97 floor even with every FULLY_CONNECTED kept float (cause not found yet).
 
 Every artifact has one signature, ``serving_default``, whose inputs and outputs carry the
 bundle's names (``input_ids``, ``attention_mask`` -> ``sentence_embedding``) so an app calls
