@@ -23,8 +23,7 @@ Recipes (the support matrix below is the one source of truth):
 Not offered: int8 model inputs/outputs for microcontroller runtimes. Text models take int32
 token ids (nothing to quantize), and ``int8-static`` keeps the non-FULLY_CONNECTED ops (layer
 norms, softmax, pooling) in float for accuracy, so there is no integer-only graph whose float
-interface could be swapped for int8. Known gap: ``int4-weight`` on a tiny random ViT stays
-below the 0.97 floor even with every FULLY_CONNECTED kept float (cause not found yet).
+interface could be swapped for int8.
 
 Every artifact has one signature, ``serving_default``, whose inputs and outputs carry the
 bundle's names (``input_ids``, ``attention_mask`` -> ``sentence_embedding``) so an app calls
@@ -313,8 +312,10 @@ def fc_layers(path: Path, root: nn.Module, layers: Sequence[str]) -> dict[str, s
     from ai_edge_litert.interpreter import Interpreter
 
     it = Interpreter(model_path=str(path))
-    names = {int(t["index"]): str(t["name"]) for t in it.get_tensor_details()}
-    fc_out = [names.get(int(o["outputs"][0]), "") for o in it._get_ops_details() if o["op_name"] == "FULLY_CONNECTED"]
+    tensors = {int(t["index"]): t for t in it.get_tensor_details()}
+    fcs = [o for o in it._get_ops_details() if o["op_name"] == "FULLY_CONNECTED"]
+    fc_out = [str(tensors[int(o["outputs"][0])]["name"]) for o in fcs]
+    fc_shape = {n: tuple(int(d) for d in tensors[int(o["inputs"][1])]["shape"]) for n, o in zip(fc_out, fcs, strict=True)}
     scopes = {layer: sc for layer in layers if (sc := _scope(root, layer))}
     # a fused op's name lists every source location it absorbed (q/k/v projections share the
     # query's location): peel off names that match exactly one still-unassigned layer
@@ -328,7 +329,24 @@ def fc_layers(path: Path, root: nn.Module, layers: Sequence[str]) -> dict[str, s
             if len(left) == 1 and n not in out.values():
                 out[left.pop()] = n
                 changed = True
+    # an op that produces a graph output is named after the signature output ("serving_default_logits_output"):
+    # match what is left by weight shape, when that is unambiguous
+    named = dict(root.named_modules())
+    free = [n for n in fc_out if n not in out.values()]
+    for layer in layers:
+        w = getattr(named.get(layer), "weight", None)
+        if layer in out or w is None or w.dim() != 2:
+            continue
+        same = [n for n in free if fc_shape[n] == tuple(w.shape)]
+        if len(same) == 1 and sum(1 for x in layers if x not in out and _shape_of(named, x) == tuple(w.shape)) == 1:
+            out[layer] = same[0]
+            free.remove(same[0])
     return out
+
+
+def _shape_of(named: dict[str, nn.Module], layer: str) -> tuple[int, ...]:
+    w = getattr(named.get(layer), "weight", None)
+    return tuple(w.shape) if w is not None else ()
 
 
 def _pieces(name: str) -> list[str]:

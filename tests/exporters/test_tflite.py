@@ -83,6 +83,17 @@ def test_int8_static_calibrated_with_labels(tiny_bert_cls_dir: Path, tmp_path: P
     assert a.details["metadata"]["labels"] == meta["labels"]
 
 
+def test_image_classifier_head_is_searched(tiny_vit_dir: Path, tmp_path: Path) -> None:
+    r = export(tiny_vit_dir, target="raspberry-pi-5", out=tmp_path / "vit", formats=["tflite"],
+               recipes=["int8-static", "int4-weight"], **QUIET)
+    for a in r.manifest.artifacts:
+        q = a.quantization
+        # the classifier's op is named after the graph output, not its module: matched by weight shape
+        assert "model.classifier" in {s["layer"] for s in q["sensitivity"]}, a.recipe
+        assert q["quantized_layers"] + len(q["kept_in_float"]) == 13 and a.fidelity.passed
+        assert a.fidelity.top1_agreement is not None
+
+
 def test_block_size_the_quantizer_lacks(tiny_bert_dir: Path, tmp_path: Path) -> None:
     prof = dataclasses.replace(get_profile("raspberry-pi-5"), int4_group_size=48)
     with pytest.raises(UnsupportedRecipeError, match=r"tflite/int4-weight: block size 48 .* \(32, 64, 128, 256\)"):
