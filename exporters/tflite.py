@@ -18,7 +18,7 @@ Recipes (the support matrix below is the one source of truth):
   profile's floor; they are listed in the manifest.
 * ``int4-weight``: block-wise (block = the profile's ``int4_group_size``, 32/64/128/256)
   symmetric 4-bit weights for the fully connected layers with dynamic int8 activations, int8
-  embeddings, convolutions float; the layers that break the floor stay float.
+  embeddings and convolutions; the layers that break the floor stay float.
 
 Not offered: int8 model inputs/outputs for microcontroller runtimes. Text models take int32
 token ids (nothing to quantize), and ``int8-static`` keeps the non-FULLY_CONNECTED ops (layer
@@ -418,11 +418,11 @@ def _int4_config(q: Any, block: int, keep: Sequence[str]) -> None:
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
 
     ops = _ops()
-    # embeddings int8, convolutions left float: a ViT patch-embedding CONV_2D with dynamic int8 activations
-    # alone held a tiny ViT at mean cosine 0.958 with every FULLY_CONNECTED in float
+    # the other weight ops as in int8-dynamic; ALL_SUPPORTED is not used so only these ops change
     q.add_dynamic_config(".*", ops.EMBEDDING_LOOKUP, 8)
+    q.add_dynamic_config(".*", ops.CONV_2D, 8)
     q.add_dynamic_config(".*", ops.FULLY_CONNECTED, 4, getattr(qtyping.QuantGranularity, f"BLOCKWISE_{block}"))
-    for name in keep:  # float, not 8-bit: int8 dynamic activations alone cost a tiny ViT 0.04 of mean cosine
+    for name in keep:
         q.update_quantization_recipe(_exact(name), ops.FULLY_CONNECTED, algorithm_key=AlgorithmName.NO_QUANTIZE)
 
 
