@@ -163,6 +163,10 @@ def profile(source: str | Path, *, artifact: str | None = None, config: RunConfi
     elif kwargs:
         config = dataclasses.replace(config, **kwargs)
     jobs, target = _jobs(Path(source), artifact)
+    if config.options:
+        from edgeship.profiling import backends
+
+        backends.split_options("onnx", config.options)  # a key no backend knows fails before any run
     results = []
     for job in jobs:
         job = {**job, "config": config.to_dict()}

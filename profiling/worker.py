@@ -102,7 +102,8 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
         out.update(artifact=path.name, path=str(path), format=fmt, recipe=None, size_bytes=path.stat().st_size,
                    fidelity=None)
         run_opts = {}
-    run_opts.update(cfg.options)
+    user_opts, option_notes = backends.split_options(fmt, cfg.options)
+    run_opts.update(user_opts)
     if cfg.per_op:  # only backends that can time single operators get the option; the others say so
         if getattr(backends.get_backend(fmt), "per_op_capable", False):
             run_opts["per_op"] = True
@@ -159,7 +160,7 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
         prog.update(f"warm-up {i + 1}/{cfg.warmup}")
 
     samples: list[int] = []
-    warnings: list[str] = []
+    warnings: list[str] = list(option_notes)
     tele = telemetry.Telemetry()
     cooldown = tele.wait_for_cooldown(cfg.cooldown_to_c) if cfg.cooldown_to_c is not None else None
     recorder.start()  # measures idle power first, outside the timed loop

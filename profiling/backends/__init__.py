@@ -27,6 +27,7 @@ class Backend(ABC):
     format: ClassVar[str]
     suffix: ClassVar[str]
     torch_free: ClassVar[bool] = True
+    options_accepted: ClassVar[tuple[str, ...]] = ()  # runtime option keys this backend understands
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[str, ...]
@@ -96,6 +97,31 @@ def load(path: Path, fmt: str | None = None, threads: int | None = None,
         raise ArtifactLoadError(f"model file not found: {path}")
     cls = get_backend(fmt or format_of(path))
     return cls(path, threads=threads, options=options)
+
+
+def split_options(fmt: str, options: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The user's ``--option``s that apply to ``fmt``, and a note for each that does not.
+
+    A bundle mixes formats, and ``--delegate`` or ``graph_optimization=`` only mean something to one
+    of them. A key that no backend understands at all is a typo and an error.
+    """
+    from edgeship.errors import ConfigError
+
+    accepted = get_backend(fmt).options_accepted
+    known = {k for f in formats() for k in _safe_options(f)}
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        raise ConfigError(f"unknown runtime option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    mine = {k: v for k, v in options.items() if k in accepted}
+    notes = [f"option {k} does not apply to {fmt} artifacts (ignored)" for k in options if k not in accepted]
+    return mine, notes
+
+
+def _safe_options(fmt: str) -> tuple[str, ...]:
+    try:
+        return get_backend(fmt).options_accepted
+    except ImportError:  # that runtime is not installed here: its options are still spelled right
+        return ()
 
 
 def is_torch_free(fmt: str) -> bool:

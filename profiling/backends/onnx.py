@@ -17,11 +17,13 @@ _ORT_TYPES = {
     "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
 }
 _LEVELS = ("disable", "basic", "extended", "all")
+OPTIONS = ("graph_optimization", "providers", "disabled_optimizers")
 
 
 class OnnxBackend(Backend):
     format: ClassVar[str] = "onnx"
     suffix: ClassVar[str] = ".onnx"
+    options_accepted: ClassVar[tuple[str, ...]] = OPTIONS
 
     def __init__(self, path: Path, threads: int | None = None, options: Mapping[str, Any] | None = None) -> None:
         try:
@@ -30,6 +32,9 @@ class OnnxBackend(Backend):
             raise RuntimeMissingError(f"onnxruntime is not installed ({e}); pip install edgeship (the runtime "
                                       "install brings it) or pip install onnxruntime") from None
         opts = dict(options or {})
+        unknown = sorted(set(opts) - set(OPTIONS))
+        if unknown:
+            raise ArtifactLoadError(f"onnx: unknown runtime option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = int(threads)

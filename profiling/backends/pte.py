@@ -59,6 +59,7 @@ def check_header(path: Path) -> None:
 class PteBackend(Backend):
     format: ClassVar[str] = "pte"
     suffix: ClassVar[str] = ".pte"
+    options_accepted: ClassVar[tuple[str, ...]] = OPTIONS
     torch_free: ClassVar[bool] = False
     per_op_capable: ClassVar[bool] = True  # the worker passes options["per_op"] on --per-op
 

@@ -128,6 +128,7 @@ def _dtype(t: Any) -> str:
 class TfliteBackend(Backend):
     format: ClassVar[str] = "tflite"
     suffix: ClassVar[str] = ".tflite"
+    options_accepted: ClassVar[tuple[str, ...]] = OPTIONS
 
     def __init__(self, path: Path, threads: int | None = None, options: Mapping[str, Any] | None = None) -> None:
         opts = dict(options or {})

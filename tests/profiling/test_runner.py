@@ -116,3 +116,15 @@ def test_peak_rss_is_the_workers_own(tiny_onnx_bundle: Path) -> None:
     r = res.results[0]
     assert r["peak_rss_mb"] < 300, r["peak_rss_mb"]
     assert r["peak_rss_mb"] >= r["rss_after_load_mb"]
+
+
+def test_runtime_options_apply_per_format(tiny_onnx_bundle: Path) -> None:
+    from edgeship.errors import ConfigError
+
+    res = profile(tiny_onnx_bundle, artifact="onnx/fp32", options={"delegate": "/nonexistent/libdelegate.so"}, **FAST)
+    r = res.results[0]
+    assert r["status"] == "ok" and "option delegate does not apply to onnx artifacts (ignored)" in r["warnings"]
+    res = profile(tiny_onnx_bundle, artifact="onnx/fp32", options={"graph_optimization": "all"}, **FAST)
+    assert res.results[0]["runtime"]["graph_optimization"] == "all"
+    with pytest.raises(ConfigError, match="unknown runtime option.*bogus"):
+        profile(tiny_onnx_bundle, options={"bogus": "1"}, **FAST)
