@@ -101,7 +101,22 @@ def render(result: Mapping[str, Any]) -> str:
               if (r.get("energy") or {}).get("available")]
     lines += [f"  {r.get('artifact', '?')}: {delegate_line(d)}" for r in result.get("results", [])
               if isinstance(d := (r.get("runtime") or {}).get("delegate"), dict)]
+    for r in result.get("results", []):
+        p = (r.get("runtime") or {}).get("per_op") or r.get("per_op")
+        if isinstance(p, dict):
+            lines.append(f"  {r.get('artifact', '?')}: {per_op_line(p)}")
     return "\n".join(lines)
+
+
+def per_op_line(p: Mapping[str, Any], top: int = 5) -> str:
+    """The slowest operators from a --per-op trace, or why there is none."""
+    if not p.get("available"):
+        return f"per-op: {p.get('note', 'not available')}"
+    ops = ", ".join(f"{o['op']} ({o.get('kernel', '?')}) {o['mean_ms']:.3f} ms x{o.get('calls', 1)}"
+                    for o in list(p.get("ops", []))[:top])
+    share = p.get("delegate_share")
+    lead = f"per-op ({'delegate ' + format(share, '.0%') + ' of time; ' if share is not None else ''}top {top}): "
+    return lead + ops
 
 
 def delegate_line(d: Mapping[str, Any]) -> str:

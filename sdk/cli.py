@@ -182,8 +182,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     for art in m.artifacts:
         f = art.fidelity
         rows.append([art.key, art.path, f"{art.size_bytes / 2**20:.1f}", f"{f.mean_cosine:.4f}" if f else "-",
-                     str(len(art.quantization.get("kept_in_float", []))), art.sha256[:12]])
-    print(table(rows, ["artifact", "path", "MB", "mean cos", "kept float", "sha256"]))
+                     str(len(art.kept_layers)), art.sha256[:12]])
+    print(table(rows, ["artifact", "path", "MB", "mean cos", "kept hi-prec", "sha256"]))
     for art in m.artifacts:
         for key in ("delegation", "fallbacks", "signatures"):
             if key in art.details:

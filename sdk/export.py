@@ -61,10 +61,10 @@ class ExportResult:
         rows = []
         for a in self.manifest.artifacts:
             f = a.fidelity
-            kept = a.quantization.get("kept_in_float") or []
+            kept = a.kept_layers
             rows.append([a.key, f"{a.size_bytes / 2**20:.1f}", f"{f.mean_cosine:.4f}" if f else "-",
                          f"{f.min_cosine:.4f}" if f else "-", f"{f.max_abs_err:.2e}" if f else "-",
-                         f"{a.export_seconds:.1f}", f"{len(kept)} layer(s) kept in float" if kept else ""])
+                         f"{a.export_seconds:.1f}", f"{len(kept)} layer(s) kept in higher precision" if kept else ""])
         return table(rows, ["artifact", "MB", "mean cos", "min cos", "max abs err", "export s", "notes"])
 
 

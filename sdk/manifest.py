@@ -65,6 +65,11 @@ class ArtifactRecord:
     def key(self) -> str:
         return f"{self.format}/{self.recipe}"
 
+    @property
+    def kept_layers(self) -> list[str]:
+        """Layers the recipe kept in higher precision (float, or 8-bit weights in int4 recipes)."""
+        return [*self.quantization.get("kept_in_float", []), *self.quantization.get("kept_in_int8", [])]
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["warnings"] = list(self.warnings)

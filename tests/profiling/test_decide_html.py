@@ -68,3 +68,15 @@ def test_cli_report_and_html(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 def test_html_escapes_device_names() -> None:
     page = render_html({"runs": [_run("<script>x</script>", None, ARTS)]})
     assert "<script>x" not in page and "&lt;script&gt;" in page
+
+
+def test_report_shows_per_op_lines() -> None:
+    from edgeship.profiling.report import per_op_line, render
+
+    p = {"available": True, "delegate_share": 0.9, "ops": [{"op": "native_layer_norm", "kernel": "portable",
+                                                            "calls": 13, "mean_ms": 0.5}]}
+    assert per_op_line(p) == "per-op (delegate 90% of time; top 5): native_layer_norm (portable) 0.500 ms x13"
+    assert "per-op: no tracer" in per_op_line({"available": False, "note": "no tracer"})
+    run = _run("laptop", None, ARTS[:1])
+    run["results"][0]["runtime"] = {"per_op": p}
+    assert "native_layer_norm (portable)" in render(run)
