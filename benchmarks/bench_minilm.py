@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from edgeship.export import export
+    from edgeship.pipeline import export
     from edgeship.manifest import load_bundle
     from edgeship.models import default_model_dir, load_hf_dir
     from edgeship.profiling import backends

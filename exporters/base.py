@@ -1,7 +1,7 @@
 """The exporter protocol, its registry, and the support matrix every exporter declares.
 
 An exporter turns a :class:`~edgeship.models.LoadedModel` into one artifact file for
-one recipe. The core (``edgeship.export``) does everything else: stages and timing,
+one recipe. The core (``edgeship.pipeline.export``) does everything else: stages and timing,
 fidelity against PyTorch, the manifest and the atomic bundle. Adding a format means
 adding one module with a class decorated by ``@register`` and listing the module in
 ``edgeship.exporters.BUILTIN`` (or an ``edgeship.exporters`` entry point).

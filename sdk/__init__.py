@@ -1,6 +1,6 @@
 """edgeship: take a fine-tuned PyTorch / Hugging Face model to edge devices, and prove how it runs there.
 
-The export side (``edgeship.export``) needs the ``[export]`` extra (torch and the
+The export side (``edgeship.export()``, in ``edgeship.pipeline``) needs the ``[export]`` extra (torch and the
 converters); it is imported lazily so that the device side (``edgeship.profile``,
 bundles, target profiles) works with numpy + onnxruntime/LiteRT only.
 """
@@ -16,7 +16,7 @@ from edgeship.spec import TensorSpec
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from edgeship.export import ExportResult, export
+    from edgeship.pipeline import ExportResult, export
     from edgeship.profiling.runner import ProfileResult, profile
 
 __all__ = [
@@ -35,8 +35,8 @@ __all__ = [
 ]
 
 _LAZY = {
-    "export": "edgeship.export",
-    "ExportResult": "edgeship.export",
+    "export": "edgeship.pipeline",
+    "ExportResult": "edgeship.pipeline",
     "profile": "edgeship.profiling.runner",
     "ProfileResult": "edgeship.profiling.runner",
 }

@@ -127,7 +127,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from edgeship.export import export
+    from edgeship.pipeline import export
 
     res = export(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
                  calibration=a.calibration, heldout=a.heldout, overwrite=a.overwrite, allow_degraded=a.allow_degraded, task=a.task,
@@ -196,7 +196,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(a: argparse.Namespace) -> int:
-    from edgeship.export import export
+    from edgeship.pipeline import export
     from edgeship.models import default_model_dir
     from edgeship.profiling import report
     from edgeship.profiling.runner import RunConfig, profile

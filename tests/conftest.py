@@ -103,7 +103,7 @@ def minilm_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_onnx_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An exported ONNX fp32 + int8-dynamic bundle of the tiny BERT encoder."""
-    from edgeship.export import export
+    from edgeship.pipeline import export
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-onnx"
     export(tiny_bert_dir, target="raspberry-pi-5", out=out, formats=["onnx"], recipes=["fp32", "int8-dynamic"],

@@ -19,7 +19,7 @@ from edgeship.errors import (
     OutputExistsError,
     UnsupportedRecipeError,
 )
-from edgeship.export import export
+from edgeship.pipeline import export
 from edgeship.exporters import EXPORTERS
 from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport
 from edgeship.manifest import load_bundle

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgeship.errors import ExportError, UnsupportedRecipeError
-from edgeship.export import export
+from edgeship.pipeline import export
 from edgeship.manifest import load_bundle
 from edgeship.profiling import backends
 from edgeship.targets import get_profile

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edgeship.errors import ExportError, UnsupportedRecipeError
-from edgeship.export import export
+from edgeship.pipeline import export
 from edgeship.exporters.tflite import read_metadata
 from edgeship.manifest import load_bundle
 from edgeship.profiling import backends

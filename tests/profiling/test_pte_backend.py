@@ -28,7 +28,7 @@ class _Mlp:
 
 @pytest.fixture(scope="module")
 def mlp_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgeship.export import export
+    from edgeship.pipeline import export
 
     out = tmp_path_factory.mktemp("pte-mlp") / "b"
     export(_Mlp.make(), example_inputs={"x": np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)},

@@ -34,7 +34,7 @@ def _has_tflite() -> bool:
 
 @pytest.fixture(scope="module")
 def minilm_int8_bundle(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgeship.export import export
+    from edgeship.pipeline import export
 
     out = tmp_path_factory.mktemp("minilm-int8") / "B"
     formats = ["onnx", "tflite"] if _has_tflite() else ["onnx"]

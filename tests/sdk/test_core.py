@@ -164,3 +164,13 @@ def test_sensitivity_search_finds_smallest_k() -> None:
     assert ks[:5] == [0, 1, 2, 4, 8] and 9 in ks and len(ks) <= 10
     never = search(layers, lambda kept: len(kept), lambda k: Fidelity("y", 1, 0, 0, 0.5, 0.5, None, 0.99, False), 0.99)
     assert not never.fidelity.passed
+
+
+def test_export_attribute_stays_the_function_after_submodule_imports() -> None:
+    """Trap: a submodule named like a lazy attribute replaces it once imported (edgeship.export was a module)."""
+    import importlib
+
+    for mod in ("edgeship.pipeline", "edgeship.profiling.runner", "edgeship.exporters"):
+        importlib.import_module(mod)
+    assert callable(edgeship.export) and edgeship.export.__name__ == "export"
+    assert callable(edgeship.profile) and edgeship.profile.__name__ == "profile"

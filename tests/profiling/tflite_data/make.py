@@ -33,7 +33,7 @@ class TinyEncoder(nn.Module):
 
 
 def main() -> None:
-    from edgeship.export import export
+    from edgeship.pipeline import export
 
     torch.manual_seed(0)
     ex = {"input_ids": np.arange(1, 7, dtype=np.int64)[None], "attention_mask": np.ones((1, 6), np.int64)}

@@ -1,4 +1,4 @@
-"""``edgeship.export``: one call from a fine-tuned model to a checked, quantized bundle.
+"""``edgeship.export`` (this module is ``edgeship.pipeline``): one call from a fine-tuned model to a checked, quantized bundle.
 
 Stages per artifact: load -> (calibrate/quantize) -> lower -> serialize -> validate.
 Every artifact is run through the same torch-free runner backend the device uses and
