@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from edgeship.pipeline import export
     from edgeship.manifest import load_bundle
     from edgeship.models import default_model_dir, load_hf_dir
+    from edgeship.pipeline import export
     from edgeship.profiling import backends
 
     torch.set_num_threads(a.threads)

@@ -196,8 +196,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(a: argparse.Namespace) -> int:
-    from edgeship.pipeline import export
     from edgeship.models import default_model_dir
+    from edgeship.pipeline import export
     from edgeship.profiling import report
     from edgeship.profiling.runner import RunConfig, profile
 

@@ -19,10 +19,10 @@ from edgeship.errors import (
     OutputExistsError,
     UnsupportedRecipeError,
 )
-from edgeship.pipeline import export
 from edgeship.exporters import EXPORTERS
 from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport
 from edgeship.manifest import load_bundle
+from edgeship.pipeline import export
 
 pytestmark = pytest.mark.needs_export
 QUIET = {"log": lambda m: None}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from edgeship.errors import ExportError, UnsupportedRecipeError
-from edgeship.pipeline import export
 from edgeship.manifest import load_bundle
+from edgeship.pipeline import export
 from edgeship.profiling import backends
 from edgeship.targets import get_profile
 

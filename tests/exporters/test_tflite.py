@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from edgeship.errors import ExportError, UnsupportedRecipeError
-from edgeship.pipeline import export
 from edgeship.exporters.tflite import read_metadata
 from edgeship.manifest import load_bundle
+from edgeship.pipeline import export
 from edgeship.profiling import backends
 from edgeship.targets import get_profile
 
