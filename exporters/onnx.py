@@ -35,7 +35,7 @@ FUSABLE = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert
 # ORT's contrib SkipLayerNormalization CPU kernel ran ~7x slower than Add + LayerNormalization here
 # (onnxruntime 1.32, 128x384: 222 us vs 32 us), so fused graphs keep Add + LayerNormalization and
 # ask the runtime not to re-fuse them. tests/exporters/test_onnx.py guards the measurement.
-FUSED_RUNTIME = {"graph_optimization": "all", "disabled_optimizers": ["SkipLayerNormFusion"]}
+FUSED_RUNTIME = {"graph_optimization": "all", "disabled_optimizers": ["SkipLayerNormFusion"], "denormal_as_zero": True}
 logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
 
@@ -134,7 +134,9 @@ class OnnxExporter(Exporter):
         fused, graph = self._fused(ctx, recipe) if recipe in ("fp32", "int8-dynamic") else (None, {"graph": "dynamo"})
         if fused is None:
             base = self._fp32(ctx, recipe)
-        runtime: dict[str, Any] = {"name": "onnxruntime", "options": {"graph_optimization": "basic"},
+        # denormal_as_zero: padded positions push attention into denormal floats, which x86 runs slowly
+        runtime: dict[str, Any] = {"name": "onnxruntime", "options": {"graph_optimization": "basic",
+                                                                      "denormal_as_zero": True},
                                    "opset": OPSET, "execution_providers": ["CPUExecutionProvider"], "graph": graph}
         if fused is not None:
             base = fused

@@ -17,7 +17,7 @@ _ORT_TYPES = {
     "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
 }
 _LEVELS = ("disable", "basic", "extended", "all")
-OPTIONS = ("graph_optimization", "providers", "disabled_optimizers")
+OPTIONS = ("graph_optimization", "providers", "disabled_optimizers", "denormal_as_zero")
 
 
 class OnnxBackend(Backend):
@@ -48,6 +48,11 @@ class OnnxBackend(Backend):
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[level]
+        # Padded tokens drive attention scores to denormals; x86 handles those in microcode (MiniLM int8 with
+        # 114 of 128 tokens padded: 7.0 ms -> 4.7 ms with flush-to-zero). Exporters set it per artifact.
+        self.denormal_as_zero = str(opts.get("denormal_as_zero", False)).lower() in ("1", "true", "yes")
+        if self.denormal_as_zero:
+            so.add_session_config_entry("session.set_denormal_as_zero", "1")
         available = list(ort.get_available_providers())
         requested = [p for p in opts.get("providers", []) if p != "CPUExecutionProvider"]
         self.provider_notes = [f"{p} requested but not in this onnxruntime build (available: {', '.join(available)}); "
@@ -87,6 +92,7 @@ class OnnxBackend(Backend):
             "threads": self.threads,
             "graph_optimization": self.level,
             "disabled_optimizers": self.disabled_optimizers,
+            "denormal_as_zero": self.denormal_as_zero,
             "providers_available": self.available_providers,
             "providers_used": list(self.session.get_providers()),
             "notes": self.provider_notes,
