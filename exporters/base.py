@@ -10,6 +10,7 @@ adding one module with a class decorated by ``@register`` and listing the module
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import re
 import time
 import traceback
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from edgeship.errors import EdgeshipError, ExportError
+from edgeship.errors import EdgeshipError, ExportError, RuntimeMissingError
 from edgeship.manifest import Fidelity
 from edgeship.registry import Registry
 
@@ -127,6 +128,7 @@ class Exporter(ABC):
     suffix: ClassVar[str]
     support: ClassVar[tuple[RecipeSupport, ...]]
     extra: ClassVar[str] = "export"  # pip extra that brings this exporter's dependencies
+    requires: ClassVar[tuple[str, ...]] = ()  # top-level modules this exporter imports (lazily)
 
     @classmethod
     def recipes(cls) -> tuple[str, ...]:
@@ -137,9 +139,15 @@ class Exporter(ABC):
         return next((s for s in cls.support if s.recipe == recipe), None)
 
     @classmethod
-    @abstractmethod
     def check_environment(cls) -> None:
-        """Raise RuntimeMissingError naming the pip extra when a dependency is missing."""
+        """Raise RuntimeMissingError naming the pip extra when a dependency is missing.
+
+        ``find_spec`` looks the modules up without importing them (executorch alone takes seconds).
+        """
+        missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            raise RuntimeMissingError(f"the {cls.format} exporter needs {', '.join(missing)}: "
+                                      f"pip install 'edgeship[{cls.extra}]'")
 
     @abstractmethod
     def export(self, ctx: ExportContext, recipe: str, out: Path) -> ExportOutput:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgeship.errors import ExportError, RuntimeMissingError
+from edgeship.errors import ExportError
 from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport, register
 
 OPSET = 18
@@ -51,16 +51,7 @@ class OnnxExporter(Exporter):
         RecipeSupport("int4-weight", "ORT MatMulNBits, block-wise symmetric 4-bit weights"),
     )
 
-    @classmethod
-    def check_environment(cls) -> None:
-        missing = []
-        for mod in ("torch", "onnx", "onnxscript", "onnxruntime"):
-            try:
-                __import__(mod)
-            except ImportError:
-                missing.append(mod)
-        if missing:
-            raise RuntimeMissingError(f"the ONNX exporter needs {', '.join(missing)}: pip install 'edgeship[export]'")
+    requires: ClassVar[tuple[str, ...]] = ("torch", "onnx", "onnxscript", "onnxruntime")
 
     # ---- fp32 base graph, shared by every recipe of one export ------------------------------
     def _fp32(self, ctx: ExportContext, recipe: str) -> Path:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from edgeship.errors import RuntimeMissingError, UnsupportedRecipeError
+from edgeship.errors import UnsupportedRecipeError
 from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport, register
 from edgeship.manifest import Fidelity
 
@@ -75,16 +75,7 @@ class PteExporter(Exporter):
         RecipeSupport("int4-weight", "torchao 8da4w (int8 dyn. act., 4-bit grouped weights), sensitive layers 8-bit"),
     )
 
-    @classmethod
-    def check_environment(cls) -> None:
-        missing = []
-        for mod in ("torch", "executorch", "torchao"):
-            try:
-                __import__(mod)
-            except ImportError:
-                missing.append(mod)
-        if missing:
-            raise RuntimeMissingError(f"the ExecuTorch exporter needs {', '.join(missing)}: pip install 'edgeship[export]'")
+    requires: ClassVar[tuple[str, ...]] = ("torch", "executorch", "torchao")
 
     def export(self, ctx: ExportContext, recipe: str, out: Path) -> ExportOutput:
         import torch

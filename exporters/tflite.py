@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from edgeship.errors import ExportError, RuntimeMissingError, UnsupportedRecipeError
+from edgeship.errors import ExportError, UnsupportedRecipeError
 from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport, register
 
 if TYPE_CHECKING:
@@ -69,16 +69,7 @@ class TfliteExporter(Exporter):
         RecipeSupport("int4-weight", "block-wise 4-bit FULLY_CONNECTED weights, dynamic int8 act., sensitive float"),
     )
 
-    @classmethod
-    def check_environment(cls) -> None:
-        missing = []
-        for mod in ("torch", "litert_torch", "ai_edge_quantizer", "ai_edge_litert"):
-            try:
-                __import__(mod)
-            except ImportError:
-                missing.append(mod)
-        if missing:
-            raise RuntimeMissingError(f"the LiteRT exporter needs {', '.join(missing)}: pip install 'edgeship[export]'")
+    requires: ClassVar[tuple[str, ...]] = ("torch", "litert_torch", "ai_edge_quantizer", "ai_edge_litert")
 
     # ---- fp32 base graph, shared by every recipe of one export ------------------------------
     def _fp32(self, ctx: ExportContext, recipe: str) -> tuple[Path, dict[str, Any]]:

@@ -222,3 +222,16 @@ def test_bert_graph_is_fused_without_skip_layer_norm(tiny_onnx_bundle: Path, tmp
     assert "SkipLayerNormalization" not in {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
     b = backends.load(tiny_onnx_bundle / art.path, "onnx", options=art.runtime["options"])
     assert b.info()["disabled_optimizers"] == ["SkipLayerNormFusion"] and b.info()["denormal_as_zero"] is True
+
+
+def test_missing_dependency_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from edgeship.errors import RuntimeMissingError
+    from edgeship.exporters import load_builtin
+
+    load_builtin()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    with pytest.raises(RuntimeMissingError, match=r"onnx exporter needs onnxscript: pip install 'edgeship\[export\]'"):
+        EXPORTERS.get("onnx").check_environment()
