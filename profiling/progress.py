@@ -16,6 +16,10 @@ class Progress:
         self._last = 0.0
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
 
+    def due(self) -> bool:
+        """Whether an update would print now; lets hot loops skip formatting the text."""
+        return self.enabled and time.monotonic() - self._last >= (self.every_s if self._tty else 5.0)
+
     def update(self, text: str, force: bool = False) -> None:
         if not self.enabled:
             return

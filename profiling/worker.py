@@ -176,7 +176,8 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
         model.run(feeds)
         samples.append(time.perf_counter_ns() - t)
         elapsed = time.perf_counter_ns() - start
-        prog.update(f"run {len(samples)} ({elapsed / 1e9:.1f} s) p50 {np.median(samples) / 1e6:.2f} ms")
+        if prog.due():  # the median is only worth computing when it will be printed
+            prog.update(f"run {len(samples)} ({elapsed / 1e9:.1f} s) p50 {np.median(samples) / 1e6:.2f} ms")
         if len(samples) >= cfg.runs and elapsed >= min_ns:
             break
         if elapsed >= max_ns:
