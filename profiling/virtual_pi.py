@@ -50,6 +50,23 @@ PI5_CPUINFO = "\n".join(_PI5_CORE.format(n=n) for n in range(4)) + (
     "\nRevision\t: d04170\nSerial\t\t: 0000000000000000\nModel\t\t: Raspberry Pi 5 Model B Rev 1.0\n")
 
 
+def wait_for_ssh_banner(port: int, timeout_s: float, alive: Callable[[], bool]) -> bool:
+    """True once an SSH server answers with its banner on 127.0.0.1:port; False if ``alive()`` turns
+    False (the server exited) or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while alive():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                if s.recv(64).startswith(b"SSH-"):
+                    return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.3)
+    return False
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeship" / "virtual-pi"
 
@@ -275,23 +292,15 @@ def up(workdir: Path | None = None, port: int = 0, log: Log = print) -> VirtualP
          "-o", f"SetEnv=QEMU_CPU={QEMU_CPU} EDGESHIP_EMULATED=qemu-user"],
         env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
     logf.close()
-    deadline = time.monotonic() + 60  # sshd under emulation needs a few seconds to start
-    while True:
+    # sshd under emulation needs a few seconds to start
+    if not wait_for_ssh_banner(port, 60.0, lambda: proc.poll() is None):
         if proc.poll() is not None:
             _unmount(rootfs)
             tail = (workdir / "sshd.log").read_text(errors="replace").strip().splitlines()[-3:]
             raise DeviceError(f"virtual Pi: sshd exited with {proc.returncode}: {' | '.join(tail)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-                if s.recv(64).startswith(b"SSH-"):
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _unmount(rootfs)
-            raise DeviceError(f"virtual Pi: sshd did not answer on 127.0.0.1:{port} within 60 s; see {workdir}/sshd.log")
-        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGKILL)
+        _unmount(rootfs)
+        raise DeviceError(f"virtual Pi: sshd did not answer on 127.0.0.1:{port} within 60 s; see {workdir}/sshd.log")
     known = workdir / "known_hosts"
     pub = Path(f"{host_key}.pub").read_text().split()
     known.write_text(f"[127.0.0.1]:{port} {pub[0]} {pub[1]}\n")

@@ -6,12 +6,13 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from edgeship.profiling.virtual_pi import wait_for_ssh_banner
 
 SSHD = "/usr/sbin/sshd"
 
@@ -82,17 +83,8 @@ Subsystem sftp internal-sftp
 """)
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdin=subprocess.DEVNULL,
                             stdout=open(d / "sshd.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                if s.recv(64).startswith(b"SSH-"):
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"sshd did not start: {(d / 'sshd.log').read_text()[-500:]}")
-        time.sleep(0.1)
+    if not wait_for_ssh_banner(port, 20.0, lambda: proc.poll() is None):
+        raise RuntimeError(f"sshd did not start: {(d / 'sshd.log').read_text()[-500:]}")
     pub = Path(f"{host}.pub").read_text().split()
     known = d / "known_hosts"
     known.write_text(f"[127.0.0.1]:{port} {pub[0]} {pub[1]}\n")
