@@ -43,6 +43,16 @@ class Backend(ABC):
     def info(self) -> dict[str, Any]:
         """Runtime name/version, threads, providers or delegates available and used."""
 
+    @classmethod
+    def checked_options(cls, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The options as a dict; a key this backend does not understand is an ArtifactLoadError."""
+        opts = dict(options or {})
+        unknown = sorted(set(opts) - set(cls.options_accepted))
+        if unknown:
+            raise ArtifactLoadError(f"{cls.format}: unknown runtime option(s) {', '.join(unknown)}; "
+                                    f"valid: {', '.join(cls.options_accepted)}")
+        return opts
+
     def adapt_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check feeds against this model's signature (names, rank, fixed dims, dtype)."""
         out = dict(feeds)

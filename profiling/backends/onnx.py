@@ -31,10 +31,7 @@ class OnnxBackend(Backend):
         except ImportError as e:
             raise RuntimeMissingError(f"onnxruntime is not installed ({e}); pip install edgeship (the runtime "
                                       "install brings it) or pip install onnxruntime") from None
-        opts = dict(options or {})
-        unknown = sorted(set(opts) - set(OPTIONS))
-        if unknown:
-            raise ArtifactLoadError(f"onnx: unknown runtime option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+        opts = self.checked_options(options)
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = int(threads)

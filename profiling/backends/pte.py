@@ -64,10 +64,7 @@ class PteBackend(Backend):
     per_op_capable: ClassVar[bool] = True  # the worker passes options["per_op"] on --per-op
 
     def __init__(self, path: Path, threads: int | None = None, options: Mapping[str, Any] | None = None) -> None:
-        opts = dict(options or {})
-        unknown = sorted(set(opts) - set(OPTIONS))
-        if unknown:
-            raise ArtifactLoadError(f"pte: unknown runtime option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+        opts = self.checked_options(options)
         check_header(path)
         try:
             import executorch.kernels.quantized  # noqa: F401  # registers embedding_byte & co. before any load

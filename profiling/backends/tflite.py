@@ -131,10 +131,7 @@ class TfliteBackend(Backend):
     options_accepted: ClassVar[tuple[str, ...]] = OPTIONS
 
     def __init__(self, path: Path, threads: int | None = None, options: Mapping[str, Any] | None = None) -> None:
-        opts = dict(options or {})
-        unknown = sorted(set(opts) - set(OPTIONS))
-        if unknown:
-            raise ArtifactLoadError(f"tflite: unknown runtime option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}")
+        opts = self.checked_options(options)
         check_header(path)
         check_bounds(path)
         mod, self.runtime, self._version = runtime_module()
