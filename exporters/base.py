@@ -31,13 +31,6 @@ if TYPE_CHECKING:
     from edgeship.targets import TargetProfile
 
 RECIPES = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
-RECIPE_HELP = {
-    "fp32": "float32 weights and activations (reference)",
-    "fp16": "float16 weights (and activations where the runtime computes in fp16)",
-    "int8-dynamic": "int8 per-channel weights, activations quantized at run time",
-    "int8-static": "int8 weights and activations, calibrated; sensitive layers kept in float",
-    "int4-weight": "block-wise 4-bit weights, float or int8 activations",
-}
 
 
 @dataclass(frozen=True)
