@@ -36,7 +36,8 @@ class OnnxBackend(Backend):
         if threads:
             so.intra_op_num_threads = int(threads)
             so.inter_op_num_threads = 1
-        level = str(opts.get("graph_optimization", "basic"))
+        # ONNX Runtime's own default; QDQ int8 needs >= "extended" to run as int8 kernels
+        level = str(opts.get("graph_optimization", "all"))
         if level not in _LEVELS:
             raise ArtifactLoadError(f"onnx option graph_optimization={level!r}: use one of {', '.join(_LEVELS)}")
         so.graph_optimization_level = {

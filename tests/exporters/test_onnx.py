@@ -60,6 +60,7 @@ def test_other_recipes(tiny_bert_dir: Path, tmp_path: Path, recipe: str) -> None
     (a,) = r.manifest.artifacts
     assert a.fidelity is not None and a.fidelity.mean_cosine >= a.fidelity.floor_mean_cosine
     if recipe == "int8-static":
+        _assert_qdq_runs_as_int8(r.bundle / a.path, a.runtime["options"], tmp_path)
         q = a.quantization
         assert q["format"] == "QDQ" and "built-in" in q["calibration"]
         # 2 layers x (q, k, v, o, up, down); the unused pooler is pruned by torch.export
@@ -235,3 +236,91 @@ def test_missing_dependency_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     with pytest.raises(RuntimeMissingError, match=r"onnx exporter needs onnxscript: pip install 'edgeship\[export\]'"):
         EXPORTERS.get("onnx").check_environment()
+
+
+def _shape_probe(tmp_path: Path) -> Path:
+    """A graph whose output is the (batch, sequence) shape its body sees, plus the masked token-id sum."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Shape", ["input_ids"], ["seen_shape"]),
+         helper.make_node("Mul", ["input_ids", "attention_mask"], ["masked"]),
+         helper.make_node("ReduceSum", ["masked"], ["token_sum"], keepdims=0)],
+        "probe",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("seen_shape", TensorProto.INT64, [2]),
+         helper.make_tensor_value_info("token_sum", TensorProto.INT64, [])])
+    p = tmp_path / "probe.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(p))
+    return p
+
+
+@pytest.mark.parametrize(("mask", "seen"), [
+    ([[1, 1, 1, 0, 0, 0, 0, 0]], 3),                            # right padding: trimmed to the real tokens
+    ([[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]], 5),  # a batch keeps its longest row
+    ([[0, 0, 0, 0, 0, 1, 1, 1]], 8),                            # left padding: nothing to trim, nothing lost
+    ([[1, 1, 1, 1, 1, 1, 1, 1]], 8),
+    ([[0, 0, 0, 0, 0, 0, 0, 0]], 1),                            # an all-padding row still has a valid shape
+])
+def test_trim_padding_slices_to_the_last_used_column(tmp_path: Path, mask: list[list[int]], seen: int) -> None:
+    from edgeship.exporters.onnx import trim_padding
+
+    p = _shape_probe(tmp_path)
+    trim_padding(p, ["input_ids", "attention_mask"])
+    m = np.array(mask, np.int64)
+    ids = np.arange(1, m.size + 1, dtype=np.int64).reshape(m.shape)
+    shape, total = ort.InferenceSession(str(p)).run(None, {"input_ids": ids, "attention_mask": m})
+    assert shape.tolist() == [m.shape[0], seen]
+    assert int(total) == int((ids * m).sum())  # no real token is ever cut
+
+
+def test_padded_and_unpadded_input_agree(tiny_onnx_bundle: Path) -> None:
+    """A sentence padded to a fixed length gives the unpadded result: the graph drops the padding."""
+    import onnx
+
+    art = load_bundle(tiny_onnx_bundle).manifest.artifact("onnx/fp32")
+    assert art.runtime["graph"]["trims_padding"] is True
+    assert any(n.name == "" and n.output[0].startswith("edgeship_trim/")
+               for n in onnx.load(str(tiny_onnx_bundle / art.path)).graph.node)
+    sess = ort.InferenceSession(str(tiny_onnx_bundle / art.path))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 100, size=(2, 11)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[0, 6:] = 0
+    short = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    pad = np.zeros((2, 117), np.int64)
+    long = sess.run(None, {"input_ids": np.hstack([ids, pad]), "attention_mask": np.hstack([mask, pad])})[0]
+    assert np.allclose(short, long, atol=1e-6)
+
+
+def test_token_outputs_keep_their_padding() -> None:
+    from types import SimpleNamespace
+
+    from edgeship.exporters.onnx import trims_padding
+    from edgeship.spec import TensorSpec
+
+    ins = (TensorSpec("input_ids", "int64", ("batch", "sequence")), TensorSpec("attention_mask", "int64", ("batch", "sequence")))
+    pooled = SimpleNamespace(inputs=ins, outputs=(TensorSpec("logits", "float32", ("batch", 3)),))
+    tokens = SimpleNamespace(inputs=ins, outputs=(TensorSpec("logits", "float32", ("batch", "sequence", 3)),))
+    no_mask = SimpleNamespace(inputs=ins[:1], outputs=pooled.outputs)
+    assert trims_padding(pooled) and not trims_padding(tokens) and not trims_padding(no_mask)
+
+
+def _assert_qdq_runs_as_int8(path: Path, options: dict[str, object], tmp_path: Path) -> None:
+    """Trap: at graph_optimization "basic" ORT runs QDQ as DequantizeLinear + float MatMul (int8-static
+    MiniLM was 4x slower than at "all"). The artifact's own options must turn the QDQ pairs into int8 kernels."""
+    import onnx
+
+    from edgeship.profiling.backends.onnx import OnnxBackend
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    so = ort.SessionOptions()
+    so.graph_optimization_level = levels[str(options["graph_optimization"])]
+    so.optimized_model_filepath = str(tmp_path / "qdq-optimized.onnx")
+    ort.InferenceSession(str(path), so, disabled_optimizers=list(options["disabled_optimizers"]))  # type: ignore[call-overload]
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "qdq-optimized.onnx")).graph.node}
+    assert "QLinearMatMul" in ops or "MatMulIntegerToFloat" in ops, sorted(ops)
+    assert OnnxBackend(path, options=options).info()["graph_optimization"] == options["graph_optimization"]
