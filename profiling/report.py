@@ -80,12 +80,24 @@ def _notes(r: Mapping[str, Any]) -> list[str]:
     return notes
 
 
+def input_line(r: Mapping[str, Any]) -> str:
+    """'bundle held-out sample 0, input_ids 1x128 (17 real tokens)': what the latency was measured on."""
+    shapes = r.get("input_shapes") or {}
+    if not shapes:
+        return ""
+    desc = ", ".join(f"{k} {'x'.join(str(d) for d in v)}" for k, v in shapes.items())
+    if r.get("input_real_tokens") is not None:
+        desc += f" ({r['input_real_tokens']} real tokens)"
+    return f"{r['input_source']}: {desc}" if r.get("input_source") else desc
+
+
 def render(result: Mapping[str, Any]) -> str:
     dev = result.get("device", {})
     emu = dev.get("emulated")
     head = f"device: {dev.get('cpu_model', '?')} ({dev.get('arch', '?')}, {dev.get('logical_cpus', '?')} CPUs)"
     if emu:
         head += f"  [EMULATED by {emu}: latency and energy are not the device's]"
+    head += "".join(f"\ninput: {x}" for x in sorted({input_line(r) for r in result.get("results", [])} - {""}))
     rows = result_rows(result.get("results", []))
     if emu:
         for row in rows:

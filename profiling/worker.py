@@ -134,6 +134,7 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
     if bundle is not None and not cfg.shapes and bundle.manifest.samples.get("inputs"):
         with np.load(bundle.root / bundle.manifest.samples["inputs"]) as z:
             feeds = {k: z[k][:1] if z[k].ndim else z[k] for k in z.files}
+        out["input_source"] = "bundle held-out sample 0"
         if bundle.manifest.samples.get("outputs"):
             with np.load(bundle.root / bundle.manifest.samples["inputs"]) as zi, \
                     np.load(bundle.root / bundle.manifest.samples["outputs"]) as zo:
@@ -148,6 +149,9 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
                 if d not in dims and d.lower() in ("batch", "batch_size", "n", "dim0"):
                     dims[d] = 1
         feeds = synthesize(specs, dims, seed=cfg.seed)
+        out["input_source"] = f"synthesized (seed {cfg.seed})"
+    if "attention_mask" in feeds:  # what a text model really computes on (ONNX graphs drop trailing padding)
+        out["input_real_tokens"] = int(np.count_nonzero(feeds["attention_mask"]))
     feeds = model.adapt_feeds(feeds)
     out["input_shapes"] = {k: list(v.shape) for k, v in feeds.items()}
     out["input_dtypes"] = {k: str(v.dtype) for k, v in feeds.items()}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from edgeship.errors import ArtifactLoadError, InputError, UnknownKeyError
+from edgeship.profiling.report import render
 from edgeship.profiling.runner import ProfileResult, RunConfig, profile
 
 FAST = {"runs": 5, "min_seconds": 0.0, "warmup": 1, "progress": False, "energy": "estimate"}
@@ -28,6 +29,11 @@ def test_profile_bundle_fills_every_field(tiny_onnx_bundle: Path, tmp_path: Path
         assert r["peak_rss_mb"] >= r["rss_after_load_mb"] > 0
         assert r["runtime"]["providers_used"] == ["CPUExecutionProvider"]
         assert r["fidelity"]["passed"] is True
+        with np.load(tiny_onnx_bundle / "samples/inputs.npz") as z:  # timed on held-out sample 0, as labelled
+            assert r["input_real_tokens"] == int(z["attention_mask"][0].sum()) < r["input_shapes"]["attention_mask"][1]
+        assert r["input_source"] == "bundle held-out sample 0"
+        assert f"input: bundle held-out sample 0: input_ids 1x128, attention_mask 1x128 ({r['input_real_tokens']} " \
+               "real tokens)" in render(res.to_dict())
         assert r["device_check"]["mean_cosine"] > 0.99  # held-out samples re-run here vs PyTorch's outputs
         e = r["energy"]
         assert e["estimated"] is True and e["joules_per_inference_gross"] > 0 and e["source"] == "estimate"
@@ -47,6 +53,7 @@ def test_bare_onnx_file_with_shapes(tiny_onnx_bundle: Path) -> None:
     res = profile(f, shapes={"input_ids": (1, 16), "attention_mask": (1, 16)}, **FAST)
     (r,) = res.results
     assert r["status"] == "ok" and r["input_shapes"] == {"input_ids": [1, 16], "attention_mask": [1, 16]}
+    assert r["input_source"].startswith("synthesized")
     # an unbound dynamic dim is an error that says how to bind it
     res = profile(f, **FAST)
     assert res.results[0]["status"] == "error" and "--shape input_ids=" in res.results[0]["error"]
