@@ -34,9 +34,11 @@ as flatbuffer metadata named ``edgeship`` (JSON) and repeated in the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -82,7 +84,7 @@ class TfliteExporter(Exporter):
         lm = ctx.model
         wrapper = _signature_module(lm)
         sample = {s.name: torch.from_numpy(_int32(ctx.heldout[0][s.name])) for s in lm.inputs}
-        with ctx.stage("lower", "tflite", recipe), torch.no_grad():
+        with ctx.stage("lower", "tflite", recipe), torch.no_grad(), _litert_progress_off():
             try:
                 edge = _convert(wrapper, sample)
             except Exception as e:
@@ -90,7 +92,7 @@ class TfliteExporter(Exporter):
                 if why:
                     raise ExportError(f"tflite/{recipe}: stage 'lower' failed: {why}") from e
                 raise
-        with ctx.stage("serialize", "tflite", recipe):
+        with ctx.stage("serialize", "tflite", recipe), _litert_progress_off():
             edge.export(str(base))
         info = {"layers": fc_layers(base, lm.module, lm.linear_layers()),
                 "shapes": {s.name: list(sample[s.name].shape) for s in lm.inputs}}
@@ -231,6 +233,21 @@ def _signature_module(lm: LoadedModel) -> nn.Module:
             return {s.name: o for s, o in zip(lm.outputs, outs, strict=True)}
 
     return LiteRtSignature().eval()
+
+
+@contextlib.contextmanager
+def _litert_progress_off() -> Iterator[None]:
+    """litert-torch prints its task tree to *stdout* (rich console), which breaks piping our output;
+    our own stage lines already go to the log. LITERT_TORCH_SHOW_PROGRESS=y set by the user wins."""
+    key = "LITERT_TORCH_SHOW_PROGRESS"
+    before = os.environ.get(key)
+    if before is None:
+        os.environ[key] = "n"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
 
 
 def _convert(module: nn.Module, sample: dict[str, Any]) -> Any:

@@ -138,3 +138,20 @@ def test_profile_runs_torch_free(tiny_tflite_bundle: Path, tmp_path: Path) -> No
     assert r["torch_free"] is True and r["runtime"]["runtime"] == "ai-edge-litert"
     assert r["input_shapes"] == {"input_ids": [1, 128], "attention_mask": [1, 128]}
     assert json.loads((tmp_path / "r.json").read_text())["results"][0]["latency"]["count"] >= 5
+
+
+def test_converter_progress_stays_off_stdout(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trap: litert-torch prints its task tree ("[START] LiteRT-Torch Convert ...") to stdout, which
+    ends up in whatever a user pipes edgeship's output into. The exporter turns it off."""
+    import torch
+
+    monkeypatch.delenv("LITERT_TORCH_SHOW_PROGRESS", raising=False)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    export(net, example_inputs={"image": np.zeros((1, 1, 8, 8), np.float32)}, target="x86-64-laptop",
+           out=tmp_path / "m", formats=["tflite"], recipes=["fp32"], **QUIET)
+    out = capfd.readouterr().out
+    assert "LiteRT-Torch" not in out and "[START]" not in out, out[:300]
+    import os
+
+    assert "LITERT_TORCH_SHOW_PROGRESS" not in os.environ  # restored for the rest of the process
