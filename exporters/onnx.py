@@ -31,7 +31,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgeship.errors import ExportError
-from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport, register
+from edgeship.exporters.base import (
+    ExportContext,
+    Exporter,
+    ExportOutput,
+    RecipeSupport,
+    padding_advice,
+    register,
+)
 
 OPSET = 18
 TORCHSCRIPT_OPSET = 17
@@ -146,6 +153,9 @@ class OnnxExporter(Exporter):
             runtime["opset"] = TORCHSCRIPT_OPSET
         if trims_padding(ctx.model):
             runtime["graph"] = {**graph, "trims_padding": True, "padding_note": PADDING_NOTE}
+        advice = padding_advice(ctx.model, trims=trims_padding(ctx.model))
+        if advice:
+            runtime["input_padding"] = advice
         npu = [r for r in ctx.target.preferred_backends("onnx")]
         if npu:
             runtime["preferred_execution_providers"] = [r.backend for r in npu] + ["CPUExecutionProvider"]

@@ -34,7 +34,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from edgeship.errors import UnsupportedRecipeError
-from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport, register
+from edgeship.exporters.base import (
+    ExportContext,
+    Exporter,
+    ExportOutput,
+    RecipeSupport,
+    padding_advice,
+    register,
+)
 from edgeship.manifest import Fidelity
 
 if TYPE_CHECKING:
@@ -112,6 +119,10 @@ class PteExporter(Exporter):
         details = {"delegation": report, "shapes": shapes_info, "fallbacks": fallbacks}
         runtime: dict[str, Any] = {"name": "executorch", "version": _version(), "delegates": [DELEGATE],
                                    "options": {}, "io_method": IO_METHOD}
+        seq = shapes_info.get("sequence") or {}
+        advice = padding_advice(lm, static_length=None if seq.get("dynamic") or not seq else seq.get("length"))
+        if advice:
+            runtime["input_padding"] = advice
         if fallbacks:
             runtime["preferred_backends"] = [f["wanted"] for f in fallbacks]
         return ExportOutput(path=out, runtime=runtime, quantization=quant, details=details, warnings=warnings)

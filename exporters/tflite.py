@@ -45,7 +45,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from edgeship.errors import ExportError, UnsupportedRecipeError
-from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport, register
+from edgeship.exporters.base import (
+    ExportContext,
+    Exporter,
+    ExportOutput,
+    RecipeSupport,
+    padding_advice,
+    register,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -137,6 +144,10 @@ class TfliteExporter(Exporter):
                      for s in ctx.model.inputs if s.dtype == "int64"},
             "runtimes": ["ai-edge-litert", "tflite-runtime"], "delegates": ["xnnpack (default)"],
         }
+        seq = [info["shapes"][s.name][i] for s in ctx.model.inputs for i, d in enumerate(s.shape) if d == "sequence"]
+        advice = padding_advice(ctx.model, static_length=seq[0] if seq else None)
+        if advice:
+            runtime["input_padding"] = advice
         npu = ctx.target.preferred_backends("tflite")
         if npu:
             runtime["preferred_delegates"] = [r.backend for r in npu]

@@ -70,6 +70,7 @@ def test_dynamic_sequence_recorded_and_runs(tiny_pte_bundle: Path) -> None:
     a = load_bundle(tiny_pte_bundle).manifest.artifact("pte/fp32")
     assert a.details["shapes"]["sequence"] == {"dynamic": True, "min": 2, "max": 128}
     assert a.details["shapes"]["batch"] == 1
+    assert a.runtime["input_padding"]["mode"] == "longest"  # apps are told not to pad to max_length
     b = backends.load(tiny_pte_bundle / a.path)
     assert [s.shape for s in b.inputs] == [(1, "sequence"), (1, "sequence")]
     for n in (5, 77):
@@ -82,6 +83,7 @@ def test_image_classifier_static_and_int4(tiny_vit_dir: Path, tmp_path: Path) ->
                **QUIET)
     arts = {a.recipe: a for a in r.manifest.artifacts}
     assert "sequence" not in arts["fp32"].details["shapes"] and arts["fp32"].fidelity.top1_agreement == 1.0
+    assert "input_padding" not in arts["fp32"].runtime
     (fb,) = arts["fp32"].details["fallbacks"]
     assert fb["wanted"] == "vulkan"
     q = arts["int4-weight"].quantization

@@ -35,6 +35,7 @@ def test_recipes_checked_and_described(tiny_tflite_bundle: Path) -> None:
     for a in arts.values():
         assert a.path.endswith(".tflite") and a.fidelity is not None and a.fidelity.passed
         assert a.runtime["name"] == "litert" and a.runtime["signature"] == "serving_default"
+        assert a.runtime["input_padding"] == {"mode": "max_length", "length": 128, "why": a.runtime["input_padding"]["why"]}
         assert a.runtime["input_dtypes"] == {"input_ids": "int32", "attention_mask": "int32"}
         assert "overflow" in a.runtime["cast"]["input_ids"]
         assert {"lower", "serialize", "validate"} <= set(a.stages) or a.recipe != "fp32"
