@@ -181,9 +181,11 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     rows = []
     for art in m.artifacts:
         f = art.fidelity
+        pad = art.runtime.get("input_padding") or {}
+        pad_cell = f"{pad.get('mode', '-')}{' ' + str(pad['length']) if pad.get('length') else ''}"
         rows.append([art.key, art.path, f"{art.size_bytes / 2**20:.1f}", f"{f.mean_cosine:.4f}" if f else "-",
-                     str(len(art.kept_layers)), art.sha256[:12]])
-    print(table(rows, ["artifact", "path", "MB", "mean cos", "kept hi-prec", "sha256"]))
+                     str(len(art.kept_layers)), pad_cell, art.sha256[:12]])
+    print(table(rows, ["artifact", "path", "MB", "mean cos", "kept hi-prec", "pad input", "sha256"]))
     for art in m.artifacts:
         for key in ("delegation", "fallbacks", "signatures"):
             if key in art.details:
