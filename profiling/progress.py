@@ -7,6 +7,13 @@ import time
 from typing import TextIO
 
 
+def bar(fraction: float, width: int = 20) -> str:
+    """``[########------------]  40%`` (ASCII: device consoles and CI logs are not always UTF-8)."""
+    f = min(max(fraction, 0.0), 1.0)
+    n = round(f * width)
+    return f"[{'#' * n}{'-' * (width - n)}] {f * 100:3.0f}%"
+
+
 class Progress:
     def __init__(self, label: str, enabled: bool = True, stream: TextIO | None = None, every_s: float = 0.5) -> None:
         self.label = label

@@ -21,7 +21,7 @@ import numpy as np
 
 from edgeship.errors import EdgeshipError, InputError
 from edgeship.profiling import backends, energy, telemetry
-from edgeship.profiling.progress import Progress
+from edgeship.profiling.progress import Progress, bar
 from edgeship.profiling.stats import LatencyStats
 from edgeship.spec import resolve_dims, synthesize
 
@@ -161,7 +161,7 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
     first_ms = (time.perf_counter_ns() - t0) / 1e6
     for i in range(cfg.warmup):
         model.run(feeds)
-        prog.update(f"warm-up {i + 1}/{cfg.warmup}")
+        prog.update(f"{bar((i + 1) / cfg.warmup)} warm-up {i + 1}/{cfg.warmup}")
 
     samples: list[int] = []
     warnings: list[str] = list(option_notes)
@@ -181,7 +181,9 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
         samples.append(time.perf_counter_ns() - t)
         elapsed = time.perf_counter_ns() - start
         if prog.due():  # the median is only worth computing when it will be printed
-            prog.update(f"run {len(samples)} ({elapsed / 1e9:.1f} s) p50 {np.median(samples) / 1e6:.2f} ms")
+            # the run ends when both the count and the time are reached: the lagging one is the progress
+            frac = min(len(samples) / max(cfg.runs, 1), elapsed / min_ns if min_ns else 1.0)
+            prog.update(f"{bar(frac)} run {len(samples)} ({elapsed / 1e9:.1f} s) p50 {np.median(samples) / 1e6:.2f} ms")
         if len(samples) >= cfg.runs and elapsed >= min_ns:
             break
         if elapsed >= max_ns:

@@ -135,3 +135,24 @@ def test_runtime_options_apply_per_format(tiny_onnx_bundle: Path) -> None:
     assert res.results[0]["runtime"]["graph_optimization"] == "all"
     with pytest.raises(ConfigError, match="unknown runtime option.*bogus"):
         profile(tiny_onnx_bundle, options={"bogus": "1"}, **FAST)
+
+
+def test_progress_bar_redraws_on_a_terminal_and_logs_lines_otherwise() -> None:
+    import io
+
+    from edgeship.profiling.progress import Progress, bar
+
+    assert bar(0.0) == "[--------------------]   0%" and bar(0.4) == "[########------------]  40%"
+    assert bar(1.7) == bar(1.0) == "[####################] 100%"
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, log = Tty(), io.StringIO()
+    for stream in (tty, log):
+        p = Progress("onnx/fp32", stream=stream, every_s=0.0)
+        p.update(f"{bar(0.5)} run 5")
+        p.done("10 runs")
+    assert tty.getvalue() == "[onnx/fp32] [##########----------]  50% run 5\x1b[K\r[onnx/fp32] 10 runs\x1b[K\n"
+    assert log.getvalue() == "[onnx/fp32] [##########----------]  50% run 5\n[onnx/fp32] 10 runs\n"
