@@ -151,9 +151,10 @@ class OnnxExporter(Exporter):
         if fused is not None:
             base = fused
             runtime["opset"] = TORCHSCRIPT_OPSET
-        if trims_padding(ctx.model):
+        trims = trims_padding(ctx.model)
+        if trims:
             runtime["graph"] = {**graph, "trims_padding": True, "padding_note": PADDING_NOTE}
-        advice = padding_advice(ctx.model, trims=trims_padding(ctx.model))
+        advice = padding_advice(ctx.model, trims=trims)
         if advice:
             runtime["input_padding"] = advice
         npu = [r for r in ctx.target.preferred_backends("onnx")]
@@ -395,13 +396,10 @@ def _calibration_ranges(base: Path, feeds: Sequence[dict[str, np.ndarray]], work
     return ranges
 
 
-def embedding_gathers(path: Path) -> list[str]:
-    """Gather nodes that index a weight table (token / position / type embeddings)."""
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in m.graph.initializer}
-    return [n.name for n in m.graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits]
+def embedding_gathers(graph: Any) -> list[str]:
+    """Gather nodes of ``graph`` (an ``onnx.GraphProto``) that index a weight table (token / position / type embeddings)."""
+    inits = {i.name for i in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits]
 
 
 def _qdq(base: Path, out: Path, ranges: Any, nodes: Sequence[str]) -> None:
@@ -411,7 +409,7 @@ def _qdq(base: Path, out: Path, ranges: Any, nodes: Sequence[str]) -> None:
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
     model = onnx.load(str(base))
-    todo = [*nodes, *embedding_gathers(base)]
+    todo = [*nodes, *embedding_gathers(model.graph)]  # read from the model already loaded: one parse per attempt
     if not todo:
         onnx.save(model, str(out))
         return
