@@ -1,0 +1,72 @@
+"""The seam between the causal-LM export pipeline and the per-format LLM exporters.
+
+Decoder LLMs do not fit the encoder exporter protocol (one graph, one forward, cosine fidelity): they carry a
+KV cache, two phases (prefill, decode) and are judged by next-token agreement. The core LLM pipeline
+(``edgeship.llm``) loads the model, writes the bundle and measures fidelity through the *device* runtime
+(:mod:`edgeship.profiling.llm`); a format only turns a Hugging Face causal LM into files.
+
+Adding an LLM format is one function registered here plus one :class:`~edgeship.profiling.llm.runtime.LLMRuntime`
+registered on the device side under the same format name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeship.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import nn
+
+LLM_RECIPES = ("fp32", "int8-dynamic", "int4-weight")
+
+
+@dataclass(frozen=True)
+class LLMExportRequest:
+    """Everything an LLM exporter may use, handed in by the core."""
+
+    model: nn.Module  # a transformers *ForCausalLM in fp32, eval mode, adapters already merged
+    hf_dir: Path  # a plain HF directory (config.json + safetensors + tokenizer files) holding the same weights
+    recipe: str  # one of LLM_RECIPES
+    max_context: int  # static KV-cache length (prompt + generated tokens)
+    group_size: int  # block size for grouped (block-wise) 4-bit weights
+    out: Path  # a directory the exporter creates and fills (the core stages and renames it atomically)
+    workdir: Path  # scratch space, deleted after the export
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LLMExportResult:
+    """What one LLM exporter call produced; the core adds checksums, sizes, time and fidelity."""
+
+    files: list[Path]  # every file written, relative to ``request.out``
+    runtime: dict[str, Any]  # what the device runtime needs to open it (kind, entry file, methods, dtypes ...)
+    quantization: dict[str, Any]  # scheme actually applied (weights bits, group size, activations, embeddings ...)
+    kv_cache_bytes_per_token: int  # bytes the static KV cache holds per token of context
+    tool: dict[str, str] = field(default_factory=dict)  # tool name -> version that made the files
+    warnings: list[str] = field(default_factory=list)
+
+
+LLMExporter = Callable[[LLMExportRequest], LLMExportResult]
+
+#: format name ("onnx", "pte", "tflite") -> exporter function. Filled by the ``@LLM_EXPORTERS.register`` decorator in
+#: each ``edgeship.exporters.llm_<format>`` module; :data:`LLM_EXPORTER_MODULES` lists them so that the core can
+#: import them lazily (each pulls its own heavy converter).
+LLM_EXPORTERS: Registry[LLMExporter] = Registry("LLM exporter")
+LLM_EXPORTER_MODULES = {
+    "onnx": "edgeship.exporters.llm_onnx",
+    "pte": "edgeship.exporters.llm_pte",
+    "tflite": "edgeship.exporters.llm_tflite",
+}
+
+
+def kv_cache_bytes_per_token(config: Any, bytes_per_element: int = 4) -> int:
+    """K and V for every layer and KV head at one position: 2 * layers * kv_heads * head_dim * element size."""
+    layers = int(config.num_hidden_layers)
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return 2 * layers * kv_heads * head_dim * bytes_per_element
