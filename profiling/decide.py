@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeship.errors import ConfigError
+from edgeship.profiling.results import ArtifactResult, DeviceRun, FleetResult, ProfileResult
 
 OBJECTIVES = ("latency", "energy", "size", "memory")
 
@@ -54,8 +55,9 @@ class Row:
         return dataclasses.asdict(self)
 
 
-def load_documents(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    runs: list[dict[str, Any]] = []
+def load_documents(paths: Iterable[str | Path]) -> list[DeviceRun]:
+    """The runs in results files: a single ``edgeship profile --json`` result or a fleet document."""
+    runs: list[DeviceRun] = []
     for p in paths:
         try:
             doc = json.loads(Path(p).read_text(encoding="utf-8"))
@@ -64,33 +66,35 @@ def load_documents(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}: not JSON ({e})") from None
         if isinstance(doc, dict) and "runs" in doc:
-            runs.extend(r for r in doc["runs"] if isinstance(r, dict))
+            runs.extend(FleetResult.from_dict(doc).runs)
         elif isinstance(doc, dict) and "results" in doc:
-            runs.append(doc)
+            runs.append(DeviceRun(ProfileResult.from_dict(doc)))
         else:
             raise ConfigError(f"{p}: not an edgeship results file (no 'results' or 'runs')")
     return runs
 
 
-def rows_of(runs: Sequence[Mapping[str, Any]]) -> list[Row]:
+def _mj(r: ArtifactResult) -> float | None:
+    e = r.energy
+    if e is None or not e.available:
+        return None
+    j = e.joules_per_inference_net if e.joules_per_inference_net is not None else e.joules_per_inference_gross
+    return None if j is None else j * 1000
+
+
+def rows_of(runs: Sequence[DeviceRun]) -> list[Row]:
     out = []
     for run in runs:
-        dev = run.get("device") or {}
-        name = str(run.get("device_url") or dev.get("board") or dev.get("cpu_model") or dev.get("hostname") or "local")
-        emulated = dev.get("emulated")
-        for r in run.get("results", []):
-            e = r.get("energy") or {}
-            j = e.get("joules_per_inference_net") if e.get("joules_per_inference_net") is not None \
-                else e.get("joules_per_inference_gross")
-            lat = r.get("latency") or {}
-            fid = r.get("fidelity") or {}
+        if run.profile is None:
+            continue
+        emulated = run.profile.device.emulated
+        for r in run.profile.results:
             out.append(Row(
-                device=name, artifact=str(r.get("artifact")), format=r.get("format"), recipe=r.get("recipe"),
-                size_mb=float(r.get("size_bytes") or 0) / 2**20, mean_cosine=fid.get("mean_cosine"),
-                p50_ms=lat.get("p50_ms"), p99_ms=lat.get("p99_ms"), peak_mb=r.get("peak_rss_mb"),
-                mj_per_inference=j * 1000 if (e.get("available") and j is not None) else None,
-                energy_estimated=bool(e.get("estimated")), emulated=emulated, ok=r.get("status") == "ok",
-                error=r.get("error"),
+                device=run.name, artifact=r.artifact, format=r.format, recipe=r.recipe,
+                size_mb=float(r.size_bytes or 0) / 2**20, mean_cosine=r.fidelity.mean_cosine if r.fidelity else None,
+                p50_ms=r.latency.p50_ms if r.latency else None, p99_ms=r.latency.p99_ms if r.latency else None,
+                peak_mb=r.peak_rss_mb, mj_per_inference=_mj(r), energy_estimated=bool(r.energy and r.energy.estimated),
+                emulated=emulated, ok=r.ok, error=r.error,
             ))
     return out
 
@@ -134,7 +138,7 @@ class Decision:
                 "rows": [{**r.to_dict(), "violations": list(v)} for r, v in zip(self.rows, self.verdicts, strict=True)]}
 
 
-def decide(runs: Sequence[Mapping[str, Any]], budget: Budget, objective: str = "latency") -> Decision:
+def decide(runs: Sequence[DeviceRun], budget: Budget, objective: str = "latency") -> Decision:
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective '{objective}'; use one of {', '.join(OBJECTIVES)}")
     rows = rows_of(runs)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import html
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from edgeship.profiling.decide import Decision, Row, rows_of
+from edgeship.profiling.results import DeviceInfo, DeviceRun
 
 _CSS = """body{font:14px system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child,td.l{text-align:left}
@@ -81,8 +82,7 @@ def _row_label(r: Row, many_devices: bool) -> str:
     return f"{r.device[:18]}: {r.artifact}" if many_devices else r.artifact
 
 
-def render_html(doc: Mapping[str, Any], decision: Decision | None = None) -> str:
-    runs = list(doc.get("runs", [doc] if "results" in doc else []))
+def render_html(runs: Sequence[DeviceRun], decision: Decision | None = None) -> str:
     rows = rows_of(runs)
     many = len({r.device for r in rows}) > 1
     ok = [r for r in rows if r.ok]
@@ -90,13 +90,13 @@ def render_html(doc: Mapping[str, Any], decision: Decision | None = None) -> str
     parts = ["<!doctype html><meta charset=utf-8><title>edgeship report</title>", f"<style>{_CSS}</style>",
              "<h1>edgeship report</h1>"]
     for run in runs:
-        dev = run.get("device") or {}
-        emu = dev.get("emulated")
-        parts.append(f"<p><b>{_esc(run.get('device_url') or dev.get('hostname', 'local'))}</b>: "
-                     f"{_esc(dev.get('cpu_model'))} ({_esc(dev.get('arch'))}, {_esc(dev.get('logical_cpus'))} CPUs), "
-                     f"{_esc(dev.get('os'))}; runtimes {_esc(json.dumps(dev.get('runtimes', {})))}"
+        dev = run.profile.device if run.profile else DeviceInfo()
+        emu = dev.emulated
+        parts.append(f"<p><b>{_esc(run.url or dev.hostname or 'local')}</b>: "
+                     f"{_esc(dev.cpu_model)} ({_esc(dev.arch)}, {_esc(dev.logical_cpus)} CPUs), "
+                     f"{_esc(dev.os)}; runtimes {_esc(json.dumps(dict(dev.runtimes)))}"
                      + (f" <span class=warn>EMULATED by {_esc(emu)}: timings are not the device's</span>" if emu else "")
-                     + (f" <span class=warn>{_esc(run.get('error'))}</span>" if run.get("error") else "") + "</p>")
+                     + (f" <span class=warn>{_esc(run.error)}</span>" if run.error else "") + "</p>")
     head = "<tr><th>device</th><th>artifact</th><th>MB</th><th>mean cos</th><th>p50 ms</th><th>p99 ms</th>" \
            "<th>peak MB</th><th>mJ/inf</th><th>notes</th></tr>"
     body = []
@@ -134,9 +134,9 @@ def render_html(doc: Mapping[str, Any], decision: Decision | None = None) -> str
     return "\n".join(parts)
 
 
-def write_html(doc: Mapping[str, Any], path: Path, decision: Decision | None = None) -> Path:
+def write_html(runs: Sequence[DeviceRun], path: Path, decision: Decision | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(render_html(doc, decision), encoding="utf-8")
+    tmp.write_text(render_html(runs, decision), encoding="utf-8")
     os.replace(tmp, path)
     return path

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the table helpers are used by commands that never load a result
+    from edgeship.profiling.energy import EnergyResult
+    from edgeship.profiling.results import ArtifactResult, ProfileResult
 
 
 def _fmt(v: float | None, spec: str, dash: str = "-") -> str:
@@ -30,36 +34,33 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
 
-def energy_cell(e: Mapping[str, Any] | None) -> str:
-    if not e or not e.get("available"):
+def energy_cell(e: EnergyResult | None) -> str:
+    if e is None or not e.available:
         return "n/a"
-    j = e.get("joules_per_inference_net")
-    if j is None:
-        j = e.get("joules_per_inference_gross")
+    j = e.joules_per_inference_net if e.joules_per_inference_net is not None else e.joules_per_inference_gross
     if j is None:
         return "n/a"
-    return f"{j * 1000:.2f}{' (est)' if e.get('estimated') else ''}"
+    return f"{j * 1000:.2f}{' (est)' if e.estimated else ''}"
 
 
-def result_rows(results: Sequence[Mapping[str, Any]], device: str | None = None) -> list[list[str]]:
+def result_rows(results: Sequence[ArtifactResult], device: str | None = None) -> list[list[str]]:
     rows = []
     for r in results:
-        fid = r.get("fidelity") or {}
-        lat = r.get("latency") or {}
-        name = r.get("artifact", "?") if device is None else f"{device}:{r.get('artifact', '?')}"
-        if r.get("status") != "ok":
-            rows.append([name, _fmt((r.get("size_bytes") or 0) / 2**20, ".1f"), "-", "-", "-", "-", "-", "-",
-                         f"ERROR: {str(r.get('error', ''))[:60]}"])
+        name = r.artifact if device is None else f"{device}:{r.artifact}"
+        if not r.ok:
+            rows.append([name, _fmt((r.size_bytes or 0) / 2**20, ".1f"), "-", "-", "-", "-", "-", "-",
+                         f"ERROR: {str(r.error or '')[:60]}"])
             continue
+        lat = r.latency
         rows.append([
             name,
-            _fmt(r.get("size_bytes", 0) / 2**20, ".1f"),
-            _fmt(fid.get("mean_cosine"), ".4f"),
-            _fmt(lat.get("p50_ms"), ".2f"),
-            _fmt(lat.get("p90_ms"), ".2f"),
-            _fmt(lat.get("p99_ms"), ".2f"),
-            _fmt(r.get("peak_rss_mb"), ".0f"),
-            energy_cell(r.get("energy")),
+            _fmt((r.size_bytes or 0) / 2**20, ".1f"),
+            _fmt(r.fidelity.mean_cosine if r.fidelity else None, ".4f"),
+            _fmt(lat.p50_ms if lat else None, ".2f"),
+            _fmt(lat.p90_ms if lat else None, ".2f"),
+            _fmt(lat.p99_ms if lat else None, ".2f"),
+            _fmt(r.peak_rss_mb, ".0f"),
+            energy_cell(r.energy),
             ", ".join(_notes(r)),
         ])
     return rows
@@ -68,55 +69,37 @@ def result_rows(results: Sequence[Mapping[str, Any]], device: str | None = None)
 HEADER = ["artifact", "MB", "cosine", "p50 ms", "p90 ms", "p99 ms", "peak MB", "mJ/inf", "notes"]
 
 
-def _notes(r: Mapping[str, Any]) -> list[str]:
+def _notes(r: ArtifactResult) -> list[str]:
     notes = []
-    if r.get("emulated"):
-        notes.append(f"EMULATED ({r['emulated']}): not device latency")
-    tele = r.get("telemetry") or {}
-    if tele.get("throttled"):
+    if r.telemetry is not None and r.telemetry.throttled:
         notes.append("THROTTLED")
-    if r.get("warnings"):
-        notes.append(f"{len(r['warnings'])} warning(s)")
+    if r.warnings:
+        notes.append(f"{len(r.warnings)} warning(s)")
     return notes
 
 
-def input_line(r: Mapping[str, Any]) -> str:
-    """'bundle held-out sample 0, input_ids 1x128 (17 real tokens)': what the latency was measured on."""
-    shapes = r.get("input_shapes") or {}
-    if not shapes:
-        return ""
-    desc = ", ".join(f"{k} {'x'.join(str(d) for d in v)}" for k, v in shapes.items())
-    if r.get("input_real_tokens") is not None:
-        desc += f" ({r['input_real_tokens']} real tokens)"
-    return f"{r['input_source']}: {desc}" if r.get("input_source") else desc
-
-
-def render(result: Mapping[str, Any]) -> str:
-    dev = result.get("device", {})
-    emu = dev.get("emulated")
-    head = f"device: {dev.get('cpu_model', '?')} ({dev.get('arch', '?')}, {dev.get('logical_cpus', '?')} CPUs)"
+def render(result: ProfileResult) -> str:
+    dev = result.device
+    emu = dev.emulated
+    head = f"device: {dev.cpu_model or '?'} ({dev.arch or '?'}, {dev.logical_cpus or '?'} CPUs)"
     if emu:
         head += f"  [EMULATED by {emu}: latency and energy are not the device's]"
-    head += "".join(f"\ninput: {x}" for x in sorted({input_line(r) for r in result.get("results", [])} - {""}))
-    rows = result_rows(result.get("results", []))
+    inputs = {r.input.describe() for r in result.results if r.input is not None} - {""}
+    head += "".join(f"\ninput: {x}" for x in sorted(inputs))
+    rows = result_rows(result.results)
     if emu:
         for row in rows:
             row[-1] = ", ".join(x for x in (f"EMULATED ({emu})", row[-1]) if x)
-    energy = [r.get("energy") or {} for r in result.get("results", [])]
-    srcs = sorted({f"{e.get('source')}{' (estimated)' if e.get('estimated') else ''}" for e in energy if e})
+    energy = [r.energy for r in result.results if r.energy is not None]
+    srcs = sorted({f"{e.source}{' (estimated)' if e.estimated else ''}" for e in energy})
     foot = f"energy: {', '.join(srcs) or 'n/a'}"
-    reasons = sorted({e.get("reason", "") for e in energy if e.get("reason")})
+    reasons = sorted({e.reason for e in energy if e.reason})
     if reasons:
         foot += f" - {reasons[0]}"
     lines = [head, table(rows, HEADER), foot]
-    lines += [f"  {r.get('artifact', '?')}: {energy_detail(r['energy'])}" for r in result.get("results", [])
-              if (r.get("energy") or {}).get("available")]
-    lines += [f"  {r.get('artifact', '?')}: {delegate_line(d)}" for r in result.get("results", [])
-              if isinstance(d := (r.get("runtime") or {}).get("delegate"), dict)]
-    for r in result.get("results", []):
-        p = (r.get("runtime") or {}).get("per_op") or r.get("per_op")
-        if isinstance(p, dict):
-            lines.append(f"  {r.get('artifact', '?')}: {per_op_line(p)}")
+    lines += [f"  {r.artifact}: {energy_detail(r.energy)}" for r in result.results if r.energy and r.energy.available]
+    lines += [f"  {r.artifact}: {delegate_line(r.delegate)}" for r in result.results if r.delegate is not None]
+    lines += [f"  {r.artifact}: {per_op_line(p)}" for r in result.results if (p := r.per_op_trace) is not None]
     return "\n".join(lines)
 
 
@@ -138,17 +121,17 @@ def delegate_line(d: Mapping[str, Any]) -> str:
     return f"delegate {d.get('path')} FAILED ({d.get('error')}); {d.get('ran_on', 'the CPU')} ran the model instead"
 
 
-def energy_detail(e: Mapping[str, Any]) -> str:
+def energy_detail(e: EnergyResult) -> str:
     """Gross and net mJ/inference, average and idle watts: the figures behind the table's one energy cell."""
-    text = f"gross {_fmt(_mj(e.get('joules_per_inference_gross')), '.2f')} mJ"
-    if e.get("joules_per_inference_net") is not None:
-        text += f", net {_fmt(_mj(e.get('joules_per_inference_net')), '.2f')} mJ"
-    text += f", {_fmt(e.get('avg_watts'), '.2f')} W avg"
-    if e.get("idle_watts") is not None:
-        text += f" (idle {e['idle_watts']:.2f} W, {e.get('idle_source') or '?'})"
-    if e.get("samples") and not e.get("estimated"):
-        text += f", {e['samples']} samples"
-    return text + (" [estimate]" if e.get("estimated") else "")
+    text = f"gross {_fmt(_mj(e.joules_per_inference_gross), '.2f')} mJ"
+    if e.joules_per_inference_net is not None:
+        text += f", net {_fmt(_mj(e.joules_per_inference_net), '.2f')} mJ"
+    text += f", {_fmt(e.avg_watts, '.2f')} W avg"
+    if e.idle_watts is not None:
+        text += f" (idle {e.idle_watts:.2f} W, {e.idle_source or '?'})"
+    if e.samples and not e.estimated:
+        text += f", {e.samples} samples"
+    return text + (" [estimate]" if e.estimated else "")
 
 
 def _mj(j: float | None) -> float | None:

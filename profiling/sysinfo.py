@@ -7,7 +7,8 @@ import platform
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+
+from edgeship.profiling.results import DeviceInfo
 
 RUNTIME_PACKAGES = ("onnxruntime", "ai-edge-litert", "tflite-runtime", "executorch", "numpy")
 
@@ -79,18 +80,9 @@ def runtime_versions() -> dict[str, str]:
     return out
 
 
-def describe() -> dict[str, Any]:
+def describe() -> DeviceInfo:
     uname = platform.uname()
-    return {
-        "hostname": uname.node,
-        "arch": platform.machine(),
-        "cpu_model": cpu_model(),
-        "board": board_model(),
-        "logical_cpus": os.cpu_count(),
-        "cpu_freq_mhz": cpu_freq_mhz(),
-        "os": f"{uname.system} {uname.release}",
-        "python": platform.python_version(),
-        "python_executable": sys.executable,
-        "runtimes": runtime_versions(),
-        "emulated": emulation(),
-    }
+    return DeviceInfo(hostname=uname.node, arch=platform.machine(), cpu_model=cpu_model(), board=board_model(),
+                      logical_cpus=os.cpu_count(), cpu_freq_mhz=cpu_freq_mhz(), os=f"{uname.system} {uname.release}",
+                      python=platform.python_version(), python_executable=sys.executable, runtimes=runtime_versions(),
+                      emulated=emulation())

@@ -2,11 +2,13 @@
 
 Started by :func:`edgeship.profiling.runner.profile` once per artifact. For torch-free
 formats torch is made unimportable before any runtime is loaded, which proves the
-device path needs no torch.
+device path needs no torch. The measurement runs in stages: open the artifact, resolve
+its input, the timed loop, and (for a bundle with held-out samples) the device check.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -14,18 +16,51 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgeship.errors import EdgeshipError, InputError
+from edgeship.manifest import Bundle
 from edgeship.profiling import backends, energy, telemetry
 from edgeship.profiling.progress import Progress, bar
+from edgeship.profiling.results import (
+    Agreement,
+    ArtifactResult,
+    InputInfo,
+    Memory,
+    RunConfig,
+    TelemetrySummary,
+)
 from edgeship.profiling.stats import LatencyStats
 from edgeship.spec import resolve_dims, synthesize
 
 _BLOCKED = ("torch", "transformers", "executorch", "litert_torch", "torchao")
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One artifact to measure: ``artifact`` of the bundle at ``bundle``, or the model ``file``."""
+
+    config: RunConfig
+    bundle: str | None = None
+    artifact: str | None = None
+    file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.artifact or Path(self.file or "?").name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "bundle": self.bundle, "artifact": self.artifact, "file": self.file}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Job:
+        return cls(RunConfig.from_dict(d["config"]), d.get("bundle"), d.get("artifact"), d.get("file"))
 
 
 def block_torch() -> None:
@@ -64,107 +99,128 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB on Linux
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    from edgeship.profiling.runner import RunConfig
+@dataclass(frozen=True)
+class _Opened:
+    """The artifact a job points at, before anything is loaded."""
 
-    raw = dict(job["config"])
-    raw["shapes"] = {k: tuple(v) for k, v in raw.get("shapes", {}).items()}
-    cfg = RunConfig(**raw)
-    out: dict[str, Any] = {"status": "error"}
-    try:
-        _measure(job, cfg, out)
-        out["status"] = "ok"
-    except EdgeshipError as e:
-        out["error"] = str(e)
-    except Exception as e:  # a runtime failing mid-run must not lose the other measurements
-        out["error"] = f"{type(e).__name__}: {e}"
-        out["traceback"] = traceback.format_exc()
-    return out
+    ident: ArtifactResult  # identity fields only; becomes the result
+    file: Path
+    bundle: Bundle | None
+    run_opts: dict[str, Any]
 
 
-def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
-    bundle = None
-    ref_inputs: dict[str, np.ndarray] | None = None
-    ref_outputs: dict[str, np.ndarray] | None = None
-    if "bundle" in job:
+def _open(job: Job) -> _Opened:
+    if job.bundle is not None:
         from edgeship.manifest import load_bundle
 
-        bundle = load_bundle(job["bundle"], verify=False)
-        art = bundle.manifest.artifact(job["artifact"])
-        path = bundle.path_of(art)
-        fmt = art.format
-        out.update(artifact=art.key, path=art.path, format=fmt, recipe=art.recipe, size_bytes=art.size_bytes,
-                   fidelity=art.fidelity.to_dict() if art.fidelity else None)
-        run_opts = dict(art.runtime.get("options", {}))
-    else:
-        path = Path(job["file"])
-        fmt = backends.format_of(path)
-        out.update(artifact=path.name, path=str(path), format=fmt, recipe=None, size_bytes=path.stat().st_size,
-                   fidelity=None)
-        run_opts = {}
-    user_opts, option_notes = backends.split_options(fmt, cfg.options)
-    run_opts.update(user_opts)
+        bundle = load_bundle(job.bundle, verify=False)
+        art = bundle.manifest.artifact(job.artifact or "")
+        ident = ArtifactResult(artifact=art.key, path=art.path, format=art.format, recipe=art.recipe,
+                               size_bytes=art.size_bytes, fidelity=art.fidelity)
+        return _Opened(ident, bundle.path_of(art), bundle, dict(art.runtime.get("options", {})))
+    path = Path(job.file or "")
+    ident = ArtifactResult(artifact=path.name, path=str(path), format=backends.format_of(path),
+                           size_bytes=path.stat().st_size)
+    return _Opened(ident, path, None, {})
+
+
+def run_job(job: Job) -> ArtifactResult:
+    base = ArtifactResult(artifact=job.label)
+    try:
+        opened = _open(job)
+        base = opened.ident
+        return _measure(opened, job.config)
+    except EdgeshipError as e:
+        return dataclasses.replace(base, status="error", error=str(e))
+    except Exception as e:  # a runtime failing mid-run must not lose the other measurements
+        return dataclasses.replace(base, status="error", error=f"{type(e).__name__}: {e}",
+                                   traceback=traceback.format_exc())
+
+
+def _threads(cfg: RunConfig, bundle: Bundle | None) -> int | None:
+    threads = cfg.threads
+    if threads is None and bundle is not None:
+        threads = int(bundle.manifest.target.get("threads") or 0) or None
+    return None if threads is None else min(threads, os.cpu_count() or threads)
+
+
+def _measure(opened: _Opened, cfg: RunConfig) -> ArtifactResult:
+    fmt, bundle = str(opened.ident.format), opened.bundle
+    user_opts, warnings = backends.split_options(fmt, cfg.options)
+    run_opts = {**opened.run_opts, **user_opts}
+    per_op = None
     if cfg.per_op:  # only backends that can time single operators get the option; the others say so
         if getattr(backends.get_backend(fmt), "per_op_capable", False):
             run_opts["per_op"] = True
         else:
-            out["per_op"] = {"available": False, "note": f"the {fmt} backend has no per-operator timings"}
+            per_op = {"available": False, "note": f"the {fmt} backend has no per-operator timings"}
     if backends.is_torch_free(fmt):
         block_torch()
-    out["torch_free"] = "torch" in sys.modules and sys.modules["torch"] is None
-    label = out["artifact"]
-    prog = Progress(label, enabled=cfg.progress)
-
-    threads = cfg.threads
+    threads = _threads(cfg, bundle)
     target = bundle.manifest.target.get("name") if bundle else None
     power_profile, power_reason = energy.power_model_profile(cfg.power_target, target, platform.machine())
-    if threads is None and bundle is not None:
-        threads = int(bundle.manifest.target.get("threads") or 0) or None
-    if threads is not None:
-        threads = min(threads, os.cpu_count() or threads)
     recorder = energy.Recorder.create(cfg.energy, power_profile, power_reason, idle_seconds=cfg.idle_seconds,
                                       ctx=energy.MeterContext(sample_hz=cfg.sample_hz, csv_path=cfg.energy_csv))
-
     rss0 = _rss_mb()
     t0 = time.perf_counter_ns()
-    model = backends.load(path, fmt, threads=threads, options=run_opts)
+    model = backends.load(opened.file, fmt, threads=threads, options=run_opts)
     load_s = (time.perf_counter_ns() - t0) / 1e9
     rss_load = _rss_mb()
 
+    feeds, inp = _resolve_input(model, bundle, cfg)
+    t0 = time.perf_counter_ns()
+    first = model.run(feeds)
+    first_ms = (time.perf_counter_ns() - t0) / 1e6
+    prog = Progress(opened.ident.artifact, enabled=cfg.progress)
+    for i in range(cfg.warmup):
+        model.run(feeds)
+        prog.update(f"{bar((i + 1) / cfg.warmup)} warm-up {i + 1}/{cfg.warmup}")
+    loop = _timed_loop(model, feeds, cfg, recorder, prog)
+    check = _device_check(model, bundle) if bundle is not None and not cfg.shapes else None
+    return dataclasses.replace(
+        opened.ident, status="ok", torch_free="torch" in sys.modules and sys.modules["torch"] is None, input=inp,
+        load_seconds=load_s, first_inference_ms=first_ms, warmup_runs=cfg.warmup, measured_seconds=loop.wall_s,
+        latency=LatencyStats.from_ns(loop.samples), samples_ns=tuple(loop.samples),
+        memory=Memory(rss0, rss_load, _peak_rss_mb()), threads=threads, runtime=model.info(),
+        output_shapes={k: tuple(np.shape(v)) for k, v in first.items()},
+        energy=recorder.result(len(loop.samples)), telemetry=loop.telemetry, device_check=check, per_op=per_op,
+        warnings=(*warnings, *loop.warnings))
+
+
+def _resolve_input(model: Any, bundle: Bundle | None, cfg: RunConfig) -> tuple[Feeds, InputInfo]:
+    """The bundle's held-out sample 0 when there is one (and no --shape), else synthesized inputs."""
     if bundle is not None and not cfg.shapes and bundle.manifest.samples.get("inputs"):
         with np.load(bundle.root / bundle.manifest.samples["inputs"]) as z:
             feeds = {k: z[k][:1] if z[k].ndim else z[k] for k in z.files}
-        out["input_source"] = "bundle held-out sample 0"
-        if bundle.manifest.samples.get("outputs"):
-            with np.load(bundle.root / bundle.manifest.samples["inputs"]) as zi, \
-                    np.load(bundle.root / bundle.manifest.samples["outputs"]) as zo:
-                ref_inputs = {k: zi[k] for k in zi.files}
-                ref_outputs = {k: zo[k] for k in zo.files}
+        source = "bundle held-out sample 0"
     else:
         specs = bundle.manifest.inputs if bundle else model.inputs
-        defaults = bundle.manifest.default_dims() if bundle else {}
-        dims = resolve_dims(specs, cfg.shapes, defaults)
+        dims = resolve_dims(specs, cfg.shapes, bundle.manifest.default_dims() if bundle else {})
         for s in specs:
             for d in s.dynamic_dims:
                 if d not in dims and d.lower() in ("batch", "batch_size", "n", "dim0"):
                     dims[d] = 1
         feeds = synthesize(specs, dims, seed=cfg.seed)
-        out["input_source"] = f"synthesized (seed {cfg.seed})"
-    if "attention_mask" in feeds:  # what a text model really computes on (ONNX graphs drop trailing padding)
-        out["input_real_tokens"] = int(np.count_nonzero(feeds["attention_mask"]))
+        source = f"synthesized (seed {cfg.seed})"
+    # what a text model really computes on (ONNX graphs drop trailing padding)
+    real = int(np.count_nonzero(feeds["attention_mask"])) if "attention_mask" in feeds else None
     feeds = model.adapt_feeds(feeds)
-    out["input_shapes"] = {k: list(v.shape) for k, v in feeds.items()}
-    out["input_dtypes"] = {k: str(v.dtype) for k, v in feeds.items()}
+    return feeds, InputInfo(source, {k: tuple(v.shape) for k, v in feeds.items()},
+                            {k: str(v.dtype) for k, v in feeds.items()}, real)
 
-    t0 = time.perf_counter_ns()
-    first = model.run(feeds)
-    first_ms = (time.perf_counter_ns() - t0) / 1e6
-    for i in range(cfg.warmup):
-        model.run(feeds)
-        prog.update(f"{bar((i + 1) / cfg.warmup)} warm-up {i + 1}/{cfg.warmup}")
 
+@dataclass(frozen=True)
+class _Loop:
+    samples: list[int]
+    wall_s: float
+    telemetry: TelemetrySummary
+    warnings: list[str]
+
+
+def _timed_loop(model: Any, feeds: Feeds, cfg: RunConfig, recorder: energy.Recorder, prog: Progress) -> _Loop:
+    """Run until both ``cfg.runs`` and the minimum time are reached (or ``max_seconds``), meters around it."""
     samples: list[int] = []
-    warnings: list[str] = list(option_notes)
+    warnings: list[str] = []
     tele = telemetry.Telemetry()
     cooldown = tele.wait_for_cooldown(cfg.cooldown_to_c) if cfg.cooldown_to_c is not None else None
     recorder.start()  # measures idle power first, outside the timed loop
@@ -196,42 +252,29 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
         tele_out["cooldown"] = cooldown
     stats = LatencyStats.from_ns(samples)
     prog.done(f"{len(samples)} runs, p50 {stats.p50_ms:.2f} ms, p99 {stats.p99_ms:.2f} ms")
-
-    device_check = None
-    if ref_inputs is not None and ref_outputs is not None:
-        device_check = _device_check(model, ref_inputs, ref_outputs, bundle)
-
-    out.update(
-        load_seconds=load_s, first_inference_ms=first_ms, warmup_runs=cfg.warmup, measured_seconds=wall_s,
-        latency=stats.to_dict(), samples_ns=samples, rss_before_load_mb=rss0, rss_after_load_mb=rss_load,
-        peak_rss_mb=_peak_rss_mb(), threads=threads, runtime=model.info(),
-        output_shapes={k: list(np.shape(v)) for k, v in first.items()},
-        energy=recorder.result(len(samples)).to_dict(), telemetry=tele_out, device_check=device_check,
-        warnings=warnings,
-    )
+    return _Loop(samples, wall_s, TelemetrySummary.from_dict(tele_out), warnings)
 
 
-def _device_check(model: Any, ref_inputs: dict[str, np.ndarray], ref_outputs: dict[str, np.ndarray],
-                  bundle: Any) -> dict[str, Any]:
+def _device_check(model: Any, bundle: Bundle) -> Agreement | None:
     """Run the bundle's held-out samples here and compare with the PyTorch reference outputs."""
+    samples = bundle.manifest.samples
+    if not samples.get("inputs") or not samples.get("outputs"):
+        return None
     from edgeship.fidelity import compare
 
+    with np.load(bundle.root / samples["inputs"]) as zi, np.load(bundle.root / samples["outputs"]) as zo:
+        ref_inputs, ref_outputs = {k: zi[k] for k in zi.files}, {k: zo[k] for k in zo.files}
     out_name = bundle.manifest.outputs[0].name
     n = next(iter(ref_inputs.values())).shape[0]
     got, ref = [], []
     for i in range(n):
-        feeds = model.adapt_feeds({k: v[i:i + 1] for k, v in ref_inputs.items()})
-        res = model.run(feeds)
+        res = model.run(model.adapt_feeds({k: v[i:i + 1] for k, v in ref_inputs.items()}))
         if out_name not in res:
             raise InputError(f"artifact has no output '{out_name}' (it has {', '.join(res)})")
         got.append(res[out_name])
         ref.append(ref_outputs[out_name][i:i + 1])
     classifier = bundle.manifest.model.get("task", "").endswith("classification")
-    fid = compare(ref, got, out_name, 0.0, classifier=classifier)
-    d = fid.to_dict()
-    d.pop("floor_mean_cosine")
-    d.pop("passed")
-    return d
+    return Agreement.from_dict(compare(ref, got, out_name, 0.0, classifier=classifier).to_dict())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,10 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m edgeship.profiling.worker JOB.json RESULT.json", file=sys.stderr)
         return 2
-    job = json.loads(Path(args[0]).read_text())
-    res = run_job(job)
-    Path(args[1]).write_text(json.dumps(res))
-    return 0 if res["status"] == "ok" else 1
+    res = run_job(Job.from_dict(json.loads(Path(args[0]).read_text())))
+    Path(args[1]).write_text(json.dumps(res.to_dict()))
+    return 0 if res.ok else 1
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from edgeship.pipeline import ExportResult, export
-    from edgeship.profiling.runner import ProfileResult, profile
+    from edgeship.profiling.results import ProfileResult
+    from edgeship.profiling.runner import profile
 
 __all__ = [
     "ArtifactRecord",
@@ -38,7 +39,7 @@ _LAZY = {
     "export": "edgeship.pipeline",
     "ExportResult": "edgeship.pipeline",
     "profile": "edgeship.profiling.runner",
-    "ProfileResult": "edgeship.profiling.runner",
+    "ProfileResult": "edgeship.profiling.results",
 }
 
 

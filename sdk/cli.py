@@ -60,7 +60,7 @@ def _kv(items: Sequence[str], flag: str) -> dict[str, Any]:
 
 
 def _run_config(a: argparse.Namespace) -> Any:
-    from edgeship.profiling.runner import RunConfig
+    from edgeship.profiling.results import RunConfig
     from edgeship.spec import parse_shape_overrides
 
     return RunConfig(runs=a.runs, min_seconds=a.min_seconds, max_seconds=a.max_seconds, warmup=a.warmup,
@@ -72,38 +72,37 @@ def _run_config(a: argparse.Namespace) -> Any:
 
 def cmd_profile(a: argparse.Namespace) -> int:
     from edgeship.profiling import report
+    from edgeship.profiling.results import DeviceRun
     from edgeship.profiling.runner import profile, write_json_atomic
 
     cfg = _run_config(a)
     if a.device or a.inventory:
         from edgeship.profiling.remote import profile_fleet
 
-        doc = profile_fleet(a.source, devices=a.device, inventory=a.inventory, config=cfg, artifact=a.artifact,
-                            identity=a.identity, accept_new_host_key=a.accept_new_host_key)
+        fleet = profile_fleet(a.source, devices=a.device, inventory=a.inventory, config=cfg, artifact=a.artifact,
+                              identity=a.identity, accept_new_host_key=a.accept_new_host_key)
         if a.json_path:
-            write_json_atomic(Path(a.json_path), json.dumps(doc, indent=2))
-        for run in doc["runs"]:
-            ident = run.get("device_identity") or {}
-            print(f"== {ident.get('name') or run.get('device_url')}")
-            if "results" in run:  # a device that failed mid-run still shows what it measured
-                print(report.render(run))
-            if run.get("error"):
-                print(f"{run.get('device_url')}: ERROR {run['error']}")
+            write_json_atomic(Path(a.json_path), fleet.to_json())
+        for run in fleet.runs:
+            print(f"== {run.identity.get('name') or run.url}")
+            if run.profile is not None:  # a device that failed mid-run still shows what it measured
+                print(report.render(run.profile))
+            if run.error:
+                print(f"{run.url}: ERROR {run.error}")
             print()
-        _html(a, doc)
-        return 0 if all(r.get("status", "ok") == "ok" and all(x.get("status") == "ok" for x in r.get("results", []))
-                        for r in doc["runs"]) else EXIT_FAIL
+        _html(a, fleet.runs)
+        return 0 if fleet.ok else EXIT_FAIL
     res = profile(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path)
-    print(report.render(res.to_dict()))
-    _html(a, {"schema_version": res.schema_version, "runs": [res.to_dict()]})
+    print(report.render(res))
+    _html(a, [DeviceRun(res)])
     return 0 if res.ok else EXIT_FAIL
 
 
-def _html(a: argparse.Namespace, doc: dict[str, Any]) -> None:
+def _html(a: argparse.Namespace, runs: Any) -> None:
     if getattr(a, "html_path", None):
         from edgeship.profiling.html import write_html
 
-        write_html(doc, Path(a.html_path))
+        write_html(runs, Path(a.html_path))
         print(f"HTML report: {a.html_path}")
 
 
@@ -121,7 +120,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     if a.html_path:
         from edgeship.profiling.html import write_html
 
-        write_html({"runs": runs}, Path(a.html_path), d)
+        write_html(runs, Path(a.html_path), d)
         print(f"HTML report: {a.html_path}")
     return 0 if d.pick is not None else EXIT_FAIL
 
@@ -201,7 +200,8 @@ def cmd_quickstart(a: argparse.Namespace) -> int:
     from edgeship.models import default_model_dir
     from edgeship.pipeline import export
     from edgeship.profiling import report
-    from edgeship.profiling.runner import RunConfig, profile
+    from edgeship.profiling.results import RunConfig
+    from edgeship.profiling.runner import profile
 
     out = Path(a.output)
     print(f"edgeship quickstart: all-MiniLM-L6-v2 -> {a.target} -> {out}", flush=True)
@@ -211,7 +211,7 @@ def cmd_quickstart(a: argparse.Namespace) -> int:
     cfg = RunConfig(runs=a.runs, min_seconds=a.min_seconds, energy="auto", progress=True)
     prof = profile(out, config=cfg, json_path=out.with_name(out.name + "-profile.json"))
     print()
-    print(report.render(prof.to_dict()))
+    print(report.render(prof))
     print(f"\nbundle: {out}   results: {out.with_name(out.name + '-profile.json')}")
     return 0 if prof.ok else EXIT_FAIL
 

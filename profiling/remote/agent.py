@@ -1,16 +1,15 @@
 """Device side of a remote profile: ``python -m edgeship.profiling.remote.agent JOB.json RESULT.json``.
 
 Runs the ordinary runner once per artifact (each still in its own worker process) and, after
-each one, prints a ``EDGESHIP-RESULT {json}`` line on stdout and rewrites RESULT.json. The host
-reads those lines as they stream, so when the connection dies mid-run the artifacts already
-measured are not lost. Progress lines go to stderr. Torch-free like the rest of the runner.
+each one, prints a ``EDGESHIP-RESULT {json}`` line on stdout; RESULT.json is written at the end.
+The host reads those lines as they stream, so when the connection dies mid-run the artifacts
+already measured are not lost. Progress lines go to stderr. Torch-free like the rest of the runner.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +18,18 @@ from edgeship.profiling.remote.transport import DEVICE_TAG, RESULT_TAG
 
 def run(job: dict[str, Any], out: Path) -> int:
     from edgeship.profiling import sysinfo
-    from edgeship.profiling.runner import ProfileResult, RunConfig, profile, write_json_atomic
+    from edgeship.profiling.results import ArtifactResult, RunConfig
+    from edgeship.profiling.runner import profile, write_json_atomic
 
-    raw = dict(job["config"])
-    raw["shapes"] = {k: tuple(v) for k, v in raw.get("shapes", {}).items()}
-    cfg = RunConfig(**raw)
     device = sysinfo.describe()
-    print(DEVICE_TAG + json.dumps(device), flush=True)
-    results: list[dict[str, Any]] = []
-    target = None
-    for artifact in job.get("artifacts") or [None]:
-        res = profile(job["source"], artifact=artifact, config=cfg)
-        target = res.target
-        for r in res.results:
-            results.append(r)
-            print(RESULT_TAG + json.dumps(r), flush=True)
-        doc = ProfileResult(device=device, config=cfg.to_dict(), results=tuple(results), source=job["source"],
-                            target=target, created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                            edgeship_version=res.edgeship_version)
-        write_json_atomic(out, doc.to_json())
+    print(DEVICE_TAG + json.dumps(device.to_dict()), flush=True)
+
+    def streamed(r: ArtifactResult) -> None:
+        print(RESULT_TAG + json.dumps(r.to_dict()), flush=True)
+
+    res = profile(job["source"], artifact=job.get("artifacts") or None, config=RunConfig.from_dict(job["config"]),
+                  on_result=streamed)
+    write_json_atomic(out, res.to_json())
     return 0
 
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from edgeship.errors import BundleError, ConfigError, EdgeshipError
+from edgeship.errors import BundleError, ConfigError
 from edgeship.profiling.remote.session import DeviceSession
 from edgeship.profiling.remote.transport import ConnectOptions, DeviceURL
-from edgeship.profiling.runner import RESULT_SCHEMA_VERSION, RunConfig
+from edgeship.profiling.results import FleetResult, RunConfig
 
 _INVENTORY_KEYS = {"url", "name", "target", "identity", "workdir"}
 
@@ -119,11 +119,11 @@ def profile_fleet(source: str | Path, *, devices: Sequence[str] = (), inventory:
                   config: RunConfig | None = None, artifact: str | None = None, identity: str | None = None,
                   accept_new_host_key: bool = False, known_hosts: str | None = None, ssh_config: str | None = None,
                   workdir: str | None = None, progress: FleetProgress | None = None,
-                  max_parallel: int = 8) -> dict[str, Any]:
+                  max_parallel: int = 8) -> FleetResult:
     """Profile ``source`` on every device in parallel.
 
-    Returns ``{"schema_version": 1, "runs": [...]}``: per device the same document a local
-    ``profile`` writes, plus ``device_url``, ``device_identity``, ``status`` and ``error``.
+    Returns one :class:`DeviceRun` per device: what a local ``profile`` returns, plus the device's
+    URL, identity, status and error.
     """
     config = config or RunConfig()
     entries = _entries(devices, inventory)
@@ -137,14 +137,6 @@ def profile_fleet(source: str | Path, *, devices: Sequence[str] = (), inventory:
                               _config_for(e, config), view.logger(e.name or str(DeviceURL.parse(e.url))),
                               workdir=e.workdir or workdir, name=e.name) for e in entries]
 
-    def one(s: DeviceSession) -> dict[str, Any]:
-        try:
-            return s.run(src, artifact)
-        except EdgeshipError as e:
-            return s._failed(str(e))
-        except Exception as e:  # a bug or an odd network error on one device must not stop the fleet
-            return s._failed(f"{s.name}: {type(e).__name__}: {e}")
-
     with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(sessions)))) as pool:
-        runs = list(pool.map(one, sessions))
-    return {"schema_version": RESULT_SCHEMA_VERSION, "runs": runs}
+        runs = list(pool.map(lambda s: s.run(src, artifact), sessions))
+    return FleetResult(tuple(runs))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeship.errors import DeviceError
+from edgeship.errors import DeviceError, EdgeshipError
 from edgeship.manifest import MANIFEST_NAME, load_bundle, sha256_file
 from edgeship.profiling.remote.transport import (
     DEVICE_TAG,
@@ -35,7 +35,7 @@ from edgeship.profiling.remote.transport import (
     transport_for,
 )
 from edgeship.profiling.remote.wheels import Platform, RuntimeWheels, runtime_wheels
-from edgeship.profiling.runner import RESULT_SCHEMA_VERSION, ProfileResult, RunConfig
+from edgeship.profiling.results import ArtifactResult, DeviceInfo, DeviceRun, ProfileResult, RunConfig
 
 DEFAULT_WORKDIR = "~/.cache/edgeship-device"
 MIN_PYTHON = (3, 11)
@@ -132,8 +132,9 @@ class DeviceSession:
         self.workdir = self.url.workdir or workdir or DEFAULT_WORKDIR
         self.name = name or str(self.url)
         self.identity: dict[str, Any] = {"url": str(self.url), "name": self.name}
-        self.partial: list[dict[str, Any]] = []
-        self.device: dict[str, Any] | None = None
+        self.partial: list[ArtifactResult] = []
+        self.device: DeviceInfo | None = None
+        self.result: ProfileResult | None = None
         self.timings: dict[str, float] = {}
         self.t: Transport | None = None
         self.source_text = ""
@@ -178,36 +179,34 @@ class DeviceSession:
             raise DeviceError(f"{self.name}: {mem / 2**20:.0f} MB of RAM available, the largest artifact alone is "
                               f"{biggest_artifact / 2**20:.0f} MB (+ runtime); close programs or profile a smaller one")
 
-    def run(self, source: Path, artifact: str | None) -> dict[str, Any]:
+    def run(self, source: Path, artifact: str | None) -> DeviceRun:
+        """Never raises: a device that fails is a run with ``status="error"`` and what it measured before."""
         try:
             with tempfile.TemporaryDirectory(prefix="edgeship-remote-") as td:
                 return self._run(source, artifact, Path(td))
-        except DeviceError as e:
-            return self._failed(str(e))
+        except EdgeshipError as e:
+            return self.failed(str(e))
+        except Exception as e:  # a bug or an odd network error on one device must not stop the fleet
+            return self.failed(f"{self.name}: {type(e).__name__}: {e}")
         finally:
             if self.t is not None:
                 self.t.close()
 
-    def _failed(self, error: str) -> dict[str, Any]:
+    def failed(self, error: str) -> DeviceRun:
         self.log(f"FAILED: {error}")
-        doc: dict[str, Any] = {"schema_version": RESULT_SCHEMA_VERSION, "device_url": str(self.url),
-                               "device_identity": self.identity, "status": "error", "error": error,
-                               "timings_s": self.timings}
+        partial = None
         if self.partial or self.device:
             # What finished before the failure, in the same schema as a complete run.
-            doc.update(ProfileResult(device=self.device or {}, config=self.config.to_dict(), results=tuple(self.partial),
-                                     source=str(self.source_text), target=None,
-                                     created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                     edgeship_version=_version()).to_dict())
-            doc["status"], doc["error"] = "error", error
-        return doc
+            partial = ProfileResult.new(self.device or DeviceInfo(), self.config, self.partial, self.source_text, None)
+        return DeviceRun(partial, url=str(self.url), identity=dict(self.identity), status="error", error=error,
+                         timings_s=dict(self.timings))
 
     def _stage(self, name: str, t0: float) -> float:
         now = time.monotonic()
         self.timings[name] = round(now - t0, 3)
         return now
 
-    def _run(self, source: Path, artifact: str | None, staging: Path) -> dict[str, Any]:
+    def _run(self, source: Path, artifact: str | None, staging: Path) -> DeviceRun:
         self.source_text = str(source)
         t0 = time.monotonic()
         files, keys, remote_source = _bundle_files(source, artifact, staging)
@@ -254,14 +253,12 @@ class DeviceSession:
             self._install(wd, wheels, deps_ok)
         t0 = self._stage("runtime", t0)
 
-        self._profile(wd, remote_source, keys, staging)
-        result = self.result
+        result = self._profile(wd, remote_source, keys, staging)
         self._stage("profile", t0)
-        doc = result.to_dict()
-        self.identity.update({k: doc["device"].get(k) for k in ("arch", "cpu_model", "board", "runtimes", "emulated")})
-        doc.update(device_url=str(self.url), device_identity=self.identity, status="ok", error=None,
-                   timings_s=self.timings)
-        return doc
+        dev = result.device
+        self.identity.update(arch=dev.arch, cpu_model=dev.cpu_model, board=dev.board, runtimes=dict(dev.runtimes),
+                             emulated=dev.emulated)
+        return DeviceRun(result, url=str(self.url), identity=dict(self.identity), timings_s=dict(self.timings))
 
     def _install(self, wd: str, wheels: RuntimeWheels, deps_ok: bool) -> None:
         venv, whl = f"{wd}/venv", f"{wd}/wheels"
@@ -279,7 +276,7 @@ class DeviceSession:
                             "wheels": wheels.to_dict()})
         self._sh(f"printf %s {shlex.quote(stamp)} > {shlex.quote(venv)}/edgeship-runtime.json", "writing the venv stamp")
 
-    def _profile(self, wd: str, remote_source: str, keys: list[str], staging: Path) -> None:
+    def _profile(self, wd: str, remote_source: str, keys: list[str], staging: Path) -> ProfileResult:
         assert self.t is not None
         run_dir = f"{wd}/runs/{uuid.uuid4().hex[:12]}"
         job = {"source": f"{wd}/{remote_source}", "artifacts": keys, "config": self.config.to_dict()}
@@ -291,11 +288,11 @@ class DeviceSession:
 
         def on_line(stream: str, line: str) -> None:
             if stream == "stdout" and line.startswith(DEVICE_TAG):
-                self.device = json.loads(line[len(DEVICE_TAG):])
+                self.device = DeviceInfo.from_dict(json.loads(line[len(DEVICE_TAG):]))
             elif stream == "stdout" and line.startswith(RESULT_TAG):
-                r = json.loads(line[len(RESULT_TAG):])
+                r = ArtifactResult.from_dict(json.loads(line[len(RESULT_TAG):]))
                 self.partial.append(r)
-                self.log(f"{r.get('artifact')}: {r.get('status')}")
+                self.log(f"{r.artifact}: {r.status}")
             elif stream == "stderr" and line.strip():
                 self.log(line.strip())
 
@@ -309,14 +306,10 @@ class DeviceSession:
             local = staging / "result.json"
             self.t.get(f"{run_dir}/result.json", local)
             self.result = ProfileResult.from_dict(json.loads(local.read_text()))
+            return self.result
         finally:
             try:
                 self.t.run(f"rm -rf {shlex.quote(run_dir)}", timeout=60)
             except DeviceError:
                 pass  # the connection is gone; the next run's directory is a new one anyway
 
-
-def _version() -> str:
-    from edgeship import __version__
-
-    return __version__

@@ -135,9 +135,9 @@ def test_profile_runs_torch_free(tiny_tflite_bundle: Path, tmp_path: Path) -> No
     res = profile(tiny_tflite_bundle, artifact="tflite/int8-dynamic", runs=5, min_seconds=0.05, warmup=1,
                   energy="estimate", progress=False, json_path=tmp_path / "r.json")
     (r,) = res.results
-    assert r["status"] == "ok", r.get("error")
-    assert r["torch_free"] is True and r["runtime"]["runtime"] == "ai-edge-litert"
-    assert r["input_shapes"] == {"input_ids": [1, 128], "attention_mask": [1, 128]}
+    assert r.ok, r.error
+    assert r.torch_free is True and r.runtime["runtime"] == "ai-edge-litert"
+    assert r.input is not None and r.input.shapes == {"input_ids": (1, 128), "attention_mask": (1, 128)}
     assert json.loads((tmp_path / "r.json").read_text())["results"][0]["latency"]["count"] >= 5
 
 

@@ -145,13 +145,14 @@ def test_profile_on_this_machine_records_the_estimate_and_telemetry(tiny_onnx_bu
     res = profile(tiny_onnx_bundle, artifact="onnx/int8-dynamic", runs=5, min_seconds=0.0, warmup=1,
                   progress=False, energy="auto", cooldown_to_c=200.0)
     (r,) = res.results
-    assert r["status"] == "ok", r.get("error")
-    e, tele = r["energy"], r["telemetry"]
-    if e["source"] == "estimate":  # a bare VM: no powercap, no hwmon power sensor
-        assert e["estimated"] is True and "no real power meter found" in e["reason"]
-        assert "rapl:" in e["reason"] and "hwmon:" in e["reason"]
-    assert e["available"] and e["joules_per_inference_gross"] > 0
-    assert tele["throttled"] in (True, False) and tele["samples"] >= 2 and "cooldown" in tele
+    assert r.ok, r.error
+    e, tele = r.energy, r.telemetry
+    assert e is not None and tele is not None
+    if e.source == "estimate":  # a bare VM: no powercap, no hwmon power sensor
+        assert e.estimated is True and "no real power meter found" in e.reason
+        assert "rapl:" in e.reason and "hwmon:" in e.reason
+    assert e.available and e.joules_per_inference_gross and e.joules_per_inference_gross > 0
+    assert tele.throttled in (True, False) and tele.readings["samples"] >= 2 and "cooldown" in tele.readings
 
 
 def test_csv_log_that_misses_the_run_still_completes(tiny_onnx_bundle: Path) -> None:
@@ -159,10 +160,10 @@ def test_csv_log_that_misses_the_run_still_completes(tiny_onnx_bundle: Path) -> 
                   progress=False, energy="csv", idle_seconds=0.0,
                   energy_csv=str(FIXTURES / "csv/usb-meter-2026-04-27.csv"))
     (r,) = res.results
-    assert r["status"] == "ok" and r["latency"]["count"] >= 3
-    assert r["energy"]["available"] is False and "does not overlap the run" in r["energy"]["reason"]
-    assert any("run extended" in w for w in r["warnings"])  # 10 rows of a 10 Hz log = 1 s minimum
-    assert r["measured_seconds"] >= 1.0
+    assert r.ok and r.latency and r.latency.count >= 3 and r.energy is not None
+    assert r.energy.available is False and "does not overlap the run" in r.energy.reason
+    assert any("run extended" in w for w in r.warnings)  # 10 rows of a 10 Hz log = 1 s minimum
+    assert r.measured_seconds and r.measured_seconds >= 1.0
 
 
 def test_command_runner_charges_the_tools_cpu_to_the_calling_thread() -> None:
@@ -179,13 +180,14 @@ def test_command_runner_charges_the_tools_cpu_to_the_calling_thread() -> None:
 
 def test_report_shows_gross_net_watts_and_source() -> None:
     from edgeship.profiling import report
+    from edgeship.profiling.results import ProfileResult
 
     e = EnergyResult(source="rpi5-pmic", estimated=False, reason="rpi5-pmic: Pi 5 PMIC ADC", available=True,
                      joules_per_inference_gross=0.012, joules_per_inference_net=0.004, avg_watts=6.1, idle_watts=4.1,
                      idle_source="measured", samples=41).to_dict()
     run = {"device": {}, "results": [{"artifact": "onnx/fp32", "status": "ok", "energy": e,
                                       "telemetry": {"throttled": True}}]}
-    text = report.render(run)
+    text = report.render(ProfileResult.from_dict(run))
     assert "4.00" in text.splitlines()[3] and "THROTTLED" in text and "energy: rpi5-pmic -" in text
     assert "onnx/fp32: gross 12.00 mJ, net 4.00 mJ, 6.10 W avg (idle 4.10 W, measured), 41 samples" in text
 
@@ -228,12 +230,13 @@ def test_worker_with_a_real_meter_tree_extends_the_run_and_measures_idle(
     res = profile(tiny_onnx_bundle, artifact="onnx/int8-dynamic", runs=2, min_seconds=0.0, warmup=0, progress=False,
                   energy="auto", idle_seconds=0.2, sample_hz=20, isolate=False)
     (r,) = res.results
-    assert r["status"] == "ok", r.get("error")
-    e = r["energy"]
+    assert r.ok, r.error
+    e = r.to_dict()["energy"]
     assert e["source"] == "hwmon" and e["estimated"] is False and e["idle_source"] == "measured"
     assert e["avg_watts"] == pytest.approx(2.0896, rel=1e-9) and e["idle_watts"] == pytest.approx(2.0896, rel=1e-9)
     assert e["joules_per_inference_gross"] == pytest.approx(2.0896 * e["duration_s"] / e["inferences"], rel=1e-9)
     assert e["samples"] >= 5 and e["idle_samples"] >= 4 and e["sampler_cpu_s"] >= 0  # ~11 and ~10 unloaded
-    assert r["measured_seconds"] >= 0.5 and any("run extended to 0.50 s" in w for w in r["warnings"])
-    assert r["telemetry"]["throttled"] is True and r["telemetry"]["pi_throttled"]["end"] == "0x50005"
-    assert r["telemetry"]["cpufreq"]["cpu0"]["hw_max_khz"] == 2400000
+    assert r.measured_seconds and r.measured_seconds >= 0.5 and any("run extended to 0.50 s" in w for w in r.warnings)
+    tele = r.to_dict()["telemetry"]
+    assert tele["throttled"] is True and tele["pi_throttled"]["end"] == "0x50005"
+    assert tele["cpufreq"]["cpu0"]["hw_max_khz"] == 2400000

@@ -22,41 +22,45 @@ def test_profile_bundle_fills_every_field(tiny_onnx_bundle: Path, tmp_path: Path
     res = profile(tiny_onnx_bundle, json_path=tmp_path / "r.json", **FAST)
     assert res.ok and res.target == "raspberry-pi-5" and len(res.results) == 2
     for r in res.results:
-        assert r["status"] == "ok" and r["torch_free"] is True
-        assert set(r["latency"]) == LATENCY_KEYS and r["latency"]["count"] == len(r["samples_ns"]) >= 5
-        assert r["latency"]["min_ms"] <= r["latency"]["p50_ms"] <= r["latency"]["p99_ms"] <= r["latency"]["max_ms"]
-        assert r["load_seconds"] > 0 and r["first_inference_ms"] > 0
-        assert r["peak_rss_mb"] >= r["rss_after_load_mb"] > 0
-        assert r["runtime"]["providers_used"] == ["CPUExecutionProvider"]
-        assert r["fidelity"]["passed"] is True
+        assert r.ok and r.torch_free is True and r.latency is not None and r.memory is not None
+        assert set(r.to_dict()["latency"]) == LATENCY_KEYS and r.latency.count == len(r.samples_ns) >= 5
+        assert r.latency.min_ms <= r.latency.p50_ms <= r.latency.p99_ms <= r.latency.max_ms
+        assert r.load_seconds and r.load_seconds > 0 and r.first_inference_ms and r.first_inference_ms > 0
+        assert r.memory.peak_rss_mb >= r.memory.rss_after_load_mb > 0
+        assert r.runtime["providers_used"] == ["CPUExecutionProvider"]
+        assert r.fidelity is not None and r.fidelity.passed is True
+        assert r.input is not None and r.input.real_tokens is not None
         with np.load(tiny_onnx_bundle / "samples/inputs.npz") as z:  # timed on held-out sample 0, as labelled
-            assert r["input_real_tokens"] == int(z["attention_mask"][0].sum()) < r["input_shapes"]["attention_mask"][1]
-        assert r["input_source"] == "bundle held-out sample 0"
-        assert f"input: bundle held-out sample 0: input_ids 1x128, attention_mask 1x128 ({r['input_real_tokens']} " \
-               "real tokens)" in render(res.to_dict())
-        assert r["device_check"]["mean_cosine"] > 0.99  # held-out samples re-run here vs PyTorch's outputs
-        e = r["energy"]
-        assert e["estimated"] is True and e["joules_per_inference_gross"] > 0 and e["source"] == "estimate"
-    assert res.device["arch"] and res.device["cpu_model"] and "onnxruntime" in res.device["runtimes"]
+            assert r.input.real_tokens == int(z["attention_mask"][0].sum()) < r.input.shapes["attention_mask"][1]
+        assert r.input.source == "bundle held-out sample 0"
+        assert f"input: bundle held-out sample 0: input_ids 1x128, attention_mask 1x128 ({r.input.real_tokens} " \
+               "real tokens)" in render(res)
+        # held-out samples re-run here vs PyTorch's outputs
+        assert r.device_check is not None and r.device_check.mean_cosine > 0.99
+        e = r.energy
+        assert e is not None and e.estimated is True and e.source == "estimate"
+        assert e.joules_per_inference_gross is not None and e.joules_per_inference_gross > 0
+    assert res.device.arch and res.device.cpu_model and "onnxruntime" in res.device.runtimes
     doc = json.loads((tmp_path / "r.json").read_text())
-    assert ProfileResult.from_dict(doc).results == res.results
+    assert ProfileResult.from_dict(doc) == res  # the file holds everything the call returned
+    assert json.loads(ProfileResult.from_dict(doc).to_json()) == doc
 
 
 def test_min_seconds_extends_the_run(tiny_onnx_bundle: Path) -> None:
     res = profile(tiny_onnx_bundle, artifact="onnx/int8-dynamic", **{**FAST, "runs": 1, "min_seconds": 0.3})
     (r,) = res.results
-    assert r["measured_seconds"] >= 0.3 and r["latency"]["count"] > 1
+    assert r.measured_seconds and r.measured_seconds >= 0.3 and r.latency and r.latency.count > 1
 
 
 def test_bare_onnx_file_with_shapes(tiny_onnx_bundle: Path) -> None:
     f = tiny_onnx_bundle / "onnx/fp32.onnx"
     res = profile(f, shapes={"input_ids": (1, 16), "attention_mask": (1, 16)}, **FAST)
     (r,) = res.results
-    assert r["status"] == "ok" and r["input_shapes"] == {"input_ids": [1, 16], "attention_mask": [1, 16]}
-    assert r["input_source"].startswith("synthesized")
+    assert r.ok and r.input and r.input.shapes == {"input_ids": (1, 16), "attention_mask": (1, 16)}
+    assert str(r.input.source).startswith("synthesized")
     # an unbound dynamic dim is an error that says how to bind it
     res = profile(f, **FAST)
-    assert res.results[0]["status"] == "error" and "--shape input_ids=" in res.results[0]["error"]
+    assert res.results[0].status == "error" and "--shape input_ids=" in str(res.results[0].error)
 
 
 def test_corrupt_and_truncated_onnx(tiny_onnx_bundle: Path, tmp_path: Path) -> None:
@@ -64,7 +68,7 @@ def test_corrupt_and_truncated_onnx(tiny_onnx_bundle: Path, tmp_path: Path) -> N
     bad = tmp_path / "trunc.onnx"
     bad.write_bytes(data[: len(data) // 3])
     res = profile(bad, **FAST)
-    assert res.results[0]["status"] == "error" and "corrupt, truncated" in res.results[0]["error"]
+    assert res.results[0].status == "error" and "corrupt, truncated" in str(res.results[0].error)
     from edgeship.profiling import backends
 
     junk = tmp_path / "junk.onnx"
@@ -112,7 +116,7 @@ def test_profile_packed_zip(tiny_onnx_bundle: Path, tmp_path: Path) -> None:
 
     z = pack(tiny_onnx_bundle, tmp_path / "b.zip")
     res = profile(z, artifact="onnx/fp32", **FAST)
-    assert res.ok and res.results[0]["artifact"] == "onnx/fp32" and res.target == "raspberry-pi-5"
+    assert res.ok and res.results[0].artifact == "onnx/fp32" and res.target == "raspberry-pi-5"
 
 
 def test_peak_rss_is_the_workers_own(tiny_onnx_bundle: Path) -> None:
@@ -120,9 +124,9 @@ def test_peak_rss_is_the_workers_own(tiny_onnx_bundle: Path) -> None:
     ballast = np.ones(400 * 2**20 // 8)  # 400 MB resident in the parent
     res = profile(tiny_onnx_bundle, artifact="onnx/fp32", **FAST)
     assert ballast.sum() > 0
-    r = res.results[0]
-    assert r["peak_rss_mb"] < 300, r["peak_rss_mb"]
-    assert r["peak_rss_mb"] >= r["rss_after_load_mb"]
+    m = res.results[0].memory
+    assert m is not None and m.peak_rss_mb < 300, m
+    assert m.peak_rss_mb >= m.rss_after_load_mb
 
 
 def test_runtime_options_apply_per_format(tiny_onnx_bundle: Path) -> None:
@@ -130,9 +134,9 @@ def test_runtime_options_apply_per_format(tiny_onnx_bundle: Path) -> None:
 
     res = profile(tiny_onnx_bundle, artifact="onnx/fp32", options={"delegate": "/nonexistent/libdelegate.so"}, **FAST)
     r = res.results[0]
-    assert r["status"] == "ok" and "option delegate does not apply to onnx artifacts (ignored)" in r["warnings"]
+    assert r.ok and "option delegate does not apply to onnx artifacts (ignored)" in r.warnings
     res = profile(tiny_onnx_bundle, artifact="onnx/fp32", options={"graph_optimization": "all"}, **FAST)
-    assert res.results[0]["runtime"]["graph_optimization"] == "all"
+    assert res.results[0].runtime["graph_optimization"] == "all"
     with pytest.raises(ConfigError, match="unknown runtime option.*bogus"):
         profile(tiny_onnx_bundle, options={"bogus": "1"}, **FAST)
 

@@ -22,7 +22,8 @@ from edgeship.profiling.remote import (
     profile_fleet,
     transport_for,
 )
-from edgeship.profiling.runner import RunConfig, profile
+from edgeship.profiling.results import ProfileResult, RunConfig
+from edgeship.profiling.runner import profile
 
 pytestmark = [pytest.mark.remote, pytest.mark.needs_export]
 
@@ -32,8 +33,9 @@ FAST = RunConfig(runs=3, min_seconds=0, warmup=1, energy="estimate", progress=Fa
 def _fleet(bundle: Path, server: Any, workdir: str, **kw: Any) -> dict[str, Any]:
     kw.setdefault("identity", str(server.identity))
     kw.setdefault("known_hosts", str(server.known_hosts))
+    # the document `edgeship profile --device ... --json` writes
     return profile_fleet(bundle, devices=kw.pop("devices", [server.url]), config=kw.pop("config", FAST),
-                         workdir=workdir, **kw)
+                         workdir=workdir, **kw).to_dict()
 
 
 def test_profile_over_ssh_has_the_local_schema(tiny_onnx_bundle: Path, sshd: Any, device_workdir: str) -> None:
@@ -161,7 +163,7 @@ def test_server_killed_mid_run_keeps_partial_results(tiny_onnx_bundle: Path, ssh
     assert [r["artifact"] for r in run["results"]] == ["onnx/fp32"]  # what finished before the kill is kept
     assert run["results"][0]["status"] == "ok" and run["results"][0]["latency"]["count"] >= 3
     assert run["device"]["arch"] == "x86_64"
-    assert "ERROR" not in report.render(run)  # the partial run still renders as a table
+    assert "ERROR" not in report.render(ProfileResult.from_dict(run))  # the partial run still renders as a table
 
 
 def test_device_without_enough_disk(tiny_onnx_bundle: Path, sshd: Any, tmp_path: Path) -> None:

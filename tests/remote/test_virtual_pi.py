@@ -19,7 +19,8 @@ from edgeship.cli import main
 from edgeship.manifest import load_bundle
 from edgeship.profiling import report
 from edgeship.profiling.remote import ConnectOptions, DeviceURL, profile_fleet, transport_for
-from edgeship.profiling.runner import RunConfig, profile
+from edgeship.profiling.results import ProfileResult, RunConfig
+from edgeship.profiling.runner import profile
 from edgeship.targets import get_profile
 
 pytestmark = [pytest.mark.arm64, pytest.mark.remote, pytest.mark.slow, pytest.mark.needs_export]
@@ -80,14 +81,14 @@ def _aarch64_outputs(pi: Any, bundle_dir: str, art_path: str, fmt: str, tmp: Pat
 
 def test_minilm_int8_on_virtual_pi5_matches_x86(minilm_int8_bundle: Path, virtual_pi: Any, tmp_path: Path) -> None:
     doc = profile_fleet(minilm_int8_bundle, devices=[virtual_pi.url], identity=virtual_pi.identity,
-                        known_hosts=virtual_pi.known_hosts, config=EMULATED)
+                        known_hosts=virtual_pi.known_hosts, config=EMULATED).to_dict()
     run = doc["runs"][0]
     assert run["status"] == "ok", run.get("error")
     dev = run["device"]
     assert dev["arch"] == "aarch64" and dev["emulated"] == "qemu-user" and "Raspberry Pi 5" in dev["board"]
     assert run["device_identity"]["emulated"] == "qemu-user"
-    assert "EMULATED by qemu-user" in report.render(run)
-    local = {r["artifact"]: r for r in profile(minilm_int8_bundle, config=EMULATED).results}
+    assert "EMULATED by qemu-user" in report.render(ProfileResult.from_dict(run))
+    local = {r.artifact: r.to_dict() for r in profile(minilm_int8_bundle, config=EMULATED).results}
     manifest = load_bundle(minilm_int8_bundle).manifest
     floor = get_profile("raspberry-pi-5").min_mean_cosine("int8-dynamic")
     summary: dict[str, Any] = {"timings_s": run["timings_s"]}

@@ -1,0 +1,401 @@
+"""What the device side measures, as frozen dataclasses with a JSON form.
+
+``edgeship profile --json`` writes a :class:`ProfileResult`; a fleet run writes a :class:`FleetResult`
+whose runs are :class:`DeviceRun` s. Every artifact's measurements are one :class:`ArtifactResult`,
+serialised flat (``latency``, ``energy``, ``peak_rss_mb``, ``input_shapes``...): the JSON shape of
+schema version 1 is the one edgeship has always written, so older files read unchanged. Keys a file
+lacks read as ``None`` (a failed artifact has no latency). Adding a measurement block (an LLM's
+tokens/s, say) is one optional field on :class:`ArtifactResult` plus one entry in ``_BLOCKS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeship.errors import ConfigError
+from edgeship.manifest import Fidelity
+from edgeship.profiling.energy import EnergyResult
+from edgeship.profiling.stats import LatencyStats
+
+RESULT_SCHEMA_VERSION = 1
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def _shapes(d: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(int(x) for x in v) for k, v in (d or {}).items()}
+
+
+def _lists(s: Shapes) -> dict[str, list[int]]:
+    return {k: list(v) for k, v in s.items()}
+
+
+def _fields_of(cls: Any, d: Mapping[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How to measure: ``edgeship profile``'s options."""
+
+    runs: int = 50
+    min_seconds: float = 2.0
+    max_seconds: float = 300.0
+    warmup: int = 5
+    threads: int | None = None
+    shapes: Shapes = field(default_factory=dict)
+    energy: str = "auto"
+    idle_seconds: float = 1.0
+    sample_hz: float = 10.0
+    cooldown_to_c: float | None = None
+    energy_csv: str | None = None
+    power_target: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    per_op: bool = False
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.runs < 1:
+            raise ConfigError(f"--runs must be >= 1, got {self.runs}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.min_seconds < 0 or self.max_seconds <= 0 or self.max_seconds < self.min_seconds:
+            raise ConfigError(f"--min-seconds {self.min_seconds} / --max-seconds {self.max_seconds}: need "
+                              "0 <= min <= max and max > 0")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if self.idle_seconds < 0 or not self.sample_hz > 0:
+            raise ConfigError(f"--idle-seconds {self.idle_seconds} / --sample-hz {self.sample_hz}: need idle >= 0 "
+                              "and a sampling rate > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shapes"] = _lists(self.shapes)
+        d["options"] = dict(self.options)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"run config: unknown key(s) {', '.join(unknown)} (written by a newer edgeship?)")
+        return cls(**{**d, "shapes": _shapes(d.get("shapes")), "options": dict(d.get("options") or {})})
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The machine a measurement was taken on (:func:`edgeship.profiling.sysinfo.describe`)."""
+
+    hostname: str | None = None
+    arch: str | None = None
+    cpu_model: str | None = None
+    board: str | None = None
+    logical_cpus: int | None = None
+    cpu_freq_mhz: Mapping[str, float] | None = None
+    os: str | None = None
+    python: str | None = None
+    python_executable: str | None = None
+    runtimes: Mapping[str, str] = field(default_factory=dict)
+    emulated: str | None = None  # "qemu-user" when the timings are an emulator's, not the device's
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DeviceInfo:
+        return cls(**{**_fields_of(cls, d), "runtimes": dict(d.get("runtimes") or {})})
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    """What the latency was measured on."""
+
+    source: str | None  # "bundle held-out sample 0" or "synthesized (seed 0)"
+    shapes: Shapes
+    dtypes: Mapping[str, str]
+    real_tokens: int | None = None  # non-padding tokens, for text models (ONNX graphs drop trailing padding)
+
+    def describe(self) -> str:
+        """'bundle held-out sample 0: input_ids 1x128 (17 real tokens)'."""
+        if not self.shapes:
+            return ""
+        desc = ", ".join(f"{k} {'x'.join(str(d) for d in v)}" for k, v in self.shapes.items())
+        if self.real_tokens is not None:
+            desc += f" ({self.real_tokens} real tokens)"
+        return f"{self.source}: {desc}" if self.source else desc
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Resident set size in MB: before and after loading the model, and the worker's peak."""
+
+    rss_before_load_mb: float
+    rss_after_load_mb: float
+    peak_rss_mb: float
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """The artifact re-run on the bundle's held-out samples on the device, against PyTorch's outputs."""
+
+    output: str
+    n_samples: int
+    max_abs_err: float
+    mean_abs_err: float
+    mean_cosine: float
+    min_cosine: float
+    top1_agreement: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Agreement:
+        return cls(**_fields_of(cls, d))
+
+
+@dataclass(frozen=True)
+class TelemetrySummary:
+    """Thermal and frequency telemetry of the run; the sensor readings stay as the sensors gave them."""
+
+    throttled: bool
+    throttle_reasons: tuple[str, ...] = ()
+    readings: Mapping[str, Any] = field(default_factory=dict)  # samples, cpufreq, temperature, pi_throttled...
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.readings, "throttled": self.throttled, "throttle_reasons": list(self.throttle_reasons)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TelemetrySummary:
+        rest = {k: v for k, v in d.items() if k not in ("throttled", "throttle_reasons")}
+        return cls(bool(d.get("throttled")), tuple(d.get("throttle_reasons") or ()), rest)
+
+
+def _energy_from_dict(d: Mapping[str, Any]) -> EnergyResult:
+    return EnergyResult(**{**_fields_of(EnergyResult, d), "warnings": tuple(d.get("warnings") or ())})
+
+
+# Nested blocks of an artifact result: JSON key -> (reader, writer).
+_BLOCKS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
+    "latency": (lambda d: LatencyStats(**_fields_of(LatencyStats, d)), LatencyStats.to_dict),
+    "energy": (_energy_from_dict, EnergyResult.to_dict),
+    "telemetry": (TelemetrySummary.from_dict, TelemetrySummary.to_dict),
+    "device_check": (Agreement.from_dict, Agreement.to_dict),
+    "fidelity": (lambda d: Fidelity(**_fields_of(Fidelity, d)), Fidelity.to_dict),
+}
+_INPUT_KEYS = ("input_source", "input_shapes", "input_dtypes", "input_real_tokens")
+_MEMORY_KEYS = tuple(f.name for f in dataclasses.fields(Memory))
+
+
+@dataclass(frozen=True)
+class ArtifactResult:
+    """One artifact measured in one worker. ``status`` is "ok" or "error" (then ``error`` says why)."""
+
+    artifact: str
+    status: str = "error"
+    error: str | None = None
+    traceback: str | None = None
+    path: str | None = None
+    format: str | None = None
+    recipe: str | None = None
+    size_bytes: int | None = None
+    fidelity: Fidelity | None = None  # the export-time check, from the manifest
+    torch_free: bool | None = None
+    input: InputInfo | None = None
+    load_seconds: float | None = None
+    first_inference_ms: float | None = None
+    warmup_runs: int | None = None
+    measured_seconds: float | None = None
+    latency: LatencyStats | None = None
+    samples_ns: tuple[int, ...] = ()
+    memory: Memory | None = None
+    threads: int | None = None
+    runtime: Mapping[str, Any] = field(default_factory=dict)  # the backend's own description (info())
+    output_shapes: Shapes = field(default_factory=dict)
+    energy: EnergyResult | None = None
+    telemetry: TelemetrySummary | None = None
+    device_check: Agreement | None = None
+    per_op: Mapping[str, Any] | None = None  # set here only when the backend cannot time operators
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def peak_rss_mb(self) -> float | None:
+        return self.memory.peak_rss_mb if self.memory else None
+
+    @property
+    def per_op_trace(self) -> Mapping[str, Any] | None:
+        """The backend's per-operator timings (--per-op), or the note saying there are none."""
+        p = self.runtime.get("per_op") or self.per_op
+        return p if isinstance(p, Mapping) else None
+
+    @property
+    def delegate(self) -> Mapping[str, Any] | None:
+        d = self.runtime.get("delegate")
+        return d if isinstance(d, Mapping) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"status": self.status, "artifact": self.artifact, "error": self.error}
+        if self.traceback is not None:
+            d["traceback"] = self.traceback
+        d.update(path=self.path, format=self.format, recipe=self.recipe, size_bytes=self.size_bytes,
+                 torch_free=self.torch_free, load_seconds=self.load_seconds, first_inference_ms=self.first_inference_ms,
+                 warmup_runs=self.warmup_runs, measured_seconds=self.measured_seconds, samples_ns=list(self.samples_ns),
+                 threads=self.threads, runtime=dict(self.runtime), output_shapes=_lists(self.output_shapes),
+                 warnings=list(self.warnings))
+        if self.per_op is not None:
+            d["per_op"] = dict(self.per_op)
+        for key, (_, write) in _BLOCKS.items():
+            block = getattr(self, key)
+            d[key] = None if block is None else write(block)
+        if self.input is not None:
+            d.update(input_source=self.input.source, input_shapes=_lists(self.input.shapes),
+                     input_dtypes=dict(self.input.dtypes), input_real_tokens=self.input.real_tokens)
+        if self.memory is not None:
+            d.update(dataclasses.asdict(self.memory))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ArtifactResult:
+        plain = {f.name for f in dataclasses.fields(cls)} - set(_BLOCKS) - {"input", "memory"}
+        kw: dict[str, Any] = {k: d[k] for k in plain if d.get(k) is not None}
+        kw["artifact"] = str(d.get("artifact") or "?")
+        for key, (read, _) in _BLOCKS.items():
+            if d.get(key):
+                kw[key] = read(d[key])
+        kw.update(samples_ns=tuple(d.get("samples_ns") or ()), warnings=tuple(d.get("warnings") or ()),
+                  output_shapes=_shapes(d.get("output_shapes")))
+        if any(d.get(k) is not None for k in _INPUT_KEYS):
+            kw["input"] = InputInfo(d.get("input_source"), _shapes(d.get("input_shapes")),
+                                    dict(d.get("input_dtypes") or {}), d.get("input_real_tokens"))
+        if all(d.get(k) is not None for k in _MEMORY_KEYS):
+            kw["memory"] = Memory(**{k: float(d[k]) for k in _MEMORY_KEYS})
+        return cls(**kw)
+
+
+def _now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _version() -> str:
+    from edgeship import __version__
+
+    return __version__
+
+
+def _check_version(d: Mapping[str, Any], what: str) -> None:
+    v = d.get("schema_version", RESULT_SCHEMA_VERSION)  # runs inside a fleet document carry the fleet's
+    if v != RESULT_SCHEMA_VERSION:
+        raise ConfigError(f"{what} schema_version {v!r}: this edgeship reads version {RESULT_SCHEMA_VERSION}; "
+                          "upgrade edgeship to read it")
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """Everything one ``edgeship profile`` measured on one machine."""
+
+    device: DeviceInfo
+    config: RunConfig | None
+    results: tuple[ArtifactResult, ...]
+    source: str
+    target: str | None
+    created_utc: str
+    edgeship_version: str
+    schema_version: int = RESULT_SCHEMA_VERSION
+
+    @classmethod
+    def new(cls, device: DeviceInfo, config: RunConfig, results: Sequence[ArtifactResult], source: str,
+            target: str | None) -> ProfileResult:
+        """A result stamped now, by this edgeship."""
+        return cls(device=device, config=config, results=tuple(results), source=source, target=target,
+                   created_utc=_now_utc(), edgeship_version=_version())
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device.to_dict(), "config": self.config.to_dict() if self.config else None,
+                "results": [r.to_dict() for r in self.results], "source": self.source, "target": self.target,
+                "created_utc": self.created_utc, "edgeship_version": self.edgeship_version,
+                "schema_version": self.schema_version}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ProfileResult:
+        _check_version(d, "results")
+        return cls(device=DeviceInfo.from_dict(d.get("device") or {}),
+                   config=RunConfig.from_dict(d["config"]) if d.get("config") else None,
+                   results=tuple(ArtifactResult.from_dict(r) for r in d.get("results") or ()),
+                   source=str(d.get("source", "")), target=d.get("target"), created_utc=str(d.get("created_utc", "")),
+                   edgeship_version=str(d.get("edgeship_version", "")))
+
+
+@dataclass(frozen=True)
+class DeviceRun:
+    """One device of a fleet run: how it went, and what it measured (also what finished before a failure)."""
+
+    profile: ProfileResult | None
+    url: str | None = None
+    identity: Mapping[str, Any] = field(default_factory=dict)  # transport-specific: host, port, host key...
+    status: str = "ok"
+    error: str | None = None
+    timings_s: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        dev = self.profile.device if self.profile else DeviceInfo()
+        return str(self.url or dev.board or dev.cpu_model or dev.hostname or "local")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and (self.profile is None or self.profile.ok)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = self.profile.to_dict() if self.profile else {"schema_version": RESULT_SCHEMA_VERSION}
+        if self.url is not None:
+            d.update(device_url=self.url, device_identity=dict(self.identity), status=self.status, error=self.error,
+                     timings_s=dict(self.timings_s))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DeviceRun:
+        _check_version(d, "results")
+        prof = ProfileResult.from_dict(d) if "results" in d else None
+        return cls(prof, url=d.get("device_url"), identity=dict(d.get("device_identity") or {}),
+                   status=str(d.get("status", "ok")), error=d.get("error"), timings_s=dict(d.get("timings_s") or {}))
+
+
+@dataclass(frozen=True)
+class FleetResult:
+    """Several devices in one document: ``{"schema_version": 1, "runs": [...]}``."""
+
+    runs: tuple[DeviceRun, ...]
+    schema_version: int = RESULT_SCHEMA_VERSION
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.runs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": self.schema_version, "runs": [r.to_dict() for r in self.runs]}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FleetResult:
+        _check_version(d, "results")
+        return cls(tuple(DeviceRun.from_dict(r) for r in d.get("runs") or () if isinstance(r, Mapping)))
