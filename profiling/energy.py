@@ -60,17 +60,24 @@ class EnergyResult:
         return cls(source=source, estimated=False, reason=reason, available=False)
 
 
-def power_model_profile(explicit: str | None, bundle_target: str | None, host_arch: str) -> tuple[Any, str]:
+def power_model_profile(explicit: str | None, bundle_target: str | None, host_arch: str,
+                        board: str | None = None) -> tuple[Any, str]:
     """The target profile whose power model the estimate uses, and why that one.
 
-    An explicit ``--target`` wins. Else the bundle's target when its CPU architecture is this
-    host's, else the first built-in profile of this architecture: a Pi power model applied to
-    x86 CPU time would describe neither machine.
+    An explicit ``--target`` wins. Else the profile of the board this runs on (the device-tree
+    model :func:`edgeship.profiling.sysinfo.board_model` reads), else the bundle's target when its
+    CPU architecture is this host's, else the only built-in profile of this architecture. When
+    several fit (a Pi, a Jetson and two phones are all aarch64) none is picked: a phone's power
+    model applied to a Pi's CPU time would describe neither machine.
     """
     from edgeship.targets import get_profile, list_profiles
 
     if explicit:
         return get_profile(explicit), f"--target {explicit}"
+    same = [p for p in list_profiles() if p.arch == host_arch]
+    on_board = [p for p in same if p.is_board(board)]
+    if on_board:
+        return on_board[0], f"detected board {board}"
     if bundle_target:
         try:
             p = get_profile(bundle_target)
@@ -78,12 +85,12 @@ def power_model_profile(explicit: str | None, bundle_target: str | None, host_ar
             p = None
         if p is not None and p.arch == host_arch:
             return p, f"the bundle's target {bundle_target}"
-    same = [p for p in list_profiles() if p.arch == host_arch]
+    other = f" (the bundle targets {bundle_target}, another architecture)" if bundle_target else ""
+    if len(same) == 1:
+        return same[0], f"the only built-in {host_arch} profile{other}"
     if same:
-        why = f"first built-in {host_arch} profile"
-        if bundle_target:
-            why += f" (the bundle targets {bundle_target}, another architecture)"
-        return same[0], why
+        return None, (f"board {board or 'not detected'}{other}: pass --target with one of "
+                      f"{', '.join(p.name for p in same)} to pick a {host_arch} power model")
     return None, f"no target profile for a {host_arch} host; pass --target"
 
 

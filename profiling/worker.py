@@ -25,7 +25,7 @@ import numpy as np
 
 from edgeship.errors import EdgeshipError, InputError
 from edgeship.manifest import Bundle
-from edgeship.profiling import backends, energy, telemetry
+from edgeship.profiling import backends, energy, sysinfo, telemetry
 from edgeship.profiling.progress import Progress, bar
 from edgeship.profiling.results import (
     Agreement,
@@ -158,7 +158,8 @@ def _measure(opened: _Opened, cfg: RunConfig) -> ArtifactResult:
         block_torch()
     threads = _threads(cfg, bundle)
     target = bundle.manifest.target.get("name") if bundle else None
-    power_profile, power_reason = energy.power_model_profile(cfg.power_target, target, platform.machine())
+    power_profile, power_reason = energy.power_model_profile(cfg.power_target, target, platform.machine(),
+                                                             sysinfo.board_model())
     recorder = energy.Recorder.create(cfg.energy, power_profile, power_reason, idle_seconds=cfg.idle_seconds,
                                       ctx=energy.MeterContext(sample_hz=cfg.sample_hz, csv_path=cfg.energy_csv))
     rss0 = _rss_mb()

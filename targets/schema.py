@@ -8,6 +8,7 @@ it runs on the device too.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from functools import cache
@@ -84,6 +85,13 @@ class TargetProfile:
     int4_group_size: int = 32
     fidelity_floor: dict[str, float] = field(default_factory=dict)
     path: str = ""
+    boards: tuple[str, ...] = ()  # device-tree model names of this board, e.g. "Raspberry Pi 5"
+
+    def is_board(self, model: str | None) -> bool:
+        """Whether a detected board model ("Raspberry Pi 5 Model B Rev 1.0") is this profile's board."""
+        if not model:
+            return False
+        return any(re.match(rf"{re.escape(b)}(?![\w])", model, flags=re.IGNORECASE) for b in self.boards)
 
     @property
     def cores(self) -> int:
@@ -134,6 +142,7 @@ def parse_profile(data: dict[str, Any], where: str) -> TargetProfile:
     name = _take(d, "name", str, where)
     display = _take(d, "display_name", str, where)
     source = _take(d, "source", str, where)
+    boards = tuple(str(b) for b in _take(d, "boards", list, where, []))
 
     cpu = dict(_take(d, "cpu", dict, where))
     w = f"{where} [cpu]"
@@ -223,7 +232,7 @@ def parse_profile(data: dict[str, Any], where: str) -> TargetProfile:
         name=name, display_name=display, source=source, arch=arch, soc=soc, clusters=tuple(clusters), isa=isa,
         ram_gb=ram, memory_bandwidth_gbps=bw, peak_fp32_gflops=fp32, peak_int8_gops=int8, formats=formats,
         recipes=recipes, threads=threads, sequence_length=seq, image_size=img, power=power,
-        accelerators=tuple(accs), int4_group_size=group, fidelity_floor=floor, path=where,
+        accelerators=tuple(accs), int4_group_size=group, fidelity_floor=floor, path=where, boards=boards,
     )
 
 

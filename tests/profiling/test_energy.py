@@ -240,3 +240,30 @@ def test_worker_with_a_real_meter_tree_extends_the_run_and_measures_idle(
     tele = r.to_dict()["telemetry"]
     assert tele["throttled"] is True and tele["pi_throttled"]["end"] == "0x50005"
     assert tele["cpufreq"]["cpu0"]["hw_max_khz"] == 2400000
+
+
+@pytest.mark.parametrize(("board", "bundle_target", "expect"), [
+    ("Raspberry Pi 5 Model B Rev 1.0", None, "raspberry-pi-5"),
+    ("Raspberry Pi 4 Model B Rev 1.4", "raspberry-pi-5", "raspberry-pi-4"),  # the board it runs on wins
+    ("NVIDIA Jetson Orin Nano Developer Kit", None, "jetson-orin-nano"),
+    ("Raspberry Pi 500 Rev 1.0", "pixel-8", "pixel-8"),  # not a Pi 5: the bundle's aarch64 target
+    (None, None, None),  # an aarch64 board nobody recognises: no phone power model for it
+])
+def test_power_model_follows_the_detected_board(board: str | None, bundle_target: str | None,
+                                                expect: str | None) -> None:
+    from edgeship.profiling.energy import power_model_profile
+
+    prof, why = power_model_profile(None, bundle_target, "aarch64", board)
+    assert (prof.name if prof else None) == expect, why
+    if expect is None:
+        assert "pass --target with one of" in why and "raspberry-pi-5" in why
+    x86, why = power_model_profile(None, "raspberry-pi-5", "x86_64", None)
+    assert x86.name == "x86-64-laptop" and why.startswith("the only built-in x86_64 profile")
+
+
+def test_board_model_reads_the_device_tree(tmp_path: Path) -> None:
+    from edgeship.profiling.sysinfo import board_model
+
+    (tmp_path / "proc/device-tree").mkdir(parents=True)
+    (tmp_path / "proc/device-tree/model").write_bytes(b"Raspberry Pi 5 Model B Rev 1.0\0")  # NUL-terminated
+    assert board_model(tmp_path) == "Raspberry Pi 5 Model B Rev 1.0"
