@@ -6,13 +6,19 @@ the host side; the device side (:mod:`.agent`) is the ordinary torch-free runner
 """
 
 from edgeship.profiling.remote.fleet import DeviceEntry, FleetProgress, load_inventory, profile_fleet
+from edgeship.profiling.remote.runtime import RUNTIMES, DeviceRuntime
+from edgeship.profiling.remote.ssh import SshOptions
 from edgeship.profiling.remote.transport import (
            TRANSPORTS,
-           ConnectOptions,
            DeviceURL,
            Transport,
+           TransportOptions,
+           options_for,
            transport_for,
 )
 
-__all__ = ["TRANSPORTS", "ConnectOptions", "DeviceEntry", "DeviceURL", "FleetProgress", "Transport",
-           "load_inventory", "profile_fleet", "transport_for"]
+ConnectOptions = SshOptions  # the name before options were per scheme
+
+__all__ = ["RUNTIMES", "TRANSPORTS", "ConnectOptions", "DeviceEntry", "DeviceRuntime", "DeviceURL", "FleetProgress",
+           "SshOptions", "Transport", "TransportOptions", "load_inventory", "options_for", "profile_fleet",
+           "transport_for"]

@@ -11,18 +11,19 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from edgeship.errors import BundleError, ConfigError
+from edgeship.profiling.remote.runtime import DEFAULT_RUNTIME, runtime_for
 from edgeship.profiling.remote.session import DeviceSession
-from edgeship.profiling.remote.transport import ConnectOptions, DeviceURL
+from edgeship.profiling.remote.transport import DeviceURL, option_names, options_for
 from edgeship.profiling.results import FleetResult, RunConfig
 
-_INVENTORY_KEYS = {"url", "name", "target", "identity", "workdir"}
+_ENTRY_KEYS = ("url", "name", "target", "workdir", "runtime")  # the rest of an entry: its transport's options
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,14 @@ class DeviceEntry:
     url: str
     name: str | None = None
     target: str | None = None
-    identity: str | None = None
     workdir: str | None = None
+    runtime: str | None = None  # default: python-venv
+    options: Mapping[str, Any] = field(default_factory=dict)  # for the URL scheme's transport (identity=...)
 
 
 def load_inventory(path: str | Path) -> list[DeviceEntry]:
-    """``[[device]]`` tables with url (required), name, target, identity, workdir."""
+    """``[[device]]`` tables: url (required), name, target, workdir, runtime, and the transport's options
+    (for ssh://: identity, known_hosts, ssh_config, accept_new_host_key, connect_timeout)."""
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -47,22 +50,27 @@ def load_inventory(path: str | Path) -> list[DeviceEntry]:
     if extra or not isinstance(data.get("device"), list) or not data["device"]:
         raise ConfigError(f"--inventory {p}: expected one or more [[device]] tables"
                           + (f", found unknown key(s) {', '.join(extra)}" if extra else ""))
-    out = []
-    for i, d in enumerate(data["device"], 1):
-        unknown = sorted(set(d) - _INVENTORY_KEYS)
-        if unknown:
-            raise ConfigError(f"--inventory {p}: device #{i} has unknown key(s) {', '.join(unknown)}; "
-                              f"valid: {', '.join(sorted(_INVENTORY_KEYS))}")
-        if not isinstance(d.get("url"), str):
-            raise ConfigError(f"--inventory {p}: device #{i} needs url = \"ssh://user@host[:port]\"")
-        DeviceURL.parse(d["url"])  # reject bad URLs before anything connects
-        if d.get("target"):
-            from edgeship.targets import get_profile
+    return [_entry(d, f"--inventory {p}: device #{i}") for i, d in enumerate(data["device"], 1)]
 
-            get_profile(d["target"])  # unknown target: UnknownKeyError with the closest name
-        opt = {k: str(d[k]) for k in ("name", "target", "identity", "workdir") if d.get(k) is not None}
-        out.append(DeviceEntry(url=d["url"], **opt))
-    return out
+
+def _entry(d: Mapping[str, Any], where: str) -> DeviceEntry:
+    if not isinstance(d.get("url"), str):
+        raise ConfigError(f"{where} needs url = \"ssh://user@host[:port]\"")
+    url = DeviceURL.parse(d["url"])  # reject bad URLs before anything connects
+    options = {k: v for k, v in d.items() if k not in _ENTRY_KEYS}
+    unknown = sorted(set(options) - set(option_names(url.scheme)))
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s) {', '.join(unknown)}; valid for {url.scheme}:// devices: "
+                          f"{', '.join([*_ENTRY_KEYS, *option_names(url.scheme)])}")
+    options_for(url.scheme, options)  # a value of the wrong type fails here, before anything connects
+    if d.get("target"):
+        from edgeship.targets import get_profile
+
+        get_profile(d["target"])  # unknown target: UnknownKeyError with the closest name
+    if d.get("runtime"):
+        runtime_for(str(d["runtime"]))
+    opt = {k: str(d[k]) for k in ("name", "target", "workdir", "runtime") if d.get(k) is not None}
+    return DeviceEntry(url=d["url"], options=options, **opt)
 
 
 class FleetProgress:
@@ -118,12 +126,13 @@ def _config_for(entry: DeviceEntry, config: RunConfig) -> RunConfig:
 def profile_fleet(source: str | Path, *, devices: Sequence[str] = (), inventory: str | None = None,
                   config: RunConfig | None = None, artifact: str | None = None, identity: str | None = None,
                   accept_new_host_key: bool = False, known_hosts: str | None = None, ssh_config: str | None = None,
-                  workdir: str | None = None, progress: FleetProgress | None = None,
-                  max_parallel: int = 8) -> FleetResult:
+                  transport_options: Mapping[str, Any] | None = None, workdir: str | None = None,
+                  progress: FleetProgress | None = None, max_parallel: int = 8) -> FleetResult:
     """Profile ``source`` on every device in parallel.
 
     Returns one :class:`DeviceRun` per device: what a local ``profile`` returns, plus the device's
-    URL, identity, status and error.
+    URL, identity, status and error. ``transport_options`` apply to every device (an inventory
+    entry's own keys win); ``identity``, ``known_hosts``... are the ssh:// ones by name.
     """
     config = config or RunConfig()
     entries = _entries(devices, inventory)
@@ -131,12 +140,16 @@ def profile_fleet(source: str | Path, *, devices: Sequence[str] = (), inventory:
     if not src.exists():
         raise BundleError(f"nothing to profile at {src}: give a bundle directory, a .zip bundle or a model file")
     view = progress or FleetProgress(enabled=config.progress)
-    # The device runner's own progress lines are streamed back and shown in the view.
-    sessions = [DeviceSession(e.url, ConnectOptions(identity=e.identity or identity, accept_new_host_key=accept_new_host_key,
-                                                    known_hosts=known_hosts, ssh_config=ssh_config),
-                              _config_for(e, config), view.logger(e.name or str(DeviceURL.parse(e.url))),
-                              workdir=e.workdir or workdir, name=e.name) for e in entries]
-
+    shared = {k: v for k, v in {"identity": identity, "accept_new_host_key": accept_new_host_key or None,
+                                "known_hosts": known_hosts, "ssh_config": ssh_config}.items() if v is not None}
+    shared.update(transport_options or {})
+    sessions = []
+    for e in entries:
+        name = e.name or str(DeviceURL.parse(e.url))
+        options = options_for(DeviceURL.parse(e.url).scheme, {**shared, **e.options})
+        # The device runner's own progress lines are streamed back and shown in the view.
+        sessions.append(DeviceSession(e.url, options, _config_for(e, config), view.logger(name),
+                                      workdir=e.workdir or workdir, name=e.name, runtime=e.runtime or DEFAULT_RUNTIME))
     with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(sessions)))) as pool:
         runs = list(pool.map(lambda s: s.run(src, artifact), sessions))
     return FleetResult(tuple(runs))

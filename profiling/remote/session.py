@@ -1,14 +1,13 @@
-"""Profile on one remote device: connect, check, push, set up the runtime, run, pull, clean up.
+"""Profile on one remote device: connect, probe, push, provision the runtime, run, collect, clean up.
 
-The device needs only ``python3`` (>= 3.11, with ``venv``) and an SSH server. Everything else
-arrives from the host: the bundle (only files whose sha256 differs from the copy already there),
-and a venv built from wheels the host downloaded for the device's platform (no internet needed
-on the device). Layout on the device, under the work directory (default
-``~/.cache/edgeship-device``)::
+How the host reaches the device is a :class:`~.transport.Transport` (``ssh://``); what edgeship
+needs there is a :class:`~.runtime.DeviceRuntime` (``python-venv``: Python >= 3.11 and runtime wheels
+pushed from the host). This module only sequences them. Everything arrives from the host: the
+bundle (only files whose sha256 differs from the copy already there) and the runtime. Layout on the
+device, under the work directory (default ``~/.cache/edgeship-device``)::
 
     bundles/<name>/   the pushed bundle, kept between runs so unchanged artifacts are not re-sent
-    wheels/           runtime wheels, kept for the same reason
-    venv/             the runtime (edgeship without torch), with a stamp of what it was built from
+    wheels/, venv/    the runtime's own files (python-venv), kept for the same reason
     runs/<id>/        job and results of one run; removed at the end
 """
 
@@ -26,55 +25,19 @@ from typing import Any
 
 from edgeship.errors import DeviceError, EdgeshipError
 from edgeship.manifest import MANIFEST_NAME, load_bundle, sha256_file
+from edgeship.profiling.remote.runtime import DEFAULT_RUNTIME, DeviceRuntime, Probe, Provision, runtime_for
 from edgeship.profiling.remote.transport import (
     DEVICE_TAG,
     RESULT_TAG,
-    ConnectOptions,
     DeviceURL,
     Transport,
+    TransportOptions,
     transport_for,
 )
-from edgeship.profiling.remote.wheels import Platform, RuntimeWheels, runtime_wheels
 from edgeship.profiling.results import ArtifactResult, DeviceInfo, DeviceRun, ProfileResult, RunConfig
 
 DEFAULT_WORKDIR = "~/.cache/edgeship-device"
-MIN_PYTHON = (3, 11)
 Log = Callable[[str], None]
-
-# Runs with the device's own python3 before any venv exists: standard library only.
-_PROBE = r"""
-import hashlib, json, os, platform, shutil, sys
-w = os.path.expanduser(sys.argv[1]); os.makedirs(w, exist_ok=True)
-def sha(p):
-    h = hashlib.sha256()
-    with open(p, 'rb') as f:
-        for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
-    return h.hexdigest()
-mem = {}
-try:
-    for line in open('/proc/meminfo'):
-        k, _, v = line.partition(':'); mem[k] = int(v.split()[0]) * 1024
-except OSError: pass
-osr = {}
-try:
-    for line in open('/etc/os-release'):
-        k, _, v = line.strip().partition('='); osr[k] = v.strip('"')
-except OSError: pass
-stamp = None
-try: stamp = json.load(open(os.path.join(w, 'venv', 'edgeship-runtime.json')))
-except (OSError, ValueError): pass
-hashes = {}
-for rel in json.loads(sys.argv[2]):
-    p = os.path.join(w, rel); hashes[rel] = sha(p) if os.path.isfile(p) else None
-try: import ensurepip; has_venv = True
-except ImportError: has_venv = False
-du = shutil.disk_usage(w)
-print(json.dumps({"workdir": w, "machine": platform.machine(), "system": platform.system(),
-    "kernel": platform.release(), "os": osr.get('PRETTY_NAME'), "python": platform.python_version(),
-    "glibc": platform.libc_ver()[1] or None, "has_venv": has_venv, "free_disk": du.free,
-    "mem_available": mem.get('MemAvailable'), "mem_total": mem.get('MemTotal'), "cpus": os.cpu_count(),
-    "hostname": platform.node(), "runtime_stamp": stamp, "hashes": hashes}))
-"""
 
 
 @dataclass(frozen=True)
@@ -120,64 +83,23 @@ def _bundle_files(source: Path, artifact: str | None, staging: Path) -> tuple[li
 
 
 class DeviceSession:
-    """One device, one run. ``run()`` returns the device's entry for the combined results document."""
+    """One device, one run. ``run()`` returns the device's :class:`DeviceRun`, failed or not."""
 
-    def __init__(self, url: str, options: ConnectOptions, config: RunConfig, log: Log,
-                 workdir: str | None = None, name: str | None = None) -> None:
-        self.url_text = url
+    def __init__(self, url: str, options: TransportOptions, config: RunConfig, log: Log,
+                 workdir: str | None = None, name: str | None = None, runtime: str = DEFAULT_RUNTIME) -> None:
         self.url = DeviceURL.parse(url)
         self.options = options
         self.config = config
         self.log = log
         self.workdir = self.url.workdir or workdir or DEFAULT_WORKDIR
         self.name = name or str(self.url)
+        self.runtime_cls = runtime_for(runtime)
         self.identity: dict[str, Any] = {"url": str(self.url), "name": self.name}
-        self.partial: list[ArtifactResult] = []
+        self.partial: list[ArtifactResult] = []  # streamed by the agent: what survives a lost connection
         self.device: DeviceInfo | None = None
-        self.result: ProfileResult | None = None
         self.timings: dict[str, float] = {}
         self.t: Transport | None = None
         self.source_text = ""
-
-    def _sh(self, command: str, what: str, timeout: float | None = 600) -> str:
-        assert self.t is not None
-        code, out, err = self.t.run(command, timeout=timeout)
-        if code != 0:
-            tail = " | ".join(err.strip().splitlines()[-3:]) or out.strip()[-300:]
-            raise DeviceError(f"{self.name}: {what} failed (exit {code}): {tail}")
-        return out
-
-    def _probe(self, rels: list[str]) -> dict[str, Any]:
-        cmd = f"python3 -c {shlex.quote(_PROBE)} {shlex.quote(self.workdir)} {shlex.quote(json.dumps(rels))}"
-        assert self.t is not None
-        code, out, err = self.t.run(cmd, timeout=600)
-        if code == 127:
-            raise DeviceError(f"{self.name}: no python3 on the device; install Python >= 3.11 with venv "
-                              "(apt install python3 python3-venv)")
-        if code != 0:
-            raise DeviceError(f"{self.name}: probing the device failed (exit {code}): {err.strip()[-300:]}")
-        return dict(json.loads(out.strip().splitlines()[-1]))
-
-    def _check(self, info: dict[str, Any], to_push: list[PushFile], install: list[Path], wheels_missing: list[Path],
-               biggest_artifact: int) -> None:
-        py = tuple(int(x) for x in info["python"].split(".")[:2])
-        if py < MIN_PYTHON:
-            raise DeviceError(f"{self.name}: Python {info['python']} on the device; edgeship's runtime needs "
-                              f">= {'.'.join(map(str, MIN_PYTHON))} (Raspberry Pi OS bookworm ships 3.11)")
-        if install and not info["has_venv"]:
-            raise DeviceError(f"{self.name}: the device's python3 has no venv/ensurepip; apt install python3-venv")
-        push_bytes = sum(f.size for f in to_push) + sum(p.stat().st_size for p in wheels_missing)
-        # An installed wheel takes about three times its compressed size; keep a margin for results and logs.
-        install_bytes = 3 * sum(p.stat().st_size for p in install)
-        need = push_bytes + install_bytes + 16 * 2**20
-        if info["free_disk"] < need:
-            raise DeviceError(f"{self.name}: only {info['free_disk'] / 2**20:.1f} MB free in {info['workdir']}, this run "
-                              f"needs about {need / 2**20:.1f} MB (push {push_bytes / 2**20:.1f} MB, runtime install "
-                              f"{install_bytes / 2**20:.1f} MB); free space or choose another ?workdir=")
-        mem = info.get("mem_available")
-        if mem is not None and mem < biggest_artifact + 64 * 2**20:
-            raise DeviceError(f"{self.name}: {mem / 2**20:.0f} MB of RAM available, the largest artifact alone is "
-                              f"{biggest_artifact / 2**20:.0f} MB (+ runtime); close programs or profile a smaller one")
 
     def run(self, source: Path, artifact: str | None) -> DeviceRun:
         """Never raises: a device that fails is a run with ``status="error"`` and what it measured before."""
@@ -214,76 +136,62 @@ class DeviceSession:
         self.t = transport_for(self.url, self.options)
         self.t.connect()
         self.identity.update(self.t.identity())
+        rt = self.runtime_cls(self.t, self.name, self.log)
         t0 = self._stage("connect", t0)
 
-        info = self._probe([f.remote for f in files])
-        self.identity.update({k: info[k] for k in ("hostname", "machine", "os", "kernel", "python", "glibc", "cpus")})
-        self.identity["mem_total_mb"] = round((info.get("mem_total") or 0) / 2**20)
-        wd = info["workdir"]
-        to_push = [f for f in files if info["hashes"].get(f.remote) != f.sha256]
-        plat = Platform(machine=info["machine"], python=".".join(info["python"].split(".")[:2]), glibc=info["glibc"])
-        wheels = runtime_wheels(plat, self.log)
-        stamp = info.get("runtime_stamp") or {}
-        deps_ok = stamp.get("deps_stamp") == wheels.deps_stamp
-        edgeship_ok = deps_ok and stamp.get("edgeship_stamp") == wheels.edgeship_stamp
-        wheels_missing: list[Path] = []
-        if not deps_ok:
-            have = self._probe([f"wheels/{p.name}" for p in wheels.deps])["hashes"]
-            wheels_missing = [p for p in wheels.deps if have.get(f"wheels/{p.name}") != sha256_file(p)]
-        if not edgeship_ok:
-            wheels_missing.append(wheels.edgeship)
+        probe = rt.probe(self.workdir, [f.remote for f in files])
+        facts = dict(probe.facts)
+        self.identity.update({k: v for k, v in facts.items() if k not in ("mem_total", "has_venv", "runtime_stamp")})
+        self.identity["mem_total_mb"] = round((facts.get("mem_total") or 0) / 2**20)
+        to_push = [f for f in files if probe.hashes.get(f.remote) != f.sha256]
+        plan = rt.plan(probe)
         biggest = max((f.size for f in files if f.remote.split("/")[-1] != MANIFEST_NAME), default=0)
-        install = [] if edgeship_ok else [wheels.edgeship] if deps_ok else [*wheels.deps, wheels.edgeship]
-        self._check(info, to_push, install, wheels_missing, biggest)
+        self._check_room(probe, to_push, plan, biggest)
         t0 = self._stage("check", t0)
 
-        skipped = len(files) - len(to_push)
-        self.log(f"pushing {len(to_push)} file(s), {sum(f.size for f in to_push) / 2**20:.1f} MB "
-                 f"({skipped} unchanged, skipped)")
-        dirs = sorted({f"{wd}/{f.remote.rsplit('/', 1)[0]}" for f in to_push} | {f"{wd}/wheels"})
-        self._sh("mkdir -p " + " ".join(shlex.quote(d) for d in dirs), "creating directories")
-        for f in to_push:
-            self.t.put(f.local, f"{wd}/{f.remote}")
-        for p in wheels_missing:
-            self.t.put(p, f"{wd}/wheels/{p.name}")
-        self.identity["pushed_files"], self.identity["skipped_files"] = len(to_push), skipped
+        self._push(rt, probe.workdir, to_push, plan)
+        self.identity["pushed_files"], self.identity["skipped_files"] = len(to_push), len(files) - len(to_push)
         t0 = self._stage("push", t0)
-
-        if not edgeship_ok:
-            self._install(wd, wheels, deps_ok)
+        if plan.needed:
+            rt.provision(probe, plan)
         t0 = self._stage("runtime", t0)
 
-        result = self._profile(wd, remote_source, keys, staging)
+        result = self._profile(rt, probe.workdir, remote_source, keys, staging)
         self._stage("profile", t0)
         dev = result.device
         self.identity.update(arch=dev.arch, cpu_model=dev.cpu_model, board=dev.board, runtimes=dict(dev.runtimes),
                              emulated=dev.emulated)
         return DeviceRun(result, url=str(self.url), identity=dict(self.identity), timings_s=dict(self.timings))
 
-    def _install(self, wd: str, wheels: RuntimeWheels, deps_ok: bool) -> None:
-        venv, whl = f"{wd}/venv", f"{wd}/wheels"
-        pip = f"PIP_CONFIG_FILE=/dev/null {shlex.quote(venv)}/bin/python -m pip install -q --no-index " \
-              f"--disable-pip-version-check --find-links {shlex.quote(whl)}"
-        ew = shlex.quote(f"{whl}/{wheels.edgeship.name}")
-        if deps_ok:
-            self.log("updating edgeship in the device venv")
-            self._sh(f"{pip} --no-deps --force-reinstall {ew}", "reinstalling edgeship on the device")
-        else:
-            self.log("creating the device venv from pushed wheels (no internet needed on the device)")
-            self._sh(f"rm -rf {shlex.quote(venv)} && python3 -m venv {shlex.quote(venv)} && {pip} {ew}",
-                     "installing the runtime into the device venv", timeout=1800)
-        stamp = json.dumps({"deps_stamp": wheels.deps_stamp, "edgeship_stamp": wheels.edgeship_stamp,
-                            "wheels": wheels.to_dict()})
-        self._sh(f"printf %s {shlex.quote(stamp)} > {shlex.quote(venv)}/edgeship-runtime.json", "writing the venv stamp")
+    def _check_room(self, probe: Probe, to_push: list[PushFile], plan: Provision, biggest_artifact: int) -> None:
+        push_bytes = sum(f.size for f in to_push) + sum(p.stat().st_size for p, _ in plan.push)
+        need = push_bytes + plan.install_bytes + 16 * 2**20  # a margin for results and logs
+        if probe.free_disk < need:
+            raise DeviceError(f"{self.name}: only {probe.free_disk / 2**20:.1f} MB free in {probe.workdir}, this run "
+                              f"needs about {need / 2**20:.1f} MB (push {push_bytes / 2**20:.1f} MB, runtime install "
+                              f"{plan.install_bytes / 2**20:.1f} MB); free space or choose another ?workdir=")
+        mem = probe.mem_available
+        if mem is not None and mem < biggest_artifact + 64 * 2**20:
+            raise DeviceError(f"{self.name}: {mem / 2**20:.0f} MB of RAM available, the largest artifact alone is "
+                              f"{biggest_artifact / 2**20:.0f} MB (+ runtime); close programs or profile a smaller one")
 
-    def _profile(self, wd: str, remote_source: str, keys: list[str], staging: Path) -> ProfileResult:
-        assert self.t is not None
+    def _push(self, rt: DeviceRuntime, wd: str, to_push: list[PushFile], plan: Provision) -> None:
+        pairs = [(f.local, f.remote) for f in to_push] + list(plan.push)
+        self.log(f"pushing {len(to_push)} file(s), {sum(f.size for f in to_push) / 2**20:.1f} MB "
+                 f"(unchanged ones skipped)" + (f" and {len(plan.push)} runtime file(s)" if plan.push else ""))
+        dirs = sorted({f"{wd}/{rel.rsplit('/', 1)[0]}" for _, rel in pairs if "/" in rel})
+        if dirs:
+            rt.sh("mkdir -p " + " ".join(shlex.quote(d) for d in dirs), "creating directories")
+        for local, rel in pairs:
+            rt.t.put(local, f"{wd}/{rel}")
+
+    def _profile(self, rt: DeviceRuntime, wd: str, remote_source: str, keys: list[str], staging: Path) -> ProfileResult:
         run_dir = f"{wd}/runs/{uuid.uuid4().hex[:12]}"
         job = {"source": f"{wd}/{remote_source}", "artifacts": keys, "config": self.config.to_dict()}
         jpath = staging / "job.json"
         jpath.write_text(json.dumps(job))
-        self._sh(f"mkdir -p {shlex.quote(run_dir)}", "creating the run directory")
-        self.t.put(jpath, f"{run_dir}/job.json")
+        rt.sh(f"mkdir -p {shlex.quote(run_dir)}", "creating the run directory")
+        rt.t.put(jpath, f"{run_dir}/job.json")
         self.log(f"profiling {len(keys) or 1} artifact(s) on the device")
 
         def on_line(stream: str, line: str) -> None:
@@ -296,20 +204,13 @@ class DeviceSession:
             elif stream == "stderr" and line.strip():
                 self.log(line.strip())
 
-        cmd = (f"cd {shlex.quote(run_dir)} && PIP_CONFIG_FILE=/dev/null exec {shlex.quote(wd)}/venv/bin/python "
-               "-m edgeship.profiling.remote.agent job.json result.json")
         try:
-            code, _, err = self.t.run(cmd, on_line=on_line, timeout=self.config.max_seconds * 3 * max(1, len(keys)) + 900)
-            if code != 0:
-                tail = " | ".join(x for x in err.strip().splitlines()[-2:] if x)
-                raise DeviceError(f"{self.name}: the device runner exited with {code}: {tail}")
+            rt.run_agent(wd, run_dir, on_line, timeout=self.config.max_seconds * 3 * max(1, len(keys)) + 900)
             local = staging / "result.json"
-            self.t.get(f"{run_dir}/result.json", local)
-            self.result = ProfileResult.from_dict(json.loads(local.read_text()))
-            return self.result
+            rt.collect(run_dir, local)
+            return ProfileResult.from_dict(json.loads(local.read_text()))
         finally:
             try:
-                self.t.run(f"rm -rf {shlex.quote(run_dir)}", timeout=60)
+                rt.t.run(f"rm -rf {shlex.quote(run_dir)}", timeout=60)
             except DeviceError:
                 pass  # the connection is gone; the next run's directory is a new one anyway
-

@@ -14,11 +14,12 @@ import getpass
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeship.errors import DeviceError
-from edgeship.profiling.remote.transport import TRANSPORTS, ConnectOptions, DeviceURL, LineSink, Transport
+from edgeship.profiling.remote.transport import TRANSPORTS, DeviceURL, LineSink, Transport, TransportOptions
 
 
 def fingerprint(key: Any) -> str:
@@ -59,11 +60,23 @@ def _policies() -> tuple[type, type]:
     return Strict, AcceptNew
 
 
+@dataclass(frozen=True)
+class SshOptions(TransportOptions):
+    """How to authenticate and whom to trust on ssh:// devices."""
+
+    identity: str | None = None
+    accept_new_host_key: bool = False
+    known_hosts: str | None = None  # default ~/.ssh/known_hosts (or the ssh config's UserKnownHostsFile)
+    ssh_config: str | None = None  # default ~/.ssh/config
+
+
 @TRANSPORTS.register("ssh")
 class SshTransport(Transport):
     scheme = "ssh"
+    options_type = SshOptions
+    options: SshOptions
 
-    def __init__(self, url: DeviceURL, options: ConnectOptions) -> None:
+    def __init__(self, url: DeviceURL, options: TransportOptions) -> None:
         super().__init__(url, options)
         self._client: Any = None
         self._sftp: Any = None

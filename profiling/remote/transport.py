@@ -1,16 +1,18 @@
 """How the host reaches a device: a small protocol, one implementation per URL scheme.
 
 ``ssh://user@host:port`` is the only scheme today (:mod:`.ssh`); a new one (adb://, a serial
-console...) registers itself with ``@TRANSPORTS.register("scheme")`` and implements
-:class:`Transport`. Everything above this layer (device checks, pushing, the runner) only
-talks to the protocol.
+console...) registers itself with ``@TRANSPORTS.register("scheme")``, implements :class:`Transport`
+and declares its own :class:`TransportOptions`. A transport only moves bytes and runs commands;
+what edgeship needs on the device is a :class:`~.runtime.DeviceRuntime`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,22 +69,40 @@ class DeviceURL:
 
 
 @dataclass(frozen=True)
-class ConnectOptions:
-    """How to authenticate and whom to trust. Paths only: key material is never copied into results."""
+class TransportOptions:
+    """How to connect, per scheme: each transport declares its own subclass (``SshOptions`` for ssh://).
+    Paths only: key material is never copied into results."""
 
-    identity: str | None = None
-    accept_new_host_key: bool = False
-    known_hosts: str | None = None  # default ~/.ssh/known_hosts (or the ssh config's UserKnownHostsFile)
-    ssh_config: str | None = None  # default ~/.ssh/config
     connect_timeout: float = 15.0
 
 
+def option_names(scheme: str) -> list[str]:
+    return sorted(f.name for f in dataclasses.fields(_transport_cls(scheme).options_type))
+
+
+def options_for(scheme: str, settings: Mapping[str, Any]) -> TransportOptions:
+    """The options of ``scheme``'s transport from ``key = value`` settings (an inventory entry, the CLI)."""
+    cls = _transport_cls(scheme).options_type
+    unknown = sorted(set(settings) - set(option_names(scheme)))
+    if unknown:
+        raise ConfigError(f"unknown {scheme}:// option(s) {', '.join(unknown)}; valid: {', '.join(option_names(scheme))}")
+    hints = typing.get_type_hints(cls)
+    for k, v in settings.items():
+        allowed = typing.get_args(hints[k]) or (hints[k],)
+        if float in allowed and isinstance(v, int) and not isinstance(v, bool):
+            continue
+        if not isinstance(v, tuple(t for t in allowed if isinstance(t, type))):
+            raise ConfigError(f"{scheme}:// option {k} = {v!r}: expected {hints[k]}")
+    return cls(**settings)
+
+
 class Transport(ABC):
-    """One live connection to one device."""
+    """One live connection to one device: moves files and runs commands, knows nothing of edgeship."""
 
     scheme = ""
+    options_type: type[TransportOptions] = TransportOptions
 
-    def __init__(self, url: DeviceURL, options: ConnectOptions) -> None:
+    def __init__(self, url: DeviceURL, options: TransportOptions) -> None:
         self.url = url
         self.options = options
 
@@ -117,8 +137,16 @@ class Transport(ABC):
         self.close()
 
 
-def transport_for(url: DeviceURL, options: ConnectOptions) -> Transport:
+def _transport_cls(scheme: str) -> type[Transport]:
     for key, module in _BUILTIN.items():
         if key not in TRANSPORTS:
             importlib.import_module(module)
-    return TRANSPORTS.get(url.scheme)(url, options)  # unknown scheme: UnknownKeyError listing the valid ones
+    return TRANSPORTS.get(scheme)  # unknown scheme: UnknownKeyError listing the valid ones
+
+
+def transport_for(url: DeviceURL, options: TransportOptions | None = None) -> Transport:
+    cls = _transport_cls(url.scheme)
+    options = options if options is not None else cls.options_type()
+    if not isinstance(options, cls.options_type):
+        raise ConfigError(f"{url.scheme}:// needs {cls.options_type.__name__}, got {type(options).__name__}")
+    return cls(url, options)

@@ -18,7 +18,9 @@ from edgeship.profiling.remote import (
     ConnectOptions,
     DeviceURL,
     FleetProgress,
+    SshOptions,
     load_inventory,
+    options_for,
     profile_fleet,
     transport_for,
 )
@@ -199,6 +201,8 @@ def test_fleet_one_bad_device_does_not_stop_the_other(tiny_onnx_bundle: Path, ss
     ('[[device]]\nurl = "ssh://pi:hunter2@a"\n', "passwords in device URLs are refused"),
     ('[[device]]\nurl = "ssh://a"\ntarget = "raspbery-pi-5"\n', "Did you mean 'raspberry-pi-5'"),
     ("[[device]\n", "not valid TOML"),
+    ('[[device]]\nurl = "ssh://a"\nidentity = 3\n', "option identity = 3: expected str"),
+    ('[[device]]\nurl = "ssh://a"\nruntime = "adb-natve"\n', "unknown device runtime 'adb-natve'"),
 ])
 def test_bad_inventory(tmp_path: Path, text: str, message: str) -> None:
     inv = tmp_path / "inv.toml"
@@ -206,6 +210,19 @@ def test_bad_inventory(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises((ConfigError, UnknownKeyError), match=message) as e:
         load_inventory(inv)
     assert "hunter2" not in str(e.value)
+
+
+def test_inventory_entries_carry_their_transports_options(tmp_path: Path) -> None:
+    inv = tmp_path / "inv.toml"
+    inv.write_text('[[device]]\nurl = "ssh://pi@a"\nidentity = "~/.ssh/pi"\naccept_new_host_key = true\n'
+                   'connect_timeout = 5\nruntime = "python-venv"\n')
+    (e,) = load_inventory(inv)
+    assert e.runtime == "python-venv" and dict(e.options) == {"identity": "~/.ssh/pi", "accept_new_host_key": True,
+                                                               "connect_timeout": 5}
+    opts = options_for("ssh", e.options)
+    assert isinstance(opts, SshOptions) and opts.identity == "~/.ssh/pi" and opts.connect_timeout == 5
+    with pytest.raises(ConfigError, match="unknown ssh:// option.*port; valid: accept_new_host_key"):
+        options_for("ssh", {"port": 22})
 
 
 def test_bad_device_urls(tiny_onnx_bundle: Path) -> None:
