@@ -17,6 +17,6 @@ if command -v qemu-aarch64-static >/dev/null && command -v debootstrap >/dev/nul
   cache="${XDG_CACHE_HOME:-$HOME/.cache}/edgeship/virtual-pi"
   mkdir -p "$cache"
   echo "test-services: preparing the virtual Pi rootfs in the background (log: $cache/prepare.log)" >&2
-  nohup "$PY" -m edgeship.profiling.virtual_pi prepare >"$cache/prepare.log" 2>&1 &
+  nohup "$PY" -m edgeship.virtual_pi prepare >"$cache/prepare.log" 2>&1 &
 fi
 exit 0

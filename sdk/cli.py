@@ -217,7 +217,7 @@ def cmd_quickstart(a: argparse.Namespace) -> int:
 
 
 def cmd_device(a: argparse.Namespace) -> int:
-    from edgeship.profiling import virtual_pi
+    from edgeship import virtual_pi
 
     return int(virtual_pi.cli(a.name, a.action, Path(a.workdir) if a.workdir else None, a.port))
 

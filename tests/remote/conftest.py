@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeship.profiling.virtual_pi import wait_for_ssh_banner
+from edgeship.virtual_pi import wait_for_ssh_banner
 
 SSHD = "/usr/sbin/sshd"
 
@@ -114,8 +114,8 @@ def device_workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def virtual_pi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from edgeship import virtual_pi
     from edgeship.errors import DeviceError
-    from edgeship.profiling import virtual_pi
 
     if os.geteuid() != 0 or shutil.which("qemu-aarch64-static") is None or shutil.which("debootstrap") is None:
         pytest.skip("needs root, qemu-user-static and debootstrap (.ci/run installs them)")

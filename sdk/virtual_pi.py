@@ -363,10 +363,10 @@ def cli(name: str, action: str, workdir: Path | None, port: int) -> int:
     return 0 if found else 1
 
 
-if __name__ == "__main__":  # `python -m edgeship.profiling.virtual_pi prepare`: warm the rootfs cache (CI, in the background)
+if __name__ == "__main__":  # `python -m edgeship.virtual_pi prepare`: warm the rootfs cache (CI, in the background)
     import sys
 
     if sys.argv[1:] != ["prepare"]:
-        sys.exit("usage: python -m edgeship.profiling.virtual_pi prepare")
+        sys.exit("usage: python -m edgeship.virtual_pi prepare")
     check_host()
     print(prepare())
