@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.errors import ConfigError
+from edgeship.profiling.report import _fmt, table
 from edgeship.profiling.results import ArtifactResult, DeviceRun, FleetResult, ProfileResult
 
 OBJECTIVES = ("latency", "energy", "size", "memory")
@@ -53,6 +54,13 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def cells(self) -> list[str]:
+        """MB, cosine, p50, p99, peak MB and mJ as every table shows them."""
+        est = self.energy_estimated and self.mj_per_inference is not None
+        mj = _fmt(self.mj_per_inference, ".2f") + (" (est)" if est else "")
+        return [_fmt(self.size_mb, ".1f"), _fmt(self.mean_cosine, ".4f"), _fmt(self.p50_ms, ".2f"),
+                _fmt(self.p99_ms, ".2f"), _fmt(self.peak_mb, ".0f"), mj]
 
 
 def load_documents(paths: Iterable[str | Path]) -> list[DeviceRun]:
@@ -151,17 +159,10 @@ def decide(runs: Sequence[DeviceRun], budget: Budget, objective: str = "latency"
 
 
 def render(d: Decision) -> str:
-    from edgeship.profiling.report import table
-
-    def f(v: float | None, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
     body = []
     for r, v in zip(d.rows, d.verdicts, strict=True):
         mark = "PICK" if r is d.pick else ("ok" if not v else "no")
-        mj = f(r.mj_per_inference, ".2f") + (" (est)" if r.energy_estimated and r.mj_per_inference is not None else "")
-        body.append([mark, r.device[:28], r.artifact, f(r.size_mb, ".1f"), f(r.mean_cosine, ".4f"), f(r.p50_ms, ".2f"),
-                     f(r.p99_ms, ".2f"), f(r.peak_mb, ".0f"), mj, "; ".join(v)[:90]])
+        body.append([mark, r.device[:28], r.artifact, *r.cells(), "; ".join(v)[:90]])
     lines = [table(body, ["", "device", "artifact", "MB", "cosine", "p50 ms", "p99 ms", "peak MB", "mJ/inf", "why not"])]
     budget = ", ".join(f"{k}={v:g}" for k, v in d.budget.to_dict().items()) or "none"
     if d.pick:

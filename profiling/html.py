@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -106,10 +105,7 @@ def render_html(runs: Sequence[DeviceRun], decision: Decision | None = None) -> 
         notes = "; ".join(verdict.get(r, ())) if decision else (r.error or "")
         if r.emulated:
             notes = f"EMULATED; {notes}" if notes else "EMULATED"
-        mj = "-" if r.mj_per_inference is None else f"{r.mj_per_inference:.2f}{' (est)' if r.energy_estimated else ''}"
-        cells = [r.device, r.artifact, f"{r.size_mb:.1f}", "-" if r.mean_cosine is None else f"{r.mean_cosine:.4f}",
-                 "-" if r.p50_ms is None else f"{r.p50_ms:.2f}", "-" if r.p99_ms is None else f"{r.p99_ms:.2f}",
-                 "-" if r.peak_mb is None else f"{r.peak_mb:.0f}", mj, notes]
+        cells = [r.device, r.artifact, *r.cells(), notes]
         body.append(f"<tr class='{cls}'>" + "".join(
             f"<td{' class=l' if i in (0, 1, 8) else ''}>{_esc(c)}</td>" for i, c in enumerate(cells)) + "</tr>")
     parts.append(f"<table>{head}{''.join(body)}</table>")
@@ -135,8 +131,7 @@ def render_html(runs: Sequence[DeviceRun], decision: Decision | None = None) -> 
 
 
 def write_html(runs: Sequence[DeviceRun], path: Path, decision: Decision | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(render_html(runs, decision), encoding="utf-8")
-    os.replace(tmp, path)
+    from edgeship.profiling.runner import write_json_atomic  # any text, written atomically
+
+    write_json_atomic(path, render_html(runs, decision))
     return path

@@ -35,9 +35,14 @@ def _lists(s: Shapes) -> dict[str, list[int]]:
     return {k: list(v) for k, v in s.items()}
 
 
-def _fields_of(cls: Any, d: Mapping[str, Any]) -> dict[str, Any]:
+def _build(cls: Any, d: Mapping[str, Any], **fixed: Any) -> Any:
+    """``cls`` from the keys of ``d`` it has fields for (a file may lack optional ones, or hold more)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
+    return cls(**{**{k: v for k, v in d.items() if k in names}, **fixed})
+
+
+def _plain(v: Any) -> Any:
+    return dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, tuple) else v
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ class DeviceInfo:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DeviceInfo:
-        return cls(**{**_fields_of(cls, d), "runtimes": dict(d.get("runtimes") or {})})
+        return _build(cls, d, runtimes=dict(d.get("runtimes") or {}))  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -153,13 +158,6 @@ class Agreement:
     min_cosine: float
     top1_agreement: float | None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Agreement:
-        return cls(**_fields_of(cls, d))
-
 
 @dataclass(frozen=True)
 class TelemetrySummary:
@@ -178,17 +176,13 @@ class TelemetrySummary:
         return cls(bool(d.get("throttled")), tuple(d.get("throttle_reasons") or ()), rest)
 
 
-def _energy_from_dict(d: Mapping[str, Any]) -> EnergyResult:
-    return EnergyResult(**{**_fields_of(EnergyResult, d), "warnings": tuple(d.get("warnings") or ())})
-
-
 # Nested blocks of an artifact result: JSON key -> (reader, writer).
 _BLOCKS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
-    "latency": (lambda d: LatencyStats(**_fields_of(LatencyStats, d)), LatencyStats.to_dict),
-    "energy": (_energy_from_dict, EnergyResult.to_dict),
+    "latency": (lambda d: _build(LatencyStats, d), dataclasses.asdict),
+    "energy": (lambda d: _build(EnergyResult, d, warnings=tuple(d.get("warnings") or ())), EnergyResult.to_dict),
     "telemetry": (TelemetrySummary.from_dict, TelemetrySummary.to_dict),
-    "device_check": (Agreement.from_dict, Agreement.to_dict),
-    "fidelity": (lambda d: Fidelity(**_fields_of(Fidelity, d)), Fidelity.to_dict),
+    "device_check": (lambda d: _build(Agreement, d), dataclasses.asdict),
+    "fidelity": (lambda d: _build(Fidelity, d), dataclasses.asdict),
 }
 _INPUT_KEYS = ("input_source", "input_shapes", "input_dtypes", "input_real_tokens")
 _MEMORY_KEYS = tuple(f.name for f in dataclasses.fields(Memory))
@@ -245,42 +239,32 @@ class ArtifactResult:
         return d if isinstance(d, Mapping) else None
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"status": self.status, "artifact": self.artifact, "error": self.error}
-        if self.traceback is not None:
-            d["traceback"] = self.traceback
-        d.update(path=self.path, format=self.format, recipe=self.recipe, size_bytes=self.size_bytes,
-                 torch_free=self.torch_free, load_seconds=self.load_seconds, first_inference_ms=self.first_inference_ms,
-                 warmup_runs=self.warmup_runs, measured_seconds=self.measured_seconds, samples_ns=list(self.samples_ns),
-                 threads=self.threads, runtime=dict(self.runtime), output_shapes=_lists(self.output_shapes),
-                 warnings=list(self.warnings))
-        if self.per_op is not None:
-            d["per_op"] = dict(self.per_op)
-        for key, (_, write) in _BLOCKS.items():
-            block = getattr(self, key)
-            d[key] = None if block is None else write(block)
-        if self.input is not None:
-            d.update(input_source=self.input.source, input_shapes=_lists(self.input.shapes),
-                     input_dtypes=dict(self.input.dtypes), input_real_tokens=self.input.real_tokens)
-        if self.memory is not None:
-            d.update(dataclasses.asdict(self.memory))
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in _BLOCKS:
+                d[f.name] = None if v is None else _BLOCKS[f.name][1](v)
+            elif f.name == "input" and v is not None:
+                d.update(input_source=v.source, input_shapes=_lists(v.shapes), input_dtypes=dict(v.dtypes),
+                         input_real_tokens=v.real_tokens)
+            elif f.name == "memory" and v is not None:
+                d.update(dataclasses.asdict(v))
+            elif f.name not in ("input", "memory"):
+                d[f.name] = _lists(v) if f.name == "output_shapes" else _plain(v)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ArtifactResult:
-        plain = {f.name for f in dataclasses.fields(cls)} - set(_BLOCKS) - {"input", "memory"}
-        kw: dict[str, Any] = {k: d[k] for k in plain if d.get(k) is not None}
-        kw["artifact"] = str(d.get("artifact") or "?")
-        for key, (read, _) in _BLOCKS.items():
-            if d.get(key):
-                kw[key] = read(d[key])
-        kw.update(samples_ns=tuple(d.get("samples_ns") or ()), warnings=tuple(d.get("warnings") or ()),
-                  output_shapes=_shapes(d.get("output_shapes")))
+        kw: dict[str, Any] = {k: v for k, v in d.items() if v is not None}
+        kw.update({key: read(d[key]) for key, (read, _) in _BLOCKS.items() if d.get(key)})
+        kw.update(artifact=str(d.get("artifact") or "?"), samples_ns=tuple(d.get("samples_ns") or ()),
+                  warnings=tuple(d.get("warnings") or ()), output_shapes=_shapes(d.get("output_shapes")))
         if any(d.get(k) is not None for k in _INPUT_KEYS):
             kw["input"] = InputInfo(d.get("input_source"), _shapes(d.get("input_shapes")),
                                     dict(d.get("input_dtypes") or {}), d.get("input_real_tokens"))
         if all(d.get(k) is not None for k in _MEMORY_KEYS):
             kw["memory"] = Memory(**{k: float(d[k]) for k in _MEMORY_KEYS})
-        return cls(**kw)
+        return _build(cls, kw)  # type: ignore[no-any-return]
 
 
 def _now_utc() -> str:
