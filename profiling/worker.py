@@ -275,7 +275,9 @@ def _device_check(model: Any, bundle: Bundle) -> Agreement | None:
         got.append(res[out_name])
         ref.append(ref_outputs[out_name][i:i + 1])
     classifier = bundle.manifest.model.get("task", "").endswith("classification")
-    return Agreement.from_dict(compare(ref, got, out_name, 0.0, classifier=classifier).to_dict())
+    f = compare(ref, got, out_name, 0.0, classifier=classifier)
+    return Agreement(f.output, f.n_samples, f.max_abs_err, f.mean_abs_err, f.mean_cosine, f.min_cosine,
+                     f.top1_agreement)
 
 
 def main(argv: list[str] | None = None) -> int:
