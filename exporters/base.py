@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from edgeship.models import LoadedModel
     from edgeship.targets import TargetProfile
 
-RECIPES = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from edgeship.exporters.base import (
     padding_advice,
     register,
 )
+from edgeship.vocab import FORMATS
 
 OPSET = 18
 TORCHSCRIPT_OPSET = 17
@@ -59,7 +60,7 @@ logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(lo
 @register("onnx")
 class OnnxExporter(Exporter):
     format: ClassVar[str] = "onnx"
-    suffix: ClassVar[str] = ".onnx"
+    suffix: ClassVar[str] = FORMATS["onnx"].suffix
     support: ClassVar[tuple[RecipeSupport, ...]] = (
         RecipeSupport("fp32", "torch.onnx dynamo export, dynamic batch/sequence"),
         RecipeSupport("fp16", "float16 weights and compute, float32 I/O (GPU/NPU EPs)"),

@@ -43,12 +43,13 @@ from edgeship.exporters.base import (
     register,
 )
 from edgeship.manifest import Fidelity
+from edgeship.vocab import FORMATS, PTE_IO_METHOD
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-IO_METHOD = "edgeship_io"  # constant method holding the I/O description as JSON
+IO_METHOD = PTE_IO_METHOD
 DELEGATE = "XnnpackBackend"
 MAX_REAL_BUILDS = 4  # lowering MiniLM takes ~30 s on 2 cores: real builds after the proxy search are capped
 
@@ -74,7 +75,7 @@ _UNAVAILABLE: dict[str, Callable[[], str]] = {
 @register("pte")
 class PteExporter(Exporter):
     format: ClassVar[str] = "pte"
-    suffix: ClassVar[str] = ".pte"
+    suffix: ClassVar[str] = FORMATS["pte"].suffix
     support: ClassVar[tuple[RecipeSupport, ...]] = (
         RecipeSupport("fp32", "torch.export + XNNPACK delegate, dynamic sequence (batch 1)"),
         RecipeSupport("int8-dynamic", "PT2E XNNPACKQuantizer per-channel int8, dynamic activations, int8 embeddings"),

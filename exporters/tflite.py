@@ -53,14 +53,15 @@ from edgeship.exporters.base import (
     padding_advice,
     register,
 )
+from edgeship.vocab import FORMATS, TFLITE_METADATA, TFLITE_SIGNATURE
 
 if TYPE_CHECKING:
     from torch import nn
 
     from edgeship.models import LoadedModel
 
-SIGNATURE = "serving_default"
-METADATA_NAME = "edgeship"
+SIGNATURE = TFLITE_SIGNATURE
+METADATA_NAME = TFLITE_METADATA
 BLOCKS = (32, 64, 128, 256)  # block sizes ai-edge-quantizer offers for int4 weights
 _NOT_LOWERED = re.compile(r"Lowering not found: (\S+)")
 _ORIGIN = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
@@ -69,7 +70,7 @@ _ORIGIN = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
 @register("tflite")
 class TfliteExporter(Exporter):
     format: ClassVar[str] = "tflite"
-    suffix: ClassVar[str] = ".tflite"
+    suffix: ClassVar[str] = FORMATS["tflite"].suffix
     support: ClassVar[tuple[RecipeSupport, ...]] = (
         RecipeSupport("fp32", "litert-torch convert, static shapes, named serving_default signature"),
         RecipeSupport("fp16", "float16 weights (float casting), float32 compute on CPU"),

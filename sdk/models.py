@@ -23,9 +23,8 @@ from torch import nn
 
 from edgeship.errors import CalibrationError, ConfigError, ModelLoadError
 from edgeship.spec import TensorSpec
+from edgeship.vocab import TASKS, TEXT_TASKS
 
-TASKS = ("feature-extraction", "sequence-classification", "token-classification", "image-classification", "custom")
-TEXT_TASKS = ("feature-extraction", "sequence-classification", "token-classification")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "merges.txt",
                     "vocab.json", "sentencepiece.bpe.model", "spiece.model")
 _PREPROC_FILES = ("preprocessor_config.json",)

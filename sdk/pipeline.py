@@ -29,10 +29,11 @@ from edgeship.errors import (
     UnsupportedRecipeError,
 )
 from edgeship.exporters import EXPORTERS, load_builtin
-from edgeship.exporters.base import RECIPES, ExportContext, Exporter
+from edgeship.exporters.base import ExportContext, Exporter
 from edgeship.fidelity import compare
 from edgeship.manifest import ArtifactRecord, Fidelity, Manifest, sha256_file
 from edgeship.targets import TargetProfile, get_profile
+from edgeship.vocab import RECIPES, TEXT_TASKS
 
 N_HELDOUT = 16
 N_SAMPLES_IN_BUNDLE = 8
@@ -137,7 +138,7 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
            log: Callable[[str], None] | None = None) -> ExportResult:
     """Export ``model`` (HF directory, ``nn.Module``, or ``pkg.module:factory``) for ``target``."""
     from edgeship import __version__
-    from edgeship.models import TEXT_TASKS, load_calibration, load_model
+    from edgeship.models import load_calibration, load_model
 
     t_start = time.perf_counter()
     say = log or (lambda m: print(m, file=sys.stderr))

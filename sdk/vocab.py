@@ -1,0 +1,87 @@
+"""The words both sides of edgeship share: formats, recipes, tasks and energy meters.
+
+Torch-free (the device imports it). Exporters, runner backends, the target schema and the
+CLI read these tables instead of typing the names out; ``tests/sdk/test_vocab.py`` checks
+that the registries filled by decorators (exporters, backends, meters) agree with them.
+
+A format's *on-disk contract* (where a file keeps its I/O description) is written here once:
+the exporter writes it and the device backend reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Recipe(StrEnum):
+    """Precision recipes, cheapest-to-make first. A format offers a subset (its exporter's table)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8_DYNAMIC = "int8-dynamic"
+    INT8_STATIC = "int8-static"
+    INT4_WEIGHT = "int4-weight"
+
+
+RECIPES: tuple[str, ...] = tuple(r.value for r in Recipe)
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """One artifact format: file suffix, the device backend that runs it, and its I/O contract."""
+
+    name: str
+    suffix: str
+    backend: str  # "module:Class" of the runner backend, imported only when a file of this format runs
+    io_contract: str  # one line for docs: where the file keeps its input/output names
+
+
+# The on-disk contract, shared by exporters/{pte,tflite}.py (writers) and profiling/backends (readers).
+PTE_IO_METHOD = "edgeship_io"  # constant method of a .pte holding the I/O description as JSON
+TFLITE_SIGNATURE = "serving_default"  # the one signature of a .tflite, inputs/outputs named as in the bundle
+TFLITE_METADATA = "edgeship"  # flatbuffer metadata entry holding task, labels and I/O as JSON
+
+FORMATS: dict[str, FormatSpec] = {f.name: f for f in (
+    FormatSpec("onnx", ".onnx", "edgeship.profiling.backends.onnx:OnnxBackend",
+               "graph inputs and outputs carry the bundle's tensor names"),
+    FormatSpec("tflite", ".tflite", "edgeship.profiling.backends.tflite:TfliteBackend",
+               f"signature '{TFLITE_SIGNATURE}' with the bundle's names; metadata '{TFLITE_METADATA}' (JSON)"),
+    FormatSpec("pte", ".pte", "edgeship.profiling.backends.pte:PteBackend",
+               f"constant method '{PTE_IO_METHOD}' holding input/output names, dtypes and dims (JSON)"),
+)}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task's model takes and gives, and how an export of it is judged against PyTorch."""
+
+    name: str
+    inputs: str  # "text" (token ids + mask), "image" (pixel values) or "custom" (the user's example inputs)
+    output: str  # the first output's name, the one fidelity is measured on
+    classifier: bool  # fidelity also reports top-1 agreement
+    description: str
+
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in (
+    TaskSpec("feature-extraction", "text", "sentence_embedding", False, "pooled sentence embeddings"),
+    TaskSpec("sequence-classification", "text", "logits", True, "one label per text"),
+    TaskSpec("token-classification", "text", "logits", True, "one label per token"),
+    TaskSpec("image-classification", "image", "logits", True, "one label per image"),
+    TaskSpec("custom", "custom", "", False, "an nn.Module with example inputs (outputs named by the user)"),
+)}
+TEXT_TASKS: tuple[str, ...] = tuple(t.name for t in TASKS.values() if t.inputs == "text")
+
+# Energy meters by registry name (edgeship.profiling.meters registers one class per name).
+METERS: tuple[str, ...] = ("rapl", "hwmon", "rpi5-pmic", "jetson", "android-battery", "android-odpm", "csv",
+                           "estimate")
+
+
+def listing(names: Iterable[object]) -> str:
+    """``a, b, c`` for help texts and error messages."""
+    return ", ".join(str(n) for n in names)
+
+
+__all__ = ["FORMATS", "METERS", "PTE_IO_METHOD", "RECIPES", "TASKS", "TEXT_TASKS", "TFLITE_METADATA",
+           "TFLITE_SIGNATURE", "FormatSpec", "Recipe", "TaskSpec", "listing"]

@@ -1,0 +1,44 @@
+"""The shared vocabulary (edgeship.vocab) agrees with every registry that is filled by decorators."""
+
+from __future__ import annotations
+
+from edgeship import vocab
+from edgeship.exporters import EXPORTERS, load_builtin
+from edgeship.profiling import backends
+from edgeship.profiling.meters import METERS
+from edgeship.targets import list_profiles
+
+
+def test_exporters_and_backends_cover_the_same_formats_with_the_same_suffix() -> None:
+    load_builtin()
+    for name, spec in vocab.FORMATS.items():
+        exp = EXPORTERS.get(name)
+        assert exp.format == name and exp.suffix == spec.suffix
+        assert backends.SUFFIXES[spec.suffix] == name
+        backend = backends.get_backend(name)  # backend modules import their runtime lazily: this is cheap
+        assert (backend.format, backend.suffix) == (name, spec.suffix)
+        assert f"{backend.__module__}:{backend.__name__}" == spec.backend
+    assert set(vocab.FORMATS) <= set(EXPORTERS.keys())
+
+
+def test_every_recipe_an_exporter_offers_is_in_the_vocabulary() -> None:
+    load_builtin()
+    for name in vocab.FORMATS:
+        offered = EXPORTERS.get(name).recipes()
+        assert offered and set(offered) <= set(vocab.RECIPES), name
+        assert "fp32" in offered  # the reference every export starts from
+
+
+def test_meter_registry_matches_the_vocabulary() -> None:
+    assert sorted(METERS.keys()) == sorted(vocab.METERS)
+
+
+def test_profiles_only_name_known_words() -> None:
+    for p in list_profiles():
+        assert set(p.formats) <= set(vocab.FORMATS) and set(p.recipes) <= set(vocab.RECIPES)
+        assert p.power.meter in vocab.METERS
+
+
+def test_tasks_table() -> None:
+    assert set(vocab.TEXT_TASKS) == {"feature-extraction", "sequence-classification", "token-classification"}
+    assert all(t.name == k for k, t in vocab.TASKS.items())
