@@ -29,7 +29,7 @@ from edgeship.errors import (
     UnsupportedRecipeError,
 )
 from edgeship.exporters import EXPORTERS, load_builtin
-from edgeship.exporters.base import ExportContext, Exporter
+from edgeship.exporters.base import ExportContext, Exporter, Stage
 from edgeship.fidelity import compare
 from edgeship.manifest import ArtifactRecord, Fidelity, Manifest, sha256_file
 from edgeship.targets import TargetProfile, get_profile
@@ -190,7 +190,7 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
             fmt = exp_cls.format
             say(f"[{i}/{len(plan)}] {fmt}/{recipe}")
             ctx = ExportContext(model=lm, target=prof, workdir=workdir, calibration=calib, calibration_source=calib_source,
-                                heldout=held, reference=reference,
+                                heldout=held, reference=reference, format=fmt, recipe=recipe,
                                 evaluate=lambda p, f, o, r=recipe: evaluate(p, f, o, r),
                                 options=dict(options or {}), log=say)
             rel = f"{fmt}/{recipe}{exp_cls.suffix}"
@@ -199,7 +199,7 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
             res = exp_cls().export(ctx, recipe, dest)
             if res.path != dest:
                 shutil.move(str(res.path), dest)
-            with ctx.stage("validate", fmt, recipe):
+            with ctx.stage(Stage.VALIDATE):
                 fid = evaluate(dest, fmt, res.runtime.get("options", {}), recipe)
             secs = time.perf_counter() - t0
             if not fid.passed:
@@ -214,7 +214,7 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
             records.append(ArtifactRecord(
                 path=rel, format=fmt, recipe=recipe, sha256=sha256_file(dest), size_bytes=dest.stat().st_size,
                 export_seconds=round(secs, 3), fidelity=fid, runtime=res.runtime,
-                stages={k: round(v, 3) for k, v in ctx.stages.items()}, quantization=res.quantization,
+                stages={str(k): round(v, 3) for k, v in ctx.stages.items()}, quantization=res.quantization,
                 details=res.details, warnings=tuple(res.warnings),
             ))
 
