@@ -1,10 +1,18 @@
-"""The exporter protocol, its registry, and the support matrix every exporter declares.
+"""The exporter protocol, its registry, and the support table every exporter declares.
 
 An exporter turns a :class:`~edgeship.models.LoadedModel` into one artifact file for
-one recipe. The core (``edgeship.pipeline.export``) does everything else: stages and timing,
-fidelity against PyTorch, the manifest and the atomic bundle. Adding a format means
-adding one module with a class decorated by ``@register`` and listing the module in
-``edgeship.exporters.BUILTIN`` (or an ``edgeship.exporters`` entry point).
+one recipe. The core (``edgeship.pipeline.export``) does everything else: stages and timing
+(:class:`Stage`, bound once per format and recipe in :class:`ExportContext`), fidelity against
+PyTorch, the manifest and the atomic bundle; :func:`edgeship.exporters.sensitivity.keep_search`
+is the one search for layers to keep in higher precision.
+
+**Adding a format is one exporter module plus one backend module**: a class decorated by
+``@register`` here (listed in ``edgeship.exporters.BUILTIN`` or an ``edgeship.exporters`` entry
+point) and a runner backend (``edgeship.profiling.backends.register_backend`` or an
+``edgeship.backends`` entry point); built-in formats also get a line in ``edgeship.vocab.FORMATS``.
+``tests/exporters/test_core.py`` registers a toy format from the test file alone.
+**Adding a recipe to a format is one row** of its ``support`` table: the row is the support
+matrix (CLI, ``edgeship formats``, docs) and the dispatch (``row.make``).
 """
 
 from __future__ import annotations
@@ -113,6 +121,19 @@ class ExportContext:
 
     def floor(self, recipe: str) -> float:
         return self.target.min_mean_cosine(recipe)
+
+
+_EXPORT_PREFIX = re.compile(r"^(L\['self'\]\.|L__self__\.|self\.)")  # how torch.export spells the root module
+
+
+def module_of(node: Any) -> tuple[str, str] | None:
+    """(qualified name, class name) of the innermost module a torch.export graph node came from; None outside any."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if not stack:
+        return None
+    path, cls = stack[-1]
+    name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+    return _EXPORT_PREFIX.sub("", str(path)), str(name).rsplit(".", 1)[-1]
 
 
 _USER_FRAME = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')

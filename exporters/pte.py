@@ -39,6 +39,7 @@ from edgeship.exporters.base import (
     ExportOutput,
     RecipeSupport,
     Stage,
+    module_of,
     padding_advice,
     register,
 )
@@ -140,8 +141,8 @@ class PteExporter(Exporter):
         lm = ctx.model
         static = self.spec(ctx.recipe).needs_calibration
         quant.update(weights="int8 symmetric per-channel",
-                         activations="int8 per-tensor, calibrated" if static else "int8 per-tensor, dynamic",
-                         quantizer="PT2E XNNPACKQuantizer")
+                     activations="int8 per-tensor, calibrated" if static else "int8 per-tensor, dynamic",
+                     quantizer="PT2E XNNPACKQuantizer")
         if static:
             quant.update(calibration=ctx.calibration_source, calibration_samples=len(ctx.calibration))
             calib = [lm.torch_args(f) for f in ctx.calibration]
@@ -357,14 +358,8 @@ def _has_embedding(module: nn.Module) -> bool:
 
 
 def _module_path(node: Any) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = str(list(stack.values())[-1][0])
-    for prefix in ("L['self'].", "L__self__.", "self."):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-    return path
+    where = module_of(node)
+    return where[0] if where else ""
 
 
 def _pt2e(ep: Any, layers: Sequence[str], kept: Sequence[str], static: bool, emb: bool,

@@ -52,6 +52,7 @@ from edgeship.exporters.base import (
     RecipeSupport,
     Stage,
     exception_chain,
+    module_of,
     padding_advice,
     register,
 )
@@ -285,13 +286,10 @@ def _module_of(module: nn.Module, sample: dict[str, Any], op_base: str) -> str |
             name = str(getattr(node.target, "__name__", node.target)).split(".")[0].lstrip("_")
             if name != op_base:
                 continue
-            stack = list((node.meta.get("nn_module_stack") or {}).values())
-            if not stack:
+            where = module_of(node)
+            if where is None:
                 return "the top-level forward()"
-            path, cls = stack[-1]
-            path = re.sub(r"^(L\['self'\]\.|L__self__\.|self\.)", "", str(path)).replace("inner.", "", 1)
-            cls_name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
-            return f"{path} ({str(cls_name).rsplit('.', 1)[-1]})"
+            return f"{where[0].replace('inner.', '', 1)} ({where[1]})"
     return None
 
 

@@ -33,7 +33,7 @@ from edgeship.exporters.base import ExportContext, Exporter, Stage
 from edgeship.fidelity import compare
 from edgeship.manifest import ArtifactRecord, Fidelity, Manifest, sha256_file
 from edgeship.targets import TargetProfile, get_profile
-from edgeship.vocab import RECIPES, TEXT_TASKS
+from edgeship.vocab import RECIPES
 
 N_HELDOUT = 16
 N_SAMPLES_IN_BUNDLE = 8
@@ -164,15 +164,15 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
         held_source = str(heldout)
     else:
         held = lm.sample_inputs(N_HELDOUT, seed=1, seq_len=seq, image_size=prof.image_size, corpus=held_pool)
-        held_source = "built-in" if lm.task in TEXT_TASKS else "synthetic"
-    needs_calib = any(e.supports(r).needs_calibration for e, r in plan)  # type: ignore[union-attr]
+        held_source = "built-in" if lm.input_kind == "text" else "synthetic"
+    needs_calib = any(e.spec(r).needs_calibration for e, r in plan)
     warnings: list[str] = []
     if calibration is not None:
         calib = load_calibration(calibration, lm, seq)
         calib_source = str(calibration)
     else:
         calib = lm.sample_inputs(len(calib_pool), seed=2, seq_len=seq, image_size=prof.image_size, corpus=calib_pool)
-        calib_source = ("built-in generic English corpus (32 sentences)" if lm.task in TEXT_TASKS
+        calib_source = ("built-in generic English corpus (32 sentences)" if lm.input_kind == "text"
                         else "synthetic N(0,1) inputs")
         if needs_calib:
             w = (f"no --calibration given: static quantization calibrates on the {calib_source}; for accuracy on "

@@ -30,12 +30,11 @@ RECIPES: tuple[str, ...] = tuple(r.value for r in Recipe)
 
 @dataclass(frozen=True)
 class FormatSpec:
-    """One artifact format: file suffix, the device backend that runs it, and its I/O contract."""
+    """One artifact format: file suffix and the device backend that runs it."""
 
     name: str
     suffix: str
     backend: str  # "module:Class" of the runner backend, imported only when a file of this format runs
-    io_contract: str  # one line for docs: where the file keeps its input/output names
 
 
 # The on-disk contract, shared by exporters/{pte,tflite}.py (writers) and profiling/backends (readers).
@@ -44,12 +43,9 @@ TFLITE_SIGNATURE = "serving_default"  # the one signature of a .tflite, inputs/o
 TFLITE_METADATA = "edgeship"  # flatbuffer metadata entry holding task, labels and I/O as JSON
 
 FORMATS: dict[str, FormatSpec] = {f.name: f for f in (
-    FormatSpec("onnx", ".onnx", "edgeship.profiling.backends.onnx:OnnxBackend",
-               "graph inputs and outputs carry the bundle's tensor names"),
-    FormatSpec("tflite", ".tflite", "edgeship.profiling.backends.tflite:TfliteBackend",
-               f"signature '{TFLITE_SIGNATURE}' with the bundle's names; metadata '{TFLITE_METADATA}' (JSON)"),
-    FormatSpec("pte", ".pte", "edgeship.profiling.backends.pte:PteBackend",
-               f"constant method '{PTE_IO_METHOD}' holding input/output names, dtypes and dims (JSON)"),
+    FormatSpec("onnx", ".onnx", "edgeship.profiling.backends.onnx:OnnxBackend"),  # graph I/O carry the bundle's names
+    FormatSpec("tflite", ".tflite", "edgeship.profiling.backends.tflite:TfliteBackend"),
+    FormatSpec("pte", ".pte", "edgeship.profiling.backends.pte:PteBackend"),
 )}
 
 
@@ -59,17 +55,15 @@ class TaskSpec:
 
     name: str
     inputs: str  # "text" (token ids + mask), "image" (pixel values) or "custom" (the user's example inputs)
-    output: str  # the first output's name, the one fidelity is measured on
-    classifier: bool  # fidelity also reports top-1 agreement
-    description: str
+    classifier: bool  # fidelity also reports top-1 agreement on the first output
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (
-    TaskSpec("feature-extraction", "text", "sentence_embedding", False, "pooled sentence embeddings"),
-    TaskSpec("sequence-classification", "text", "logits", True, "one label per text"),
-    TaskSpec("token-classification", "text", "logits", True, "one label per token"),
-    TaskSpec("image-classification", "image", "logits", True, "one label per image"),
-    TaskSpec("custom", "custom", "", False, "an nn.Module with example inputs (outputs named by the user)"),
+    TaskSpec("feature-extraction", "text", False),  # pooled sentence embeddings
+    TaskSpec("sequence-classification", "text", True),
+    TaskSpec("token-classification", "text", True),  # one label per token
+    TaskSpec("image-classification", "image", True),
+    TaskSpec("custom", "custom", False),  # an nn.Module with the user's example inputs and output names
 )}
 TEXT_TASKS: tuple[str, ...] = tuple(t.name for t in TASKS.values() if t.inputs == "text")
 

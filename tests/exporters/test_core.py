@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import pytest
+import torch
 
-from edgeship.errors import ExportError
-from edgeship.exporters import base
-from edgeship.exporters.base import ExportContext, Stage
+from edgeship.errors import ExportError, UnsupportedRecipeError
+from edgeship.exporters import EXPORTERS, base
+from edgeship.exporters.base import ExportContext, Exporter, ExportOutput, RecipeSupport, Stage
 from edgeship.manifest import Fidelity
+from edgeship.profiling import backends
+from edgeship.profiling.backends import Backend
+from edgeship.spec import TensorSpec
 
 
 class _Clock:
@@ -153,3 +158,87 @@ def test_keep_search_suspects_the_extra_when_only_the_runtime_breaks(tmp_path: P
     assert [(a["scored_on"], a["kept"]) for a in res.record["search"]][:3] == [("pytorch", 0), ("toyrt", 0),
                                                                               ("toyrt", 0)]
     assert res.record["sensitivity"] or res.fidelity.passed
+
+
+# ---- a new format from this file alone: one exporter class + one backend class ------------------------------
+class NpzLinearBackend(Backend):
+    """Runs an ``.npzlin`` file (the weights of one linear layer) with numpy: a real, if tiny, runtime."""
+
+    format: ClassVar[str] = "npz-linear"
+    suffix: ClassVar[str] = ".npzlin"
+
+    def __init__(self, path: Path, threads: int | None = None, options: Mapping[str, Any] | None = None) -> None:
+        with np.load(path) as f:
+            self.w, self.b = f["w"].astype(np.float32), f["b"].astype(np.float32)
+        self.inputs = (TensorSpec("x", "float32", ("batch", self.w.shape[1])),)
+        self.outputs = ("output",)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"output": feeds["x"] @ self.w.T + self.b}
+
+    def info(self) -> dict[str, Any]:
+        return {"name": "numpy", "version": np.__version__}
+
+
+class NpzLinearExporter(Exporter):
+    format: ClassVar[str] = "npz-linear"
+    suffix: ClassVar[str] = ".npzlin"
+
+    def _fp16(self, w: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        return w.astype(np.float16), {"weights": "float16"}
+
+    support: ClassVar[tuple[RecipeSupport, ...]] = (
+        RecipeSupport("fp32", "float32 weights"),
+        RecipeSupport("fp16", "float16 weights", make=_fp16),  # a recipe is one row
+    )
+
+    @classmethod
+    def check_environment(cls) -> None:
+        pass
+
+    def export(self, ctx: ExportContext, recipe: str, out: Path) -> ExportOutput:
+        spec = self.spec(recipe)
+        lin = ctx.model.module
+        if not isinstance(lin, torch.nn.Linear):
+            raise UnsupportedRecipeError("npz-linear exports a single nn.Linear")
+        w = lin.weight.detach().numpy()
+        w, quant = spec.make(self, w) if spec.make else (w, {})
+        with ctx.stage(Stage.SERIALIZE), open(out, "wb") as f:
+            np.savez(f, w=w, b=lin.bias.detach().numpy())
+        return ExportOutput(path=out, runtime={"name": "numpy"}, quantization={"recipe": recipe, **quant})
+
+
+def test_a_toy_format_registered_from_a_test_file_exports_validates_and_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeship.manifest import load_bundle
+    from edgeship.pipeline import export
+
+    snap = EXPORTERS.snapshot()
+    monkeypatch.setattr(backends, "_BACKENDS", dict(backends._BACKENDS))
+    monkeypatch.setattr(backends, "SUFFIXES", dict(backends.SUFFIXES))
+    try:
+        EXPORTERS.add("npz-linear", NpzLinearExporter)
+        backends.register_backend("npz-linear", f"{__name__}:NpzLinearBackend", ".npzlin")
+        torch.manual_seed(0)
+        res = export(torch.nn.Linear(8, 4), example_inputs={"x": np.ones((1, 8), np.float32)}, target="raspberry-pi-5",
+                     out=tmp_path / "b", formats=["npz-linear"], recipes=["fp32", "fp16"], log=lambda m: None)
+    finally:
+        EXPORTERS.restore(snap)
+    arts = {a.recipe: a for a in load_bundle(res.bundle, verify=True).manifest.artifacts}
+    assert set(arts) == {"fp32", "fp16"} and arts["fp16"].quantization["weights"] == "float16"
+    assert arts["fp32"].fidelity is not None and arts["fp32"].fidelity.max_abs_err < 1e-5
+    assert arts["fp16"].fidelity is not None and 0 < arts["fp16"].fidelity.max_abs_err < 1e-2
+    b = backends.load(res.bundle / arts["fp16"].path)  # found by its suffix, like any built-in format
+    assert b.run({"x": np.ones((2, 8), np.float32)})["output"].shape == (2, 4)
+
+
+def test_the_support_table_is_the_dispatch() -> None:
+    from edgeship.exporters import load_builtin
+
+    load_builtin()
+    for fmt in ("onnx", "tflite", "pte"):
+        exp = EXPORTERS.get(fmt)
+        for row in exp.support:
+            assert row.recipe == "fp32" or callable(row.make), (fmt, row.recipe)  # fp32: the base graph itself
+        with pytest.raises(UnsupportedRecipeError, match=f"{fmt}: no recipe 'int3' .*offers: fp32"):
+            exp.spec("int3")

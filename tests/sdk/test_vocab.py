@@ -39,6 +39,10 @@ def test_profiles_only_name_known_words() -> None:
         assert p.power.meter in vocab.METERS
 
 
-def test_tasks_table() -> None:
+def test_tasks_table_matches_the_model_loaders() -> None:
+    from edgeship.models import TASK_MODELS
+
     assert set(vocab.TEXT_TASKS) == {"feature-extraction", "sequence-classification", "token-classification"}
     assert all(t.name == k for k, t in vocab.TASKS.items())
+    # every task but "custom" (a bare nn.Module) loads from a Hugging Face directory
+    assert set(TASK_MODELS) == {t for t, spec in vocab.TASKS.items() if spec.inputs != "custom"}
