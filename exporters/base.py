@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from edgeship.targets import TargetProfile
 
 
-
 @dataclass(frozen=True)
 class RecipeSupport:
     """One row of an exporter's support table: the table is the support matrix *and* the dispatch.
@@ -216,7 +215,8 @@ class Exporter(ABC):
         """The table row for ``recipe``; UnsupportedRecipeError naming what the format offers."""
         row = cls.supports(recipe)
         if row is None:
-            raise UnsupportedRecipeError(f"{cls.format}: no recipe '{recipe}' (it offers: {', '.join(cls.recipes())})")
+            raise UnsupportedRecipeError(f"format '{cls.format}' has no recipe '{recipe}' "
+                                         f"(it offers: {', '.join(cls.recipes())})")
         return row
 
     @classmethod

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from edgeship.exporters.base import (
     padding_advice,
     register,
 )
-from edgeship.vocab import FORMATS
+from edgeship.vocab import FORMATS, Recipe
 
 OPSET = 18
 TORCHSCRIPT_OPSET = 17
@@ -206,14 +207,14 @@ class OnnxExporter(Exporter):
             quantize(base, path, [node_of[n] for n in candidates if n not in kept])
 
         res = keep_search(ctx, KeepSearch(candidates, build, self.suffix, "onnxruntime", RUNTIME_OPTIONS))
-        _copy(res.artifact, out)
+        shutil.copyfile(res.artifact, out)
         return {**res.record, "kept_onnx_nodes": [node_of[n] for n in res.kept]}
 
 
     # ---- the support table: one row per recipe, the dispatch of export() ---------------------------
     # make(exporter, ctx, base graph, base is fused, out) -> the manifest's quantization entries
     def _make_fp32(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:
-        _copy(base, out)
+        shutil.copyfile(base, out)
         return {}
 
     def _make_fp16(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:
@@ -242,16 +243,16 @@ class OnnxExporter(Exporter):
                 **self._searched(ctx, base, out, lambda src, dst, nodes: _int4(src, dst, block, nodes))}
 
     support: ClassVar[tuple[RecipeSupport, ...]] = (
-        OnnxRecipe("fp32", "torch.onnx dynamo export, dynamic batch/sequence", make=_make_fp32, fusable=True),
-        OnnxRecipe("fp16", "float16 weights and compute, float32 I/O (GPU/NPU EPs)", make=_make_fp16,
+        OnnxRecipe(Recipe.FP32, "torch.onnx dynamo export, dynamic batch/sequence", make=_make_fp32, fusable=True),
+        OnnxRecipe(Recipe.FP16, "float16 weights and compute, float32 I/O (GPU/NPU EPs)", make=_make_fp16,
                    warnings=("fp16 targets GPU/NPU execution providers; ORT's CPU provider runs it through casts",)),
-        OnnxRecipe("int8-dynamic", "ORT quantize_dynamic, per-channel int8 weights incl. embeddings",
+        OnnxRecipe(Recipe.INT8_DYNAMIC, "ORT quantize_dynamic, per-channel int8 weights incl. embeddings",
                    make=_make_int8_dynamic, fusable=True),
-        OnnxRecipe("int8-static", "ORT QDQ, calibrated, sensitivity-ranked layers kept in float", True,
+        OnnxRecipe(Recipe.INT8_STATIC, "ORT QDQ, calibrated, sensitivity-ranked layers kept in float", True,
                    make=_make_int8_static, runtime={
                        "qdq": True, "npu_note": "QDQ int8 is the form the QNN and NNAPI execution providers take; on "
                                                "a device with onnxruntime-qnn pass providers=QNNExecutionProvider"}),
-        OnnxRecipe("int4-weight", "ORT MatMulNBits, block-wise symmetric 4-bit weights", make=_make_int4_weight),
+        OnnxRecipe(Recipe.INT4_WEIGHT, "ORT MatMulNBits, block-wise symmetric 4-bit weights", make=_make_int4_weight),
     )
 
 
@@ -317,12 +318,6 @@ def trim_padding(path: Path, seq_inputs: Sequence[str], mask: str = "attention_m
         g.node.insert(0, n)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-
-
-def _copy(src: Path, dst: Path) -> None:
-    import shutil
-
-    shutil.copyfile(src, dst)
 
 
 def _check_single_file(path: Path) -> None:

@@ -44,7 +44,7 @@ from edgeship.exporters.base import (
     register,
 )
 from edgeship.manifest import Fidelity
-from edgeship.vocab import FORMATS, PTE_IO_METHOD
+from edgeship.vocab import FORMATS, PTE_IO_METHOD, Recipe
 
 if TYPE_CHECKING:
     import torch
@@ -169,12 +169,12 @@ class PteExporter(Exporter):
         return (lambda kept, emb: _8da4w(module, fits, kept, group, emb, args, dyn)), list(layers)
 
     support: ClassVar[tuple[RecipeSupport, ...]] = (
-        PteRecipe("fp32", "torch.export + XNNPACK delegate, dynamic sequence (batch 1)"),
-        PteRecipe("int8-dynamic", "PT2E XNNPACKQuantizer per-channel int8, dynamic activations, int8 embeddings",
+        PteRecipe(Recipe.FP32, "torch.export + XNNPACK delegate, dynamic sequence (batch 1)"),
+        PteRecipe(Recipe.INT8_DYNAMIC, "PT2E XNNPACKQuantizer per-channel int8, dynamic activations, int8 embeddings",
                   make=_pt2e_quantizer),
-        PteRecipe("int8-static", "PT2E int8 linear/conv calibrated on your data, sensitive layers kept float", True,
+        PteRecipe(Recipe.INT8_STATIC, "PT2E int8 linear/conv calibrated on your data, sensitive layers kept float", True,
                   make=_pt2e_quantizer),
-        PteRecipe("int4-weight", "torchao 8da4w (int8 dyn. act., 4-bit grouped weights), sensitive layers 8-bit",
+        PteRecipe(Recipe.INT4_WEIGHT, "torchao 8da4w (int8 dyn. act., 4-bit grouped weights), sensitive layers 8-bit",
                   make=_int4_quantizer, higher="int8 weights"),
     )
 

@@ -56,7 +56,7 @@ from edgeship.exporters.base import (
     padding_advice,
     register,
 )
-from edgeship.vocab import FORMATS, TFLITE_METADATA, TFLITE_SIGNATURE
+from edgeship.vocab import FORMATS, TFLITE_METADATA, TFLITE_SIGNATURE, Recipe
 
 if TYPE_CHECKING:
     from torch import nn
@@ -199,13 +199,13 @@ class TfliteExporter(Exporter):
         return res.artifact.read_bytes(), {**res.record, "kept_tflite_tensors": [scope_of[n] for n in res.kept]}
 
     support: ClassVar[tuple[RecipeSupport, ...]] = (
-        RecipeSupport("fp32", "litert-torch convert, static shapes, named serving_default signature"),
-        RecipeSupport("fp16", "float16 weights (float casting), float32 compute on CPU", make=_fp16),
-        RecipeSupport("int8-dynamic", "ai-edge-quantizer dynamic_wi8_afp32: int8 per-channel weights + embeddings",
+        RecipeSupport(Recipe.FP32, "litert-torch convert, static shapes, named serving_default signature"),
+        RecipeSupport(Recipe.FP16, "float16 weights (float casting), float32 compute on CPU", make=_fp16),
+        RecipeSupport(Recipe.INT8_DYNAMIC, "ai-edge-quantizer dynamic_wi8_afp32: int8 per-channel weights + embeddings",
                       make=_dynamic),
-        RecipeSupport("int8-static", "int8 FULLY_CONNECTED calibrated on your data, sensitive layers kept float", True,
+        RecipeSupport(Recipe.INT8_STATIC, "int8 FULLY_CONNECTED calibrated on your data, sensitive layers kept float", True,
                       make=_static),
-        RecipeSupport("int4-weight", "block-wise 4-bit FULLY_CONNECTED weights, dynamic int8 act., sensitive float",
+        RecipeSupport(Recipe.INT4_WEIGHT, "block-wise 4-bit FULLY_CONNECTED weights, dynamic int8 act., sensitive float",
                       make=_int4),
     )
 

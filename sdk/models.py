@@ -315,10 +315,6 @@ def _image_inputs(model_dir: Path, config: Any, seq_len: int, image_size: int) -
 _INPUT_KINDS: dict[str, Callable[[Path, Any, int, int], _Inputs]] = {"text": _text_inputs, "image": _image_inputs}
 
 
-def _labels(config: Any) -> tuple[str, ...]:
-    return tuple(str(config.id2label[i]) for i in range(int(config.num_labels)))
-
-
 def _embedding_head(hf: nn.Module, config: Any, model_dir: Path, inp: _Inputs) -> _Head:
     pooling, normalize = _sentence_transformers_pooling(model_dir)
     inp.preprocessing.update(pooling=pooling, normalize=normalize)
@@ -331,7 +327,7 @@ def _logits_head(shape: tuple[str, ...], wrapper: Callable[[nn.Module], nn.Modul
     """Logits shaped ``shape`` + (labels,), one label set from ``config.id2label``."""
     def head(hf: nn.Module, config: Any, model_dir: Path, inp: _Inputs) -> _Head:
         out = TensorSpec("logits", "float32", (*shape, int(config.num_labels)), "unnormalised class scores")
-        return _Head(wrapper(hf), (out,), _labels(config))
+        return _Head(wrapper(hf), (out,), tuple(str(config.id2label[i]) for i in range(int(config.num_labels))))
 
     return head
 
@@ -340,8 +336,7 @@ def _logits_head(shape: tuple[str, ...], wrapper: Callable[[nn.Module], nn.Modul
 class TaskModel:
     """How a Hugging Face model of one task is loaded and wrapped (named inputs in, named outputs out).
 
-    The torch-free half (input kind, output, fidelity metric) is :data:`edgeship.vocab.TASKS`; a new task is
-    one entry in each.
+    The torch-free half (input kind, fidelity metric) is :data:`edgeship.vocab.TASKS`: a new task is one entry in each.
     """
 
     auto: str  # the transformers Auto class that loads it

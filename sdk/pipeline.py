@@ -87,10 +87,11 @@ def _plan(target: TargetProfile, formats: Sequence[str] | None, recipes: Sequenc
         exp = EXPORTERS.get(f)
         if recipes:
             for r in recipes:
-                if exp.supports(r) is None:
-                    problems.append(f"format '{f}' has no recipe '{r}' (it offers: {', '.join(exp.recipes())})")
-                else:
+                try:
+                    exp.spec(r)
                     plan.append((exp, r))
+                except UnsupportedRecipeError as e:
+                    problems.append(str(e))
         else:
             # the profile's preference order: the reference fp32 plus the first quantized recipe
             wanted = ["fp32", *[r for r in target.recipes if r != "fp32" and exp.supports(r)][:1]]

@@ -240,5 +240,5 @@ def test_the_support_table_is_the_dispatch() -> None:
         exp = EXPORTERS.get(fmt)
         for row in exp.support:
             assert row.recipe == "fp32" or callable(row.make), (fmt, row.recipe)  # fp32: the base graph itself
-        with pytest.raises(UnsupportedRecipeError, match=f"{fmt}: no recipe 'int3' .*offers: fp32"):
+        with pytest.raises(UnsupportedRecipeError, match=f"format '{fmt}' has no recipe 'int3' .*offers: fp32"):
             exp.spec("int3")
