@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from edgeship import vocab
 from edgeship.exporters import EXPORTERS, load_builtin
 from edgeship.profiling import backends
@@ -46,3 +48,23 @@ def test_tasks_table_matches_the_model_loaders() -> None:
     assert all(t.name == k for k, t in vocab.TASKS.items())
     # every task but "custom" (a bare nn.Module) loads from a Hugging Face directory
     assert set(TASK_MODELS) == {t for t, spec in vocab.TASKS.items() if spec.inputs != "custom"}
+
+
+def test_cli_help_and_defaults_come_from_the_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+
+    from edgeship.cli import main
+    from edgeship.profiling.runner import RunConfig
+
+    for argv in (["export", "--help"], ["profile", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also inside hyphenated words
+
+    def squashed(words: str) -> str:
+        return "".join(words.split())
+
+    for table in (vocab.FORMATS, vocab.RECIPES, vocab.METERS):
+        assert squashed(vocab.listing(table)) in text
+    runs = next(f.default for f in dataclasses.fields(RunConfig) if f.name == "runs")
+    assert squashed(f"at least this many timed runs (default {runs})") in text
