@@ -1,10 +1,18 @@
-"""The exporter protocol, its registry, and the support matrix every exporter declares.
+"""The exporter protocol, its registry, and the support table every exporter declares.
 
 An exporter turns a :class:`~edgeship.models.LoadedModel` into one artifact file for
-one recipe. The core (``edgeship.pipeline.export``) does everything else: stages and timing,
-fidelity against PyTorch, the manifest and the atomic bundle. Adding a format means
-adding one module with a class decorated by ``@register`` and listing the module in
-``edgeship.exporters.BUILTIN`` (or an ``edgeship.exporters`` entry point).
+one recipe. The core (``edgeship.pipeline.export``) does everything else: stages and timing
+(:class:`Stage`, bound once per format and recipe in :class:`ExportContext`), fidelity against
+PyTorch, the manifest and the atomic bundle; :func:`edgeship.exporters.sensitivity.keep_search`
+is the one search for layers to keep in higher precision.
+
+**Adding a format is one exporter module plus one backend module**: a class decorated by
+``@register`` here (listed in ``edgeship.exporters.BUILTIN`` or an ``edgeship.exporters`` entry
+point) and a runner backend (``edgeship.profiling.backends.register_backend`` or an
+``edgeship.backends`` entry point); built-in formats also get a line in ``edgeship.vocab.FORMATS``.
+``tests/exporters/test_core.py`` registers a toy format from the test file alone.
+**Adding a recipe to a format is one row** of its ``support`` table: the row is the support
+matrix (CLI, ``edgeship formats``, docs) and the dispatch (``row.make``).
 """
 
 from __future__ import annotations
@@ -17,12 +25,13 @@ import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from edgeship.errors import EdgeshipError, ExportError, RuntimeMissingError
+from edgeship.errors import EdgeshipError, ExportError, RuntimeMissingError, UnsupportedRecipeError
 from edgeship.manifest import Fidelity
 from edgeship.registry import Registry
 
@@ -30,14 +39,20 @@ if TYPE_CHECKING:
     from edgeship.models import LoadedModel
     from edgeship.targets import TargetProfile
 
-RECIPES = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
-
 
 @dataclass(frozen=True)
 class RecipeSupport:
+    """One row of an exporter's support table: the table is the support matrix *and* the dispatch.
+
+    ``make`` is how the format makes the recipe; its signature is the format's own (each exporter calls its
+    rows the same way), None where the base graph is the artifact (fp32). A format may subclass this to add
+    per-recipe columns (ONNX: which base graph a recipe starts from).
+    """
+
     recipe: str
     how: str  # one line: what this format does for the recipe
     needs_calibration: bool = False
+    make: Callable[..., Any] | None = None
 
 
 @dataclass
@@ -51,9 +66,24 @@ class ExportOutput:
     warnings: list[str] = field(default_factory=list)
 
 
+class Stage(StrEnum):
+    """The named stages of one export, in pipeline order. Timed exclusively: a stage run inside another
+    (quantize and validate inside search) counts only toward itself, so the manifest's times add up."""
+
+    CAPTURE = "capture"
+    CALIBRATE = "calibrate"
+    SENSITIVITY = "sensitivity"
+    SEARCH = "search"
+    QUANTIZE = "quantize"
+    LOWER = "lower"
+    OPTIMIZE = "optimize"
+    SERIALIZE = "serialize"
+    VALIDATE = "validate"
+
+
 @dataclass
 class ExportContext:
-    """Everything an exporter may use, handed in by the core."""
+    """Everything an exporter may use for one (format, recipe), handed in by the core."""
 
     model: LoadedModel
     target: TargetProfile
@@ -63,32 +93,46 @@ class ExportContext:
     heldout: list[dict[str, np.ndarray]]
     reference: list[dict[str, np.ndarray]]
     evaluate: Callable[[Path, str, Mapping[str, Any]], Fidelity]  # (file, format, runtime options) -> fidelity
+    format: str
+    recipe: str
     options: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = print
-    stages: dict[str, float] = field(default_factory=dict)
+    stages: dict[Stage, float] = field(default_factory=dict)  # seconds spent in each stage, exclusive of nested ones
+    _inner: list[float] = field(default_factory=list, repr=False)  # per open stage: seconds its nested stages took
 
     @contextlib.contextmanager
-    def stage(self, name: str, fmt: str, recipe: str) -> Iterator[None]:
-        """Time a named stage; re-raise failures as ExportError naming the format, recipe and stage."""
-        self.log(f"[{fmt}/{recipe}] {name}...")
+    def stage(self, stage: Stage) -> Iterator[None]:
+        """Time a stage; re-raise failures as ExportError naming the format, recipe and stage."""
+        self.log(f"[{self.format}/{self.recipe}] {stage}...")
         t0 = time.perf_counter()
+        self._inner.append(0.0)
         try:
             yield
         except EdgeshipError:
             raise
         except Exception as e:
-            capture = explain_capture_failure(e)
-            if capture:
-                raise ExportError(f"{fmt}/{recipe}: stage '{name}' failed: {capture}") from e
-            tb = traceback.extract_tb(e.__traceback__)
-            where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ExportError(f"{fmt}/{recipe}: stage '{name}' failed: {type(e).__name__}: {first[:400]}{where}") from e
+            raise ExportError(f"{self.format}/{self.recipe}: stage '{stage}' failed: {describe_failure(e)}") from e
         finally:
-            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.stages[stage] = self.stages.get(stage, 0.0) + took - self._inner.pop()
+            if self._inner:
+                self._inner[-1] += took
 
     def floor(self, recipe: str) -> float:
         return self.target.min_mean_cosine(recipe)
+
+
+_EXPORT_PREFIX = re.compile(r"^(L\['self'\]\.|L__self__\.|self\.)")  # how torch.export spells the root module
+
+
+def module_of(node: Any) -> tuple[str, str] | None:
+    """(qualified name, class name) of the innermost module a torch.export graph node came from; None outside any."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if not stack:
+        return None
+    path, cls = stack[-1]
+    name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+    return _EXPORT_PREFIX.sub("", str(path)), str(name).rsplit(".", 1)[-1]
 
 
 _USER_FRAME = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
@@ -112,17 +156,34 @@ def padding_advice(lm: Any, *, trims: bool = False, static_length: int | None = 
                                       "position is computed"}
 
 
+def describe_failure(e: BaseException) -> str:
+    """One line for a failed stage: the capture diagnosis if torch.export is to blame, else type, message, place."""
+    capture = explain_capture_failure(e)
+    if capture:
+        return capture
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:400]}{where}"
+
+
+def exception_chain(exc: BaseException, limit: int = 10) -> list[BaseException]:
+    """``exc`` and what caused it (explicitly or while handling), outermost first."""
+    out: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and len(out) < limit:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
 def explain_capture_failure(exc: BaseException) -> str | None:
     """A one-line diagnosis when torch.export could not capture the model, naming the user's code.
 
     torch.export (used by every exporter here) cannot follow Python control flow that
     depends on tensor *values*; its error buries the location in a long report.
     """
-    chain: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and len(chain) < 10:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain = exception_chain(exc)
     text = "\n".join(str(c) for c in chain)
     data_dep = any(type(c).__name__ in ("GuardOnDataDependentSymNode", "UserError") for c in chain) or \
         "data-dependent" in text
@@ -148,6 +209,15 @@ class Exporter(ABC):
     @classmethod
     def supports(cls, recipe: str) -> RecipeSupport | None:
         return next((s for s in cls.support if s.recipe == recipe), None)
+
+    @classmethod
+    def spec(cls, recipe: str) -> RecipeSupport:
+        """The table row for ``recipe``; UnsupportedRecipeError naming what the format offers."""
+        row = cls.supports(recipe)
+        if row is None:
+            raise UnsupportedRecipeError(f"format '{cls.format}' has no recipe '{recipe}' "
+                                         f"(it offers: {', '.join(cls.recipes())})")
+        return row
 
     @classmethod
     def check_environment(cls) -> None:

@@ -23,8 +23,10 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,9 +38,11 @@ from edgeship.exporters.base import (
     Exporter,
     ExportOutput,
     RecipeSupport,
+    Stage,
     padding_advice,
     register,
 )
+from edgeship.vocab import FORMATS, Recipe
 
 OPSET = 18
 TORCHSCRIPT_OPSET = 17
@@ -56,18 +60,19 @@ RUNTIME_OPTIONS = {"graph_optimization": "all", "disabled_optimizers": ["SkipLay
 logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
 
+@dataclass(frozen=True)
+class OnnxRecipe(RecipeSupport):
+    """An ONNX table row: which base graph the recipe may start from and what it adds to the manifest."""
+
+    fusable: bool = False  # may start from the attention-fused TorchScript graph (BERT family)
+    runtime: Mapping[str, Any] = field(default_factory=dict)  # extra runtime entries
+    warnings: tuple[str, ...] = ()
+
+
 @register("onnx")
 class OnnxExporter(Exporter):
     format: ClassVar[str] = "onnx"
-    suffix: ClassVar[str] = ".onnx"
-    support: ClassVar[tuple[RecipeSupport, ...]] = (
-        RecipeSupport("fp32", "torch.onnx dynamo export, dynamic batch/sequence"),
-        RecipeSupport("fp16", "float16 weights and compute, float32 I/O (GPU/NPU EPs)"),
-        RecipeSupport("int8-dynamic", "ORT quantize_dynamic, per-channel int8 weights incl. embeddings"),
-        RecipeSupport("int8-static", "ORT QDQ, calibrated, sensitivity-ranked layers kept in float", True),
-        RecipeSupport("int4-weight", "ORT MatMulNBits, block-wise symmetric 4-bit weights"),
-    )
-
+    suffix: ClassVar[str] = FORMATS["onnx"].suffix
     requires: ClassVar[tuple[str, ...]] = ("torch", "onnx", "onnxscript", "onnxruntime")
 
     # ---- fp32 base graph, shared by every recipe of one export ------------------------------
@@ -87,13 +92,13 @@ class OnnxExporter(Exporter):
                        for spec in lm.inputs)
         if lm.dims.get("batch") is not None:
             args = tuple(torch.cat([a, a]) for a in args)
-        with ctx.stage("lower", "onnx", recipe), torch.inference_mode(False), torch.no_grad():
+        with ctx.stage(Stage.LOWER), torch.inference_mode(False), torch.no_grad():
             prog = torch.onnx.export(lm.module, args, dynamo=True, optimize=True, opset_version=OPSET,
                                      input_names=[s.name for s in lm.inputs], output_names=[s.name for s in lm.outputs],
                                      dynamic_shapes=shapes, verbose=False, report=False)
             if prog is None:
                 raise ExportError("torch.onnx.export returned no program")
-        with ctx.stage("serialize", "onnx", recipe):
+        with ctx.stage(Stage.SERIALIZE):
             prog.save(str(base))
             _check_single_file(base)
             if trims_padding(lm):
@@ -121,11 +126,11 @@ class OnnxExporter(Exporter):
         names_in = [s.name for s in lm.inputs]
         names_out = [s.name for s in lm.outputs]
         axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in (*lm.inputs, *lm.outputs)}
-        with ctx.stage("lower", "onnx", recipe), lm.native_attention_mask(), warnings.catch_warnings():
+        with ctx.stage(Stage.LOWER), lm.native_attention_mask(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(lm.module, lm.torch_args(ctx.heldout[0]), str(raw), input_names=names_in,
                               output_names=names_out, dynamic_axes=axes, opset_version=TORCHSCRIPT_OPSET, dynamo=False)
-        with ctx.stage("optimize", "onnx", recipe):
+        with ctx.stage(Stage.OPTIMIZE):
             fo = FusionOptions(FUSABLE[mtype])
             fo.enable_skip_layer_norm = False
             opt = optimizer.optimize_model(str(raw), model_type=FUSABLE[mtype],
@@ -143,13 +148,13 @@ class OnnxExporter(Exporter):
         return fused, info
 
     def export(self, ctx: ExportContext, recipe: str, out: Path) -> ExportOutput:
-        fused, graph = self._fused(ctx, recipe) if recipe in ("fp32", "int8-dynamic") else (None, {"graph": "dynamo"})
-        if fused is None:
-            base = self._fp32(ctx, recipe)
+        spec = self.spec(recipe)
+        assert isinstance(spec, OnnxRecipe) and spec.make is not None
+        fused, graph = self._fused(ctx, recipe) if spec.fusable else (None, {"graph": "dynamo"})
+        base = fused if fused is not None else self._fp32(ctx, recipe)
         runtime: dict[str, Any] = {"name": "onnxruntime", "options": dict(RUNTIME_OPTIONS), "opset": OPSET,
-                                   "execution_providers": ["CPUExecutionProvider"], "graph": graph}
+                                   "execution_providers": ["CPUExecutionProvider"], "graph": graph, **spec.runtime}
         if fused is not None:
-            base = fused
             runtime["opset"] = TORCHSCRIPT_OPSET
         trims = trims_padding(ctx.model)
         if trims:
@@ -162,38 +167,8 @@ class OnnxExporter(Exporter):
             runtime["preferred_execution_providers"] = [r.backend for r in npu] + ["CPUExecutionProvider"]
             runtime["options"]["providers"] = [r.backend for r in npu]
         out.parent.mkdir(parents=True, exist_ok=True)
-        quant: dict[str, Any] = {"recipe": recipe}
-        warnings: list[str] = []
-        if recipe == "fp32":
-            _copy(base, out)
-        elif recipe == "fp16":
-            with ctx.stage("quantize", "onnx", recipe):
-                _to_fp16(base, out)
-            quant.update(weights="float16", io="float32")
-            warnings.append("fp16 targets GPU/NPU execution providers; ORT's CPU provider runs it through casts")
-        elif recipe == "int8-dynamic":
-            with ctx.stage("quantize", "onnx", recipe):
-                _dynamic_int8(base, out, fused=fused is not None)
-            quant.update(weights="int8 symmetric per-channel (MatMul) / per-tensor (Gather)", activations="uint8 dynamic",
-                         ops="MatMul, Gather")
-        elif recipe == "int4-weight":
-            block = ctx.target.int4_group_size
-            quant.update(weights=f"int4 symmetric, block {block} (MatMulNBits); embeddings int4 along the hidden axis",
-                         activations="float32")
-            quant.update(self._searched(ctx, base, out, recipe, lambda src, dst, nodes: _int4(src, dst, block, nodes)))
-        elif recipe == "int8-static":
-            method, ranges, tried = self._calibrate(ctx, base, recipe)
-            quant.update(weights="int8 symmetric per-channel; embedding tables uint8 per-tensor",
-                         activations=f"uint8 asymmetric per-tensor, {method} calibrated", format="QDQ",
-                         calibration=ctx.calibration_source, calibration_samples=len(ctx.calibration),
-                         calibration_method=method, calibration_methods_tried=tried)
-            quant.update(self._searched(ctx, base, out, recipe, lambda src, dst, nodes: _qdq(src, dst, ranges, nodes)))
-            runtime["qdq"] = True
-            runtime["npu_note"] = ("QDQ int8 is the form the QNN and NNAPI execution providers take; on a device with "
-                                   "onnxruntime-qnn pass providers=QNNExecutionProvider")
-        else:
-            raise ExportError(f"onnx: recipe {recipe} is not implemented")
-        return ExportOutput(path=out, runtime=runtime, quantization=quant, warnings=warnings)
+        quant = {"recipe": recipe, **spec.make(self, ctx, base, fused is not None, out)}
+        return ExportOutput(path=out, runtime=runtime, quantization=quant, warnings=list(spec.warnings))
 
     def _calibrate(self, ctx: ExportContext, base: Path, recipe: str) -> tuple[str, Any, dict[str, float]]:
         """Calibrate with each method; keep the one whose fully-quantized graph tracks PyTorch best.
@@ -205,7 +180,7 @@ class OnnxExporter(Exporter):
         best: tuple[float, str, Any] | None = None
         every = linear_nodes(base, ctx.model.linear_layers())
         for method in CALIBRATION_METHODS:
-            with ctx.stage("calibrate", "onnx", recipe):
+            with ctx.stage(Stage.CALIBRATE):
                 ranges = _calibration_ranges(base, ctx.calibration, ctx.workdir, method)
                 probe = ctx.workdir / f"onnx-{recipe}-{method}-all.onnx"
                 _qdq(base, probe, ranges, list(every.values()))
@@ -218,39 +193,67 @@ class OnnxExporter(Exporter):
         return best[1], best[2], tried
 
     # ---- recipes that keep their most sensitive layers in float ------------------------------
-    def _searched(self, ctx: ExportContext, base: Path, out: Path, recipe: str,
+    def _searched(self, ctx: ExportContext, base: Path, out: Path,
                   quantize: Callable[[Path, Path, list[str]], None]) -> dict[str, Any]:
         """Quantize every linear layer except the fewest most-sensitive ones needed to meet the floor."""
-        from edgeship.sensitivity import rank_layers, search
+        from edgeship.exporters.sensitivity import KeepSearch, keep_search
 
-        lm = ctx.model
-        node_of = linear_nodes(base, lm.linear_layers())  # torch module name -> ONNX MatMul node name
+        node_of = linear_nodes(base, ctx.model.linear_layers())  # torch module name -> ONNX MatMul node name
         if not node_of:
-            raise ExportError(f"onnx/{recipe}: found no MatMul nodes with weight initializers to quantize")
-        with ctx.stage("sensitivity", "onnx", recipe):
-            ranked = rank_layers(lm, ctx.calibration[:16], ctx.heldout[:8], recipe, group_size=ctx.target.int4_group_size,
-                                 layers=[n for n in lm.linear_layers() if n in node_of])
-        order = [s.layer for s in ranked]
-        floor = ctx.floor(recipe)
-        tries = ctx.workdir / f"onnx-{recipe}-tries"
-        tries.mkdir(exist_ok=True)
+            raise ExportError(f"onnx/{ctx.recipe}: found no MatMul nodes with weight initializers to quantize")
+        candidates = [n for n in ctx.model.linear_layers() if n in node_of]
 
-        def build(kept: Sequence[str]) -> Path:
-            p = tries / f"kept{len(kept)}.onnx"
-            with ctx.stage("quantize", "onnx", recipe):
-                quantize(base, p, [node_of[n] for n in order if n not in kept])
-            return p
+        def build(kept: Sequence[str], _fallback: bool, path: Path) -> None:
+            quantize(base, path, [node_of[n] for n in candidates if n not in kept])
 
-        with ctx.stage("search", "onnx", recipe):
-            res = search(order, build, lambda p: ctx.evaluate(p, "onnx", RUNTIME_OPTIONS), floor)
-        _copy(res.artifact, out)
-        ctx.log(f"[onnx/{recipe}] kept {len(res.kept)} of {len(order)} linear layers in float "
-                f"(mean cosine {res.fidelity.mean_cosine:.4f}, floor {floor})")
-        return {
-            "quantized_layers": len(order) - len(res.kept), "kept_in_float": list(res.kept),
-            "kept_onnx_nodes": [node_of[n] for n in res.kept], "sensitivity": [s.to_dict() for s in ranked],
-            "search": list(res.attempts), "floor_mean_cosine": floor,
-        }
+        res = keep_search(ctx, KeepSearch(candidates, build, self.suffix, "onnxruntime", RUNTIME_OPTIONS))
+        shutil.copyfile(res.artifact, out)
+        return {**res.record, "kept_onnx_nodes": [node_of[n] for n in res.kept]}
+
+
+    # ---- the support table: one row per recipe, the dispatch of export() ---------------------------
+    # make(exporter, ctx, base graph, base is fused, out) -> the manifest's quantization entries
+    def _make_fp32(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:
+        shutil.copyfile(base, out)
+        return {}
+
+    def _make_fp16(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:
+        with ctx.stage(Stage.QUANTIZE):
+            _to_fp16(base, out)
+        return {"weights": "float16", "io": "float32"}
+
+    def _make_int8_dynamic(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:
+        with ctx.stage(Stage.QUANTIZE):
+            _dynamic_int8(base, out, fused=fused)
+        return {"weights": "int8 symmetric per-channel (MatMul) / per-tensor (Gather)", "activations": "uint8 dynamic",
+                "ops": "MatMul, Gather"}
+
+    def _make_int8_static(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:
+        method, ranges, tried = self._calibrate(ctx, base, ctx.recipe)
+        return {"weights": "int8 symmetric per-channel; embedding tables uint8 per-tensor",
+                "activations": f"uint8 asymmetric per-tensor, {method} calibrated", "format": "QDQ",
+                "calibration": ctx.calibration_source, "calibration_samples": len(ctx.calibration),
+                "calibration_method": method, "calibration_methods_tried": tried,
+                **self._searched(ctx, base, out, lambda src, dst, nodes: _qdq(src, dst, ranges, nodes))}
+
+    def _make_int4_weight(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:
+        block = ctx.target.int4_group_size
+        return {"weights": f"int4 symmetric, block {block} (MatMulNBits); embeddings int4 along the hidden axis",
+                "activations": "float32",
+                **self._searched(ctx, base, out, lambda src, dst, nodes: _int4(src, dst, block, nodes))}
+
+    support: ClassVar[tuple[RecipeSupport, ...]] = (
+        OnnxRecipe(Recipe.FP32, "torch.onnx dynamo export, dynamic batch/sequence", make=_make_fp32, fusable=True),
+        OnnxRecipe(Recipe.FP16, "float16 weights and compute, float32 I/O (GPU/NPU EPs)", make=_make_fp16,
+                   warnings=("fp16 targets GPU/NPU execution providers; ORT's CPU provider runs it through casts",)),
+        OnnxRecipe(Recipe.INT8_DYNAMIC, "ORT quantize_dynamic, per-channel int8 weights incl. embeddings",
+                   make=_make_int8_dynamic, fusable=True),
+        OnnxRecipe(Recipe.INT8_STATIC, "ORT QDQ, calibrated, sensitivity-ranked layers kept in float", True,
+                   make=_make_int8_static, runtime={
+                       "qdq": True, "npu_note": "QDQ int8 is the form the QNN and NNAPI execution providers take; on "
+                                               "a device with onnxruntime-qnn pass providers=QNNExecutionProvider"}),
+        OnnxRecipe(Recipe.INT4_WEIGHT, "ORT MatMulNBits, block-wise symmetric 4-bit weights", make=_make_int4_weight),
+    )
 
 
 PADDING_NOTE = ("trailing columns that are padding in every row are sliced off inside the graph before the encoder "
@@ -315,12 +318,6 @@ def trim_padding(path: Path, seq_inputs: Sequence[str], mask: str = "attention_m
         g.node.insert(0, n)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-
-
-def _copy(src: Path, dst: Path) -> None:
-    import shutil
-
-    shutil.copyfile(src, dst)
 
 
 def _check_single_file(path: Path) -> None:

@@ -28,10 +28,9 @@ import copy
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
-
-import numpy as np
 
 from edgeship.errors import UnsupportedRecipeError
 from edgeship.exporters.base import (
@@ -39,16 +38,19 @@ from edgeship.exporters.base import (
     Exporter,
     ExportOutput,
     RecipeSupport,
+    Stage,
+    module_of,
     padding_advice,
     register,
 )
 from edgeship.manifest import Fidelity
+from edgeship.vocab import FORMATS, PTE_IO_METHOD, Recipe
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-IO_METHOD = "edgeship_io"  # constant method holding the I/O description as JSON
+IO_METHOD = PTE_IO_METHOD
 DELEGATE = "XnnpackBackend"
 MAX_REAL_BUILDS = 4  # lowering MiniLM takes ~30 s on 2 cores: real builds after the proxy search are capped
 
@@ -71,28 +73,26 @@ _UNAVAILABLE: dict[str, Callable[[], str]] = {
 }
 
 
+@dataclass(frozen=True)
+class PteRecipe(RecipeSupport):
+    higher: str = "float"  # what the layers the search keeps stay in
+
+
 @register("pte")
 class PteExporter(Exporter):
     format: ClassVar[str] = "pte"
-    suffix: ClassVar[str] = ".pte"
-    support: ClassVar[tuple[RecipeSupport, ...]] = (
-        RecipeSupport("fp32", "torch.export + XNNPACK delegate, dynamic sequence (batch 1)"),
-        RecipeSupport("int8-dynamic", "PT2E XNNPACKQuantizer per-channel int8, dynamic activations, int8 embeddings"),
-        RecipeSupport("int8-static", "PT2E int8 linear/conv calibrated on your data, sensitive layers kept float", True),
-        RecipeSupport("int4-weight", "torchao 8da4w (int8 dyn. act., 4-bit grouped weights), sensitive layers 8-bit"),
-    )
-
+    suffix: ClassVar[str] = FORMATS["pte"].suffix
     requires: ClassVar[tuple[str, ...]] = ("torch", "executorch", "torchao")
 
     def export(self, ctx: ExportContext, recipe: str, out: Path) -> ExportOutput:
         import torch
 
-        if self.supports(recipe) is None:
-            raise UnsupportedRecipeError(f"pte: no recipe '{recipe}' (it offers: {', '.join(self.recipes())})")
+        spec = self.spec(recipe)
+        assert isinstance(spec, PteRecipe)
         lm = ctx.model
         args = lm.torch_args(ctx.heldout[0])
         module, swapped = xnnpack_layer_norms(lm.module)
-        with ctx.stage("capture", "pte", recipe), torch.no_grad():
+        with ctx.stage(Stage.CAPTURE), torch.no_grad():
             ep, shapes_info = _capture(module, args, lm)
         dyn = _dynamic_shapes(lm, shapes_info)
         io = _io_description(lm, shapes_info)
@@ -102,20 +102,22 @@ class PteExporter(Exporter):
         for f in fallbacks:
             ctx.log(f"[pte/{recipe}] {f['wanted']} -> XNNPACK: {f['reason']}")
             warnings.append(f"preferred backend {f['wanted']} not used ({f['reason']}); lowered to XNNPACK + portable CPU")
-        # int8 embeddings shrink the file; _searched turns them off if the runtime gets them wrong
-        state = {"emb": _has_embedding(lm.module)}
 
         def lower(module: nn.Module, path: Path) -> dict[str, Any]:
-            with ctx.stage("lower", "pte", recipe), torch.no_grad():
+            with ctx.stage(Stage.LOWER), torch.no_grad():
                 prog = torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
                 return _lower(prog, path, io, {k: list(v.shape) for k, v in zip(io["input_names"], args, strict=True)})
 
-        if recipe == "fp32":
-            with ctx.stage("lower", "pte", recipe), torch.no_grad():
+        if spec.make is None:
+            with ctx.stage(Stage.LOWER), torch.no_grad():
                 report = _lower(ep, out, io, {k: list(v.shape) for k, v in zip(io["input_names"], args, strict=True)})
         else:
-            make = self._quantizer(ctx, recipe, ep, args, state, quant, dyn, module)
-            report, extra = _searched(ctx, recipe, make, lower, out, state)
+            # int8 embeddings shrink the file; the search turns them off if they cost the accuracy
+            has_emb = _has_embedding(lm.module)
+            if has_emb:
+                quant["embeddings"] = "int8 per-row (quantized_decomposed::embedding_byte, portable kernel)"
+            make, candidates = spec.make(self, ctx, ep, args, quant, dyn, module)
+            report, extra = _searched(ctx, make, lower, out, has_emb, candidates, spec.higher)
             quant.update(extra)
         details = {"delegation": report, "shapes": shapes_info, "fallbacks": fallbacks,
                    "layer_norms": {"rewritten_for_xnnpack": swapped, "why": "XNNPACK has no native_layer_norm "
@@ -132,25 +134,25 @@ class PteExporter(Exporter):
         return ExportOutput(path=out, runtime=runtime, quantization=quant, details=details, warnings=warnings)
 
     # ---- recipes -----------------------------------------------------------------------------
-    def _quantizer(self, ctx: ExportContext, recipe: str, ep: Any, args: tuple[torch.Tensor, ...],
-                   state: dict[str, bool], quant: dict[str, Any], dyn: Any,
-                   module: nn.Module) -> Callable[[Sequence[str]], nn.Module]:
-        """A function: layers to keep in higher precision -> quantized torch module (runnable eagerly)."""
+    # make(exporter, ctx, captured program, example args, quantization entries to fill, dynamic shapes, module)
+    #   -> ((layers kept in higher precision, int8 embeddings) -> quantized torch module, the layers it may keep)
+    def _pt2e_quantizer(self, ctx: ExportContext, ep: Any, args: tuple[torch.Tensor, ...], quant: dict[str, Any],
+                        dyn: Any, module: nn.Module) -> tuple[Callable[[Sequence[str], bool], nn.Module], list[str]]:
         lm = ctx.model
-        if state["emb"]:
-            quant["embeddings"] = "int8 per-row (quantized_decomposed::embedding_byte, portable kernel)"
-        if recipe in ("int8-dynamic", "int8-static"):
-            static = recipe == "int8-static"
-            quant.update(weights="int8 symmetric per-channel",
-                         activations="int8 per-tensor, calibrated" if static else "int8 per-tensor, dynamic",
-                         quantizer="PT2E XNNPACKQuantizer")
-            if static:
-                quant.update(calibration=ctx.calibration_source, calibration_samples=len(ctx.calibration))
-                calib = [lm.torch_args(f) for f in ctx.calibration]
-            else:
-                calib = [args]
-            return lambda kept: _pt2e(ep, lm.linear_layers(), kept, static, state["emb"], calib)
-        # int4-weight
+        static = self.spec(ctx.recipe).needs_calibration
+        quant.update(weights="int8 symmetric per-channel",
+                     activations="int8 per-tensor, calibrated" if static else "int8 per-tensor, dynamic",
+                     quantizer="PT2E XNNPACKQuantizer")
+        if static:
+            quant.update(calibration=ctx.calibration_source, calibration_samples=len(ctx.calibration))
+            calib = [lm.torch_args(f) for f in ctx.calibration]
+        else:
+            calib = [args]
+        return (lambda kept, emb: _pt2e(ep, lm.linear_layers(), kept, static, emb, calib)), lm.linear_layers()
+
+    def _int4_quantizer(self, ctx: ExportContext, ep: Any, args: tuple[torch.Tensor, ...], quant: dict[str, Any],
+                        dyn: Any, module: nn.Module) -> tuple[Callable[[Sequence[str], bool], nn.Module], list[str]]:
+        lm = ctx.model
         group = ctx.target.int4_group_size
         layers = _linear_layers(lm.module)
         fits = [n for n, m in layers.items() if m.in_features % group == 0]
@@ -164,7 +166,17 @@ class PteExporter(Exporter):
         by_shape = sorted(set(layers) - set(fits))
         if by_shape:
             quant["int8_weights_by_shape"] = by_shape
-        return lambda kept: _8da4w(module, fits, kept, group, state["emb"], args, dyn)
+        return (lambda kept, emb: _8da4w(module, fits, kept, group, emb, args, dyn)), list(layers)
+
+    support: ClassVar[tuple[RecipeSupport, ...]] = (
+        PteRecipe(Recipe.FP32, "torch.export + XNNPACK delegate, dynamic sequence (batch 1)"),
+        PteRecipe(Recipe.INT8_DYNAMIC, "PT2E XNNPACKQuantizer per-channel int8, dynamic activations, int8 embeddings",
+                  make=_pt2e_quantizer),
+        PteRecipe(Recipe.INT8_STATIC, "PT2E int8 linear/conv calibrated on your data, sensitive layers kept float", True,
+                  make=_pt2e_quantizer),
+        PteRecipe(Recipe.INT4_WEIGHT, "torchao 8da4w (int8 dyn. act., 4-bit grouped weights), sensitive layers 8-bit",
+                  make=_int4_quantizer, higher="int8 weights"),
+    )
 
     def _fallbacks(self, ctx: ExportContext) -> list[dict[str, Any]]:
         out = []
@@ -295,10 +307,8 @@ def _lower(ep: Any, out: Path, io: dict[str, Any], example_shapes: dict[str, lis
     prog = edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True))
     rep = pte_delegation.report(prog, pte_delegation.supported_targets(part), why.reasons, DELEGATE, example_shapes)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    with open(tmp, "wb") as f:
+    with open(out, "wb") as f:  # a search attempt, or the bundle's staging directory (published atomically)
         prog.write_to_file(f)
-    tmp.replace(out)
     return {"summary": rep.summary(), **rep.to_dict()}  # summary first: `edgeship inspect` truncates long reports
 
 
@@ -348,14 +358,8 @@ def _has_embedding(module: nn.Module) -> bool:
 
 
 def _module_path(node: Any) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = str(list(stack.values())[-1][0])
-    for prefix in ("L['self'].", "L__self__.", "self."):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-    return path
+    where = module_of(node)
+    return where[0] if where else ""
 
 
 def _pt2e(ep: Any, layers: Sequence[str], kept: Sequence[str], static: bool, emb: bool,
@@ -413,131 +417,38 @@ def _8da4w(module: nn.Module, fits: Sequence[str], kept: Sequence[str], group: i
 
 
 # ---- search over layers kept in higher precision ------------------------------------------------------
-def _searched(ctx: ExportContext, recipe: str, make: Callable[[Sequence[str]], nn.Module],
-              lower: Callable[[nn.Module, Path], dict[str, Any]], out: Path,
-              state: dict[str, bool]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _searched(ctx: ExportContext, make: Callable[[Sequence[str], bool], nn.Module],
+              lower: Callable[[nn.Module, Path], dict[str, Any]], out: Path, has_emb: bool,
+              candidates: Sequence[str], higher: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Quantize every layer except the fewest most-sensitive ones needed to meet the floor.
 
-    Scored first on the quantized PyTorch graph (cheap), then confirmed on the real artifact;
-    if the artifact misses the floor, more layers are kept, scored on real artifacts. Int8
-    embeddings are dropped (and the reason recorded) when they, not the layers, cost the
-    accuracy: on the PyTorch graph, or on the runtime (non-finite outputs).
+    Scored first on the quantized PyTorch graph (a forward pass, cheap), then confirmed on real
+    lowered artifacts. Int8 embeddings are the optional extra: dropped when they cost the accuracy.
     """
+    from edgeship.exporters.sensitivity import KeepSearch, keep_search
     from edgeship.fidelity import compare
-    from edgeship.sensitivity import rank_layers, search
 
     lm = ctx.model
-    floor = ctx.floor(recipe)
     out_name = lm.outputs[0].name
     refs = [r[out_name] for r in ctx.reference]
 
-    def proxy(module: nn.Module) -> Fidelity:
+    def proxy(kept: Sequence[str], fallback: bool) -> Fidelity:
         import torch
 
+        module = make(kept, has_emb and not fallback)
         got = []
         with torch.no_grad():
             for f in ctx.heldout:
                 res = module(*lm.torch_args(f))
                 got.append((res[0] if isinstance(res, (tuple, list)) else res).detach().float().numpy())
-        return compare(refs, got, out_name, floor, classifier=lm.classifier)
+        return compare(refs, got, out_name, ctx.floor(ctx.recipe), classifier=lm.classifier)
 
-    def note(f: Fidelity, scored_on: str, kept_n: int, **extra: Any) -> None:
-        attempts.append({"kept": kept_n, "mean_cosine": f.mean_cosine, "min_cosine": f.min_cosine,
-                         "scored_on": scored_on, **extra})
-
-    def rank() -> list[Any]:
-        with ctx.stage("sensitivity", "pte", recipe):
-            return rank_layers(lm, ctx.calibration[:16], ctx.heldout[:8], recipe,
-                               group_size=ctx.target.int4_group_size, layers=candidates)
-
-    candidates = list(_linear_layers(lm.module)) if recipe == "int4-weight" else lm.linear_layers()
-    ranked: list[Any] = []
-    attempts: list[dict[str, Any]] = []
-    emb_note = None
-    with ctx.stage("quantize", "pte", recipe):
-        first = proxy(make([]))
-    note(first, "pytorch", 0)
-    if first.mean_cosine < floor and state["emb"]:
-        state["emb"] = False
-        with ctx.stage("quantize", "pte", recipe):
-            no_emb = proxy(make([]))
-        note(no_emb, "pytorch", 0, embeddings="float")
-        if no_emb.mean_cosine - first.mean_cosine > (1.0 - first.mean_cosine) / 2:  # embeddings were most of the loss
-            emb_note = (f"float: int8 embeddings alone took the quantized PyTorch graph from mean cosine "
-                        f"{no_emb.mean_cosine:.4f} to {first.mean_cosine:.4f}; kept in float")
-            first = no_emb
-        else:
-            state["emb"] = True
-    kept: tuple[str, ...] = ()
-    proxy_fid = first
-    if first.mean_cosine < floor:
-        ranked = rank()
-        with ctx.stage("search", "pte", recipe):
-            res = search([s.layer for s in ranked], make, proxy, floor)
-        kept, proxy_fid = res.kept, res.fidelity
-        attempts += [{**a, "scored_on": "pytorch"} for a in res.attempts if a["kept"] != 0]
-
-    tries = ctx.workdir / f"pte-{recipe}-tries"
-    tries.mkdir(exist_ok=True)
-    built: dict[Path, dict[str, Any]] = {}
-    paths: dict[tuple[Any, ...], Path] = {}
-    scores: dict[Path, Fidelity] = {}
-
-    def build(extra: Sequence[str]) -> Path:  # memoised: search() re-asks for its k=0, the confirm build
-        key = (state["emb"], *kept, *extra)
-        if key not in paths:
-            p = tries / f"kept{len(key) - 1}{'-int8emb' if state['emb'] else ''}.pte"
-            built[p] = lower(make([*kept, *extra]), p)
-            paths[key] = p
-        return paths[key]
-
-    def real(p: Path) -> Fidelity:
-        if p not in scores:
-            with ctx.stage("validate", "pte", recipe):
-                scores[p] = ctx.evaluate(p, "pte", {})
-        return scores[p]
-
-    p = build(())
-    fid = real(p)
-    note(fid, "executorch", len(kept))
-    broken = not np.isfinite(fid.max_abs_err) or fid.mean_cosine < proxy_fid.mean_cosine - 0.05
-    if fid.mean_cosine < floor and state["emb"] and broken:
-        # the PyTorch graph was fine, the runtime was not: suspect the int8 embedding kernel before the layers
-        state["emb"] = False
-        p2 = build(())
-        fid2 = real(p2)
-        note(fid2, "executorch", len(kept), embeddings="float")
-        if fid2.mean_cosine > fid.mean_cosine:
-            emb_note = (f"float: int8 embeddings gave mean cosine {fid.mean_cosine:.4f} (max abs error "
-                        f"{fid.max_abs_err:.3g}) on the ExecuTorch runtime against {proxy_fid.mean_cosine:.4f} on "
-                        "the quantized PyTorch graph; kept in float")
-            p, fid = p2, fid2
-        else:
-            state["emb"] = True
-    if emb_note:
-        ctx.log(f"[pte/{recipe}] embeddings: {emb_note}")
-    if fid.mean_cosine < floor:
-        ranked = ranked or rank()
-        rest = [s.layer for s in ranked if s.layer not in kept]
-        res = search(rest, build, real, floor, max_builds=MAX_REAL_BUILDS)
-        kept = (*kept, *res.kept)
-        attempts += [{**a, "kept": a["kept"] + len(kept) - len(res.kept), "scored_on": "executorch"}
-                     for a in res.attempts if a["kept"] != 0]
-        p, fid = res.artifact, res.fidelity
-    p.replace(out)
-    higher = "int8 weights" if recipe == "int4-weight" else "float"
-    ctx.log(f"[pte/{recipe}] kept {len(kept)} of {len(candidates)} linear layers in {higher} "
-            f"(mean cosine {fid.mean_cosine:.4f}, floor {floor})")
-    extra: dict[str, Any] = {
-        "quantized_layers": len(candidates) - len(kept), "floor_mean_cosine": floor, "search": attempts,
-        "sensitivity": [s.to_dict() for s in ranked],
-        ("kept_in_int8" if recipe == "int4-weight" else "kept_in_float"): list(kept),
-    }
-    if recipe == "int4-weight":
-        extra["kept_in_float"] = []
-    if emb_note:
-        extra["embeddings"] = emb_note
-    return built[p], extra
+    res = keep_search(ctx, KeepSearch(
+        candidates, lambda kept, fallback, path: lower(make(kept, has_emb and not fallback), path),
+        PteExporter.suffix, "executorch", proxy=proxy, fallback="embeddings" if has_emb else None,
+        fallback_what="int8 embeddings", max_builds=MAX_REAL_BUILDS, rank_first=False, higher=higher))
+    res.artifact.replace(out)
+    return res.built, res.record
 
 
 __all__ = ["IO_METHOD", "PteExporter"]

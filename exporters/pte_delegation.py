@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from edgeship.exporters.base import module_of
+
 _XNN_CONFIG_LOGGER = "executorch.backends.xnnpack.partition.config"
 # bookkeeping nodes that are not compute (memory planning, tuple access, symbolic sizes)
 _SKIP = {"getitem", "alloc", "view", "sym_size", "executorch_call_delegate", "sym_numel", "sym_storage_offset"}
@@ -161,17 +163,10 @@ def estimate_ops(node: torch.fx.Node) -> float:
 
 
 def _where(node: torch.fx.Node) -> tuple[str, str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
+    where = module_of(node)
+    if where is None or "empty_nn_module_stack" in where[0]:  # nodes executorch's passes made outside any module
         return "", ""
-    path, typ = list(stack.values())[-1]
-    path = str(path)
-    if "empty_nn_module_stack" in path:  # nodes executorch's passes made outside any module
-        return "", ""
-    for prefix in ("L['self'].", "L__self__.", "self."):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-    return path, getattr(typ, "__name__", str(typ)).rsplit(".", 1)[-1]
+    return where
 
 
 def _compute_nodes(gm: torch.fx.GraphModule) -> Iterator[torch.fx.Node]:

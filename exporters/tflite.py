@@ -14,7 +14,7 @@ Recipes (the support matrix below is the one source of truth):
   ranges calibrated on the user's data, int8 embedding tables. The stock ``static_wi8_ai8``
   recipe (every op int8) gave mean cosine 0.61 on MiniLM and ran slower than fp32, so only
   FULLY_CONNECTED ops are quantized and the layers ranked most sensitive
-  (:func:`edgeship.sensitivity.rank_layers`) are kept in float, the fewest needed to meet the
+  (:func:`edgeship.exporters.sensitivity.rank_layers`) are kept in float, the fewest needed to meet the
   profile's floor; they are listed in the manifest.
 * ``int4-weight``: block-wise (block = the profile's ``int4_group_size``, 32/64/128/256)
   symmetric 4-bit weights for the fully connected layers with dynamic int8 activations, int8
@@ -50,17 +50,21 @@ from edgeship.exporters.base import (
     Exporter,
     ExportOutput,
     RecipeSupport,
+    Stage,
+    exception_chain,
+    module_of,
     padding_advice,
     register,
 )
+from edgeship.vocab import FORMATS, TFLITE_METADATA, TFLITE_SIGNATURE, Recipe
 
 if TYPE_CHECKING:
     from torch import nn
 
     from edgeship.models import LoadedModel
 
-SIGNATURE = "serving_default"
-METADATA_NAME = "edgeship"
+SIGNATURE = TFLITE_SIGNATURE
+METADATA_NAME = TFLITE_METADATA
 BLOCKS = (32, 64, 128, 256)  # block sizes ai-edge-quantizer offers for int4 weights
 _NOT_LOWERED = re.compile(r"Lowering not found: (\S+)")
 _ORIGIN = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
@@ -69,15 +73,7 @@ _ORIGIN = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
 @register("tflite")
 class TfliteExporter(Exporter):
     format: ClassVar[str] = "tflite"
-    suffix: ClassVar[str] = ".tflite"
-    support: ClassVar[tuple[RecipeSupport, ...]] = (
-        RecipeSupport("fp32", "litert-torch convert, static shapes, named serving_default signature"),
-        RecipeSupport("fp16", "float16 weights (float casting), float32 compute on CPU"),
-        RecipeSupport("int8-dynamic", "ai-edge-quantizer dynamic_wi8_afp32: int8 per-channel weights + embeddings"),
-        RecipeSupport("int8-static", "int8 FULLY_CONNECTED calibrated on your data, sensitive layers kept float", True),
-        RecipeSupport("int4-weight", "block-wise 4-bit FULLY_CONNECTED weights, dynamic int8 act., sensitive float"),
-    )
-
+    suffix: ClassVar[str] = FORMATS["tflite"].suffix
     requires: ClassVar[tuple[str, ...]] = ("torch", "litert_torch", "ai_edge_quantizer", "ai_edge_litert")
 
     # ---- fp32 base graph, shared by every recipe of one export ------------------------------
@@ -91,7 +87,7 @@ class TfliteExporter(Exporter):
         lm = ctx.model
         wrapper = _signature_module(lm)
         sample = {s.name: torch.from_numpy(_int32(ctx.heldout[0][s.name])) for s in lm.inputs}
-        with ctx.stage("lower", "tflite", recipe), torch.no_grad(), _litert_progress_off():
+        with ctx.stage(Stage.LOWER), torch.no_grad(), _litert_progress_off():
             try:
                 edge = _convert(wrapper, sample)
             except Exception as e:
@@ -99,7 +95,7 @@ class TfliteExporter(Exporter):
                 if why:
                     raise ExportError(f"tflite/{recipe}: stage 'lower' failed: {why}") from e
                 raise
-        with ctx.stage("serialize", "tflite", recipe), _litert_progress_off():
+        with ctx.stage(Stage.SERIALIZE), _litert_progress_off():
             edge.export(str(base))
         info = {"layers": fc_layers(base, lm.module, lm.linear_layers()),
                 "shapes": {s.name: list(sample[s.name].shape) for s in lm.inputs}}
@@ -107,36 +103,17 @@ class TfliteExporter(Exporter):
         return base, info
 
     def export(self, ctx: ExportContext, recipe: str, out: Path) -> ExportOutput:
-        if self.supports(recipe) is None:
-            raise UnsupportedRecipeError(f"tflite: no recipe '{recipe}' (it offers: {', '.join(self.recipes())})")
+        spec = self.spec(recipe)
         base, info = self._fp32(ctx, recipe)
         buf = base.read_bytes()
-        quant: dict[str, Any] = {"recipe": recipe}
+        data, extra = spec.make(self, ctx, buf, info) if spec.make else (buf, {})
+        quant: dict[str, Any] = {"recipe": recipe, **extra}
         warnings: list[str] = []
-        if recipe == "fp32":
-            data = buf
-        elif recipe == "fp16":
-            with ctx.stage("quantize", "tflite", recipe):
-                data = _quantize(buf, _fp16_config)
-            quant.update(weights="float16", activations="float32 (fp16 on GPU delegates)")
-        elif recipe == "int8-dynamic":
-            with ctx.stage("quantize", "tflite", recipe):
-                data = _quantize(buf, _dynamic_config)
-            quant.update(weights="int8 symmetric per-channel (FULLY_CONNECTED, CONV) and embedding tables",
-                         activations="int8 dynamic (per inference)", quantizer="ai-edge-quantizer dynamic_wi8_afp32")
-        elif recipe == "int8-static":
-            data, extra = self._static(ctx, buf, info)
-            quant.update(extra)
-        else:
-            data, extra = self._int4(ctx, buf, info)
-            quant.update(extra)
         meta = _metadata(ctx.model)
-        with ctx.stage("serialize", "tflite", recipe):
+        with ctx.stage(Stage.SERIALIZE):
             data = embed_metadata(data, meta)
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".part")
-            tmp.write_bytes(data)
-            tmp.replace(out)
+            out.write_bytes(data)  # into the bundle's staging directory, published atomically by the core
         runtime: dict[str, Any] = {
             "name": "litert", "options": {}, "signature": SIGNATURE,
             "input_dtypes": {s.name: _lite_dtype(s.dtype) for s in ctx.model.inputs},
@@ -161,13 +138,24 @@ class TfliteExporter(Exporter):
                                                      "the profile's sequence length); pad inputs to it"}}
         return ExportOutput(path=out, runtime=runtime, quantization=quant, details=details, warnings=warnings)
 
+    # ---- recipes: make(exporter, ctx, fp32 flatbuffer, base info) -> (bytes, quantization entries) ----------
+    def _fp16(self, ctx: ExportContext, buf: bytes, info: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        with ctx.stage(Stage.QUANTIZE):
+            data = _quantize(buf, _fp16_config)
+        return data, {"weights": "float16", "activations": "float32 (fp16 on GPU delegates)"}
+
+    def _dynamic(self, ctx: ExportContext, buf: bytes, info: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        with ctx.stage(Stage.QUANTIZE):
+            data = _quantize(buf, _dynamic_config)
+        return data, {"weights": "int8 symmetric per-channel (FULLY_CONNECTED, CONV) and embedding tables",
+                      "activations": "int8 dynamic (per inference)", "quantizer": "ai-edge-quantizer dynamic_wi8_afp32"}
+
     # ---- recipes that keep their most sensitive layers in higher precision ---------------------------
     def _static(self, ctx: ExportContext, buf: bytes, info: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         from ai_edge_quantizer import quantizer
 
-        recipe = "int8-static"
         calib = {SIGNATURE: [{k: _int32(v) for k, v in f.items()} for f in ctx.calibration]}
-        with ctx.stage("calibrate", "tflite", recipe):
+        with ctx.stage(Stage.CALIBRATE):
             q = quantizer.Quantizer(buf)
             _static_config(q, [])
             ranges = q.calibrate(calib)
@@ -175,12 +163,12 @@ class TfliteExporter(Exporter):
         def build(keep: Sequence[str]) -> bytes:
             return _quantize(buf, lambda q: _static_config(q, keep), ranges)
 
-        extra = self._searched(ctx, recipe, info, build)
+        data, extra = self._searched(ctx, info, build)
         extra.update(weights="int8 symmetric per-channel", activations="int8 per-tensor, MinMax calibrated",
                      ops="FULLY_CONNECTED (int8 in/out); embedding tables int8 (dynamic)",
                      calibration=ctx.calibration_source, calibration_samples=len(ctx.calibration),
                      quantizer="ai-edge-quantizer static (FULLY_CONNECTED only)")
-        return extra.pop("_data"), extra
+        return data, extra
 
     def _int4(self, ctx: ExportContext, buf: bytes, info: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         block = ctx.target.int4_group_size
@@ -188,42 +176,38 @@ class TfliteExporter(Exporter):
             raise UnsupportedRecipeError(f"tflite/int4-weight: block size {block} (target {ctx.target.name}) is not one "
                                          f"ai-edge-quantizer offers ({', '.join(map(str, BLOCKS))}); use a profile "
                                          "with int4_group_size 32, or the int8-dynamic recipe")
-        extra = self._searched(ctx, "int4-weight", info, lambda keep: _quantize(buf, lambda q: _int4_config(q, block, keep)))
+        data, extra = self._searched(ctx, info, lambda keep: _quantize(buf, lambda q: _int4_config(q, block, keep)))
         extra.update(weights=f"int4 symmetric, block {block} (FULLY_CONNECTED)",
                      activations="int8 dynamic", embeddings="int8 per-channel")
-        return extra.pop("_data"), extra
+        return data, extra
 
-    def _searched(self, ctx: ExportContext, recipe: str, info: dict[str, Any],
-                  build: Callable[[Sequence[str]], bytes]) -> dict[str, Any]:
+    def _searched(self, ctx: ExportContext, info: dict[str, Any],
+                  build: Callable[[Sequence[str]], bytes]) -> tuple[bytes, dict[str, Any]]:
         """Quantize every linear layer except the fewest most-sensitive ones needed to meet the floor."""
-        from edgeship.sensitivity import rank_layers, search
+        from edgeship.exporters.sensitivity import KeepSearch, keep_search
 
-        lm = ctx.model
         scope_of: dict[str, str] = info["layers"]  # torch module name -> FULLY_CONNECTED output tensor name
         if not scope_of:
-            raise ExportError(f"tflite/{recipe}: no FULLY_CONNECTED op could be matched to a linear layer of {lm.name}; "
-                              "use int8-dynamic")
-        with ctx.stage("sensitivity", "tflite", recipe):
-            ranked = rank_layers(lm, ctx.calibration[:16], ctx.heldout[:8], recipe, group_size=ctx.target.int4_group_size,
-                                 layers=[n for n in lm.linear_layers() if n in scope_of])
-        order = [s.layer for s in ranked]
-        floor = ctx.floor(recipe)
-        tries = ctx.workdir / f"tflite-{recipe}-tries"
-        tries.mkdir(exist_ok=True)
+            raise ExportError(f"tflite/{ctx.recipe}: no FULLY_CONNECTED op could be matched to a linear layer of "
+                              f"{ctx.model.name}; use int8-dynamic")
 
-        def make(kept: Sequence[str]) -> Path:
-            p = tries / f"kept{len(kept)}.tflite"
-            with ctx.stage("quantize", "tflite", recipe):
-                p.write_bytes(build([scope_of[n] for n in kept]))
-            return p
+        def write(kept: Sequence[str], _fallback: bool, path: Path) -> None:
+            path.write_bytes(build([scope_of[n] for n in kept]))
 
-        with ctx.stage("search", "tflite", recipe):
-            res = search(order, make, lambda p: ctx.evaluate(p, "tflite", {}), floor)
-        ctx.log(f"[tflite/{recipe}] kept {len(res.kept)} of {len(order)} linear layers in float "
-                f"(mean cosine {res.fidelity.mean_cosine:.4f}, floor {floor})")
-        return {"_data": Path(res.artifact).read_bytes(), "quantized_layers": len(order) - len(res.kept),
-                "kept_in_float": list(res.kept), "kept_tflite_tensors": [scope_of[n] for n in res.kept],
-                "sensitivity": [s.to_dict() for s in ranked], "search": list(res.attempts), "floor_mean_cosine": floor}
+        res = keep_search(ctx, KeepSearch([n for n in ctx.model.linear_layers() if n in scope_of], write, self.suffix,
+                                          "litert"))
+        return res.artifact.read_bytes(), {**res.record, "kept_tflite_tensors": [scope_of[n] for n in res.kept]}
+
+    support: ClassVar[tuple[RecipeSupport, ...]] = (
+        RecipeSupport(Recipe.FP32, "litert-torch convert, static shapes, named serving_default signature"),
+        RecipeSupport(Recipe.FP16, "float16 weights (float casting), float32 compute on CPU", make=_fp16),
+        RecipeSupport(Recipe.INT8_DYNAMIC, "ai-edge-quantizer dynamic_wi8_afp32: int8 per-channel weights + embeddings",
+                      make=_dynamic),
+        RecipeSupport(Recipe.INT8_STATIC, "int8 FULLY_CONNECTED calibrated on your data, sensitive layers kept float", True,
+                      make=_static),
+        RecipeSupport(Recipe.INT4_WEIGHT, "block-wise 4-bit FULLY_CONNECTED weights, dynamic int8 act., sensitive float",
+                      make=_int4),
+    )
 
 
 # ---- conversion ------------------------------------------------------------------------------------
@@ -272,7 +256,7 @@ def _convert(module: nn.Module, sample: dict[str, Any]) -> Any:
 
 def explain_unlowered(exc: BaseException, module: nn.Module, sample: dict[str, Any]) -> str | None:
     """One line naming the op litert-torch has no lowering for, the module it came from, and what to do."""
-    text = "\n".join(str(e) for e in _chain(exc))
+    text = "\n".join(str(e) for e in exception_chain(exc))
     m = _NOT_LOWERED.search(text)
     if not m:
         return None
@@ -284,15 +268,6 @@ def explain_unlowered(exc: BaseException, module: nn.Module, sample: dict[str, A
     return (f"litert-torch has no LiteRT lowering for {op} (in module {where or '?'}{src}); rewrite that code with "
             "ops LiteRT supports (matmul, elementwise, reductions, conv), or export this model with --format onnx "
             "or --format pte")
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    out: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and len(out) < 10:
-        out.append(e)
-        e = e.__cause__ or e.__context__
-    return out
 
 
 def _module_of(module: nn.Module, sample: dict[str, Any], op_base: str) -> str | None:
@@ -311,13 +286,10 @@ def _module_of(module: nn.Module, sample: dict[str, Any], op_base: str) -> str |
             name = str(getattr(node.target, "__name__", node.target)).split(".")[0].lstrip("_")
             if name != op_base:
                 continue
-            stack = list((node.meta.get("nn_module_stack") or {}).values())
-            if not stack:
+            where = module_of(node)
+            if where is None:
                 return "the top-level forward()"
-            path, cls = stack[-1]
-            path = re.sub(r"^(L\['self'\]\.|L__self__\.|self\.)", "", str(path)).replace("inner.", "", 1)
-            cls_name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
-            return f"{path} ({str(cls_name).rsplit('.', 1)[-1]})"
+            return f"{where[0].replace('inner.', '', 1)} ({where[1]})"
     return None
 
 

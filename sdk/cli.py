@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.errors import ConfigError, EdgeshipError
+from edgeship.vocab import FORMATS, METERS, RECIPES, TASKS, listing
 
 EXIT_USAGE = 2
 EXIT_FAIL = 1
@@ -19,10 +21,10 @@ EXIT_FAIL = 1
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="bundle directory, or a .onnx / .tflite / .pte file")
     p.add_argument("--artifact", help="one artifact of the bundle: FORMAT/RECIPE or its path")
-    p.add_argument("--runs", type=int, default=50, help="at least this many timed runs (default 50)")
-    p.add_argument("--min-seconds", type=float, default=2.0, help="and at least this long (default 2 s)")
-    p.add_argument("--max-seconds", type=float, default=300.0, help="stop after this long whatever the count")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs before measuring (default 5)")
+    _add_run_length_args(p)
+    p.add_argument("--max-seconds", type=float, default=_run_defaults()["max_seconds"],
+                   help="stop after this long whatever the count (default %(default)s s)")
+    p.add_argument("--warmup", type=int, default=_run_defaults()["warmup"], help="untimed runs before measuring (default %(default)s)")
     p.add_argument("--threads", type=int, help="runtime threads (default: the bundle's target profile)")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=DxD",
                    help="size of dynamic dims for synthesised inputs, e.g. input_ids=1x128 (repeatable)")
@@ -30,10 +32,11 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="runtime option, e.g. graph_optimization=all, delegate=/path/libdelegate.so")
     p.add_argument("--delegate", metavar="PATH", help="external LiteRT delegate (.so) for .tflite files; the report says "
                    "which ops it took, or why it failed and that the CPU ran instead")
-    p.add_argument("--energy", default="auto", help="auto (best real meter, else estimate), estimate, off, or a meter: csv, jetson, "
-                   "rpi5-pmic, android-odpm, hwmon, rapl, android-battery")
-    p.add_argument("--idle-seconds", type=float, default=1.0, help="idle power window before and after the run")
-    p.add_argument("--sample-hz", type=float, default=10.0, help="power meter sampling rate")
+    p.add_argument("--energy", default=_run_defaults()["energy"], help="auto (best real meter, else estimate), off, or a meter: "
+                   + listing(METERS))
+    p.add_argument("--idle-seconds", type=float, default=_run_defaults()["idle_seconds"],
+                   help="idle power window before and after the run (default %(default)s s)")
+    p.add_argument("--sample-hz", type=float, default=_run_defaults()["sample_hz"], help="power meter sampling rate (default %(default)s)")
     p.add_argument("--energy-csv", help="log of an external USB power meter (csv meter)")
     p.add_argument("--cooldown-to", type=float, metavar="C", help="wait until the SoC is below C degrees first")
     p.add_argument("--target", help="target profile whose power model the energy estimate uses")
@@ -47,6 +50,29 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_path", help="write the results as JSON")
     p.add_argument("--html", dest="html_path", help="write an HTML report with plots")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+@functools.cache
+def _run_defaults() -> dict[str, Any]:
+    """``RunConfig``'s defaults: the CLI shows and passes these rather than repeating them."""
+    import dataclasses
+
+    from edgeship.profiling.runner import RunConfig
+
+    return {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+
+
+def _add_run_length_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", type=int, default=_run_defaults()["runs"], help="at least this many timed runs (default %(default)s)")
+    p.add_argument("--min-seconds", type=float, default=_run_defaults()["min_seconds"],
+                   help="and at least this long (default %(default)s s)")
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    # Not argparse choices=: the export core rejects a wrong name with a one-line error naming the closest valid
+    # one (argparse would print usage), and a format added by an entry point is valid too.
+    p.add_argument("--format", action="append", help=f"{listing(FORMATS)} (repeatable; default: the profile's)")
+    p.add_argument("--quant", action="append", help=f"{listing(RECIPES)} (repeatable; default: the profile's)")
 
 
 def _kv(items: Sequence[str], flag: str) -> dict[str, Any]:
@@ -231,14 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a model into a checked, quantized bundle")
     e.add_argument("model", help="Hugging Face model directory, or package.module:factory")
     e.add_argument("--target", required=True, help="target profile name (edgeship targets) or a .toml file")
-    e.add_argument("--format", action="append", help="onnx, tflite, pte (repeatable; default: the profile's)")
-    e.add_argument("--quant", action="append", help="fp32, fp16, int8-dynamic, int8-static, int4-weight (repeatable)")
+    _add_plan_args(e)
     e.add_argument("--calibration", help="calibration data: .txt/.jsonl texts, or .npy/.npz arrays")
     e.add_argument("--heldout", help="held-out inputs for the fidelity check (same file kinds as --calibration)")
     e.add_argument("-o", "--output", required=True, help="bundle directory to create")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     e.add_argument("--allow-degraded", action="store_true", help="keep artifacts below the fidelity floor (marked)")
-    e.add_argument("--task", help="override the task detected from config.json")
+    e.add_argument("--task", help="override the task detected from config.json: "
+                   + listing(t for t in TASKS if TASKS[t].inputs != "custom"))
     e.add_argument("--seq-len", type=int, help="sequence length for text models (default: the profile's)")
     e.add_argument("--checkpoint", help="state_dict for a factory model (loaded with weights_only=True)")
     e.add_argument("--quiet", action="store_true")
@@ -282,10 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="export + profile the embedded all-MiniLM-L6-v2")
     q.add_argument("--target", default="raspberry-pi-5")
     q.add_argument("-o", "--output", default="edgeship-quickstart")
-    q.add_argument("--format", action="append")
-    q.add_argument("--quant", action="append")
-    q.add_argument("--runs", type=int, default=50)
-    q.add_argument("--min-seconds", type=float, default=2.0)
+    _add_plan_args(q)
+    _add_run_length_args(q)
     q.set_defaults(fn=cmd_quickstart)
 
     d = sub.add_parser("device", help="manage the virtual arm64 Raspberry Pi")

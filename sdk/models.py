@@ -23,9 +23,8 @@ from torch import nn
 
 from edgeship.errors import CalibrationError, ConfigError, ModelLoadError
 from edgeship.spec import TensorSpec
+from edgeship.vocab import TASKS
 
-TASKS = ("feature-extraction", "sequence-classification", "token-classification", "image-classification", "custom")
-TEXT_TASKS = ("feature-extraction", "sequence-classification", "token-classification")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "merges.txt",
                     "vocab.json", "sentencepiece.bpe.model", "spiece.model")
 _PREPROC_FILES = ("preprocessor_config.json",)
@@ -64,7 +63,13 @@ class LoadedModel:
 
     @property
     def classifier(self) -> bool:
-        return self.task.endswith("classification")
+        """Fidelity also reports top-1 agreement (the task table says so)."""
+        return TASKS[self.task].classifier if self.task in TASKS else self.task.endswith("classification")
+
+    @property
+    def input_kind(self) -> str:
+        """The task's input kind: text, image, or custom (a module with the user's example inputs)."""
+        return TASKS[self.task].inputs if self.task in TASKS else "custom"
 
     @property
     def parameters(self) -> int:
@@ -119,11 +124,11 @@ class LoadedModel:
         return [{name: images[i:i + 1].astype(np.float32)} for i in range(images.shape[0])]
 
     def sample_inputs(self, n: int, seed: int, seq_len: int, image_size: int, corpus: Sequence[str]) -> list[dict[str, np.ndarray]]:
-        if self.task in TEXT_TASKS:
+        if self.input_kind == "text":
             rng = np.random.default_rng(seed)
             idx = rng.permutation(len(corpus))[:n]
             return self.text_inputs([corpus[i] for i in idx], seq_len)
-        if self.task == "image-classification":
+        if self.input_kind == "image":
             rng = np.random.default_rng(seed)
             c, h, w = (int(d) if isinstance(d, int) else image_size for d in self.inputs[0].shape[1:])
             return self.image_inputs(rng.standard_normal((n, c, h, w)).astype(np.float32))
@@ -226,16 +231,13 @@ def _hash_dir(path: Path) -> str:
 def detect_task(config: Mapping[str, Any], model_dir: Path) -> str:
     archs = list(config.get("architectures") or [])
     for a in archs:
-        if a.endswith("ForSequenceClassification"):
-            return "sequence-classification"
-        if a.endswith("ForTokenClassification"):
-            return "token-classification"
-        if a.endswith("ForImageClassification"):
-            return "image-classification"
+        for task, t in TASK_MODELS.items():
+            if t.architecture and a.endswith(t.architecture):
+                return task
     if (model_dir / "modules.json").is_file() or any(a.endswith("Model") for a in archs):
         return "feature-extraction"
     raise ModelLoadError(f"{model_dir}: cannot tell the task from config.json (architectures={archs}); pass "
-                         f"--task with one of {', '.join(t for t in TASKS if t != 'custom')}")
+                         f"--task with one of {_task_names()}")
 
 
 def _sentence_transformers_pooling(model_dir: Path) -> tuple[str, bool]:
@@ -256,8 +258,108 @@ def _sentence_transformers_pooling(model_dir: Path) -> tuple[str, bool]:
     return pooling, normalize
 
 
-def load_hf_dir(path: str | Path, task: str | None = None, seq_len: int = 128, image_size: int = 224) -> LoadedModel:
-    model_dir = Path(path)
+# ---- tasks: the torch half of edgeship.vocab.TASKS ---------------------------------------------------------
+@dataclass
+class _Inputs:
+    """What the task's input kind (text, image) gives the model: specs, dims, preprocessing, files to bundle."""
+
+    specs: tuple[TensorSpec, ...]
+    dims: dict[str, dict[str, int]]
+    preprocessing: dict[str, Any]
+    files: dict[str, Path]
+    tokenizer: Any = None
+
+
+@dataclass(frozen=True)
+class _Head:
+    module: nn.Module
+    outputs: tuple[TensorSpec, ...]
+    labels: tuple[str, ...] | None = None
+
+
+def _text_inputs(model_dir: Path, config: Any, seq_len: int, image_size: int) -> _Inputs:
+    tokenizer = None
+    if any((model_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        except Exception as e:
+            raise ModelLoadError(f"{model_dir}: the tokenizer files are broken ({type(e).__name__}: {e})") from None
+    files = {f"tokenizer/{f}": model_dir / f for f in (*_TOKENIZER_FILES, *_ST_FILES) if (model_dir / f).is_file()}
+    b, s = "batch", "sequence"
+    max_pos = int(getattr(config, "max_position_embeddings", 512) or 512)
+    specs = (TensorSpec("input_ids", "int64", (b, s), "token ids"),
+             TensorSpec("attention_mask", "int64", (b, s), "1 for tokens, 0 for padding"))
+    dims = {b: {"default": 1, "min": 1, "max": 64}, s: {"default": min(seq_len, max_pos), "min": 2, "max": max_pos}}
+    pre: dict[str, Any] = {"kind": "tokenizer", "max_length": dims[s]["default"], "padding": "max_length",
+                           "truncation": True, "files": sorted(files),
+                           "tokenizer_class": type(tokenizer).__name__ if tokenizer else None,
+                           "lowercase": bool(getattr(tokenizer, "do_lower_case", False)) if tokenizer else None}
+    return _Inputs(specs, dims, pre, files, tokenizer)
+
+
+def _image_inputs(model_dir: Path, config: Any, seq_len: int, image_size: int) -> _Inputs:
+    files = {f"preprocessor/{f}": model_dir / f for f in _PREPROC_FILES if (model_dir / f).is_file()}
+    pre: dict[str, Any] = {"kind": "image", "channels_first": True}
+    if (model_dir / "preprocessor_config.json").is_file():
+        pc = json.loads((model_dir / "preprocessor_config.json").read_text())
+        pre.update(mean=pc.get("image_mean"), std=pc.get("image_std"), size=pc.get("size"),
+                   rescale_factor=pc.get("rescale_factor"))
+    size = int(getattr(config, "image_size", image_size) or image_size)
+    ch = int(getattr(config, "num_channels", 3) or 3)
+    specs = (TensorSpec("pixel_values", "float32", ("batch", ch, size, size), "normalised image, NCHW"),)
+    return _Inputs(specs, {"batch": {"default": 1, "min": 1, "max": 64}}, pre, files)
+
+
+_INPUT_KINDS: dict[str, Callable[[Path, Any, int, int], _Inputs]] = {"text": _text_inputs, "image": _image_inputs}
+
+
+def _embedding_head(hf: nn.Module, config: Any, model_dir: Path, inp: _Inputs) -> _Head:
+    pooling, normalize = _sentence_transformers_pooling(model_dir)
+    inp.preprocessing.update(pooling=pooling, normalize=normalize)
+    out = TensorSpec("sentence_embedding", "float32", ("batch", int(config.hidden_size)),
+                     f"{pooling}-pooled{', L2-normalised' if normalize else ''} sentence embedding")
+    return _Head(_TextEncoder(hf, pooling, normalize), (out,))
+
+
+def _logits_head(shape: tuple[str, ...], wrapper: Callable[[nn.Module], nn.Module]) -> Callable[..., _Head]:
+    """Logits shaped ``shape`` + (labels,), one label set from ``config.id2label``."""
+    def head(hf: nn.Module, config: Any, model_dir: Path, inp: _Inputs) -> _Head:
+        out = TensorSpec("logits", "float32", (*shape, int(config.num_labels)), "unnormalised class scores")
+        return _Head(wrapper(hf), (out,), tuple(str(config.id2label[i]) for i in range(int(config.num_labels))))
+
+    return head
+
+
+@dataclass(frozen=True)
+class TaskModel:
+    """How a Hugging Face model of one task is loaded and wrapped (named inputs in, named outputs out).
+
+    The torch-free half (input kind, fidelity metric) is :data:`edgeship.vocab.TASKS`: a new task is one entry in each.
+    """
+
+    auto: str  # the transformers Auto class that loads it
+    architecture: str  # suffix of config.json's ``architectures`` entry that identifies it ("" = never detected)
+    head: Callable[[nn.Module, Any, Path, _Inputs], _Head]
+
+
+TASK_MODELS: dict[str, TaskModel] = {
+    "sequence-classification": TaskModel("AutoModelForSequenceClassification", "ForSequenceClassification",
+                                         _logits_head(("batch",), _TextClassifier)),
+    "token-classification": TaskModel("AutoModelForTokenClassification", "ForTokenClassification",
+                                      _logits_head(("batch", "sequence"), _TextClassifier)),
+    "image-classification": TaskModel("AutoModelForImageClassification", "ForImageClassification",
+                                      _logits_head(("batch",), _ImageClassifier)),
+    "feature-extraction": TaskModel("AutoModel", "", _embedding_head),  # detected last: the fallback
+}
+
+
+def _task_names() -> str:
+    return ", ".join(t for t in TASKS if t in TASK_MODELS)
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory not found: {model_dir}")
     cfg_path = model_dir / "config.json"
@@ -270,13 +372,10 @@ def load_hf_dir(path: str | Path, task: str | None = None, seq_len: int = 128, i
         raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
     if not isinstance(config_dict, dict) or "model_type" not in config_dict:
         raise ModelLoadError(f"{cfg_path}: no 'model_type' key; the config is broken or not a transformers config")
-    task = task or detect_task(config_dict, model_dir)
-    if task not in TASKS or task == "custom":
-        raise ConfigError(f"unknown task '{task}'; valid: {', '.join(t for t in TASKS if t != 'custom')}")
-    weights = [p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin")]
-    if not weights:
-        raise ModelLoadError(f"{model_dir} has no weights (model.safetensors or pytorch_model.bin)")
+    return config_dict
 
+
+def _load_weights(model_dir: Path, auto_name: str) -> tuple[nn.Module, Any]:
     import transformers
     from transformers import AutoConfig
 
@@ -284,80 +383,37 @@ def load_hf_dir(path: str | Path, task: str | None = None, seq_len: int = 128, i
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except Exception as e:
-        raise ModelLoadError(f"{cfg_path}: transformers cannot read this config ({type(e).__name__}: {e})") from None
-    auto = {
-        "feature-extraction": transformers.AutoModel,
-        "sequence-classification": transformers.AutoModelForSequenceClassification,
-        "token-classification": transformers.AutoModelForTokenClassification,
-        "image-classification": transformers.AutoModelForImageClassification,
-    }[task]
+        raise ModelLoadError(f"{model_dir / 'config.json'}: transformers cannot read this config "
+                             f"({type(e).__name__}: {e})") from None
     try:
         # use_safetensors=None prefers .safetensors; a .bin is read with torch.load(weights_only=True)
         # by transformers >= 4.45, so no arbitrary pickled code runs.
-        hf = auto.from_pretrained(model_dir, config=config, local_files_only=True, attn_implementation="eager",
-                                  torch_dtype=torch.float32)
+        hf = getattr(transformers, auto_name).from_pretrained(
+            model_dir, config=config, local_files_only=True, attn_implementation="eager", torch_dtype=torch.float32)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"{model_dir}: cannot load the weights ({type(e).__name__}: {msg[:300]}); the weight "
                              "file is truncated, corrupt, or does not match config.json") from None
-    hf.eval()
+    return hf.eval(), config
 
-    tokenizer = None
-    files: dict[str, Path] = {}
-    labels: tuple[str, ...] | None = None
-    b, s = "batch", "sequence"
-    max_pos = int(getattr(config, "max_position_embeddings", 512) or 512)
-    if task in TEXT_TASKS:
-        if any((model_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
-            try:
-                from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-            except Exception as e:
-                raise ModelLoadError(f"{model_dir}: the tokenizer files are broken ({type(e).__name__}: {e})") from None
-        for f in (*_TOKENIZER_FILES, *_ST_FILES):
-            if (model_dir / f).is_file():
-                files[f"tokenizer/{f}"] = model_dir / f
-        inputs: tuple[TensorSpec, ...] = (TensorSpec("input_ids", "int64", (b, s), "token ids"),
-                  TensorSpec("attention_mask", "int64", (b, s), "1 for tokens, 0 for padding"))
-        dims = {b: {"default": 1, "min": 1, "max": 64}, s: {"default": min(seq_len, max_pos), "min": 2, "max": max_pos}}
-        pre: dict[str, Any] = {"kind": "tokenizer", "max_length": dims[s]["default"], "padding": "max_length",
-                               "truncation": True, "files": sorted(files),
-                               "tokenizer_class": type(tokenizer).__name__ if tokenizer else None,
-                               "lowercase": bool(getattr(tokenizer, "do_lower_case", False)) if tokenizer else None}
-        if task == "feature-extraction":
-            pooling, normalize = _sentence_transformers_pooling(model_dir)
-            module: nn.Module = _TextEncoder(hf, pooling, normalize)
-            hidden = int(config.hidden_size)
-            outputs = (TensorSpec("sentence_embedding", "float32", (b, hidden),
-                                  f"{pooling}-pooled{', L2-normalised' if normalize else ''} sentence embedding"),)
-            pre.update(pooling=pooling, normalize=normalize)
-        else:
-            module = _TextClassifier(hf)
-            n = int(config.num_labels)
-            shape = (b, n) if task == "sequence-classification" else (b, s, n)
-            outputs = (TensorSpec("logits", "float32", shape, "unnormalised class scores"),)
-            labels = tuple(str(config.id2label[i]) for i in range(n))
-    else:
-        files.update({f"preprocessor/{f}": model_dir / f for f in _PREPROC_FILES if (model_dir / f).is_file()})
-        pre = {"kind": "image", "channels_first": True}
-        if (model_dir / "preprocessor_config.json").is_file():
-            pc = json.loads((model_dir / "preprocessor_config.json").read_text())
-            pre.update(mean=pc.get("image_mean"), std=pc.get("image_std"), size=pc.get("size"),
-                       rescale_factor=pc.get("rescale_factor"))
-        size = int(getattr(config, "image_size", image_size) or image_size)
-        ch = int(getattr(config, "num_channels", 3) or 3)
-        inputs = (TensorSpec("pixel_values", "float32", (b, ch, size, size), "normalised image, NCHW"),)
-        dims = {b: {"default": 1, "min": 1, "max": 64}}
-        module = _ImageClassifier(hf)
-        n = int(config.num_labels)
-        outputs = (TensorSpec("logits", "float32", (b, n), "unnormalised class scores"),)
-        labels = tuple(str(config.id2label[i]) for i in range(n))
-    module.eval()
+def load_hf_dir(path: str | Path, task: str | None = None, seq_len: int = 128, image_size: int = 224) -> LoadedModel:
+    model_dir = Path(path)
+    config_dict = _read_config(model_dir)
+    task = task or detect_task(config_dict, model_dir)
+    if task not in TASK_MODELS:
+        raise ConfigError(f"unknown task '{task}'; valid: {_task_names()}")
+    if not [p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin")]:
+        raise ModelLoadError(f"{model_dir} has no weights (model.safetensors or pytorch_model.bin)")
+    hf, config = _load_weights(model_dir, TASK_MODELS[task].auto)
+    inp = _INPUT_KINDS[TASKS[task].inputs](model_dir, config, seq_len, image_size)
+    head = TASK_MODELS[task].head(hf, config, model_dir, inp)
+    head.module.eval()
     return LoadedModel(
-        module=module, name=model_dir.name if model_dir.name != "model" else model_dir.parent.name,
-        task=task, inputs=inputs, outputs=outputs, dims=dims, preprocessing=pre, labels=labels,
-        source=str(model_dir.resolve()), source_sha256=_hash_dir(model_dir), files_to_copy=files, tokenizer=tokenizer,
+        module=head.module, name=model_dir.name if model_dir.name != "model" else model_dir.parent.name,
+        task=task, inputs=inp.specs, outputs=head.outputs, dims=inp.dims, preprocessing=inp.preprocessing,
+        labels=head.labels, source=str(model_dir.resolve()), source_sha256=_hash_dir(model_dir),
+        files_to_copy=inp.files, tokenizer=inp.tokenizer,
         vocab_size=int(getattr(config, "vocab_size", 1000) or 1000), config=config,
     )
 
@@ -458,7 +514,7 @@ def load_calibration(path: str | Path, model: LoadedModel, seq_len: int) -> list
         raise CalibrationError(f"calibration file not found: {p}")
     text_kind = p.suffix in (".txt", ".jsonl", ".tsv", ".csv")
     array_kind = p.suffix in (".npy", ".npz")
-    if model.task in TEXT_TASKS:
+    if model.input_kind == "text":
         if not text_kind:
             raise CalibrationError(f"{p}: a {model.task} model calibrates on text; give a .txt (one text per line) "
                                    "or .jsonl file with a 'text' field")
@@ -479,7 +535,7 @@ def load_calibration(path: str | Path, model: LoadedModel, seq_len: int) -> list
         if not texts:
             raise CalibrationError(f"{p}: empty; give at least one text (100+ recommended)")
         return model.text_inputs(texts, seq_len)
-    if model.task == "image-classification" or model.task == "custom":
+    if model.input_kind in ("image", "custom"):
         if not array_kind:
             raise CalibrationError(f"{p}: a {model.task} model calibrates on arrays; give a .npy or .npz file of "
                                    f"inputs shaped like {list(model.inputs[0].shape)}")

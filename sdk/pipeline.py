@@ -29,10 +29,11 @@ from edgeship.errors import (
     UnsupportedRecipeError,
 )
 from edgeship.exporters import EXPORTERS, load_builtin
-from edgeship.exporters.base import RECIPES, ExportContext, Exporter
+from edgeship.exporters.base import ExportContext, Exporter, Stage
 from edgeship.fidelity import compare
 from edgeship.manifest import ArtifactRecord, Fidelity, Manifest, sha256_file
 from edgeship.targets import TargetProfile, get_profile
+from edgeship.vocab import RECIPES
 
 N_HELDOUT = 16
 N_SAMPLES_IN_BUNDLE = 8
@@ -86,10 +87,11 @@ def _plan(target: TargetProfile, formats: Sequence[str] | None, recipes: Sequenc
         exp = EXPORTERS.get(f)
         if recipes:
             for r in recipes:
-                if exp.supports(r) is None:
-                    problems.append(f"format '{f}' has no recipe '{r}' (it offers: {', '.join(exp.recipes())})")
-                else:
+                try:
+                    exp.spec(r)
                     plan.append((exp, r))
+                except UnsupportedRecipeError as e:
+                    problems.append(str(e))
         else:
             # the profile's preference order: the reference fp32 plus the first quantized recipe
             wanted = ["fp32", *[r for r in target.recipes if r != "fp32" and exp.supports(r)][:1]]
@@ -137,7 +139,7 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
            log: Callable[[str], None] | None = None) -> ExportResult:
     """Export ``model`` (HF directory, ``nn.Module``, or ``pkg.module:factory``) for ``target``."""
     from edgeship import __version__
-    from edgeship.models import TEXT_TASKS, load_calibration, load_model
+    from edgeship.models import load_calibration, load_model
 
     t_start = time.perf_counter()
     say = log or (lambda m: print(m, file=sys.stderr))
@@ -163,15 +165,15 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
         held_source = str(heldout)
     else:
         held = lm.sample_inputs(N_HELDOUT, seed=1, seq_len=seq, image_size=prof.image_size, corpus=held_pool)
-        held_source = "built-in" if lm.task in TEXT_TASKS else "synthetic"
-    needs_calib = any(e.supports(r).needs_calibration for e, r in plan)  # type: ignore[union-attr]
+        held_source = "built-in" if lm.input_kind == "text" else "synthetic"
+    needs_calib = any(e.spec(r).needs_calibration for e, r in plan)
     warnings: list[str] = []
     if calibration is not None:
         calib = load_calibration(calibration, lm, seq)
         calib_source = str(calibration)
     else:
         calib = lm.sample_inputs(len(calib_pool), seed=2, seq_len=seq, image_size=prof.image_size, corpus=calib_pool)
-        calib_source = ("built-in generic English corpus (32 sentences)" if lm.task in TEXT_TASKS
+        calib_source = ("built-in generic English corpus (32 sentences)" if lm.input_kind == "text"
                         else "synthetic N(0,1) inputs")
         if needs_calib:
             w = (f"no --calibration given: static quantization calibrates on the {calib_source}; for accuracy on "
@@ -189,7 +191,7 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
             fmt = exp_cls.format
             say(f"[{i}/{len(plan)}] {fmt}/{recipe}")
             ctx = ExportContext(model=lm, target=prof, workdir=workdir, calibration=calib, calibration_source=calib_source,
-                                heldout=held, reference=reference,
+                                heldout=held, reference=reference, format=fmt, recipe=recipe,
                                 evaluate=lambda p, f, o, r=recipe: evaluate(p, f, o, r),
                                 options=dict(options or {}), log=say)
             rel = f"{fmt}/{recipe}{exp_cls.suffix}"
@@ -198,7 +200,7 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
             res = exp_cls().export(ctx, recipe, dest)
             if res.path != dest:
                 shutil.move(str(res.path), dest)
-            with ctx.stage("validate", fmt, recipe):
+            with ctx.stage(Stage.VALIDATE):
                 fid = evaluate(dest, fmt, res.runtime.get("options", {}), recipe)
             secs = time.perf_counter() - t0
             if not fid.passed:
@@ -213,7 +215,7 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
             records.append(ArtifactRecord(
                 path=rel, format=fmt, recipe=recipe, sha256=sha256_file(dest), size_bytes=dest.stat().st_size,
                 export_seconds=round(secs, 3), fidelity=fid, runtime=res.runtime,
-                stages={k: round(v, 3) for k, v in ctx.stages.items()}, quantization=res.quantization,
+                stages={str(k): round(v, 3) for k, v in ctx.stages.items()}, quantization=res.quantization,
                 details=res.details, warnings=tuple(res.warnings),
             ))
 

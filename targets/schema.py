@@ -16,15 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.errors import ConfigError, UnknownKeyError
+from edgeship.vocab import FORMATS, METERS, RECIPES
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 SCHEMA_VERSION = 1
 
-KNOWN_FORMATS = ("onnx", "tflite", "pte")
-KNOWN_RECIPES = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
 KNOWN_ISA = ("neon", "fp16", "dotprod", "i8mm", "sve", "sve2", "sse4.2", "avx", "avx2", "fma", "avx512f",
              "avx512-vnni", "avx-vnni", "amx")
-KNOWN_METERS = ("rapl", "hwmon", "rpi5-pmic", "jetson", "android-battery", "android-odpm", "csv", "estimate")
 
 
 @dataclass(frozen=True)
@@ -182,7 +180,7 @@ def parse_profile(data: dict[str, Any], where: str) -> TargetProfile:
             r = dict(r)
             wr = f"{wa} routes[{j}]"
             fmt = _take(r, "format", str, wr)
-            _check_members([fmt], KNOWN_FORMATS, "format", wr)
+            _check_members([fmt], tuple(FORMATS), "format", wr)
             routes.append(DelegateRoute(fmt, _take(r, "backend", str, wr), _take(r, "installable_here", bool, wr, False),
                                         _take(r, "note", str, wr, "")))
             _no_extra(r, wr)
@@ -194,8 +192,8 @@ def parse_profile(data: dict[str, Any], where: str) -> TargetProfile:
 
     exp = dict(_take(d, "export", dict, where))
     w = f"{where} [export]"
-    formats = _check_members(_take(exp, "formats", list, w), KNOWN_FORMATS, "format", w)
-    recipes = _check_members(_take(exp, "recipes", list, w), KNOWN_RECIPES, "recipe", w)
+    formats = _check_members(_take(exp, "formats", list, w), tuple(FORMATS), "format", w)
+    recipes = _check_members(_take(exp, "recipes", list, w), RECIPES, "recipe", w)
     if not formats or not recipes:
         raise ConfigError(f"{w}: formats and recipes must not be empty")
     group = _take(exp, "int4_group_size", int, w, 32)
@@ -203,7 +201,7 @@ def parse_profile(data: dict[str, Any], where: str) -> TargetProfile:
     floor: dict[str, float] = {}
     for k, v in floor_raw.items():
         if k != "default":
-            _check_members([k], KNOWN_RECIPES, "recipe", f"{w} min_mean_cosine")
+            _check_members([k], RECIPES, "recipe", f"{w} min_mean_cosine")
         if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
             raise ConfigError(f"{w}: min_mean_cosine.{k} must be a number in [0, 1], got {v!r}")
         floor[k] = float(v)
@@ -219,7 +217,7 @@ def parse_profile(data: dict[str, Any], where: str) -> TargetProfile:
     pw = dict(_take(d, "power", dict, where))
     w = f"{where} [power]"
     meter = _take(pw, "meter", str, w)
-    _check_members([meter], KNOWN_METERS, "meter", w)
+    _check_members([meter], METERS, "meter", w)
     power = PowerModel(_take(pw, "idle_w", float, w), _take(pw, "active_w_per_core", float, w), meter,
                        _take(pw, "calibration_scale", float, w, 1.0), _take(pw, "calibration_offset_w", float, w, 0.0))
     _no_extra(pw, w)

@@ -19,6 +19,7 @@ import numpy as np
 
 from edgeship.errors import ArtifactLoadError, UnknownKeyError
 from edgeship.spec import TensorSpec, check_feeds
+from edgeship.vocab import FORMATS
 
 
 class Backend(ABC):
@@ -60,12 +61,8 @@ class Backend(ABC):
         return out
 
 
-_BACKENDS: dict[str, str] = {
-    "onnx": "edgeship.profiling.backends.onnx:OnnxBackend",
-    "tflite": "edgeship.profiling.backends.tflite:TfliteBackend",
-    "pte": "edgeship.profiling.backends.pte:PteBackend",
-}
-SUFFIXES = {".onnx": "onnx", ".tflite": "tflite", ".pte": "pte"}
+_BACKENDS: dict[str, str] = {f.name: f.backend for f in FORMATS.values()}
+SUFFIXES = {f.suffix: f.name for f in FORMATS.values()}
 
 
 def register_backend(fmt: str, ref: str, suffix: str | None = None) -> None:

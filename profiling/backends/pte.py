@@ -26,8 +26,9 @@ import numpy as np
 from edgeship.errors import ArtifactLoadError, RuntimeMissingError
 from edgeship.profiling.backends import Backend
 from edgeship.spec import TensorSpec
+from edgeship.vocab import PTE_IO_METHOD
 
-IO_METHOD = "edgeship_io"
+IO_METHOD = PTE_IO_METHOD
 OPTIONS = ("per_op", "per_op_runs")
 # c10::ScalarType codes reported by MethodMeta.input_tensor_meta(i).dtype()
 _SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 7: "float64",

@@ -27,6 +27,7 @@ import numpy as np
 from edgeship.errors import ArtifactLoadError, InputError, RuntimeMissingError
 from edgeship.profiling.backends import Backend
 from edgeship.spec import TensorSpec
+from edgeship.vocab import TFLITE_SIGNATURE
 
 OPTIONS = ("xnnpack", "delegate", "signature")
 IDENTIFIER = b"TFL3"  # flatbuffer file identifier of every LiteRT/TFLite model, at byte 4
@@ -168,7 +169,7 @@ class TfliteBackend(Backend):
         if not sigs:
             raise ArtifactLoadError(f"{path}: the model has no signature; edgeship runs models whose inputs and outputs "
                                     "are named (re-export it with edgeship export --format tflite)")
-        key = str(opts.get("signature") or ("serving_default" if "serving_default" in sigs else sorted(sigs)[0]))
+        key = str(opts.get("signature") or (TFLITE_SIGNATURE if TFLITE_SIGNATURE in sigs else sorted(sigs)[0]))
         if key not in sigs:
             raise ArtifactLoadError(f"{path}: no signature '{key}' (it has {', '.join(sorted(sigs))})")
         self.signature = key

@@ -12,10 +12,10 @@ import pytest
 import edgeship
 from edgeship.bundle import BundleWriter, pack, unpack
 from edgeship.errors import BundleError, ChecksumError, InputError, OutputExistsError, SchemaVersionError
+from edgeship.exporters.sensitivity import search
 from edgeship.fidelity import compare
 from edgeship.manifest import ArtifactRecord, Fidelity, Manifest, load_bundle, sha256_file
 from edgeship.profiling.stats import LatencyStats
-from edgeship.sensitivity import search
 from edgeship.spec import TensorSpec, check_feeds, parse_shape_overrides, resolve_dims, synthesize
 
 

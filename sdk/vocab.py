@@ -1,0 +1,81 @@
+"""The words both sides of edgeship share: formats, recipes, tasks and energy meters.
+
+Torch-free (the device imports it). Exporters, runner backends, the target schema and the
+CLI read these tables instead of typing the names out; ``tests/sdk/test_vocab.py`` checks
+that the registries filled by decorators (exporters, backends, meters) agree with them.
+
+A format's *on-disk contract* (where a file keeps its I/O description) is written here once:
+the exporter writes it and the device backend reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Recipe(StrEnum):
+    """Precision recipes, cheapest-to-make first. A format offers a subset (its exporter's table)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8_DYNAMIC = "int8-dynamic"
+    INT8_STATIC = "int8-static"
+    INT4_WEIGHT = "int4-weight"
+
+
+RECIPES: tuple[str, ...] = tuple(r.value for r in Recipe)
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """One artifact format: file suffix and the device backend that runs it."""
+
+    name: str
+    suffix: str
+    backend: str  # "module:Class" of the runner backend, imported only when a file of this format runs
+
+
+# The on-disk contract, shared by exporters/{pte,tflite}.py (writers) and profiling/backends (readers).
+PTE_IO_METHOD = "edgeship_io"  # constant method of a .pte holding the I/O description as JSON
+TFLITE_SIGNATURE = "serving_default"  # the one signature of a .tflite, inputs/outputs named as in the bundle
+TFLITE_METADATA = "edgeship"  # flatbuffer metadata entry holding task, labels and I/O as JSON
+
+FORMATS: dict[str, FormatSpec] = {f.name: f for f in (
+    FormatSpec("onnx", ".onnx", "edgeship.profiling.backends.onnx:OnnxBackend"),  # graph I/O carry the bundle's names
+    FormatSpec("tflite", ".tflite", "edgeship.profiling.backends.tflite:TfliteBackend"),
+    FormatSpec("pte", ".pte", "edgeship.profiling.backends.pte:PteBackend"),
+)}
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task's model takes and gives, and how an export of it is judged against PyTorch."""
+
+    name: str
+    inputs: str  # "text" (token ids + mask), "image" (pixel values) or "custom" (the user's example inputs)
+    classifier: bool  # fidelity also reports top-1 agreement on the first output
+
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in (
+    TaskSpec("feature-extraction", "text", False),  # pooled sentence embeddings
+    TaskSpec("sequence-classification", "text", True),
+    TaskSpec("token-classification", "text", True),  # one label per token
+    TaskSpec("image-classification", "image", True),
+    TaskSpec("custom", "custom", False),  # an nn.Module with the user's example inputs and output names
+)}
+TEXT_TASKS: tuple[str, ...] = tuple(t.name for t in TASKS.values() if t.inputs == "text")
+
+# Energy meters by registry name (edgeship.profiling.meters registers one class per name).
+METERS: tuple[str, ...] = ("rapl", "hwmon", "rpi5-pmic", "jetson", "android-battery", "android-odpm", "csv",
+                           "estimate")
+
+
+def listing(names: Iterable[object]) -> str:
+    """``a, b, c`` for help texts and error messages."""
+    return ", ".join(str(n) for n in names)
+
+
+__all__ = ["FORMATS", "METERS", "PTE_IO_METHOD", "RECIPES", "TASKS", "TEXT_TASKS", "TFLITE_METADATA",
+           "TFLITE_SIGNATURE", "FormatSpec", "Recipe", "TaskSpec", "listing"]
