@@ -103,22 +103,26 @@ class ProfileResult:
         return all(r.get("status") == "ok" for r in self.results)
 
 
-def _jobs(source: Path, artifact: str | None) -> tuple[list[dict[str, Any]], str | None]:
+def _jobs(source: Path, artifact: str | None, pubkey: str | Path | None = None
+          ) -> tuple[list[dict[str, Any]], str | None]:
     """One job per artifact to measure."""
+    from edgeship import signing
+
     if source.suffix == ".zip" and source.is_file():
         from edgeship.bundle import unpack
 
         dest = Path(tempfile.mkdtemp(prefix="edgeship-bundle-"))
         _UNPACKED.append(dest)
-        return _jobs(unpack(source, dest), artifact)
+        return _jobs(unpack(source, dest), artifact, pubkey)
+    if source.name == MANIFEST_NAME:
+        return _jobs(source.parent, artifact, pubkey)
+    if not source.exists():
+        raise EdgeshipError(f"nothing to profile at {source}: give a bundle directory or a .onnx/.tflite/.pte file")
+    signing.check(source, pubkey)  # a signed bundle when a key or $EDGESHIP_PUBKEY says so
     if source.is_dir():
         bundle = load_bundle(source, verify=True)
         arts = [bundle.manifest.artifact(artifact)] if artifact else list(bundle.manifest.artifacts)
         return [{"bundle": str(source.resolve()), "artifact": a.key} for a in arts], bundle.manifest.target.get("name")
-    if source.name == MANIFEST_NAME:
-        return _jobs(source.parent, artifact)
-    if not source.exists():
-        raise EdgeshipError(f"nothing to profile at {source}: give a bundle directory or a .onnx/.tflite/.pte file")
     if artifact:
         raise ConfigError("--artifact selects inside a bundle; a single model file was given")
     return [{"file": str(source.resolve())}], None
@@ -153,16 +157,18 @@ def _ident(job: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def profile(source: str | Path, *, artifact: str | None = None, config: RunConfig | None = None,
-            isolate: bool = True, json_path: str | Path | None = None, **kwargs: Any) -> ProfileResult:
+            isolate: bool = True, json_path: str | Path | None = None, pubkey: str | Path | None = None,
+            **kwargs: Any) -> ProfileResult:
     """Measure every artifact of a bundle (or one model file) on this machine.
 
+    ``pubkey``: refuse a bundle that this key did not sign (default: ``$EDGESHIP_PUBKEY``, else no check).
     ``kwargs`` are :class:`RunConfig` fields (``runs=200, threads=4, energy="auto"``...).
     """
     if config is None:
         config = RunConfig(**kwargs)
     elif kwargs:
         config = dataclasses.replace(config, **kwargs)
-    jobs, target = _jobs(Path(source), artifact)
+    jobs, target = _jobs(Path(source), artifact, pubkey)
     if config.options:
         from edgeship.profiling import backends
 

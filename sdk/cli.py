@@ -47,6 +47,7 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_path", help="write the results as JSON")
     p.add_argument("--html", dest="html_path", help="write an HTML report with plots")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--pubkey", help="refuse a bundle this key did not sign (default: $EDGESHIP_PUBKEY)")
 
 
 def _kv(items: Sequence[str], flag: str) -> dict[str, Any]:
@@ -77,6 +78,9 @@ def cmd_profile(a: argparse.Namespace) -> int:
     cfg = _run_config(a)
     if a.device or a.inventory:
         from edgeship.profiling.remote import profile_fleet
+        from edgeship.signing import check_source
+
+        check_source(a.source, a.pubkey)  # before anything is copied to a device
 
         doc = profile_fleet(a.source, devices=a.device, inventory=a.inventory, config=cfg, artifact=a.artifact,
                             identity=a.identity, accept_new_host_key=a.accept_new_host_key)
@@ -93,7 +97,8 @@ def cmd_profile(a: argparse.Namespace) -> int:
         _html(a, doc)
         return 0 if all(r.get("status", "ok") == "ok" and all(x.get("status") == "ok" for x in r.get("results", []))
                         for r in doc["runs"]) else EXIT_FAIL
-    res = profile(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path)
+    res = profile(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path,
+                  pubkey=a.pubkey)
     print(report.render(res.to_dict()))
     _html(a, {"schema_version": res.schema_version, "runs": [res.to_dict()]})
     return 0 if res.ok else EXIT_FAIL
@@ -164,7 +169,7 @@ def cmd_formats(a: argparse.Namespace) -> int:
 def cmd_pack(a: argparse.Namespace) -> int:
     from edgeship.bundle import pack
 
-    dest = pack(a.bundle, a.output, overwrite=a.overwrite)
+    dest = pack(a.bundle, a.output, overwrite=a.overwrite, pubkey=a.pubkey)
     print(f"packed {a.bundle} -> {dest} ({dest.stat().st_size / 2**20:.1f} MB)")
     return 0
 
@@ -216,6 +221,46 @@ def cmd_quickstart(a: argparse.Namespace) -> int:
     return 0 if prof.ok else EXIT_FAIL
 
 
+def cmd_keygen(a: argparse.Namespace) -> int:
+    from edgeship.signing import key_id, keygen, load_public_key
+
+    priv, pub = keygen(a.output, overwrite=a.overwrite)
+    print(f"private key: {priv} (keep it secret; it signs bundles)")
+    print(f"public key:  {pub} (key {key_id(load_public_key(pub))}; give it to whoever verifies)")
+    return 0
+
+
+def cmd_sign(a: argparse.Namespace) -> int:
+    from edgeship.signing import sign
+
+    dest = sign(a.bundle, a.key)
+    print(f"signed {a.bundle}: {dest}")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from edgeship.signing import check_source
+
+    check_source(a.bundle, a.pubkey)
+    print(f"{a.bundle}: signature valid ({a.pubkey}); every file matches what was signed")
+    return 0
+
+
+def _add_signing_commands(sub: Any) -> None:
+    k = sub.add_parser("keygen", help="make an ed25519 key pair for signing bundles")
+    k.add_argument("-o", "--output", required=True, help="private key file to write (the public key goes to OUTPUT.pub)")
+    k.add_argument("--overwrite", action="store_true")
+    k.set_defaults(fn=cmd_keygen)
+    s = sub.add_parser("sign", help="sign a bundle (ed25519 over the sha256 of every file)")
+    s.add_argument("bundle")
+    s.add_argument("--key", required=True, help="PEM ed25519 private key (edgeship keygen)")
+    s.set_defaults(fn=cmd_sign)
+    v = sub.add_parser("verify", help="check a bundle's (or .zip's) signature with a public key")
+    v.add_argument("bundle")
+    v.add_argument("--pubkey", required=True, help="PEM ed25519 public key of the signer")
+    v.set_defaults(fn=cmd_verify)
+
+
 def cmd_device(a: argparse.Namespace) -> int:
     from edgeship.profiling import virtual_pi
 
@@ -260,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("bundle")
     pk.add_argument("-o", "--output")
     pk.add_argument("--overwrite", action="store_true")
+    pk.add_argument("--pubkey", help="refuse a bundle this key did not sign (default: $EDGESHIP_PUBKEY)")
     pk.set_defaults(fn=cmd_pack)
 
     r = sub.add_parser("report", help="compare results side by side and pick what meets a budget")
@@ -294,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", help="where the rootfs lives (default ~/.cache/edgeship/virtual-pi)")
     d.add_argument("--port", type=int, default=0, help="sshd port on 127.0.0.1 (default: a free one)")
     d.set_defaults(fn=cmd_device)
+    _add_signing_commands(sub)
     return p
 
 
