@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import TextIO
+
+from edgeship.quiet import terminal_err
 
 
 def bar(fraction: float, width: int = 20) -> str:
@@ -18,7 +19,7 @@ class Progress:
     def __init__(self, label: str, enabled: bool = True, stream: TextIO | None = None, every_s: float = 0.5) -> None:
         self.label = label
         self.enabled = enabled
-        self.stream = stream or sys.stderr
+        self.stream = stream or terminal_err()  # the real stderr even while other output goes to a log
         self.every_s = every_s
         self._last = 0.0
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeship import quiet
 from edgeship.errors import ConfigError, EdgeshipError
 from edgeship.manifest import MANIFEST_NAME, load_bundle
 from edgeship.profiling import sysinfo
@@ -143,7 +144,7 @@ def _run_child(job: dict[str, Any], timeout: float) -> dict[str, Any]:
         jpath.write_text(json.dumps(job))
         try:
             proc = subprocess.run([sys.executable, "-m", "edgeship.profiling.worker", str(jpath), str(rpath)],
-                                  stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+                                  stdin=subprocess.DEVNULL, timeout=timeout, check=False, pass_fds=quiet.pass_fds())
         except subprocess.TimeoutExpired:
             return {"status": "error", "error": f"timed out after {timeout:.0f} s", **_ident(job)}
         if rpath.is_file():

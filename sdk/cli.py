@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,13 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_path", help="write the results as JSON")
     p.add_argument("--html", dest="html_path", help="write an HTML report with plots")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_verbose(p)
     p.add_argument("--pubkey", help="refuse a bundle this key did not sign (default: $EDGESHIP_PUBKEY)")
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", help="show other libraries' output (torch, ExecuTorch, LiteRT, "
+                   "onnxruntime) here instead of in a log file (also: EDGESHIP_VERBOSE=1)")
 
 
 def _kv(items: Sequence[str], flag: str) -> dict[str, Any]:
@@ -97,8 +104,9 @@ def cmd_profile(a: argparse.Namespace) -> int:
         _html(a, doc)
         return 0 if all(r.get("status", "ok") == "ok" and all(x.get("status") == "ok" for x in r.get("results", []))
                         for r in doc["runs"]) else EXIT_FAIL
-    res = profile(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path,
-                  pubkey=a.pubkey)
+    with _quiet_terminal(a, "profile"):
+        res = profile(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path,
+                      pubkey=a.pubkey)
     print(report.render(res.to_dict()))
     _html(a, {"schema_version": res.schema_version, "runs": [res.to_dict()]})
     return 0 if res.ok else EXIT_FAIL
@@ -134,12 +142,30 @@ def cmd_report(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from edgeship.pipeline import export
 
-    res = export(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
-                 calibration=a.calibration, heldout=a.heldout, overwrite=a.overwrite, allow_degraded=a.allow_degraded, task=a.task,
-                 seq_len=a.seq_len, checkpoint=a.checkpoint, log=None if not a.quiet else (lambda m: None))
+    with _quiet_terminal(a, "export") as q:
+        res = export(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
+                     calibration=a.calibration, heldout=a.heldout, overwrite=a.overwrite, allow_degraded=a.allow_degraded, task=a.task,
+                     seq_len=a.seq_len, checkpoint=a.checkpoint, log=q.say if not a.quiet else (lambda m: None))
     print(res.summary())
     print(f"bundle: {res.bundle}  ({res.seconds:.1f} s)")
     return 0
+
+
+@contextlib.contextmanager
+def _quiet_terminal(a: argparse.Namespace, command: str) -> Iterator[Any]:
+    """Other libraries' output into a log file for the block (unless --verbose); says where it went."""
+    from edgeship.quiet import default_log_path, diverted
+
+    note = None
+    try:
+        with diverted(default_log_path(command), verbose=getattr(a, "verbose", False)) as q:
+            try:
+                yield q
+            finally:
+                note = q.note()
+    finally:  # also when the block failed: the log may say why
+        if note:
+            print(note, file=sys.stderr)
 
 
 def cmd_targets(a: argparse.Namespace) -> int:
@@ -210,11 +236,12 @@ def cmd_quickstart(a: argparse.Namespace) -> int:
 
     out = Path(a.output)
     print(f"edgeship quickstart: all-MiniLM-L6-v2 -> {a.target} -> {out}", flush=True)
-    res = export(default_model_dir(), target=a.target, out=out, formats=a.format or None, recipes=a.quant or None,
-                 overwrite=True)
-    print(res.summary(), flush=True)
-    cfg = RunConfig(runs=a.runs, min_seconds=a.min_seconds, energy="auto", progress=True)
-    prof = profile(out, config=cfg, json_path=out.with_name(out.name + "-profile.json"))
+    with _quiet_terminal(a, "quickstart") as q:
+        res = export(default_model_dir(), target=a.target, out=out, formats=a.format or None,
+                     recipes=a.quant or None, overwrite=True, log=q.say)
+        print(res.summary(), flush=True)
+        cfg = RunConfig(runs=a.runs, min_seconds=a.min_seconds, energy="auto", progress=True)
+        prof = profile(out, config=cfg, json_path=out.with_name(out.name + "-profile.json"))
     print()
     print(report.render(prof.to_dict()))
     print(f"\nbundle: {out}   results: {out.with_name(out.name + '-profile.json')}")
@@ -286,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", help="override the task detected from config.json")
     e.add_argument("--seq-len", type=int, help="sequence length for text models (default: the profile's)")
     e.add_argument("--checkpoint", help="state_dict for a factory model (loaded with weights_only=True)")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_verbose(e)
     e.set_defaults(fn=cmd_export)
 
     pr = sub.add_parser("profile", help="run and measure a bundle or model file")
@@ -332,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant", action="append")
     q.add_argument("--runs", type=int, default=50)
     q.add_argument("--min-seconds", type=float, default=2.0)
+    _add_verbose(q)
     q.set_defaults(fn=cmd_quickstart)
 
     d = sub.add_parser("device", help="manage the virtual arm64 Raspberry Pi")
