@@ -126,8 +126,8 @@ def _check_members(archive: Path, infos: list[zipfile.ZipInfo], max_bytes: int) 
         raise BundleError(f"{archive}: {'; '.join(problems[:3])}; refusing to unpack (re-pack it with `edgeship pack`)")
     total = sum(i.file_size for i in infos)
     if total > max_bytes:
-        raise BundleError(f"{archive}: members unpack to {total / 2**30:.1f} GiB, over the "
-                          f"{max_bytes / 2**30:.1f} GiB limit; refusing (a corrupt or hostile archive)")
+        raise BundleError(f"{archive}: members unpack to {total:,} bytes, over the {max_bytes:,}-byte limit; "
+                          "refusing (a corrupt or hostile archive)")
 
 
 def unpack(archive: str | Path, dest: str | Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:

@@ -62,7 +62,7 @@ def _kv(items: Sequence[str], flag: str) -> dict[str, Any]:
     for it in items:
         k, sep, v = it.partition("=")
         if not sep or not k:
-            raise ConfigError(f"{flag} '{it}': expected KEY=VALUE")
+            raise ConfigError(f"{flag} {it!r}: expected KEY=VALUE")
         out[k] = v
     return out
 

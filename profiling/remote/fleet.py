@@ -41,6 +41,8 @@ def load_inventory(path: str | Path) -> list[DeviceEntry]:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"--inventory {p}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--inventory {p}: not UTF-8 text; an inventory is a TOML file of [[device]] tables") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--inventory {p}: not valid TOML ({e})") from None
     extra = sorted(set(data) - {"device"})
@@ -49,6 +51,8 @@ def load_inventory(path: str | Path) -> list[DeviceEntry]:
                           + (f", found unknown key(s) {', '.join(extra)}" if extra else ""))
     out = []
     for i, d in enumerate(data["device"], 1):
+        if not isinstance(d, dict):
+            raise ConfigError(f"--inventory {p}: device #{i} must be a [[device]] table, got {type(d).__name__}")
         unknown = sorted(set(d) - _INVENTORY_KEYS)
         if unknown:
             raise ConfigError(f"--inventory {p}: device #{i} has unknown key(s) {', '.join(unknown)}; "

@@ -33,3 +33,9 @@ def write_bundle(out: Path) -> Path:
 @pytest.fixture
 def make_bundle(tmp_path: Path) -> Callable[[str], Path]:
     return lambda name="bundle": write_bundle(tmp_path / name)
+
+
+@pytest.fixture(scope="session")
+def bundle_writer() -> Callable[[Path], Path]:
+    """``write_bundle`` for tests that need it at another scope (importlib mode cannot import conftest)."""
+    return write_bundle
