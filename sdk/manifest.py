@@ -55,6 +55,12 @@ def _check_fields(d: dict[str, Any], types: dict[str, type]) -> None:
             raise ValueError(f"field '{name}' must be {typ.__name__}, got {type(v).__name__}")
 
 
+def _check_inside(path: str, what: str) -> None:
+    """A path the manifest names must stay inside the bundle: a manifest is outside input too."""
+    if path.startswith(("/", "\\")) or ".." in path.replace("\\", "/").split("/") or "\x00" in path or not path:
+        raise ValueError(f"{what} {path!r} must be relative and inside the bundle")
+
+
 @dataclass(frozen=True)
 class ArtifactRecord:
     path: str
@@ -89,8 +95,7 @@ class ArtifactRecord:
         d = dict(d)
         _check_fields(d, {"path": str, "format": str, "recipe": str, "sha256": str, "size_bytes": int,
                           "runtime": dict})
-        if d["path"].startswith(("/", "\\")) or ".." in d["path"].replace("\\", "/").split("/") or "\x00" in d["path"]:
-            raise ValueError(f"artifact path {d['path']!r} must be relative and inside the bundle")
+        _check_inside(d["path"], "artifact path")
         fid = d.pop("fidelity", None)
         d["warnings"] = tuple(d.get("warnings", ()))
         return cls(fidelity=Fidelity.from_dict(fid) if fid else None, **d)
@@ -140,6 +145,9 @@ class Manifest:
                 f" ({d.get('edgeship_version', 'unknown')})"
             )
         try:
+            for key in ("inputs", "outputs"):
+                if key in d["samples"]:
+                    _check_inside(d["samples"][key], f"samples.{key}")
             return cls(
                 schema_version=version,
                 edgeship_version=str(d["edgeship_version"]),
