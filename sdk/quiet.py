@@ -69,6 +69,10 @@ class Diversion:
         """Our own progress line, on the terminal."""
         print(message, file=terminal_err(), flush=True)
 
+    def log(self, message: str) -> None:
+        """A line of ours only worth keeping in the log (per-stage detail); on the terminal with --verbose."""
+        print(message, file=sys.stderr if self.log_path is not None else terminal_err(), flush=True)
+
     def lines(self) -> int:
         if self.log_path is None or not self.log_path.is_file():
             return 0

@@ -95,3 +95,24 @@ def test_export_and_profile_print_only_our_lines(tiny_bert_dir: Path, tmp_path: 
     assert "FutureWarning" in export_log.read_text()
     assert "pre-processing" in int8_log.read_text()
     assert "XNNPACK" in profile_log.read_text() or "cpuinfo" in profile_log.read_text()
+
+
+def test_quickstart_keeps_one_line_per_artifact_and_logs_the_stages() -> None:
+    from edgeship.cli import _brief
+
+    seen: list[tuple[str, str]] = []
+
+    class Q:
+        def say(self, m: str) -> None:
+            seen.append(("terminal", m))
+
+        def log(self, m: str) -> None:
+            seen.append(("log", m))
+
+    say = _brief(Q())
+    for m in ("loading model x...", "[1/6] onnx/fp32", "[onnx/fp32] lower...",
+              "[1/6] onnx/fp32: 86.1 MB, mean cosine 1.0000 (min 1.0000), 2.8 s", "WARNING: no --calibration given"):
+        say(m)
+    assert [m for where, m in seen if where == "terminal"] == [
+        "loading model x...", "[1/6] onnx/fp32: 86.1 MB, mean cosine 1.0000 (min 1.0000), 2.8 s",
+        "WARNING: no --calibration given"]
