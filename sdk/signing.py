@@ -32,7 +32,8 @@ def _crypto() -> Any:
     try:
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
-        raise RuntimeMissingError("signing needs the 'cryptography' package: pip install cryptography") from None
+        raise RuntimeMissingError("bundle signatures need the 'cryptography' package: pip install 'edgeship[sign]'"
+                                  ) from None
     return ed25519
 
 
