@@ -238,9 +238,10 @@ def cmd_quickstart(a: argparse.Namespace) -> int:
     out = Path(a.output)
     print(f"edgeship quickstart: all-MiniLM-L6-v2 -> {a.target} -> {out}", flush=True)
     with _quiet_terminal(a, "quickstart") as q:
-        res = export(default_model_dir(), target=a.target, out=out, formats=a.format or None,
-                     recipes=a.quant or None, overwrite=True, log=_brief(q))
-        print(res.summary(), flush=True)
+        export(default_model_dir(), target=a.target, out=out, formats=a.format or None,
+               recipes=a.quant or None, overwrite=True, log=_brief(q))
+        # no export table here: the one line per artifact above has its size and fidelity, and the profile table
+        # below repeats both (`edgeship inspect` shows the full table)
         cfg = RunConfig(runs=a.runs, min_seconds=a.min_seconds, energy="auto", progress=True)
         prof = profile(out, config=cfg, json_path=out.with_name(out.name + "-profile.json"))
     print()
