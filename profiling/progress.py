@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import TextIO
+
+from edgeship.quiet import terminal_err
 
 
 def bar(fraction: float, width: int = 20) -> str:
@@ -18,10 +19,11 @@ class Progress:
     def __init__(self, label: str, enabled: bool = True, stream: TextIO | None = None, every_s: float = 0.5) -> None:
         self.label = label
         self.enabled = enabled
-        self.stream = stream or sys.stderr
+        self.stream = stream or terminal_err()  # the real stderr even while other output goes to a log
         self.every_s = every_s
-        self._last = 0.0
         self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        # A log (not a terminal) gets a line every 5 s and the final one: a run shorter than that is one line.
+        self._last = 0.0 if self._tty else time.monotonic()
 
     def due(self) -> bool:
         """Whether an update would print now; lets hot loops skip formatting the text."""

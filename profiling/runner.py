@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgeship import quiet
 from edgeship.errors import ConfigError, EdgeshipError
 from edgeship.manifest import MANIFEST_NAME, load_bundle
 from edgeship.profiling import sysinfo
@@ -28,23 +29,28 @@ from edgeship.profiling.worker import Job, run_job
 
 __all__ = ["RESULT_SCHEMA_VERSION", "ArtifactResult", "ProfileResult", "RunConfig", "profile", "write_json_atomic"]
 
-def _jobs(source: Path, artifacts: Sequence[str], config: RunConfig) -> tuple[list[Job], str | None]:
+
+def _jobs(source: Path, artifacts: Sequence[str], config: RunConfig, pubkey: str | Path | None = None
+          ) -> tuple[list[Job], str | None]:
     """One job per artifact to measure."""
+    from edgeship import signing
+
     if source.suffix == ".zip" and source.is_file():
         from edgeship.bundle import unpack
 
         dest = Path(tempfile.mkdtemp(prefix="edgeship-bundle-"))
         _UNPACKED.append(dest)
-        return _jobs(unpack(source, dest), artifacts, config)
+        return _jobs(unpack(source, dest), artifacts, config, pubkey)
+    if source.name == MANIFEST_NAME:
+        return _jobs(source.parent, artifacts, config, pubkey)
+    if not source.exists():
+        raise EdgeshipError(f"nothing to profile at {source}: give a bundle directory or a .onnx/.tflite/.pte file")
+    signing.check(source, pubkey)  # a signed bundle when a key or $EDGESHIP_PUBKEY says so
     if source.is_dir():
         bundle = load_bundle(source, verify=True)
         arts = [bundle.manifest.artifact(a) for a in artifacts] if artifacts else list(bundle.manifest.artifacts)
         return [Job(config, bundle=str(source.resolve()), artifact=a.key) for a in arts], \
             bundle.manifest.target.get("name")
-    if source.name == MANIFEST_NAME:
-        return _jobs(source.parent, artifacts, config)
-    if not source.exists():
-        raise EdgeshipError(f"nothing to profile at {source}: give a bundle directory or a .onnx/.tflite/.pte file")
     if artifacts:
         raise ConfigError("--artifact selects inside a bundle; a single model file was given")
     return [Job(config, file=str(source.resolve()))], None
@@ -65,7 +71,7 @@ def _run_child(job: Job, timeout: float) -> ArtifactResult:
         jpath.write_text(json.dumps(job.to_dict()))
         try:
             proc = subprocess.run([sys.executable, "-m", "edgeship.profiling.worker", str(jpath), str(rpath)],
-                                  stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+                                  stdin=subprocess.DEVNULL, timeout=timeout, check=False, pass_fds=quiet.pass_fds())
         except subprocess.TimeoutExpired:
             return ArtifactResult(artifact=job.label, error=f"timed out after {timeout:.0f} s")
         if rpath.is_file():
@@ -75,10 +81,11 @@ def _run_child(job: Job, timeout: float) -> ArtifactResult:
 
 
 def profile(source: str | Path, *, artifact: str | Sequence[str] | None = None, config: RunConfig | None = None,
-            isolate: bool = True, json_path: str | Path | None = None,
+            isolate: bool = True, json_path: str | Path | None = None, pubkey: str | Path | None = None,
             on_result: Callable[[ArtifactResult], None] | None = None, **kwargs: Any) -> ProfileResult:
     """Measure every artifact of a bundle (or the given ones, or one model file) on this machine.
 
+    ``pubkey``: refuse a bundle that this key did not sign (default: ``$EDGESHIP_PUBKEY``, else no check).
     ``kwargs`` are :class:`RunConfig` fields (``runs=200, threads=4, energy="auto"``...).
     ``on_result`` sees each artifact's result as soon as it is measured.
     """
@@ -87,7 +94,7 @@ def profile(source: str | Path, *, artifact: str | Sequence[str] | None = None, 
     elif kwargs:
         config = dataclasses.replace(config, **kwargs)
     artifacts = [artifact] if isinstance(artifact, str) else list(artifact or ())
-    jobs, target = _jobs(Path(source), artifacts, config)
+    jobs, target = _jobs(Path(source), artifacts, config, pubkey)
     if config.options:
         from edgeship.profiling import backends
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 from edgeship.errors import BundleError, OutputExistsError
@@ -66,9 +68,14 @@ class BundleWriter:
         return self.out
 
 
-def pack(bundle_dir: str | Path, archive: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Verify a bundle and write it as one .zip (what Android/iOS apps unpack from assets)."""
+def pack(bundle_dir: str | Path, archive: str | Path | None = None, overwrite: bool = False,
+         pubkey: str | Path | None = None) -> Path:
+    """Verify a bundle (and its signature, when ``pubkey`` or ``$EDGESHIP_PUBKEY`` is given) and write it as one
+    .zip (what Android/iOS apps unpack from assets). ``signature.json`` goes into the archive with the rest."""
+    from edgeship import signing
+
     b = load_bundle(bundle_dir, verify=True)
+    signing.check(b.root, pubkey)
     dest = Path(archive) if archive else b.root.with_suffix(".zip")
     if dest.suffix != ".zip":
         raise BundleError(f"archive name must end in .zip, got {dest.name}")
@@ -87,14 +94,83 @@ def pack(bundle_dir: str | Path, archive: str | Path | None = None, overwrite: b
     return dest
 
 
-def unpack(archive: str | Path, dest: str | Path) -> Path:
-    """Unpack a .zip bundle safely (no paths outside dest) and verify it."""
-    dest = Path(dest)
-    with zipfile.ZipFile(archive) as zf:
-        for name in zf.namelist():
-            target = (dest / name).resolve()
-            if not str(target).startswith(str(dest.resolve()) + os.sep):
-                raise BundleError(f"{archive}: member '{name}' escapes the destination; refusing to unpack")
-        zf.extractall(dest)
-    load_bundle(dest, verify=True)
+MAX_UNPACKED_BYTES = 16 * 2**30  # far above any edge model; stops a zip bomb before it fills the disk
+MAX_MEMBERS = 10_000
+
+
+def _member_problem(info: zipfile.ZipInfo, seen: set[str]) -> str | None:
+    """Why a zip member must not be unpacked, or None. Checked for every member before anything is written."""
+    name = info.filename
+    parts = name.replace("\\", "/").split("/")
+    if not name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return f"member '{name}' has an absolute path"
+    if ".." in parts:
+        return f"member '{name}' escapes the destination ('..')"
+    if "\x00" in name:
+        return f"member {name!r} has a NUL byte in its name"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return f"member '{name}' is a symlink; bundles hold plain files only"
+    key = name.rstrip("/")
+    if key in seen:
+        return f"member '{name}' appears twice; which copy is the bundle's is ambiguous"
+    seen.add(key)
+    return None
+
+
+def _check_members(archive: Path, infos: list[zipfile.ZipInfo], max_bytes: int) -> None:
+    if len(infos) > MAX_MEMBERS:
+        raise BundleError(f"{archive}: {len(infos)} members, a bundle has far fewer than {MAX_MEMBERS}; refusing")
+    seen: set[str] = set()
+    problems = [p for p in (_member_problem(i, seen) for i in infos) if p]
+    if problems:
+        raise BundleError(f"{archive}: {'; '.join(problems[:3])}; refusing to unpack (re-pack it with `edgeship pack`)")
+    total = sum(i.file_size for i in infos)
+    if total > max_bytes:
+        raise BundleError(f"{archive}: members unpack to {total:,} bytes, over the {max_bytes:,}-byte limit; "
+                          "refusing (a corrupt or hostile archive)")
+
+
+def unpack(archive: str | Path, dest: str | Path, max_bytes: int = MAX_UNPACKED_BYTES) -> Path:
+    """Unpack a .zip bundle safely and verify it: every member is checked before anything is written (no absolute
+    paths, no '..', no symlinks, no duplicate names, bounded size); ``dest`` must be new or empty, and is left
+    empty again if the archive or the bundle in it is bad."""
+    archive, dest = Path(archive), Path(dest)
+    if not archive.is_file():
+        raise BundleError(f"bundle archive not found: {archive}")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise OutputExistsError(f"{dest} exists and is not an empty directory; unpack into a new one")
+    created = not dest.exists()
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            infos = zf.infolist()
+            _check_members(archive, infos, max_bytes)
+            for info in infos:
+                _extract_member(zf, info, dest)
+        load_bundle(dest, verify=True)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError, ValueError,
+            OSError, zlib.error) as e:
+        _empty(dest, created)
+        raise BundleError(f"{archive}: not a readable zip bundle ({type(e).__name__}: {e}); re-pack it") from None
+    except BundleError:
+        _empty(dest, created)
+        raise
     return dest
+
+
+def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> None:
+    target = dest / info.filename
+    if info.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zf.open(info) as src, open(target, "xb") as out:  # "x": a name that collides on disk is refused
+        shutil.copyfileobj(src, out, 1 << 20)
+
+
+def _empty(dest: Path, created: bool) -> None:
+    if created:
+        shutil.rmtree(dest, ignore_errors=True)
+        return
+    for p in dest.iterdir():
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)

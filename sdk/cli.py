@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,13 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_path", help="write the results as JSON")
     p.add_argument("--html", dest="html_path", help="write an HTML report with plots")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_verbose(p)
+    p.add_argument("--pubkey", help="refuse a bundle this key did not sign (default: $EDGESHIP_PUBKEY)")
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", help="show other libraries' output (torch, ExecuTorch, LiteRT, "
+                   "onnxruntime) here instead of in a log file (also: EDGESHIP_VERBOSE=1)")
 
 
 @functools.cache
@@ -80,7 +89,7 @@ def _kv(items: Sequence[str], flag: str) -> dict[str, Any]:
     for it in items:
         k, sep, v = it.partition("=")
         if not sep or not k:
-            raise ConfigError(f"{flag} '{it}': expected KEY=VALUE")
+            raise ConfigError(f"{flag} {it!r}: expected KEY=VALUE")
         out[k] = v
     return out
 
@@ -104,6 +113,9 @@ def cmd_profile(a: argparse.Namespace) -> int:
     cfg = _run_config(a)
     if a.device or a.inventory:
         from edgeship.profiling.remote import profile_fleet
+        from edgeship.signing import check_source
+
+        check_source(a.source, a.pubkey)  # before anything is copied to a device
 
         fleet = profile_fleet(a.source, devices=a.device, inventory=a.inventory, config=cfg, artifact=a.artifact,
                               identity=a.identity, accept_new_host_key=a.accept_new_host_key)
@@ -118,7 +130,9 @@ def cmd_profile(a: argparse.Namespace) -> int:
             print()
         _html(a, fleet.runs)
         return 0 if fleet.ok else EXIT_FAIL
-    res = profile(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path)
+    with _quiet_terminal(a, "profile"):
+        res = profile(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path,
+                      pubkey=a.pubkey)
     print(report.render(res))
     _html(a, [DeviceRun(res)])
     return 0 if res.ok else EXIT_FAIL
@@ -154,12 +168,30 @@ def cmd_report(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from edgeship.pipeline import export
 
-    res = export(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
-                 calibration=a.calibration, heldout=a.heldout, overwrite=a.overwrite, allow_degraded=a.allow_degraded, task=a.task,
-                 seq_len=a.seq_len, checkpoint=a.checkpoint, log=None if not a.quiet else (lambda m: None))
+    with _quiet_terminal(a, "export") as q:
+        res = export(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
+                     calibration=a.calibration, heldout=a.heldout, overwrite=a.overwrite, allow_degraded=a.allow_degraded, task=a.task,
+                     seq_len=a.seq_len, checkpoint=a.checkpoint, log=q.say if not a.quiet else (lambda m: None))
     print(res.summary())
     print(f"bundle: {res.bundle}  ({res.seconds:.1f} s)")
     return 0
+
+
+@contextlib.contextmanager
+def _quiet_terminal(a: argparse.Namespace, command: str) -> Iterator[Any]:
+    """Other libraries' output into a log file for the block (unless --verbose); says where it went."""
+    from edgeship.quiet import default_log_path, diverted
+
+    note = None
+    try:
+        with diverted(default_log_path(command), verbose=getattr(a, "verbose", False)) as q:
+            try:
+                yield q
+            finally:
+                note = q.note()
+    finally:  # also when the block failed: the log may say why
+        if note:
+            print(note, file=sys.stderr)
 
 
 def cmd_targets(a: argparse.Namespace) -> int:
@@ -189,7 +221,7 @@ def cmd_formats(a: argparse.Namespace) -> int:
 def cmd_pack(a: argparse.Namespace) -> int:
     from edgeship.bundle import pack
 
-    dest = pack(a.bundle, a.output, overwrite=a.overwrite)
+    dest = pack(a.bundle, a.output, overwrite=a.overwrite, pubkey=a.pubkey)
     print(f"packed {a.bundle} -> {dest} ({dest.stat().st_size / 2**20:.1f} MB)")
     return 0
 
@@ -231,15 +263,66 @@ def cmd_quickstart(a: argparse.Namespace) -> int:
 
     out = Path(a.output)
     print(f"edgeship quickstart: all-MiniLM-L6-v2 -> {a.target} -> {out}", flush=True)
-    res = export(default_model_dir(), target=a.target, out=out, formats=a.format or None, recipes=a.quant or None,
-                 overwrite=True)
-    print(res.summary(), flush=True)
-    cfg = RunConfig(runs=a.runs, min_seconds=a.min_seconds, energy="auto", progress=True)
-    prof = profile(out, config=cfg, json_path=out.with_name(out.name + "-profile.json"))
+    with _quiet_terminal(a, "quickstart") as q:
+        export(default_model_dir(), target=a.target, out=out, formats=a.format or None,
+               recipes=a.quant or None, overwrite=True, log=_brief(q))
+        # no export table here: the one line per artifact above has its size and fidelity, and the profile table
+        # below repeats both (`edgeship inspect` shows the full table)
+        cfg = RunConfig(runs=a.runs, min_seconds=a.min_seconds, energy="auto", progress=True)
+        prof = profile(out, config=cfg, json_path=out.with_name(out.name + "-profile.json"))
     print()
     print(report.render(prof))
     print(f"\nbundle: {out}   results: {out.with_name(out.name + '-profile.json')}")
     return 0 if prof.ok else EXIT_FAIL
+
+
+def cmd_keygen(a: argparse.Namespace) -> int:
+    from edgeship.signing import key_id, keygen, load_public_key
+
+    priv, pub = keygen(a.output, overwrite=a.overwrite)
+    print(f"private key: {priv} (keep it secret; it signs bundles)")
+    print(f"public key:  {pub} (key {key_id(load_public_key(pub))}; give it to whoever verifies)")
+    return 0
+
+
+def cmd_sign(a: argparse.Namespace) -> int:
+    from edgeship.signing import sign
+
+    dest = sign(a.bundle, a.key)
+    print(f"signed {a.bundle}: {dest}")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from edgeship.signing import check_source
+
+    check_source(a.bundle, a.pubkey)
+    print(f"{a.bundle}: signature valid ({a.pubkey}); every file matches what was signed")
+    return 0
+
+
+def _add_signing_commands(sub: Any) -> None:
+    k = sub.add_parser("keygen", help="make an ed25519 key pair for signing bundles")
+    k.add_argument("-o", "--output", required=True, help="private key file to write (the public key goes to OUTPUT.pub)")
+    k.add_argument("--overwrite", action="store_true")
+    k.set_defaults(fn=cmd_keygen)
+    s = sub.add_parser("sign", help="sign a bundle (ed25519 over the sha256 of every file)")
+    s.add_argument("bundle")
+    s.add_argument("--key", required=True, help="PEM ed25519 private key (edgeship keygen)")
+    s.set_defaults(fn=cmd_sign)
+    v = sub.add_parser("verify", help="check a bundle's (or .zip's) signature with a public key")
+    v.add_argument("bundle")
+    v.add_argument("--pubkey", required=True, help="PEM ed25519 public key of the signer")
+    v.set_defaults(fn=cmd_verify)
+
+
+def _brief(q: Any) -> Any:
+    """quickstart's export log: one line per finished artifact (and warnings) on the terminal; the per-stage lines
+    ("[onnx/fp32] lower...", "[1/6] onnx/fp32") go to the log file with the other libraries' output."""
+    def say(message: str) -> None:
+        detail = re.match(r"\[[a-z][\w.-]*/[\w.-]+\] ", message) or re.fullmatch(r"\[\d+/\d+\] \S+", message)
+        (q.log if detail else q.say)(message)
+    return say
 
 
 def cmd_device(a: argparse.Namespace) -> int:
@@ -267,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                    + listing(t for t in TASKS if TASKS[t].inputs != "custom"))
     e.add_argument("--seq-len", type=int, help="sequence length for text models (default: the profile's)")
     e.add_argument("--checkpoint", help="state_dict for a factory model (loaded with weights_only=True)")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_verbose(e)
     e.set_defaults(fn=cmd_export)
 
     pr = sub.add_parser("profile", help="run and measure a bundle or model file")
@@ -286,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("bundle")
     pk.add_argument("-o", "--output")
     pk.add_argument("--overwrite", action="store_true")
+    pk.add_argument("--pubkey", help="refuse a bundle this key did not sign (default: $EDGESHIP_PUBKEY)")
     pk.set_defaults(fn=cmd_pack)
 
     r = sub.add_parser("report", help="compare results side by side and pick what meets a budget")
@@ -310,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", default="edgeship-quickstart")
     _add_plan_args(q)
     _add_run_length_args(q)
+    _add_verbose(q)
     q.set_defaults(fn=cmd_quickstart)
 
     d = sub.add_parser("device", help="manage the virtual arm64 Raspberry Pi")
@@ -318,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", help="where the rootfs lives (default ~/.cache/edgeship/virtual-pi)")
     d.add_argument("--port", type=int, default=0, help="sshd port on 127.0.0.1 (default: a free one)")
     d.set_defaults(fn=cmd_device)
+    _add_signing_commands(sub)
     return p
 
 

@@ -16,7 +16,8 @@ Messages say what went wrong, where, and how to fix it.
     │   └── FidelityError            artifact below the profile's fidelity floor
     ├── BundleError              bundle missing, incomplete or unreadable
     │   ├── SchemaVersionError       manifest written by an incompatible version
-    │   └── ChecksumError            artifact does not match its recorded sha256
+    │   ├── ChecksumError            artifact does not match its recorded sha256
+    │   └── SignatureError           unsigned where a key is required, wrong key, or signed files changed
     ├── ArtifactLoadError        corrupt / truncated model file, or no runtime for it
     │   └── RuntimeMissingError      runtime package not installed (names the pip extra)
     ├── InputError               wrong input name, shape or dtype
@@ -83,6 +84,10 @@ class SchemaVersionError(BundleError):
 
 
 class ChecksumError(BundleError):
+    pass
+
+
+class SignatureError(BundleError):
     pass
 
 

@@ -46,6 +46,21 @@ class Fidelity:
         return cls(**d)
 
 
+def _check_fields(d: dict[str, Any], types: dict[str, type]) -> None:
+    """Types of the fields a reader trusts (paths, digests, sizes): a wrong type is a malformed manifest, not a
+    TypeError three calls later."""
+    for name, typ in types.items():
+        v = d.get(name)
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise ValueError(f"field '{name}' must be {typ.__name__}, got {type(v).__name__}")
+
+
+def _check_inside(path: str, what: str) -> None:
+    """A path the manifest names must stay inside the bundle: a manifest is outside input too."""
+    if path.startswith(("/", "\\")) or ".." in path.replace("\\", "/").split("/") or "\x00" in path or not path:
+        raise ValueError(f"{what} {path!r} must be relative and inside the bundle")
+
+
 @dataclass(frozen=True)
 class ArtifactRecord:
     path: str
@@ -78,6 +93,9 @@ class ArtifactRecord:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArtifactRecord:
         d = dict(d)
+        _check_fields(d, {"path": str, "format": str, "recipe": str, "sha256": str, "size_bytes": int,
+                          "runtime": dict})
+        _check_inside(d["path"], "artifact path")
         fid = d.pop("fidelity", None)
         d["warnings"] = tuple(d.get("warnings", ()))
         return cls(fidelity=Fidelity.from_dict(fid) if fid else None, **d)
@@ -127,6 +145,9 @@ class Manifest:
                 f" ({d.get('edgeship_version', 'unknown')})"
             )
         try:
+            for key in ("inputs", "outputs"):
+                if key in d["samples"]:
+                    _check_inside(d["samples"][key], f"samples.{key}")
             return cls(
                 schema_version=version,
                 edgeship_version=str(d["edgeship_version"]),
@@ -141,7 +162,7 @@ class Manifest:
                 samples=dict(d["samples"]),
                 artifacts=tuple(ArtifactRecord.from_dict(a) for a in d["artifacts"]),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e}); re-export the bundle") from None
 
     def default_dims(self) -> dict[str, int]:
@@ -170,8 +191,12 @@ class Bundle:
 
     def verify(self) -> None:
         """Every artifact exists with its recorded size and sha256; raises on the first that does not."""
+        root = self.root.resolve()
         for a in self.manifest.artifacts:
             p = self.path_of(a)
+            if not p.resolve().is_relative_to(root):  # a symlink in the bundle pointing elsewhere
+                raise ChecksumError(f"bundle {self.root}: artifact {a.path} resolves outside the bundle; "
+                                    "bundles hold plain files only")
             if not p.is_file():
                 raise ChecksumError(f"bundle {self.root}: artifact {a.path} is missing; re-export the bundle")
             size = p.stat().st_size

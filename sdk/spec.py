@@ -61,10 +61,10 @@ def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
             if not sep or not name:
                 raise ValueError
             shape = tuple(int(x) for x in dims.lower().split("x"))
-            if any(s <= 0 for s in shape):
+            if any(s <= 0 or s >= 2**31 for s in shape):  # runtimes index dims with int32
                 raise ValueError
         except ValueError:
-            raise InputError(f"--shape '{item}': expected NAME=DxDx..., e.g. input_ids=1x128") from None
+            raise InputError(f"--shape {item!r}: expected NAME=DxDx..., e.g. input_ids=1x128") from None
         out[name] = shape
     return out
 

@@ -120,6 +120,12 @@ def _take(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str,
     return v
 
 
+def _table(v: Any, where: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ConfigError(f"{where}: must be a table ({{ key = value, ... }}), got {type(v).__name__} {v!r}")
+    return dict(v)
+
+
 def _no_extra(d: dict[str, Any], where: str) -> None:
     if d:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(d))}")
@@ -150,8 +156,8 @@ def parse_profile(data: dict[str, Any], where: str) -> TargetProfile:
     soc = _take(cpu, "soc", str, w)
     clusters = []
     for i, c in enumerate(_take(cpu, "clusters", list, w)):
-        c = dict(c)
         wc = f"{w} clusters[{i}]"
+        c = _table(c, wc)
         clusters.append(CoreCluster(_take(c, "name", str, wc), _take(c, "count", int, wc), _take(c, "max_mhz", int, wc)))
         _no_extra(c, wc)
     if not clusters:
@@ -173,12 +179,12 @@ def parse_profile(data: dict[str, Any], where: str) -> TargetProfile:
 
     accs = []
     for i, a in enumerate(_take(d, "accelerators", list, where, [])):
-        a = dict(a)
         wa = f"{where} accelerators[{i}]"
+        a = _table(a, wa)
         routes = []
         for j, r in enumerate(_take(a, "routes", list, wa, [])):
-            r = dict(r)
             wr = f"{wa} routes[{j}]"
+            r = _table(r, wr)
             fmt = _take(r, "format", str, wr)
             _check_members([fmt], tuple(FORMATS), "format", wr)
             routes.append(DelegateRoute(fmt, _take(r, "backend", str, wr), _take(r, "installable_here", bool, wr, False),
@@ -240,6 +246,10 @@ def load_profile_file(path: str | Path) -> TargetProfile:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"target profile file not found: {p}") from None
+    except OSError as e:
+        raise ConfigError(f"target profile {p}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text; a target profile is a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
     prof = parse_profile(data, str(p))

@@ -116,7 +116,7 @@ def split_options(fmt: str, options: Mapping[str, Any]) -> tuple[dict[str, Any],
 
     accepted = get_backend(fmt).options_accepted
     known = {k for f in formats() for k in _safe_options(f)}
-    unknown = sorted(k for k in options if k not in known)
+    unknown = sorted(k if k.isprintable() else repr(k) for k in options if k not in known)  # one line, always
     if unknown:
         raise ConfigError(f"unknown runtime option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     mine = {k: v for k, v in options.items() if k in accepted}

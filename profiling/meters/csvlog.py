@@ -51,10 +51,14 @@ def _timestamp(text: str, where: str) -> float:
 def read_power_log(path: Path) -> list[tuple[float, float]]:
     """(unix seconds, watts) rows of a power-meter CSV, sorted by time."""
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
     except OSError as e:
         raise MeterError(f"--energy-csv {path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise MeterError(f"--energy-csv {path}: not UTF-8 text; export the meter's log as CSV") from None
+    except csv.Error as e:
+        raise MeterError(f"--energy-csv {path}: not a CSV file ({e})") from None
     if not rows:
         raise MeterError(f"--energy-csv {path}: empty file")
     header = [_norm(h) for h in rows[0]]

@@ -44,6 +44,8 @@ def load_inventory(path: str | Path) -> list[DeviceEntry]:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise ConfigError(f"--inventory {p}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--inventory {p}: not UTF-8 text; an inventory is a TOML file of [[device]] tables") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--inventory {p}: not valid TOML ({e})") from None
     extra = sorted(set(data) - {"device"})
@@ -53,7 +55,9 @@ def load_inventory(path: str | Path) -> list[DeviceEntry]:
     return [_entry(d, f"--inventory {p}: device #{i}") for i, d in enumerate(data["device"], 1)]
 
 
-def _entry(d: Mapping[str, Any], where: str) -> DeviceEntry:
+def _entry(d: object, where: str) -> DeviceEntry:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where} must be a [[device]] table, got {type(d).__name__}")
     if not isinstance(d.get("url"), str):
         raise ConfigError(f"{where} needs url = \"ssh://user@host[:port]\"")
     url = DeviceURL.parse(d["url"])  # reject bad URLs before anything connects

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -44,9 +45,13 @@ class DeviceURL:
 
     @classmethod
     def parse(cls, url: str) -> DeviceURL:
-        parts = urlsplit(url)
+        shown = repr(re.sub(r"(://[^/@]*?):[^/@]*@", r"\1:***@", url))  # quoted, escaped, never the password
+        try:
+            parts = urlsplit(url)
+        except ValueError as e:  # "Invalid IPv6 URL"
+            raise ConfigError(f"--device {shown}: not a URL ({e}); expected scheme://[user@]host[:port]") from None
         if not parts.scheme or not parts.hostname:
-            raise ConfigError(f"--device '{url}': expected scheme://[user@]host[:port], e.g. ssh://pi@raspberrypi.local")
+            raise ConfigError(f"--device {shown}: expected scheme://[user@]host[:port], e.g. ssh://pi@raspberrypi.local")
         if parts.password is not None:
             # A password in a URL ends up in shell history, logs and results files.
             raise ConfigError(f"--device for {parts.hostname}: passwords in device URLs are refused; "
@@ -54,11 +59,12 @@ class DeviceURL:
         try:
             port = parts.port
         except ValueError:
-            raise ConfigError(f"--device '{url}': the port is not a number between 1 and 65535") from None
+            raise ConfigError(f"--device {shown}: the port is not a number between 1 and 65535") from None
         query = parse_qs(parts.query)
         unknown = sorted(set(query) - {"workdir"})
         if unknown:
-            raise ConfigError(f"--device '{url}': unknown option(s) {', '.join(unknown)}; the only one is ?workdir=DIR")
+            raise ConfigError(f"--device {shown}: unknown option(s) {', '.join(map(repr, unknown))}; the only one is "
+                              "?workdir=DIR")
         workdir = query.get("workdir", [None])[-1]
         return cls(scheme=parts.scheme, host=parts.hostname, user=parts.username, port=port, workdir=workdir)
 

@@ -121,11 +121,17 @@ def test_profile_packed_zip(tiny_onnx_bundle: Path, tmp_path: Path) -> None:
 
 def test_peak_rss_is_the_workers_own(tiny_onnx_bundle: Path) -> None:
     """Trap: Linux keeps ru_maxrss across execve, so a worker forked from a big parent inherited its peak."""
+    before = profile(tiny_onnx_bundle, artifact="onnx/fp32", **FAST).results[0].memory
+    assert before is not None
+    baseline = before.peak_rss_mb
     ballast = np.ones(400 * 2**20 // 8)  # 400 MB resident in the parent
     res = profile(tiny_onnx_bundle, artifact="onnx/fp32", **FAST)
     assert ballast.sum() > 0
     m = res.results[0].memory
-    assert m is not None and m.peak_rss_mb < 300, m
+    assert m is not None
+    # Relative to the same worker without the ballast, not an absolute MB figure the machine's libraries decide:
+    # an inherited peak would add the whole 400 MB.
+    assert m.peak_rss_mb < baseline + 200, (m.peak_rss_mb, baseline)
     assert m.peak_rss_mb >= m.rss_after_load_mb
 
 
@@ -159,4 +165,4 @@ def test_progress_bar_redraws_on_a_terminal_and_logs_lines_otherwise() -> None:
         p.update(f"{bar(0.5)} run 5")
         p.done("10 runs")
     assert tty.getvalue() == "[onnx/fp32] [##########----------]  50% run 5\x1b[K\r[onnx/fp32] 10 runs\x1b[K\n"
-    assert log.getvalue() == "[onnx/fp32] [##########----------]  50% run 5\n[onnx/fp32] 10 runs\n"
+    assert log.getvalue() == "[onnx/fp32] 10 runs\n"  # a log gets a line per 5 s, and the last one

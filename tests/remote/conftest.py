@@ -6,7 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,9 +60,15 @@ class Sshd:
         self.proc.wait(timeout=10)
 
 
+def sshd_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (sshd runs as root on 127.0.0.1 with throwaway keys)"
+    if not Path(SSHD).exists() or shutil.which("ssh-keygen") is None:
+        return "needs OpenSSH: apt-get install openssh-server openssh-client (.ci/run does)"
+    return None
+
+
 def start_sshd(d: Path) -> Sshd:
-    if os.geteuid() != 0 or not Path(SSHD).exists() or shutil.which("ssh-keygen") is None:
-        pytest.skip("needs root and openssh-server (apt-get install openssh-server; .ci/run does)")
     d.mkdir(parents=True, exist_ok=True)
     host = keygen(d / "host_ed25519")
     user = keygen(d / "id_user")
@@ -92,15 +98,19 @@ Subsystem sftp internal-sftp
 
 
 @pytest.fixture(scope="session")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+def sshd(tmp_path_factory: pytest.TempPathFactory, unavailable: Callable[[str, str], None]) -> Iterator[Sshd]:
+    if why := sshd_missing():
+        unavailable("remote", why)
     server = start_sshd(tmp_path_factory.mktemp("sshd"))
     yield server
     server.kill()
 
 
 @pytest.fixture
-def sshd_fresh(tmp_path: Path) -> Iterator[Sshd]:
+def sshd_fresh(tmp_path: Path, unavailable: Callable[[str, str], None]) -> Iterator[Sshd]:
     """A server of its own, for tests that kill it."""
+    if why := sshd_missing():
+        unavailable("remote", why)
     server = start_sshd(tmp_path / "sshd")
     yield server
     server.kill()
@@ -113,12 +123,13 @@ def device_workdir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def virtual_pi(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def virtual_pi(tmp_path_factory: pytest.TempPathFactory, unavailable: Callable[[str, str], None]) -> Iterator[object]:
     from edgeship import virtual_pi
     from edgeship.errors import DeviceError
 
     if os.geteuid() != 0 or shutil.which("qemu-aarch64-static") is None or shutil.which("debootstrap") is None:
-        pytest.skip("needs root, qemu-user-static and debootstrap (.ci/run installs them)")
+        unavailable("arm64", "needs root and apt-get install qemu-user-static binfmt-support debootstrap zstd "
+                    "(.ci/run installs them)")
     workdir = tmp_path_factory.mktemp("virtual-pi")
     try:
         pi = virtual_pi.up(workdir)

@@ -12,15 +12,12 @@ from typing import Any
 import pytest
 
 from edgeship.cli import main
-from edgeship.errors import ConfigError, DeviceError, UnknownKeyError
+from edgeship.errors import DeviceError
 from edgeship.profiling import report
 from edgeship.profiling.remote import (
     ConnectOptions,
     DeviceURL,
     FleetProgress,
-    SshOptions,
-    load_inventory,
-    options_for,
     profile_fleet,
     transport_for,
 )
@@ -66,11 +63,14 @@ def test_profile_over_ssh_has_the_local_schema(tiny_onnx_bundle: Path, sshd: Any
     text = json.dumps(doc)
     assert "PRIVATE KEY" not in text and str(sshd.identity) not in text
     assert sshd.identity.read_text().splitlines()[1] not in text
-    # Nothing changed: the second run pushes nothing and reuses the device venv.
+    # Nothing changed: the second run pushes nothing and reuses the device venv (its stamp is not rewritten;
+    # a check of what changed, not of how long it took, which a loaded 2-core box cannot promise).
+    stamp = Path(device_workdir, "venv", "edgeship-runtime.json")
+    before = stamp.stat().st_mtime_ns
     again = _fleet(tiny_onnx_bundle, sshd, device_workdir)["runs"][0]
     assert again["status"] == "ok"
     assert again["device_identity"]["pushed_files"] == 0 and again["device_identity"]["skipped_files"] == 5
-    assert again["timings_s"]["runtime"] < 1.0
+    assert stamp.stat().st_mtime_ns == before
     assert not list(Path(device_workdir, "runs").iterdir()), "temporary run files left on the device"
 
 
@@ -108,8 +108,7 @@ def test_unknown_host_key_is_refused_then_accept_new_records_it(sshd: Any, tmp_p
 
 
 def test_changed_host_key_is_refused_even_with_accept_new(sshd: Any, tmp_path: Path) -> None:
-    other = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
-    assert other.returncode == 0
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
     pub = (tmp_path / "k.pub").read_text().split()
     known = tmp_path / "known_hosts"
     known.write_text(f"[127.0.0.1]:{sshd.port} {pub[0]} {pub[1]}\n")
@@ -192,46 +191,3 @@ def test_fleet_one_bad_device_does_not_stop_the_other(tiny_onnx_bundle: Path, ss
     assert by_name["loopback"]["status"] == "ok" and by_name["gone"]["status"] == "error"
     assert "connection refused" in by_name["gone"]["error"]
     assert by_name["loopback"]["config"]["power_target"] == "raspberry-pi-5"
-
-
-@pytest.mark.parametrize(("text", "message"), [
-    ('[[device]]\nurl = "ssh://a"\nport = 3\n', "unknown key"),
-    ('[[device]]\nname = "x"\n', "needs url"),
-    ("devices = 3\n", r"\[\[device\]\]"),
-    ('[[device]]\nurl = "ssh://pi:hunter2@a"\n', "passwords in device URLs are refused"),
-    ('[[device]]\nurl = "ssh://a"\ntarget = "raspbery-pi-5"\n', "Did you mean 'raspberry-pi-5'"),
-    ("[[device]\n", "not valid TOML"),
-    ('[[device]]\nurl = "ssh://a"\nidentity = 3\n', "option identity = 3: expected str"),
-    ('[[device]]\nurl = "ssh://a"\nruntime = "adb-natve"\n', "unknown device runtime 'adb-natve'"),
-])
-def test_bad_inventory(tmp_path: Path, text: str, message: str) -> None:
-    inv = tmp_path / "inv.toml"
-    inv.write_text(text)
-    with pytest.raises((ConfigError, UnknownKeyError), match=message) as e:
-        load_inventory(inv)
-    assert "hunter2" not in str(e.value)
-
-
-def test_inventory_entries_carry_their_transports_options(tmp_path: Path) -> None:
-    inv = tmp_path / "inv.toml"
-    inv.write_text('[[device]]\nurl = "ssh://pi@a"\nidentity = "~/.ssh/pi"\naccept_new_host_key = true\n'
-                   'connect_timeout = 5\nruntime = "python-venv"\n')
-    (e,) = load_inventory(inv)
-    assert e.runtime == "python-venv" and dict(e.options) == {"identity": "~/.ssh/pi", "accept_new_host_key": True,
-                                                               "connect_timeout": 5}
-    opts = options_for("ssh", e.options)
-    assert isinstance(opts, SshOptions) and opts.identity == "~/.ssh/pi" and opts.connect_timeout == 5
-    with pytest.raises(ConfigError, match="unknown ssh:// option.*port; valid: accept_new_host_key"):
-        options_for("ssh", {"port": 22})
-
-
-def test_bad_device_urls(tiny_onnx_bundle: Path) -> None:
-    with pytest.raises(UnknownKeyError, match="unknown device transport scheme 'sssh'. Did you mean 'ssh'"):
-        transport_for(DeviceURL.parse("sssh://a"), ConnectOptions())
-    with pytest.raises(ConfigError, match="passwords in device URLs are refused") as e:
-        DeviceURL.parse("ssh://pi:hunter2@host")
-    assert "hunter2" not in str(e.value)
-    with pytest.raises(ConfigError, match="listed twice"):
-        profile_fleet(tiny_onnx_bundle, devices=["ssh://a", "ssh://a"])
-    with pytest.raises(ConfigError, match="no device"):
-        profile_fleet(tiny_onnx_bundle, devices=[])

@@ -6,7 +6,6 @@ path are real, so aarch64 outputs are checked against the bundle's reference out
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 from pathlib import Path
@@ -29,17 +28,12 @@ pytestmark = [pytest.mark.arm64, pytest.mark.remote, pytest.mark.slow, pytest.ma
 EMULATED = RunConfig(runs=2, min_seconds=0, warmup=0, energy="estimate", progress=True)
 
 
-def _has_tflite() -> bool:
-    return importlib.util.find_spec("edgeship.exporters.tflite") is not None
-
-
 @pytest.fixture(scope="module")
 def minilm_int8_bundle(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from edgeship.pipeline import export
 
     out = tmp_path_factory.mktemp("minilm-int8") / "B"
-    formats = ["onnx", "tflite"] if _has_tflite() else ["onnx"]
-    export(minilm_dir, target="raspberry-pi-5", out=out, formats=formats, recipes=["int8-dynamic"], log=lambda m: None)
+    export(minilm_dir, target="raspberry-pi-5", out=out, formats=["onnx", "tflite"], recipes=["int8-dynamic"], log=lambda m: None)
     return out
 
 
@@ -115,8 +109,6 @@ def test_minilm_int8_on_virtual_pi5_matches_x86(minilm_int8_bundle: Path, virtua
                                   "aarch64_vs_torch_cos": arm["mean_cosine"], "x86_vs_torch_cos": x86["mean_cosine"],
                                   "emulated_p50_ms": r["latency"]["p50_ms"]}
     print("VIRTUAL-PI " + json.dumps(summary))
-    if not _has_tflite():
-        pytest.skip("TFLite int8 part not run: edgeship.exporters.tflite does not exist yet (the ONNX int8 part passed)")
     assert any(r["format"] == "tflite" for r in run["results"])
 
 
