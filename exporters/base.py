@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from edgeship.models import LoadedModel
     from edgeship.targets import TargetProfile
 
-RECIPES = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
+RECIPES = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight", "npu")
 
 
 @dataclass(frozen=True)

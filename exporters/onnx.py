@@ -39,6 +39,7 @@ from edgeship.exporters.base import (
     padding_advice,
     register,
 )
+from edgeship.exporters.onnx_npu import SUPPORT as NPU_SUPPORT
 
 OPSET = 18
 TORCHSCRIPT_OPSET = 17
@@ -66,6 +67,7 @@ class OnnxExporter(Exporter):
         RecipeSupport("int8-dynamic", "ORT quantize_dynamic, per-channel int8 weights incl. embeddings"),
         RecipeSupport("int8-static", "ORT QDQ, calibrated, sensitivity-ranked layers kept in float", True),
         RecipeSupport("int4-weight", "ORT MatMulNBits, block-wise symmetric 4-bit weights"),
+        NPU_SUPPORT,
     )
 
     requires: ClassVar[tuple[str, ...]] = ("torch", "onnx", "onnxscript", "onnxruntime")
@@ -143,6 +145,10 @@ class OnnxExporter(Exporter):
         return fused, info
 
     def export(self, ctx: ExportContext, recipe: str, out: Path) -> ExportOutput:
+        if recipe == NPU_SUPPORT.recipe:  # static shapes + QNN compile: its own module
+            from edgeship.exporters.onnx_npu import export_npu
+
+            return export_npu(ctx, out)
         fused, graph = self._fused(ctx, recipe) if recipe in ("fp32", "int8-dynamic") else (None, {"graph": "dynamo"})
         if fused is None:
             base = self._fp32(ctx, recipe)

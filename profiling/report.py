@@ -47,6 +47,12 @@ def result_rows(results: Sequence[Mapping[str, Any]], device: str | None = None)
         fid = r.get("fidelity") or {}
         lat = r.get("latency") or {}
         name = r.get("artifact", "?") if device is None else f"{device}:{r.get('artifact', '?')}"
+        if r.get("status") in ("skipped", "simulated"):  # NPU jobs without an NPU: no latency to show
+            check = r.get("device_check") or {}
+            rows.append([name, _fmt((r.get("size_bytes") or 0) / 2**20, ".1f"), _fmt(check.get("mean_cosine"), ".4f"),
+                         "-", "-", "-", "-", "n/a", "SIMULATED: numerics only" if r["status"] == "simulated"
+                         else "SKIPPED: no Hexagon NPU here"])
+            continue
         if r.get("status") != "ok":
             rows.append([name, _fmt((r.get("size_bytes") or 0) / 2**20, ".1f"), "-", "-", "-", "-", "-", "-",
                          f"ERROR: {str(r.get('error', ''))[:60]}"])
@@ -113,6 +119,9 @@ def render(result: Mapping[str, Any]) -> str:
               if (r.get("energy") or {}).get("available")]
     lines += [f"  {r.get('artifact', '?')}: {delegate_line(d)}" for r in result.get("results", [])
               if isinstance(d := (r.get("runtime") or {}).get("delegate"), dict)]
+    from edgeship.profiling.backends.qnn import profile_lines
+
+    lines += profile_lines(result.get("results", []))
     for r in result.get("results", []):
         p = (r.get("runtime") or {}).get("per_op") or r.get("per_op")
         if isinstance(p, dict):

@@ -72,6 +72,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     cfg = RunConfig(**raw)
     out: dict[str, Any] = {"status": "error"}
     try:
+        if job.get("npu") in ("absent", "simulate"):  # no Hexagon NPU here: say why, or simulator numerics only
+            from edgeship.profiling.backends.qnn import run_without_npu
+
+            return run_without_npu(job)
         _measure(job, cfg, out)
         out["status"] = "ok"
     except EdgeshipError as e:
@@ -96,6 +100,13 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
         out.update(artifact=art.key, path=art.path, format=fmt, recipe=art.recipe, size_bytes=art.size_bytes,
                    fidelity=art.fidelity.to_dict() if art.fidelity else None)
         run_opts = dict(art.runtime.get("options", {}))
+        if job.get("npu") == "device":  # the compiled HTP context model instead of the portable QDQ file
+            from edgeship.profiling.backends.qnn import context_files
+
+            path, run_opts = context_files(bundle, art)
+            fmt = "qnn"
+            out.update(artifact=f"{art.key}@htp", path=str(path.relative_to(bundle.root)), format=fmt,
+                       size_bytes=art.details["npu"]["size_bytes"], fidelity=art.details["npu"]["simulator_fidelity"])
     else:
         path = Path(job["file"])
         fmt = backends.format_of(path)

@@ -64,6 +64,7 @@ _BACKENDS: dict[str, str] = {
     "onnx": "edgeship.profiling.backends.onnx:OnnxBackend",
     "tflite": "edgeship.profiling.backends.tflite:TfliteBackend",
     "pte": "edgeship.profiling.backends.pte:PteBackend",
+    "qnn": "edgeship.profiling.backends.qnn:QnnBackend",  # QNN HTP context models (bundle details["npu"])
 }
 SUFFIXES = {".onnx": "onnx", ".tflite": "tflite", ".pte": "pte"}
 
