@@ -248,7 +248,7 @@ def _quantize(ctx: ExportContext, prepared: Path) -> Quantized:
         if fid.mean_cosine >= floor:
             break
     assert best is not None
-    ctx.log(f"[onnx/npu] QDQ on the CPU: " + ", ".join(f"{k} {v:.4f}" for k, v in tried.items())
+    ctx.log("[onnx/npu] QDQ on the CPU: " + ", ".join(f"{k} {v:.4f}" for k, v in tried.items())
             + f" mean cosine; using a{best[2]}w8")
     return Quantized(best[1], best[2], tried)
 

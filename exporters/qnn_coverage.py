@@ -104,7 +104,7 @@ def compile_context(qdq: Path, out_dir: Path, target: QnnTarget, name: str = "np
 def failed_nodes(log: str) -> dict[str, tuple[str, str]]:
     """node name -> (unit op type, the EP's reason), from the QNN EP's verbose validation log."""
     out: dict[str, tuple[str, str]] = {}
-    unit, names = "", []
+    unit, names = "", list[str]()
     for line in log.splitlines():
         if m := _FAILED.search(line):
             unit, names = m.group(1), []
@@ -129,6 +129,9 @@ def node_flops(model: Any) -> dict[str, float]:
             shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
     for init in inferred.graph.initializer:
         shapes[init.name] = tuple(int(d) for d in init.dims)
+    for node in inferred.graph.node:  # onnx leaves 16-bit Q/DQ outputs unshaped; they keep their input's shape
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[0] in shapes:
+            shapes.setdefault(node.output[0], shapes[node.input[0]])
     out: dict[str, float] = {}
     for node in inferred.graph.node:
         shp = next((shapes[o] for o in node.output if o in shapes), None) or \
