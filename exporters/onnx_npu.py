@@ -60,7 +60,6 @@ class Quantized:
 def export_npu(ctx: ExportContext, out: Path) -> ExportOutput:
     """The ``npu`` recipe end to end (see the module docstring)."""
     qnn_target = _check(ctx)
-    lm = ctx.model
     static = _static_onnx(ctx)
     with ctx.stage("prepare", "onnx", RECIPE):
         prepared = _prepare(static, ctx.workdir)
@@ -70,56 +69,72 @@ def export_npu(ctx: ExportContext, out: Path) -> ExportOutput:
     with ctx.stage("compile", "onnx", RECIPE):
         compiled = compile_context(q.path, ctx.workdir / "npu-ctx", qnn_target)
     cov = compiled.coverage
-    allow = bool(ctx.options.get("allow_degraded"))
     warnings: list[str] = []
     if cov["flops_share_htp"] < qnn_target.min_flops_coverage:
-        msg = (f"onnx/npu: only {cov['flops_share_htp']:.1%} of the estimated FLOPs compile into HTP partitions "
-               f"(the {ctx.target.name} minimum is {qnn_target.min_flops_coverage:.0%}); ops left to the CPU: "
-               + ", ".join(f"{f['op_type']} ({f['reason'][:80]})" for f in cov["fell_out"][:4])
-               + "; rewrite those ops or pass --allow-degraded to keep it")
-        if not allow:
-            raise ExportError(msg)
-        warnings.append("DEGRADED: " + msg)
+        _degraded(ctx, ExportError(
+            f"onnx/npu: only {cov['flops_share_htp']:.1%} of the estimated FLOPs compile into HTP partitions (the "
+            f"{ctx.target.name} minimum is {qnn_target.min_flops_coverage:.0%}); ops left to the CPU: "
+            + ", ".join(f"{f['op_type']} ({f['reason'][:80]})" for f in cov["fell_out"][:4])
+            + "; rewrite those ops or pass --allow-degraded to keep it"), warnings)
     with ctx.stage("simulate", "onnx", RECIPE):
         sim, sim_secs = _simulate(ctx, compiled.context_model, qnn_target)
     if not sim.passed:
-        msg = (f"onnx/npu: the compiled context binary reaches mean cosine {sim.mean_cosine:.4f} vs PyTorch on the "
-               f"HTP simulator, below the {ctx.target.name} floor {sim.floor_mean_cosine}; pass --allow-degraded to keep it")
-        if not allow:
-            raise FidelityError(msg)
-        warnings.append("DEGRADED: " + msg)
+        _degraded(ctx, FidelityError(
+            f"onnx/npu: the compiled context binary reaches mean cosine {sim.mean_cosine:.4f} vs PyTorch on the HTP "
+            f"simulator, below the {ctx.target.name} floor {sim.floor_mean_cosine}; pass --allow-degraded to keep it"),
+            warnings)
     shutil.copyfile(q.path, out)
     files = _publish(compiled.context_model, compiled.binary, out.parent)
-    rel = out.parent.name
-    npu = {
-        "backend": "QNNExecutionProvider / HTP", "htp_arch": qnn_target.htp_arch, "soc_model": qnn_target.soc_model,
-        "context_model": f"{rel}/{compiled.context_model.name}", "context_binary": f"{rel}/{compiled.binary.name}",
-        "files": [{**f, "path": f"{rel}/{f['path']}"} for f in files],
-        "size_bytes": sum(f["size_bytes"] for f in files), "versions": compiled.versions,
-        "ep_sdk_version": compiled.ep_sdk_version, "compile_seconds": round(compiled.seconds, 3),
-        "coverage": cov, "simulator_fidelity": sim.to_dict(),
-        "simulator_seconds_per_inference": [round(s, 3) for s in sim_secs],
-        "simulator_note": "SIMULATED (x86 HTP simulator): numerics only; these seconds are not a latency",
-        "portable_fallback": f"{rel}/{out.name}: the same static QDQ graph, for any onnxruntime build (CPU here)",
-    }
-    runtime: dict[str, Any] = {"name": "onnxruntime", "options": dict(CPU_OPTIONS), "opset": _opset(out),
-                               "execution_providers": ["CPUExecutionProvider"], "static_shapes": True,
-                               "graph": {"graph": "dynamo-static", "trims_padding": False},
-                               "npu": {"execution_provider": "QNNExecutionProvider", "context_model": npu["context_model"],
-                                       "needs": "onnxruntime-qnn on an ARM64 Snapdragon host with the Hexagon NPU"}}
-    seq = next((int(s) for spec in lm.inputs for s, d in zip(ctx.heldout[0][spec.name].shape, spec.shape, strict=False)
-                if d == "sequence"), None)
-    advice = padding_advice(lm, static_length=seq)
-    if advice:
-        runtime["input_padding"] = advice
+    npu = _npu_record(compiled, qnn_target, files, out, sim, sim_secs)
     quant = {"recipe": RECIPE, "format": "QDQ (onnxruntime get_qnn_qdq_config)",
-             "weights": "uint8 asymmetric (the QNN config default; symmetric int8 made the HTP reject LayerNorm), per-channel for Conv, per-tensor otherwise",
+             "weights": "uint8 asymmetric (the QNN config default; symmetric int8 made the HTP reject LayerNorm), "
+                        "per-channel for Conv, per-tensor otherwise",
              "activations": f"uint{q.activation_bits} asymmetric per-tensor, MinMax calibrated",
              "activation_bits_tried": q.cpu_cosine, "calibration": ctx.calibration_source,
              "calibration_samples": len(ctx.calibration), "mask_fill": MASK_FILL}
     ctx.log(f"[onnx/npu] HTP coverage {cov['flops_share_htp']:.1%} of FLOPs ({cov['nodes_htp']}/{cov['nodes_total']} "
             f"nodes, {cov['partitions']} partition(s)); simulator mean cosine {sim.mean_cosine:.4f}")
-    return ExportOutput(path=out, runtime=runtime, quantization=quant, details={"npu": npu}, warnings=warnings)
+    return ExportOutput(path=out, runtime=_runtime(ctx, out, npu), quantization=quant, details={"npu": npu},
+                        warnings=warnings)
+
+
+def _degraded(ctx: ExportContext, error: ExportError, warnings: list[str]) -> None:
+    """Raise ``error``, or with --allow-degraded keep going and record it as a DEGRADED warning."""
+    if not ctx.options.get("allow_degraded"):
+        raise error
+    warnings.append(f"DEGRADED: {error}")
+
+
+def _npu_record(compiled: Any, qnn_target: QnnTarget, files: list[dict[str, Any]], out: Path, sim: Fidelity,
+                sim_secs: list[float]) -> dict[str, Any]:
+    """``details["npu"]``: the context files with checksums, versions, coverage and simulator numerics."""
+    rel = out.parent.name
+    return {
+        "backend": "QNNExecutionProvider / HTP", "htp_arch": qnn_target.htp_arch, "soc_model": qnn_target.soc_model,
+        "context_model": f"{rel}/{compiled.context_model.name}", "context_binary": f"{rel}/{compiled.binary.name}",
+        "files": [{**f, "path": f"{rel}/{f['path']}"} for f in files],
+        "size_bytes": sum(f["size_bytes"] for f in files), "versions": compiled.versions,
+        "ep_sdk_version": compiled.ep_sdk_version, "compile_seconds": round(compiled.seconds, 3),
+        "coverage": compiled.coverage, "simulator_fidelity": sim.to_dict(),
+        "simulator_seconds_per_inference": [round(s, 3) for s in sim_secs],
+        "simulator_note": "SIMULATED (x86 HTP simulator): numerics only; these seconds are not a latency",
+        "portable_fallback": f"{rel}/{out.name}: the same static QDQ graph, for any onnxruntime build (CPU here)",
+    }
+
+
+def _runtime(ctx: ExportContext, out: Path, npu: dict[str, Any]) -> dict[str, Any]:
+    runtime: dict[str, Any] = {"name": "onnxruntime", "options": dict(CPU_OPTIONS), "opset": _opset(out),
+                               "execution_providers": ["CPUExecutionProvider"], "static_shapes": True,
+                               "graph": {"graph": "dynamo-static", "trims_padding": False},
+                               "npu": {"execution_provider": "QNNExecutionProvider", "context_model": npu["context_model"],
+                                       "needs": "onnxruntime-qnn on an ARM64 Snapdragon host with the Hexagon NPU"}}
+    lm = ctx.model
+    seq = next((int(n) for spec in lm.inputs for n, d in zip(ctx.heldout[0][spec.name].shape, spec.shape, strict=False)
+                if d == "sequence"), None)
+    advice = padding_advice(lm, static_length=seq)
+    if advice:
+        runtime["input_padding"] = advice
+    return runtime
 
 
 def _check(ctx: ExportContext) -> QnnTarget:
