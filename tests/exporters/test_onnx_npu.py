@@ -144,3 +144,39 @@ def test_minilm_compiles_for_the_htp(minilm_dir: Path, tmp_path: Path) -> None:
     assert art.quantization["activation_bits_tried"]["a16w8"] >= 0.99  # 8-bit activations cost fidelity here
     assert art.runtime["input_padding"] == {"mode": "max_length", "length": 128,
                                             "why": "static shape: every input must be padded to exactly this length"}
+
+
+def test_device_path_plumbing_with_a_faked_npu(vit_npu_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where an NPU is detected, profile measures the context model through the QNN backend like any artifact.
+
+    No NPU here: presence is faked, so the QNN EP actually runs the simulator; this checks the job, the
+    backend and the report plumbing, not a latency.
+    """
+    from edgeship.profiling.backends import qnn
+    from edgeship.profiling.runner import profile
+
+    monkeypatch.setattr(qnn, "htp_presence", lambda: qnn.HtpPresence(True, "faked for the test"))
+    res = profile(vit_npu_bundle, artifact="onnx/npu", isolate=False, runs=1, warmup=0, min_seconds=0,
+                  energy="off", progress=False)
+    npu = {r["artifact"]: r for r in res.results}["onnx/npu@htp"]
+    assert npu["status"] == "ok" and npu["format"] == "qnn" and npu["latency"]["count"] >= 1
+    assert npu["runtime"]["providers_used"][0] == "QNNExecutionProvider" and npu["runtime"]["htp_arch"] == "75"
+    assert npu["device_check"]["mean_cosine"] >= 0.99
+
+
+def test_coverage_below_the_profile_minimum_fails_unless_degraded_is_allowed(tiny_vit_dir: Path, tmp_path: Path) -> None:
+    from edgeship.errors import ExportError
+    from edgeship.targets.schema import PROFILE_DIR
+
+    # the graph-input QuantizeLinear stays on the CPU (the EP's rule), so 100% is out of reach
+    toml = (PROFILE_DIR / "galaxy-s24.toml").read_text().replace('name = "galaxy-s24"', 'name = "strict-s24"')
+    prof = tmp_path / "strict-s24.toml"
+    prof.write_text(toml.replace("min_flops_coverage = 0.95", "min_flops_coverage = 1.0"))
+    with pytest.raises(ExportError, match=r"HTP partitions .*QuantizeLinear .*--allow-degraded"):
+        export(tiny_vit_dir, target=str(prof), out=tmp_path / "b", formats=["onnx"], recipes=["npu"], **QUIET)
+    assert not (tmp_path / "b").exists()
+    res = export(tiny_vit_dir, target=str(prof), out=tmp_path / "b", formats=["onnx"], recipes=["npu"],
+                 allow_degraded=True, **QUIET)
+    art = res.manifest.artifact("onnx/npu")
+    assert any(w.startswith("DEGRADED: onnx/npu: only") for w in art.warnings)
+    assert art.details["npu"]["coverage"]["passed"] is False
