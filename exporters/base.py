@@ -78,6 +78,7 @@ class Stage(StrEnum):
     LOWER = "lower"
     OPTIMIZE = "optimize"
     SERIALIZE = "serialize"
+    COMPILE = "compile"  # an offline compile for an accelerator (onnx/npu: the QNN HTP context binary)
     VALIDATE = "validate"
 
 
@@ -96,6 +97,7 @@ class ExportContext:
     format: str
     recipe: str
     options: dict[str, Any] = field(default_factory=dict)
+    allow_degraded: bool = False  # --allow-degraded: a check an exporter runs itself warns instead of failing
     log: Callable[[str], None] = print
     stages: dict[Stage, float] = field(default_factory=dict)  # seconds spent in each stage, exclusive of nested ones
     _inner: list[float] = field(default_factory=list, repr=False)  # per open stage: seconds its nested stages took

@@ -11,6 +11,8 @@ Recipes (the support matrix below is the one source of truth):
   and the fewest needed are kept in float to meet the profile's floor. QDQ is also the form
   NPU execution providers (QNN, NNAPI) consume.
 * ``int4-weight``: block-wise 4-bit weights (ORT ``MatMulNBits``), block size from the profile.
+* ``npu``: static-shape QDQ compiled offline into a QNN HTP context binary for the profile's
+  Snapdragon Hexagon NPU (:mod:`edgeship.exporters.onnx_npu`; needs the ``[npu]`` extra).
 
 Text models whose outputs have no sequence dim get a padding trim at the front of every graph
 (:func:`trim_padding`): trailing columns that are padding in every row are sliced off, so a short
@@ -65,6 +67,9 @@ class OnnxRecipe(RecipeSupport):
     """An ONNX table row: which base graph the recipe may start from and what it adds to the manifest."""
 
     fusable: bool = False  # may start from the attention-fused TorchScript graph (BERT family)
+    # builds its own graph instead of the shared dynamic-shape base (npu: static shapes + a QNN compile), so
+    # make(exporter, ctx, out) returns the whole ExportOutput
+    own_graph: bool = False
     runtime: Mapping[str, Any] = field(default_factory=dict)  # extra runtime entries
     warnings: tuple[str, ...] = ()
 
@@ -150,6 +155,8 @@ class OnnxExporter(Exporter):
     def export(self, ctx: ExportContext, recipe: str, out: Path) -> ExportOutput:
         spec = self.spec(recipe)
         assert isinstance(spec, OnnxRecipe) and spec.make is not None
+        if spec.own_graph:
+            return spec.make(self, ctx, out)  # type: ignore[no-any-return]
         fused, graph = self._fused(ctx, recipe) if spec.fusable else (None, {"graph": "dynamo"})
         base = fused if fused is not None else self._fp32(ctx, recipe)
         runtime: dict[str, Any] = {"name": "onnxruntime", "options": dict(RUNTIME_OPTIONS), "opset": OPSET,
@@ -242,6 +249,11 @@ class OnnxExporter(Exporter):
                 "activations": "float32",
                 **self._searched(ctx, base, out, lambda src, dst, nodes: _int4(src, dst, block, nodes))}
 
+    def _make_npu(self, ctx: ExportContext, out: Path) -> ExportOutput:
+        from edgeship.exporters.onnx_npu import export_npu  # needs onnxruntime-qnn (the [npu] extra)
+
+        return export_npu(ctx, out)
+
     support: ClassVar[tuple[RecipeSupport, ...]] = (
         OnnxRecipe(Recipe.FP32, "torch.onnx dynamo export, dynamic batch/sequence", make=_make_fp32, fusable=True),
         OnnxRecipe(Recipe.FP16, "float16 weights and compute, float32 I/O (GPU/NPU EPs)", make=_make_fp16,
@@ -253,6 +265,9 @@ class OnnxExporter(Exporter):
                        "qdq": True, "npu_note": "QDQ int8 is the form the QNN and NNAPI execution providers take; on "
                                                "a device with onnxruntime-qnn pass providers=QNNExecutionProvider"}),
         OnnxRecipe(Recipe.INT4_WEIGHT, "ORT MatMulNBits, block-wise symmetric 4-bit weights", make=_make_int4_weight),
+        OnnxRecipe(Recipe.NPU, "static-shape QDQ (QNN config, A8W8 or A16W8) compiled to a QNN HTP context binary "
+                               "for the profile's Hexagon NPU, plus the QDQ model as portable fallback", True,
+                   make=_make_npu, own_graph=True),
     )
 
 

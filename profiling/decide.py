@@ -97,6 +97,8 @@ def rows_of(runs: Sequence[DeviceRun]) -> list[Row]:
             continue
         emulated = run.profile.device.emulated
         for r in run.profile.results:
+            if not r.ok and not r.failed:  # an NPU job on a host without the NPU: nothing measured, nothing failed
+                continue
             out.append(Row(
                 device=run.name, artifact=r.artifact, format=r.format, recipe=r.recipe,
                 size_mb=float(r.size_bytes or 0) / 2**20, mean_cosine=r.fidelity.mean_cosine if r.fidelity else None,

@@ -44,9 +44,17 @@ def energy_cell(e: EnergyResult | None) -> str:
 
 
 def result_rows(results: Sequence[ArtifactResult], device: str | None = None) -> list[list[str]]:
+    from edgeship.profiling.results import Status
+
     rows = []
     for r in results:
         name = r.artifact if device is None else f"{device}:{r.artifact}"
+        if r.npu is not None and r.status in (Status.SKIPPED, Status.SIMULATED):  # no NPU here: no latency to show
+            check = r.device_check
+            rows.append([name, _fmt((r.size_bytes or 0) / 2**20, ".1f"), _fmt(check.mean_cosine if check else None, ".4f"),
+                         "-", "-", "-", "-", "n/a", "SIMULATED: numerics only" if r.status == Status.SIMULATED
+                         else "SKIPPED: no Hexagon NPU here"])
+            continue
         if not r.ok:
             rows.append([name, _fmt((r.size_bytes or 0) / 2**20, ".1f"), "-", "-", "-", "-", "-", "-",
                          f"ERROR: {str(r.error or '')[:60]}"])
@@ -99,8 +107,18 @@ def render(result: ProfileResult) -> str:
     lines = [head, table(rows, HEADER), foot]
     lines += [f"  {r.artifact}: {energy_detail(r.energy)}" for r in result.results if r.energy and r.energy.available]
     lines += [f"  {r.artifact}: {delegate_line(r.delegate)}" for r in result.results if r.delegate is not None]
+    lines += [f"  {r.artifact}: {npu_line(r)}" for r in result.results if r.npu is not None]
     lines += [f"  {r.artifact}: {per_op_line(p)}" for r in result.results if (p := r.per_op_trace) is not None]
     return "\n".join(lines)
+
+
+def npu_line(r: ArtifactResult) -> str:
+    """A compiled NPU model's job: why it did not run, what the simulator said, or where it ran."""
+    if r.npu is not None and r.npu.note:
+        return r.npu.note
+    if r.ok:
+        return f"ran on {r.runtime.get('backend_ran', 'the NPU')}"
+    return f"NPU job {r.status}: {r.error or (r.npu.presence if r.npu else '')}"
 
 
 def per_op_line(p: Mapping[str, Any], top: int = 5) -> str:

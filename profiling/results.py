@@ -15,7 +15,8 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
+from typing import Any, Literal
 
 from edgeship.errors import ConfigError
 from edgeship.manifest import Fidelity
@@ -65,6 +66,7 @@ class RunConfig:
     per_op: bool = False
     progress: bool = True
     seed: int = 0
+    simulate_npu: bool = False  # without a Hexagon NPU, run compiled QNN context models on the HTP simulator
 
     def __post_init__(self) -> None:
         if self.runs < 1:
@@ -176,6 +178,32 @@ class TelemetrySummary:
         return cls(bool(d.get("throttled")), tuple(d.get("throttle_reasons") or ()), rest)
 
 
+NpuMode = Literal["device", "simulate", "absent"]
+
+
+@dataclass(frozen=True)
+class NpuRun:
+    """How a bundle's compiled NPU model (onnx/npu's QNN HTP context binary) was handled on this host.
+
+    ``device``: measured on the Hexagon NPU like any artifact; ``simulate`` (--simulate-npu): numerics on
+    the x86 HTP simulator, whose seconds are not a latency; ``absent``: not run, ``presence`` says why.
+    """
+
+    mode: NpuMode
+    presence: str  # why there is (not) a Hexagon NPU here
+    note: str | None = None
+    simulated_seconds_per_inference: tuple[float, ...] = ()
+
+
+class Status(StrEnum):
+    """An artifact result's ``status``. SKIPPED and SIMULATED are no failures, but no latency either."""
+
+    OK = "ok"
+    ERROR = "error"
+    SKIPPED = "skipped"  # an NPU job on a host without the NPU (NpuRun.presence says why)
+    SIMULATED = "simulated"  # an NPU job run on the HTP simulator: numerics only
+
+
 # Nested blocks of an artifact result: JSON key -> (reader, writer).
 _BLOCKS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "latency": (lambda d: _build(LatencyStats, d), dataclasses.asdict),
@@ -183,6 +211,8 @@ _BLOCKS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "telemetry": (TelemetrySummary.from_dict, TelemetrySummary.to_dict),
     "device_check": (lambda d: _build(Agreement, d), dataclasses.asdict),
     "fidelity": (lambda d: _build(Fidelity, d), dataclasses.asdict),
+    "npu": (lambda d: _build(NpuRun, d, simulated_seconds_per_inference=tuple(d.get("simulated_seconds_per_inference")
+                                                                              or ())), dataclasses.asdict),
 }
 _INPUT_KEYS = ("input_source", "input_shapes", "input_dtypes", "input_real_tokens")
 _MEMORY_KEYS = tuple(f.name for f in dataclasses.fields(Memory))
@@ -190,10 +220,10 @@ _MEMORY_KEYS = tuple(f.name for f in dataclasses.fields(Memory))
 
 @dataclass(frozen=True)
 class ArtifactResult:
-    """One artifact measured in one worker. ``status`` is "ok" or "error" (then ``error`` says why)."""
+    """One artifact measured in one worker. ``status`` is a :class:`Status` (on "error", ``error`` says why)."""
 
     artifact: str
-    status: str = "error"
+    status: str = Status.ERROR
     error: str | None = None
     traceback: str | None = None
     path: str | None = None
@@ -217,11 +247,18 @@ class ArtifactResult:
     telemetry: TelemetrySummary | None = None
     device_check: Agreement | None = None
     per_op: Mapping[str, Any] | None = None  # set here only when the backend cannot time operators
+    npu: NpuRun | None = None  # set on the job for a bundle's compiled NPU model
     warnings: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        """Measured: latency, memory and the rest are there."""
+        return self.status == Status.OK
+
+    @property
+    def failed(self) -> bool:
+        """An error; a skipped or simulated NPU job is no failure (and no measurement either)."""
+        return self.status not in (Status.OK, Status.SKIPPED, Status.SIMULATED)
 
     @property
     def peak_rss_mb(self) -> float | None:
@@ -306,7 +343,7 @@ class ProfileResult:
 
     @property
     def ok(self) -> bool:
-        return all(r.ok for r in self.results)
+        return not any(r.failed for r in self.results)
 
     def to_dict(self) -> dict[str, Any]:
         return {"device": self.device.to_dict(), "config": self.config.to_dict() if self.config else None,

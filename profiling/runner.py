@@ -49,8 +49,14 @@ def _jobs(source: Path, artifacts: Sequence[str], config: RunConfig, pubkey: str
     if source.is_dir():
         bundle = load_bundle(source, verify=True)
         arts = [bundle.manifest.artifact(a) for a in artifacts] if artifacts else list(bundle.manifest.artifacts)
-        return [Job(config, bundle=str(source.resolve()), artifact=a.key) for a in arts], \
-            bundle.manifest.target.get("name")
+        jobs = []
+        for a in arts:
+            jobs.append(Job(config, bundle=str(source.resolve()), artifact=a.key))
+            if a.details.get("npu"):  # its compiled NPU model too: measured, simulated, or why not
+                from edgeship.profiling.backends.qnn import npu_mode
+
+                jobs.append(Job(config, bundle=str(source.resolve()), artifact=a.key, npu=npu_mode(config.simulate_npu)))
+        return jobs, bundle.manifest.target.get("name")
     if artifacts:
         raise ConfigError("--artifact selects inside a bundle; a single model file was given")
     return [Job(config, file=str(source.resolve()))], None

@@ -19,11 +19,11 @@ import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
-from edgeship.errors import EdgeshipError, InputError
+from edgeship.errors import ConfigError, EdgeshipError, InputError
 from edgeship.manifest import Bundle
 from edgeship.profiling import backends, energy, sysinfo, telemetry
 from edgeship.profiling.progress import Progress, bar
@@ -32,7 +32,9 @@ from edgeship.profiling.results import (
     ArtifactResult,
     InputInfo,
     Memory,
+    NpuMode,
     RunConfig,
+    Status,
     TelemetrySummary,
 )
 from edgeship.profiling.stats import LatencyStats
@@ -44,23 +46,31 @@ Feeds = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class Job:
-    """One artifact to measure: ``artifact`` of the bundle at ``bundle``, or the model ``file``."""
+    """One artifact to measure: ``artifact`` of the bundle at ``bundle``, or the model ``file``.
+
+    ``npu`` set: the artifact's compiled NPU model instead of its file (see :class:`~.results.NpuRun`).
+    """
 
     config: RunConfig
     bundle: str | None = None
     artifact: str | None = None
     file: str | None = None
+    npu: NpuMode | None = None
 
     @property
     def label(self) -> str:
-        return self.artifact or Path(self.file or "?").name
+        name = self.artifact or Path(self.file or "?").name
+        return f"{name}@htp" if self.npu else name
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "bundle": self.bundle, "artifact": self.artifact, "file": self.file}
+        return {"config": self.config.to_dict(), "bundle": self.bundle, "artifact": self.artifact, "file": self.file,
+                "npu": self.npu}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Job:
-        return cls(RunConfig.from_dict(d["config"]), d.get("bundle"), d.get("artifact"), d.get("file"))
+        if d.get("npu") not in (None, *get_args(NpuMode)):
+            raise ConfigError(f"job: npu mode {d['npu']!r} is not one of {', '.join(get_args(NpuMode))}")
+        return cls(RunConfig.from_dict(d["config"]), d.get("bundle"), d.get("artifact"), d.get("file"), d.get("npu"))
 
 
 def block_torch() -> None:
@@ -115,6 +125,11 @@ def _open(job: Job) -> _Opened:
 
         bundle = load_bundle(job.bundle, verify=False)
         art = bundle.manifest.artifact(job.artifact or "")
+        if job.npu == "device":  # the compiled HTP context model instead of the portable QDQ file
+            from edgeship.profiling.backends.qnn import open_context
+
+            ident, path, opts = open_context(bundle, art)
+            return _Opened(ident, path, bundle, opts)
         ident = ArtifactResult(artifact=art.key, path=art.path, format=art.format, recipe=art.recipe,
                                size_bytes=art.size_bytes, fidelity=art.fidelity)
         return _Opened(ident, bundle.path_of(art), bundle, dict(art.runtime.get("options", {})))
@@ -127,13 +142,17 @@ def _open(job: Job) -> _Opened:
 def run_job(job: Job) -> ArtifactResult:
     base = ArtifactResult(artifact=job.label)
     try:
+        if job.npu in ("absent", "simulate"):  # no Hexagon NPU here: say why, or simulator numerics only
+            from edgeship.profiling.backends.qnn import run_without_npu
+
+            return run_without_npu(job)
         opened = _open(job)
         base = opened.ident
         return _measure(opened, job.config)
     except EdgeshipError as e:
-        return dataclasses.replace(base, status="error", error=str(e))
+        return dataclasses.replace(base, status=Status.ERROR, error=str(e))
     except Exception as e:  # a runtime failing mid-run must not lose the other measurements
-        return dataclasses.replace(base, status="error", error=f"{type(e).__name__}: {e}",
+        return dataclasses.replace(base, status=Status.ERROR, error=f"{type(e).__name__}: {e}",
                                    traceback=traceback.format_exc())
 
 
@@ -179,7 +198,7 @@ def _measure(opened: _Opened, cfg: RunConfig) -> ArtifactResult:
     loop = _timed_loop(model, feeds, cfg, recorder, prog)
     check = _device_check(model, bundle) if bundle is not None and not cfg.shapes else None
     return dataclasses.replace(
-        opened.ident, status="ok", torch_free="torch" in sys.modules and sys.modules["torch"] is None, input=inp,
+        opened.ident, status=Status.OK, torch_free="torch" in sys.modules and sys.modules["torch"] is None, input=inp,
         load_seconds=load_s, first_inference_ms=first_ms, warmup_runs=cfg.warmup, measured_seconds=loop.wall_s,
         latency=LatencyStats.from_ns(loop.samples), samples_ns=tuple(loop.samples),
         memory=Memory(rss0, rss_load, _peak_rss_mb()), threads=threads, runtime=model.info(),
@@ -287,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     res = run_job(Job.from_dict(json.loads(Path(args[0]).read_text())))
     Path(args[1]).write_text(json.dumps(res.to_dict()))
-    return 0 if res.ok else 1
+    return 1 if res.failed else 0
 
 
 if __name__ == "__main__":

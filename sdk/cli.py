@@ -43,6 +43,8 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cooldown-to", type=float, metavar="C", help="wait until the SoC is below C degrees first")
     p.add_argument("--target", help="target profile whose power model the energy estimate uses")
     p.add_argument("--per-op", action="store_true", help="per-operator timings where the runtime supports it")
+    p.add_argument("--simulate-npu", action="store_true", help="no Hexagon NPU here: check the compiled QNN context "
+                   "model's numerics on the x86 HTP simulator (its times are SIMULATED, not latency)")
     p.add_argument("--device", action="append", default=[], metavar="ssh://user@host[:port]",
                    help="profile on a remote device (repeatable: a fleet)")
     p.add_argument("--inventory", help="TOML file naming devices and their target profiles")
@@ -102,7 +104,7 @@ def _run_config(a: argparse.Namespace) -> Any:
                      threads=a.threads, shapes=parse_shape_overrides(a.shape), energy=a.energy,
                      idle_seconds=a.idle_seconds, sample_hz=a.sample_hz, cooldown_to_c=a.cooldown_to,
                      energy_csv=a.energy_csv, power_target=a.target, options={**_kv(a.option, "--option"), **({"delegate": a.delegate} if a.delegate else {})},
-                     per_op=a.per_op, progress=not a.quiet)
+                     per_op=a.per_op, progress=not a.quiet, simulate_npu=a.simulate_npu)
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
@@ -248,6 +250,11 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             if key in art.details:
                 print(f"\n{art.key} {key}:")
                 print(json.dumps(art.details[key], indent=2)[:4000])
+        if isinstance(art.details.get("npu"), dict):
+            from edgeship.profiling.backends.qnn import coverage_lines
+
+            print(f"\n{art.key} NPU (compiled for the Hexagon HTP):")
+            print("\n".join(coverage_lines(art.details["npu"])))
         for w in art.warnings:
             print(f"{art.key}: warning: {w}")
     print("checksums: all artifacts verified")

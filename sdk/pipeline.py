@@ -193,7 +193,7 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
             ctx = ExportContext(model=lm, target=prof, workdir=workdir, calibration=calib, calibration_source=calib_source,
                                 heldout=held, reference=reference, format=fmt, recipe=recipe,
                                 evaluate=lambda p, f, o, r=recipe: evaluate(p, f, o, r),
-                                options=dict(options or {}), log=say)
+                                options=dict(options or {}), allow_degraded=allow_degraded, log=say)
             rel = f"{fmt}/{recipe}{exp_cls.suffix}"
             dest = writer.path(rel)
             t0 = time.perf_counter()

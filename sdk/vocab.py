@@ -23,6 +23,7 @@ class Recipe(StrEnum):
     INT8_DYNAMIC = "int8-dynamic"
     INT8_STATIC = "int8-static"
     INT4_WEIGHT = "int4-weight"
+    NPU = "npu"  # static-shape QDQ compiled for the target's NPU (ONNX: a QNN HTP context binary)
 
 
 RECIPES: tuple[str, ...] = tuple(r.value for r in Recipe)
@@ -46,6 +47,11 @@ FORMATS: dict[str, FormatSpec] = {f.name: f for f in (
     FormatSpec("onnx", ".onnx", "edgeship.profiling.backends.onnx:OnnxBackend"),  # graph I/O carry the bundle's names
     FormatSpec("tflite", ".tflite", "edgeship.profiling.backends.tflite:TfliteBackend"),
     FormatSpec("pte", ".pte", "edgeship.profiling.backends.pte:PteBackend"),
+)}
+# Formats the device runs that no exporter writes as an artifact of their own: a recipe's companion files,
+# run only from a bundle (never picked by suffix). "qnn": the onnx/npu artifact's QNN HTP context model.
+DEVICE_FORMATS: dict[str, FormatSpec] = {f.name: f for f in (
+    FormatSpec("qnn", ".onnx", "edgeship.profiling.backends.qnn:QnnBackend"),  # an EPContext model + its _qnn.bin
 )}
 
 
@@ -77,5 +83,5 @@ def listing(names: Iterable[object]) -> str:
     return ", ".join(str(n) for n in names)
 
 
-__all__ = ["FORMATS", "METERS", "PTE_IO_METHOD", "RECIPES", "TASKS", "TEXT_TASKS", "TFLITE_METADATA",
+__all__ = ["DEVICE_FORMATS", "FORMATS", "METERS", "PTE_IO_METHOD", "RECIPES", "TASKS", "TEXT_TASKS", "TFLITE_METADATA",
            "TFLITE_SIGNATURE", "FormatSpec", "Recipe", "TaskSpec", "listing"]

@@ -44,11 +44,31 @@ class DelegateRoute:
     note: str = ""
 
 
+# Hexagon architectures the QNN HTP backend compiles for (QAIRT 2.x ``htp_arch``): v68 (888) ... v81 (8 Elite Gen 5)
+KNOWN_HTP_ARCHS = (68, 69, 73, 75, 79, 81)
+
+
+@dataclass(frozen=True)
+class QnnTarget:
+    """What the QNN HTP backend needs to compile a context binary offline for one Snapdragon NPU.
+
+    Without ``htp_arch``/``soc_model`` the offline compile of a whole MiniLM failed with
+    ``QNN_COMMON_ERROR_MEM_ALLOC``; with them it compiled (onnxruntime-qnn 2.7.0).
+    ``min_flops_coverage`` is the share of estimated FLOPs that must land in HTP partitions.
+    """
+
+    backend: str  # "htp"
+    htp_arch: int
+    soc_model: int
+    min_flops_coverage: float = 0.95
+
+
 @dataclass(frozen=True)
 class Accelerator:
     kind: str  # "npu" | "gpu" | "dsp"
     name: str
     routes: tuple[DelegateRoute, ...] = ()
+    qnn: QnnTarget | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,11 @@ class TargetProfile:
         """The fidelity floor for an artifact of this recipe (mean cosine vs PyTorch)."""
         return self.fidelity_floor.get(recipe, self.fidelity_floor.get("default", 0.99))
 
+    @property
+    def qnn(self) -> QnnTarget | None:
+        """The Snapdragon NPU this profile compiles QNN context binaries for, if it has one."""
+        return next((a.qnn for a in self.accelerators if a.qnn is not None), None)
+
     def preferred_backends(self, fmt: str) -> list[DelegateRoute]:
         return [r for a in self.accelerators for r in a.routes if r.format == fmt]
 
@@ -136,6 +161,24 @@ def _check_members(values: list[str], valid: tuple[str, ...], what: str, where: 
         if v not in valid:
             raise ConfigError(f"{where}: unknown {what} '{v}' (valid: {', '.join(valid)})")
     return tuple(values)
+
+
+def _parse_qnn(q: dict[str, Any], where: str) -> QnnTarget:
+    backend = _take(q, "backend", str, where)
+    if backend != "htp":
+        raise ConfigError(f"{where}: backend must be 'htp' (the Hexagon NPU), got {backend!r}")
+    arch = _take(q, "htp_arch", int, where)
+    if arch not in KNOWN_HTP_ARCHS:
+        raise ConfigError(f"{where}: htp_arch {arch} is not a Hexagon HTP version (valid: "
+                          f"{', '.join(map(str, KNOWN_HTP_ARCHS))})")
+    soc = _take(q, "soc_model", int, where)
+    if soc < 1:
+        raise ConfigError(f"{where}: soc_model must be QNN's positive SoC id (57 = Snapdragon 8 Gen 3), got {soc}")
+    cov = _take(q, "min_flops_coverage", float, where, 0.95)
+    if not 0.0 <= cov <= 1.0:
+        raise ConfigError(f"{where}: min_flops_coverage must be in [0, 1], got {cov}")
+    _no_extra(q, where)
+    return QnnTarget(backend, arch, soc, cov)
 
 
 def parse_profile(data: dict[str, Any], where: str) -> TargetProfile:
@@ -193,7 +236,9 @@ def parse_profile(data: dict[str, Any], where: str) -> TargetProfile:
         kind = _take(a, "kind", str, wa)
         if kind not in ("npu", "gpu", "dsp"):
             raise ConfigError(f"{wa}: kind must be npu, gpu or dsp, got {kind!r}")
-        accs.append(Accelerator(kind, _take(a, "name", str, wa), tuple(routes)))
+        qnn_raw = _take(a, "qnn", dict, wa, None)
+        qnn = _parse_qnn(dict(qnn_raw), f"{wa} qnn") if qnn_raw is not None else None
+        accs.append(Accelerator(kind, _take(a, "name", str, wa), tuple(routes), qnn))
         _no_extra(a, wa)
 
     exp = dict(_take(d, "export", dict, where))

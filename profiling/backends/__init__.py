@@ -19,7 +19,7 @@ import numpy as np
 
 from edgeship.errors import ArtifactLoadError, UnknownKeyError
 from edgeship.spec import TensorSpec, check_feeds
-from edgeship.vocab import FORMATS
+from edgeship.vocab import DEVICE_FORMATS, FORMATS
 
 
 class Backend(ABC):
@@ -61,8 +61,8 @@ class Backend(ABC):
         return out
 
 
-_BACKENDS: dict[str, str] = {f.name: f.backend for f in FORMATS.values()}
-SUFFIXES = {f.suffix: f.name for f in FORMATS.values()}
+_BACKENDS: dict[str, str] = {f.name: f.backend for f in (*FORMATS.values(), *DEVICE_FORMATS.values())}
+SUFFIXES = {f.suffix: f.name for f in FORMATS.values()}  # device-only formats run from bundles, never by suffix
 
 
 def register_backend(fmt: str, ref: str, suffix: str | None = None) -> None:

@@ -210,9 +210,11 @@ class NpzLinearExporter(Exporter):
 
 def test_a_toy_format_registered_from_a_test_file_exports_validates_and_runs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeship.exporters import load_builtin
     from edgeship.manifest import load_bundle
     from edgeship.pipeline import export
 
+    load_builtin()  # snapshot the built-ins too: restoring an earlier, emptier snapshot would drop them for good
     snap = EXPORTERS.snapshot()
     monkeypatch.setattr(backends, "_BACKENDS", dict(backends._BACKENDS))
     monkeypatch.setattr(backends, "SUFFIXES", dict(backends.SUFFIXES))

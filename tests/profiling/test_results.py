@@ -36,7 +36,10 @@ def test_a_file_from_before_the_dataclasses_reads_and_writes_back_unchanged() ->
     # every key the old file has comes back with its value; the new writer only adds empty ones
     assert {k: again["results"][0][k] for k in old} == old
     assert all(again["results"][0][k] is None for k in set(again["results"][0]) - set(old))
-    assert {k: v for k, v in again.items() if k != "results"} == {k: v for k, v in doc.items() if k != "results"}
+    assert {k: v for k, v in again.items() if k not in ("results", "config")} == \
+        {k: v for k, v in doc.items() if k not in ("results", "config")}
+    # run options added since (simulate_npu) come back at their defaults
+    assert again["config"] == {**RunConfig().to_dict(), **doc["config"]}
     assert ProfileResult.from_dict(again) == res
     assert "input: bundle held-out sample 0: input_ids 1x128" in render(res)
 
@@ -55,6 +58,27 @@ def test_run_config_and_job_round_trip() -> None:
     job = Job(cfg, bundle="/b", artifact="onnx/fp32")
     assert Job.from_dict(json.loads(json.dumps(job.to_dict()))) == job and job.label == "onnx/fp32"
     assert Job(cfg, file="/m/model.tflite").label == "model.tflite"
+    npu_job = Job(RunConfig(simulate_npu=True), bundle="/b", artifact="onnx/npu", npu="simulate")
+    assert Job.from_dict(json.loads(json.dumps(npu_job.to_dict()))) == npu_job and npu_job.label == "onnx/npu@htp"
+    with pytest.raises(ConfigError, match="npu mode 'turbo'"):
+        Job.from_dict({**npu_job.to_dict(), "npu": "turbo"})
+
+
+def test_an_npu_job_without_the_npu_is_neither_a_failure_nor_a_measurement() -> None:
+    from edgeship.profiling.results import NpuRun, Status
+
+    doc = json.loads(V1.read_text())
+    skipped = ArtifactResult(artifact="onnx/npu@htp", status=Status.SKIPPED, format="qnn",
+                             npu=NpuRun("absent", "no Hexagon NPU is present: x86_64", "use --simulate-npu"))
+    simulated = ArtifactResult(artifact="onnx/npu@htp", status=Status.SIMULATED, format="qnn",
+                               npu=NpuRun("simulate", "x86_64", "SIMULATED", (7.5, 6.25)))
+    for r in (skipped, simulated):
+        assert ArtifactResult.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+        assert not r.ok and not r.failed
+    res = dataclasses.replace(ProfileResult.from_dict(doc), results=(skipped, simulated))
+    assert res.ok and not dataclasses.replace(res, results=(ArtifactResult(artifact="x"),)).ok
+    text = render(res)
+    assert "SKIPPED: no Hexagon NPU here" in text and "onnx/npu@htp: use --simulate-npu" in text
 
 
 def test_fleet_document_round_trips_with_failed_and_partial_devices(tmp_path: Path) -> None:

@@ -21,6 +21,10 @@ def test_exporters_and_backends_cover_the_same_formats_with_the_same_suffix() ->
         assert (backend.format, backend.suffix) == (name, spec.suffix)
         assert f"{backend.__module__}:{backend.__name__}" == spec.backend
     assert set(vocab.FORMATS) <= set(EXPORTERS.keys())
+    for name, spec in vocab.DEVICE_FORMATS.items():  # run from bundles only: a backend, no exporter, no suffix lookup
+        backend = backends.get_backend(name)
+        assert (backend.format, backend.suffix) == (name, spec.suffix) and name not in EXPORTERS.keys()
+        assert f"{backend.__module__}:{backend.__name__}" == spec.backend and backends.SUFFIXES[spec.suffix] != name
 
 
 def test_every_recipe_an_exporter_offers_is_in_the_vocabulary() -> None:
