@@ -81,6 +81,13 @@ def _row_label(r: Row, many_devices: bool) -> str:
     return f"{r.device[:18]}: {r.artifact}" if many_devices else r.artifact
 
 
+def _errors_block(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Every failed artifact's whole error, below the table."""
+    items = [f"<li><b>{_esc(r.get('artifact', '?'))}</b>: <code>{_esc(' '.join(str(r.get('error') or '').split()))}</code>"
+             "</li>" for run in runs for r in run.get("results", []) if r.get("status") != "ok"]
+    return f"<h2>Errors</h2><ul class=warn>{''.join(items)}</ul>" if items else ""
+
+
 def render_html(doc: Mapping[str, Any], decision: Decision | None = None) -> str:
     runs = list(doc.get("runs", [doc] if "results" in doc else []))
     rows = rows_of(runs)
@@ -113,6 +120,7 @@ def render_html(doc: Mapping[str, Any], decision: Decision | None = None) -> str
         body.append(f"<tr class='{cls}'>" + "".join(
             f"<td{' class=l' if i in (0, 1, 8) else ''}>{_esc(c)}</td>" for i, c in enumerate(cells)) + "</tr>")
     parts.append(f"<table>{head}{''.join(body)}</table>")
+    parts.append(_errors_block(runs))
     if decision:
         pick = decision.pick
         budget = ", ".join(f"{k} = {v:g}" for k, v in decision.budget.to_dict().items()) or "none"

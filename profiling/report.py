@@ -108,7 +108,7 @@ def render(result: Mapping[str, Any]) -> str:
     reasons = sorted({e.get("reason", "") for e in energy if e.get("reason")})
     if reasons:
         foot += f" - {reasons[0]}"
-    lines = [head, table(rows, HEADER), foot]
+    lines = [head, table(rows, HEADER), *detail_lines(result.get("results", [])), foot]
     lines += [f"  {r.get('artifact', '?')}: {energy_detail(r['energy'])}" for r in result.get("results", [])
               if (r.get("energy") or {}).get("available")]
     lines += [f"  {r.get('artifact', '?')}: {delegate_line(d)}" for r in result.get("results", [])
@@ -118,6 +118,22 @@ def render(result: Mapping[str, Any]) -> str:
         if isinstance(p, dict):
             lines.append(f"  {r.get('artifact', '?')}: {per_op_line(p)}")
     return "\n".join(lines)
+
+
+def detail_lines(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Below the table: each failed artifact's whole error (the table cell is cut to fit), and the runtime's
+    notes on what it did with a file (no SignatureDef, anonymous dims, methods of a foreign .pte)."""
+    lines = []
+    for r in results:
+        name = r.get("artifact", "?")
+        if r.get("status") != "ok":
+            lines.append(f"  {name}: ERROR: {one_line(r.get('error') or 'failed with no message')}")
+        lines += [f"  {name}: note: {one_line(n)}" for n in (r.get("runtime") or {}).get("notes") or []]
+    return lines
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 def per_op_line(p: Mapping[str, Any], top: int = 5) -> str:

@@ -23,7 +23,7 @@ from edgeship.errors import EdgeshipError, InputError
 from edgeship.profiling import backends, energy, telemetry
 from edgeship.profiling.progress import Progress, bar
 from edgeship.profiling.stats import LatencyStats
-from edgeship.spec import resolve_dims, synthesize
+from edgeship.spec import fill_dims, resolve_dims
 
 _BLOCKED = ("torch", "transformers", "executorch", "litert_torch", "torchao")
 
@@ -143,13 +143,10 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
     else:
         specs = bundle.manifest.inputs if bundle else model.inputs
         defaults = bundle.manifest.default_dims() if bundle else {}
-        dims = resolve_dims(specs, cfg.shapes, defaults)
-        for s in specs:
-            for d in s.dynamic_dims:
-                if d not in dims and d.lower() in ("batch", "batch_size", "n", "dim0"):
-                    dims[d] = 1
-        feeds = synthesize(specs, dims, seed=cfg.seed)
-        out["input_source"] = f"synthesized (seed {cfg.seed})"
+        # sizes the model's metadata or the batch-1 convention fixes are used, and said in input_source
+        dims, dim_notes = fill_dims(specs, resolve_dims(specs, cfg.shapes, defaults), model.dim_hints)
+        feeds = model.synthesize(specs, dims, seed=cfg.seed)
+        out["input_source"] = f"synthesized (seed {cfg.seed})" + "".join(f"; {n}" for n in dim_notes)
     if "attention_mask" in feeds:  # what a text model really computes on (ONNX graphs drop trailing padding)
         out["input_real_tokens"] = int(np.count_nonzero(feeds["attention_mask"]))
     feeds = model.adapt_feeds(feeds)
@@ -221,7 +218,7 @@ def _device_check(model: Any, ref_inputs: dict[str, np.ndarray], ref_outputs: di
     got, ref = [], []
     for i in range(n):
         feeds = model.adapt_feeds({k: v[i:i + 1] for k, v in ref_inputs.items()})
-        res = model.run(feeds)
+        res = model.float_outputs(model.run(feeds))  # a quantized output is compared as floats
         if out_name not in res:
             raise InputError(f"artifact has no output '{out_name}' (it has {', '.join(res)})")
         got.append(res[out_name])

@@ -30,6 +30,7 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="runtime option, e.g. graph_optimization=all, delegate=/path/libdelegate.so")
     p.add_argument("--delegate", metavar="PATH", help="external LiteRT delegate (.so) for .tflite files; the report says "
                    "which ops it took, or why it failed and that the CPU ran instead")
+    p.add_argument("--method", help="the method of a .pte file to run (default: forward, or its only method)")
     p.add_argument("--energy", default="auto", help="auto (best real meter, else estimate), estimate, off, or a meter: csv, jetson, "
                    "rpi5-pmic, android-odpm, hwmon, rapl, android-battery")
     p.add_argument("--idle-seconds", type=float, default=1.0, help="idle power window before and after the run")
@@ -66,7 +67,8 @@ def _run_config(a: argparse.Namespace) -> Any:
     return RunConfig(runs=a.runs, min_seconds=a.min_seconds, max_seconds=a.max_seconds, warmup=a.warmup,
                      threads=a.threads, shapes=parse_shape_overrides(a.shape), energy=a.energy,
                      idle_seconds=a.idle_seconds, sample_hz=a.sample_hz, cooldown_to_c=a.cooldown_to,
-                     energy_csv=a.energy_csv, power_target=a.target, options={**_kv(a.option, "--option"), **({"delegate": a.delegate} if a.delegate else {})},
+                     energy_csv=a.energy_csv, power_target=a.target, options={**_kv(a.option, "--option"), **({"delegate": a.delegate} if a.delegate else {}),
+                              **({"method": a.method} if a.method else {})},
                      per_op=a.per_op, progress=not a.quiet)
 
 
