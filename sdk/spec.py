@@ -125,11 +125,11 @@ def resolve_dims(specs: Sequence[TensorSpec], overrides: Mapping[str, tuple[int,
                 raise InputError(f"--shape {s.name}: dimension fixed at {want} in the model, got {got}")
             if isinstance(want, str):
                 mine.setdefault(want, set()).add(got)
-        for k, (want, got) in enumerate(zip(s.shape, shape, strict=True)):
+        for pos, (want, got) in enumerate(zip(s.shape, shape, strict=True)):
             if not isinstance(want, str):
                 continue
             if len(mine[want]) > 1:
-                dims[position_key(s.name, k)] = got
+                dims[position_key(s.name, pos)] = got
             elif dims.get(want, got) != got:
                 raise InputError(f"--shape: dynamic dimension '{want}' given two sizes ({dims[want]} and {got}); "
                                  "the model says the inputs share it")
