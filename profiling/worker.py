@@ -157,7 +157,7 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
     first = model.run(feeds)
     first_ms = (time.perf_counter_ns() - t0) / 1e6
     for i in range(cfg.warmup):
-        model.run(feeds)
+        model.run_timed(feeds)
         prog.update(f"{bar((i + 1) / cfg.warmup)} warm-up {i + 1}/{cfg.warmup}")
 
     samples: list[int] = []
@@ -174,7 +174,7 @@ def _measure(job: dict[str, Any], cfg: Any, out: dict[str, Any]) -> None:
     min_ns, max_ns = int(min_s * 1e9), int(cfg.max_seconds * 1e9)
     while True:
         t = time.perf_counter_ns()
-        model.run(feeds)
+        model.run_timed(feeds)
         samples.append(time.perf_counter_ns() - t)
         elapsed = time.perf_counter_ns() - start
         if prog.due():  # the median is only worth computing when it will be printed

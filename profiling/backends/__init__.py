@@ -41,6 +41,11 @@ class Backend(ABC):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once on feeds already adapted by :meth:`adapt_feeds`."""
 
+    def run_timed(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """One inference of the warm-up and timed loops: :meth:`run` unless a backend can skip converting the
+        outputs (the runtime has produced them; what a device app pays stops there)."""
+        self.run(feeds)
+
     @abstractmethod
     def info(self) -> dict[str, Any]:
         """Runtime name/version, threads, providers or delegates available and used."""

@@ -279,10 +279,10 @@ class TfliteBackend(Backend):
         it = self.interpreter
         resized = False
         for name, idx in self._in_index.items():
-            shape = tuple(int(x) for x in np.shape(feeds[name]))
+            shape = feeds[name].shape
             if shape != self._allocated[name]:
                 it.resize_tensor_input(idx, list(shape))
-                self._allocated[name] = shape
+                self._allocated[name] = tuple(shape)
                 resized = True
         if resized:
             it.allocate_tensors()

@@ -7,7 +7,7 @@ such files, made here through the flatbuffer schema that ai-edge-litert ships
 
 * ``tiny_nosig.tflite``: ``tiny.tflite`` (one of our own exports) with its SignatureDef removed.
 * ``uint8_io.tflite``: uint8 input [-1, 8] -> DEQUANTIZE -> FULLY_CONNECTED -> QUANTIZE -> uint8
-  output [-1, 4], the I/O of a quantized vision model, with a dynamic batch dim.
+  output [-1, 4] (:func:`uint8_model` takes other weight shapes too), the I/O of a quantized vision model, with a dynamic batch dim.
   ``uint8_io.npz`` holds its weights, quantization and one input with the output LiteRT gave.
 
 Run ``python tests/profiling/tflite_data/make_nosig.py``; the files are committed because the
@@ -66,9 +66,10 @@ def uint8_model(weight: np.ndarray, bias: np.ndarray) -> bytes:
     buffers[2].data = list(bias.astype("<f4").tobytes())
     u8, f32 = fb.TensorType.UINT8, fb.TensorType.FLOAT32
     sg = fb.SubGraphT()
-    sg.tensors = [_tensor("pixels", [-1, 8], u8, quant=(IN_SCALE, IN_ZERO)), _tensor("pixels_float", [-1, 8], f32),
-                  _tensor("fc_weight", [4, 8], f32, 1), _tensor("fc_bias", [4], f32, 2),
-                  _tensor("fc_out", [-1, 4], f32), _tensor("scores", [-1, 4], u8, quant=(OUT_SCALE, OUT_ZERO))]
+    n_out, n_in = (int(x) for x in weight.shape)
+    sg.tensors = [_tensor("pixels", [-1, n_in], u8, quant=(IN_SCALE, IN_ZERO)), _tensor("pixels_float", [-1, n_in], f32),
+                  _tensor("fc_weight", [n_out, n_in], f32, 1), _tensor("fc_bias", [n_out], f32, 2),
+                  _tensor("fc_out", [-1, n_out], f32), _tensor("scores", [-1, n_out], u8, quant=(OUT_SCALE, OUT_ZERO))]
     sg.inputs, sg.outputs, sg.name = [0], [5], b"main"
     fc = fb.FullyConnectedOptionsT()
     sg.operators = [_op(0, [0], [1]), _op(1, [1, 2, 3], [4], fc, fb.BuiltinOptions.FullyConnectedOptions),
