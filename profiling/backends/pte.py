@@ -104,6 +104,7 @@ class PteBackend(Backend):
         if self.method is None:
             raise ArtifactLoadError(f"{path}: method '{self.method_name}' did not load")
         self.io = self._io()
+        self.dim_hints: dict[str, tuple[int, str]] = {}
         self.inputs = self._input_specs()
         self.outputs = tuple(self.io.get("output_names") or
                              [f"output_{i}" for i in range(self.method.metadata.num_outputs())])
@@ -150,7 +151,10 @@ class PteBackend(Backend):
                 raise ArtifactLoadError(f"{self.path}: input {i} of method '{self.method_name}' is not a tensor "
                                         f"({_first(e)}); edgeship feeds tensors only") from None
             dtype = _SCALAR_TYPES.get(int(info.dtype()), "float32")
-            shape: tuple[int | str, ...] = tuple(shapes[i]) if i < len(shapes) else tuple(int(d) for d in info.sizes())
+            planned = tuple(int(d) for d in info.sizes())  # a dynamic dim's upper bound: memory is planned for it
+            shape: tuple[int | str, ...] = tuple(shapes[i]) if i < len(shapes) else planned
+            self.dim_hints.update({d: (planned[k], "the largest size the program plans memory for")
+                                   for k, d in enumerate(shape) if isinstance(d, str) and k < len(planned)})
             specs.append(TensorSpec(name, dtype, shape))
         return tuple(specs)
 

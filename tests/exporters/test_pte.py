@@ -75,6 +75,7 @@ def test_dynamic_sequence_recorded_and_runs(tiny_pte_bundle: Path) -> None:
     assert a.runtime["input_padding"]["mode"] == "longest"  # apps are told not to pad to max_length
     b = backends.load(tiny_pte_bundle / a.path)
     assert [s.shape for s in b.inputs] == [(1, "sequence"), (1, "sequence")]
+    assert b.dim_hints == {"sequence": (128, "the largest size the program plans memory for")}  # a bare file's default
     for n in (5, 77):
         out = b.run(b.adapt_feeds({"input_ids": np.ones((1, n), np.int64), "attention_mask": np.ones((1, n), np.int64)}))
         assert out["sentence_embedding"].shape == (1, 32)
