@@ -23,7 +23,7 @@ Measured = Callable[[Mapping[str, Any], int], None]
 
 def _vision_onnx(path: Path, dims: list[Any]) -> Path:
     """x [?, 3, ?, ?] -> global average pool -> [?, 3] @ W [3, 4] -> y [?, 4]: a vision head with anonymous dims."""
-    import onnx
+    onnx = pytest.importorskip("onnx", reason="onnx (the [export] extra) builds the test file")
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32), "w")
