@@ -210,8 +210,8 @@ class NpzLinearExporter(Exporter):
 
 def test_a_toy_format_registered_from_a_test_file_exports_validates_and_runs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgeship.manifest import load_bundle
     from edgeship.exporters import load_builtin
+    from edgeship.manifest import load_bundle
     from edgeship.pipeline import export
 
     load_builtin()  # snapshot the built-ins too: restoring an earlier, emptier snapshot would drop them for good
