@@ -21,4 +21,4 @@ for absent in ("ai_edge_litert", "torch"):
     if importlib.util.find_spec(absent) is not None:
         sys.exit(f"tflite-runtime-job: {absent} is installed in this venv; the job must run without it")
 PY
-exec "$VENV/bin/python" -m pytest -p no:cacheprovider -q tests/profiling/test_tflite_backend.py "$@"
+exec "$VENV/bin/python" -m pytest -p no:cacheprovider -q tests/profiling/test_tflite_backend.py tests/profiling/test_tflite_nosig.py "$@"

@@ -381,11 +381,38 @@ def _pt2e(ep: Any, layers: Sequence[str], kept: Sequence[str], static: bool, emb
     q.set_filter_function(lambda n: _module_path(n) in wanted)
     quantizer: Any = ComposableQuantizer([EmbeddingQuantizer(), q]) if emb else q
     with torch.no_grad():
-        prepared = prepare_pt2e(copy.deepcopy(ep).module(), quantizer)
+        prepared = prepare_pt2e(integer_scalars_as_scalar_ops(copy.deepcopy(ep).module()), quantizer)
         for a in calib:
             prepared(*a)
         converted = convert_pt2e(prepared)
     return converted  # type: ignore[no-any-return]
+
+
+def integer_scalars_as_scalar_ops(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Turn ``add.Tensor(int_tensor, 2)`` / ``mul.Tensor(int_tensor, 2)`` into their ``.Scalar`` overloads.
+
+    XNNPACKQuantizer's ``transform_for_annotation`` replaces every Python-number argument of
+    ``add.Tensor``/``mul.Tensor`` with a float32 tensor constant, whatever the other operand's
+    dtype, and it does so before (and regardless of) the quantizer's filter. Integer arithmetic
+    then turns float: RoBERTa's position ids (``cumsum(mask) + past_len``, ``.long() + padding_idx``)
+    reach the position embedding as floats and the first calibration run fails with "Tensor dtype
+    mismatch! Expected: Int, Got: float" (BERT/DistilBERT/ViT have no integer scalar arithmetic).
+    The ``.Scalar`` overloads are the same computation, outside that transform's reach.
+    """
+    import torch
+
+    swap = {torch.ops.aten.add.Tensor: torch.ops.aten.add.Scalar, torch.ops.aten.mul.Tensor: torch.ops.aten.mul.Scalar}
+    changed = False
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op != "call_function" or node.target not in swap or val is None or val.dtype.is_floating_point:
+            continue
+        if len(node.args) == 2 and isinstance(node.args[0], torch.fx.Node) and isinstance(node.args[1], (int, bool)):
+            node.target = swap[node.target]
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm
 
 
 def _8da4w(module: nn.Module, fits: Sequence[str], kept: Sequence[str], group: int, emb: bool,

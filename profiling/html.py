@@ -81,6 +81,15 @@ def _row_label(r: Row, many_devices: bool) -> str:
     return f"{r.device[:18]}: {r.artifact}" if many_devices else r.artifact
 
 
+def _errors_block(runs: Sequence[DeviceRun]) -> str:
+    """Every failed artifact's whole error, below the table (the table's notes cell is cut to fit)."""
+    many = len(runs) > 1
+    items = [f"<li><b>{_esc(f'{run.name}: ' if many else '')}{_esc(r.artifact)}</b>: "
+             f"<code>{_esc(' '.join((r.error or 'failed with no message').split()))}</code></li>"
+             for run in runs if run.profile for r in run.profile.results if r.failed]
+    return f"<h2>Errors</h2><ul class=warn>{''.join(items)}</ul>" if items else ""
+
+
 def render_html(runs: Sequence[DeviceRun], decision: Decision | None = None) -> str:
     rows = rows_of(runs)
     many = len({r.device for r in rows}) > 1
@@ -109,6 +118,7 @@ def render_html(runs: Sequence[DeviceRun], decision: Decision | None = None) -> 
         body.append(f"<tr class='{cls}'>" + "".join(
             f"<td{' class=l' if i in (0, 1, 8) else ''}>{_esc(c)}</td>" for i, c in enumerate(cells)) + "</tr>")
     parts.append(f"<table>{head}{''.join(body)}</table>")
+    parts.append(_errors_block(runs))
     if decision:
         pick = decision.pick
         budget = ", ".join(f"{k} = {v:g}" for k, v in decision.budget.to_dict().items()) or "none"

@@ -104,7 +104,7 @@ def render(result: ProfileResult) -> str:
     reasons = sorted({e.reason for e in energy if e.reason})
     if reasons:
         foot += f" - {reasons[0]}"
-    lines = [head, table(rows, HEADER), foot]
+    lines = [head, table(rows, HEADER), *detail_lines(result.results), foot]
     lines += [f"  {r.artifact}: {energy_detail(r.energy)}" for r in result.results if r.energy and r.energy.available]
     lines += [f"  {r.artifact}: {delegate_line(r.delegate)}" for r in result.results if r.delegate is not None]
     lines += [f"  {r.artifact}: {npu_line(r)}" for r in result.results if r.npu is not None]
@@ -119,6 +119,21 @@ def npu_line(r: ArtifactResult) -> str:
     if r.ok:
         return f"ran on {r.runtime.get('backend_ran', 'the NPU')}"
     return f"NPU job {r.status}: {r.error or (r.npu.presence if r.npu else '')}"
+
+
+def detail_lines(results: Sequence[ArtifactResult]) -> list[str]:
+    """Below the table: each failed artifact's whole error (the table cell is cut to fit), and the runtime's
+    notes on what it did with a file (no SignatureDef, anonymous dims, methods of a foreign .pte)."""
+    lines = []
+    for r in results:
+        if r.failed:
+            lines.append(f"  {r.artifact}: ERROR: {one_line(r.error or 'failed with no message')}")
+        lines += [f"  {r.artifact}: note: {one_line(n)}" for n in r.notes]
+    return lines
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 def per_op_line(p: Mapping[str, Any], top: int = 5) -> str:

@@ -67,6 +67,7 @@ class RunConfig:
     progress: bool = True
     seed: int = 0
     simulate_npu: bool = False  # without a Hexagon NPU, run compiled QNN context models on the HTP simulator
+    method: str | None = None  # the method of a .pte to run (default: forward, or its only method)
 
     def __post_init__(self) -> None:
         if self.runs < 1:
@@ -269,6 +270,13 @@ class ArtifactResult:
         """The backend's per-operator timings (--per-op), or the note saying there are none."""
         p = self.runtime.get("per_op") or self.per_op
         return p if isinstance(p, Mapping) else None
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the runtime did with the file that the numbers depend on (no SignatureDef, the method of a
+        several-method .pte, a delegate that failed...): the backend's own ``notes``."""
+        n = self.runtime.get("notes")
+        return tuple(str(x) for x in n) if isinstance(n, Sequence) and not isinstance(n, str) else ()
 
     @property
     def delegate(self) -> Mapping[str, Any] | None:

@@ -38,7 +38,7 @@ from edgeship.profiling.results import (
     TelemetrySummary,
 )
 from edgeship.profiling.stats import LatencyStats
-from edgeship.spec import resolve_dims, synthesize
+from edgeship.spec import fill_dims, resolve_dims
 
 _BLOCKED = ("torch", "transformers", "executorch", "litert_torch", "torchao")
 Feeds = dict[str, np.ndarray]
@@ -163,8 +163,10 @@ def _threads(cfg: RunConfig, bundle: Bundle | None) -> int | None:
     return None if threads is None else min(threads, os.cpu_count() or threads)
 
 
-def _measure(opened: _Opened, cfg: RunConfig) -> ArtifactResult:
-    fmt, bundle = str(opened.ident.format), opened.bundle
+def _run_options(opened: _Opened, cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
+    """The backend's options (the bundle's, the user's that apply to this format, --per-op, --method), the
+    per-op note of a backend that cannot time operators, and a warning for each option that does not apply."""
+    fmt = str(opened.ident.format)
     user_opts, warnings = backends.split_options(fmt, cfg.options)
     run_opts = {**opened.run_opts, **user_opts}
     per_op = None
@@ -173,6 +175,17 @@ def _measure(opened: _Opened, cfg: RunConfig) -> ArtifactResult:
             run_opts["per_op"] = True
         else:
             per_op = {"available": False, "note": f"the {fmt} backend has no per-operator timings"}
+    if cfg.method:  # a bundle mixes formats: only those with methods (.pte) take it
+        if "method" in backends.get_backend(fmt).options_accepted:
+            run_opts["method"] = cfg.method
+        else:
+            warnings.append(f"--method does not apply to {fmt} artifacts (ignored)")
+    return run_opts, per_op, warnings
+
+
+def _measure(opened: _Opened, cfg: RunConfig) -> ArtifactResult:
+    fmt, bundle = str(opened.ident.format), opened.bundle
+    run_opts, per_op, warnings = _run_options(opened, cfg)
     if backends.is_torch_free(fmt):
         block_torch()
     threads = _threads(cfg, bundle)
@@ -193,7 +206,7 @@ def _measure(opened: _Opened, cfg: RunConfig) -> ArtifactResult:
     first_ms = (time.perf_counter_ns() - t0) / 1e6
     prog = Progress(opened.ident.artifact, enabled=cfg.progress)
     for i in range(cfg.warmup):
-        model.run(feeds)
+        model.run_timed(feeds)
         prog.update(f"{bar((i + 1) / cfg.warmup)} warm-up {i + 1}/{cfg.warmup}")
     loop = _timed_loop(model, feeds, cfg, recorder, prog)
     check = _device_check(model, bundle) if bundle is not None and not cfg.shapes else None
@@ -215,13 +228,11 @@ def _resolve_input(model: Any, bundle: Bundle | None, cfg: RunConfig) -> tuple[F
         source = "bundle held-out sample 0"
     else:
         specs = bundle.manifest.inputs if bundle else model.inputs
-        dims = resolve_dims(specs, cfg.shapes, bundle.manifest.default_dims() if bundle else {})
-        for s in specs:
-            for d in s.dynamic_dims:
-                if d not in dims and d.lower() in ("batch", "batch_size", "n", "dim0"):
-                    dims[d] = 1
-        feeds = synthesize(specs, dims, seed=cfg.seed)
-        source = f"synthesized (seed {cfg.seed})"
+        # sizes the model's metadata or the batch-1 convention fixes are used, and said in the input source
+        dims, dim_notes = fill_dims(specs, resolve_dims(specs, cfg.shapes, bundle.manifest.default_dims() if bundle
+                                                        else {}), model.dim_hints)
+        feeds = model.synthesize(specs, dims, seed=cfg.seed)
+        source = f"synthesized (seed {cfg.seed})" + "".join(f"; {n}" for n in dim_notes)
     # what a text model really computes on (ONNX graphs drop trailing padding)
     real = int(np.count_nonzero(feeds["attention_mask"])) if "attention_mask" in feeds else None
     feeds = model.adapt_feeds(feeds)
@@ -253,7 +264,7 @@ def _timed_loop(model: Any, feeds: Feeds, cfg: RunConfig, recorder: energy.Recor
     min_ns, max_ns = int(min_s * 1e9), int(cfg.max_seconds * 1e9)
     while True:
         t = time.perf_counter_ns()
-        model.run(feeds)
+        model.run_timed(feeds)
         samples.append(time.perf_counter_ns() - t)
         elapsed = time.perf_counter_ns() - start
         if prog.due():  # the median is only worth computing when it will be printed
@@ -288,7 +299,7 @@ def _device_check(model: Any, bundle: Bundle) -> Agreement | None:
     n = next(iter(ref_inputs.values())).shape[0]
     got, ref = [], []
     for i in range(n):
-        res = model.run(model.adapt_feeds({k: v[i:i + 1] for k, v in ref_inputs.items()}))
+        res = model.float_outputs(model.run(model.adapt_feeds({k: v[i:i + 1] for k, v in ref_inputs.items()})))
         if out_name not in res:
             raise InputError(f"artifact has no output '{out_name}' (it has {', '.join(res)})")
         got.append(res[out_name])

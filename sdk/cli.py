@@ -34,6 +34,7 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="runtime option, e.g. graph_optimization=all, delegate=/path/libdelegate.so")
     p.add_argument("--delegate", metavar="PATH", help="external LiteRT delegate (.so) for .tflite files; the report says "
                    "which ops it took, or why it failed and that the CPU ran instead")
+    p.add_argument("--method", help="the method of a .pte file to run (default: forward, or its only method)")
     p.add_argument("--energy", default=_run_defaults()["energy"], help="auto (best real meter, else estimate), off, or a meter: "
                    + listing(METERS))
     p.add_argument("--idle-seconds", type=float, default=_run_defaults()["idle_seconds"],
@@ -104,7 +105,7 @@ def _run_config(a: argparse.Namespace) -> Any:
                      threads=a.threads, shapes=parse_shape_overrides(a.shape), energy=a.energy,
                      idle_seconds=a.idle_seconds, sample_hz=a.sample_hz, cooldown_to_c=a.cooldown_to,
                      energy_csv=a.energy_csv, power_target=a.target, options={**_kv(a.option, "--option"), **({"delegate": a.delegate} if a.delegate else {})},
-                     per_op=a.per_op, progress=not a.quiet, simulate_npu=a.simulate_npu)
+                     per_op=a.per_op, progress=not a.quiet, simulate_npu=a.simulate_npu, method=a.method)
 
 
 def cmd_profile(a: argparse.Namespace) -> int:

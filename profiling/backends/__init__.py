@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgeship.errors import ArtifactLoadError, UnknownKeyError
-from edgeship.spec import TensorSpec, check_feeds
+from edgeship.spec import TensorSpec, check_feeds, synthesize
 from edgeship.vocab import DEVICE_FORMATS, FORMATS
 
 
@@ -32,6 +32,8 @@ class Backend(ABC):
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[str, ...]
+    # dim name -> (size, where the model says so), for dynamic dims the user gave no size
+    dim_hints: dict[str, tuple[int, str]] = {}  # noqa: RUF012  (read-only default; backends assign their own)
 
     @abstractmethod
     def __init__(self, path: Path, threads: int | None = None, options: Mapping[str, Any] | None = None) -> None: ...
@@ -39,6 +41,11 @@ class Backend(ABC):
     @abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once on feeds already adapted by :meth:`adapt_feeds`."""
+
+    def run_timed(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """One inference of the warm-up and timed loops: :meth:`run` unless a backend can skip converting the
+        outputs (the runtime has produced them; what a device app pays stops there)."""
+        self.run(feeds)
 
     @abstractmethod
     def info(self) -> dict[str, Any]:
@@ -53,6 +60,15 @@ class Backend(ABC):
             raise ArtifactLoadError(f"{cls.format}: unknown runtime option(s) {', '.join(unknown)}; "
                                     f"valid: {', '.join(cls.options_accepted)}")
         return opts
+
+    def synthesize(self, specs: Sequence[TensorSpec], dims: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+        """Random inputs for ``specs`` (:func:`edgeship.spec.synthesize`); a backend whose inputs are quantized
+        overrides it to draw them through their scale and zero point."""
+        return synthesize(specs, dims, seed=seed)
+
+    def float_outputs(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs as a float reference would give them (quantized outputs dequantized); identity by default."""
+        return dict(outputs)
 
     def adapt_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check feeds against this model's signature (names, rank, fixed dims, dtype)."""

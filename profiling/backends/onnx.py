@@ -10,7 +10,7 @@ import numpy as np
 
 from edgeship.errors import ArtifactLoadError, RuntimeMissingError
 from edgeship.profiling.backends import Backend
-from edgeship.spec import TensorSpec
+from edgeship.spec import TensorSpec, dim_name
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32",
@@ -72,8 +72,8 @@ class OnnxBackend(Backend):
         self.disabled_optimizers = list(disabled)
         self.available_providers = available
         self.inputs = tuple(
-            TensorSpec(i.name, _ORT_TYPES.get(i.type, "float32"),
-                       tuple(d if isinstance(d, int) else (d or f"dim{k}") for k, d in enumerate(i.shape)))
+            # anonymous dims (None, '?') get a name of their own position: converters often call every dim '?'
+            TensorSpec(i.name, _ORT_TYPES.get(i.type, "float32"), tuple(dim_name(i.name, k, d) for k, d in enumerate(i.shape)))
             for i in self.session.get_inputs()
         )
         self.outputs = tuple(o.name for o in self.session.get_outputs())

@@ -31,7 +31,7 @@ from edgeship.errors import ArtifactLoadError, ChecksumError, RuntimeMissingErro
 from edgeship.manifest import Fidelity
 from edgeship.profiling.backends import Backend
 from edgeship.profiling.results import Agreement, ArtifactResult, NpuMode, NpuRun, Status
-from edgeship.spec import TensorSpec
+from edgeship.spec import TensorSpec, dim_name
 from edgeship.vocab import DEVICE_FORMATS
 
 EP_NAME = "QNNExecutionProvider"
@@ -138,8 +138,9 @@ class QnnBackend(Backend):
                                     "_qnn.bin must sit beside it and match the device's Hexagon arch") from None
         self.path, self.threads, self.presence = path, threads, presence
         self.htp = {"htp_arch": str(opts["htp_arch"]), "soc_model": str(opts["soc_model"])}
+        # anonymous dims named by position, as the ONNX backend does (a leading one then defaults to batch 1)
         self.inputs = tuple(TensorSpec(i.name, _TYPES.get(i.type, "float32"),
-                                       tuple(d if isinstance(d, int) else f"dim{k}" for k, d in enumerate(i.shape)))
+                                       tuple(dim_name(i.name, k, d) for k, d in enumerate(i.shape)))
                             for i in self.session.get_inputs())
         self.outputs = tuple(o.name for o in self.session.get_outputs())
 

@@ -2,10 +2,14 @@
 
 Uses ``ai_edge_litert.interpreter`` and, where only the older ``tflite_runtime`` package
 is installed (common on Raspberry Pi OS), that one with the same behaviour. Inputs and
-outputs come from the model's signature runner, so they carry the names the exporter gave
-them (``input_ids``, ``attention_mask`` -> ``sentence_embedding``); one interpreter is only
-ever used through its signature runner, never through raw ``invoke()`` as well (LiteRT
-refuses mixing them: "There is at least 1 reference to internal data").
+outputs come from the model's signature runner when it has a SignatureDef, so they carry
+the names the exporter gave them (``input_ids``, ``attention_mask`` -> ``sentence_embedding``).
+Most files in the wild have none; those run by input/output tensor index (names from their
+tensors), as LiteRT's ``benchmark_model`` does. One interpreter is only ever driven one way,
+never through its signature runner and raw ``invoke()`` both (LiteRT refuses mixing them:
+"There is at least 1 reference to internal data"). Quantized (int8/uint8) inputs and outputs
+are handled by their scale and zero point: :meth:`TfliteBackend.synthesize` and
+:meth:`TfliteBackend.float_outputs`.
 
 Options (runtime ``options`` in the manifest, or ``--option`` on the command line):
 
@@ -18,7 +22,7 @@ Options (runtime ``options`` in the manifest, or ``--option`` on the command lin
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,7 +30,7 @@ import numpy as np
 
 from edgeship.errors import ArtifactLoadError, InputError, RuntimeMissingError
 from edgeship.profiling.backends import Backend
-from edgeship.spec import TensorSpec
+from edgeship.spec import TensorSpec, dim_name, shown, synthesize
 from edgeship.vocab import TFLITE_SIGNATURE
 
 OPTIONS = ("xnnpack", "delegate", "signature")
@@ -166,24 +170,88 @@ class TfliteBackend(Backend):
             raise ArtifactLoadError(f"{path}: the LiteRT runtime ({self.runtime} {self._version}) cannot prepare it "
                                     f"({_first(e)}); update the runtime or re-export") from None
         sigs = self.interpreter.get_signature_list()
-        if not sigs:
-            raise ArtifactLoadError(f"{path}: the model has no signature; edgeship runs models whose inputs and outputs "
-                                    "are named (re-export it with edgeship export --format tflite)")
-        key = str(opts.get("signature") or (TFLITE_SIGNATURE if TFLITE_SIGNATURE in sigs else sorted(sigs)[0]))
-        if key not in sigs:
-            raise ArtifactLoadError(f"{path}: no signature '{key}' (it has {', '.join(sorted(sigs))})")
-        self.signature = key
-        self.runner = self.interpreter.get_signature_runner(key)
-        ins = sorted(self.runner.get_input_details().items(), key=lambda kv: int(kv[1]["index"]))
-        self.inputs = tuple(TensorSpec(name, _dtype(d["dtype"]), _shape(d)) for name, d in ins)
-        outs = sorted(self.runner.get_output_details().items(), key=lambda kv: int(kv[1]["index"]))
+        self.dim_hints: dict[str, tuple[int, str]] = {}
+        if sigs:
+            ins, outs = self._bind_signature(sigs, opts.get("signature"))
+        else:
+            if opts.get("signature"):
+                raise ArtifactLoadError(f"{path}: no signature '{opts['signature']}': the model has no SignatureDef; "
+                                        "leave out --option signature and it runs by tensor index")
+            ins, outs = self._bind_tensors()
+        self.inputs = tuple(TensorSpec(name, _dtype(d["dtype"]), self._shape(name, d)) for name, d in ins)
         self.outputs = tuple(name for name, _ in outs)
         self.quantized_io = {name: d["quantization"] for name, d in (*ins, *outs)
                              if d.get("quantization") and d["quantization"][0]}
+        if any(s.dtype in ("int8", "uint8") for s in self.inputs if s.name in self.quantized_io):
+            self.notes.append("quantized inputs are synthesised as N(0, 1) floats quantized with each input's scale "
+                              "and zero point")
         if want and self.delegate_report and self.delegate_report["loaded"]:
             self.delegate_report.update(self._delegation(mod, str(want)))
 
+    def _bind_signature(self, sigs: Mapping[str, Any], want: Any) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+        key = str(want or (TFLITE_SIGNATURE if TFLITE_SIGNATURE in sigs else sorted(sigs)[0]))
+        if key not in sigs:
+            raise ArtifactLoadError(f"{self.path}: no signature '{key}' (it has {', '.join(sorted(sigs))})")
+        self.signature: str | None = key
+        self.runner: Any = self.interpreter.get_signature_runner(key)
+        ins = sorted(self.runner.get_input_details().items(), key=lambda kv: int(kv[1]["index"]))
+        outs = sorted(self.runner.get_output_details().items(), key=lambda kv: int(kv[1]["index"]))
+        return ins, outs
+
+    def _bind_tensors(self) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+        """No SignatureDef (most .tflite files in the wild): the subgraph's input/output tensors by index.
+
+        Names are the tensors' own where they have unique ones. The interpreter is then only ever
+        driven through set_tensor/invoke/get_tensor, never through a signature runner.
+        """
+        self.signature = None
+        self.runner = None
+        self.notes.append("the model has no SignatureDef: inputs and outputs are taken by tensor index, named after "
+                          "their tensors")
+        ins = _by_index(self.interpreter.get_input_details(), "input")
+        outs = _by_index(self.interpreter.get_output_details(), "output")
+        self._in_index = {name: int(d["index"]) for name, d in ins}
+        self._out_index = {name: int(d["index"]) for name, d in outs}
+        self._allocated = {name: tuple(int(x) for x in d["shape"]) for name, d in ins}
+        self.interpreter.allocate_tensors()
+        return ins, outs
+
+    def _shape(self, name: str, detail: Mapping[str, Any]) -> tuple[int | str, ...]:
+        """Dims from ``shape_signature`` (-1 is dynamic); the size the converter allocated for a dynamic dim
+        is the model's own default for it (LiteRT's benchmark_model runs that size too)."""
+        sig = detail.get("shape_signature")
+        dims = [int(x) for x in (sig if sig is not None and len(sig) else detail["shape"])]
+        allocated = [int(x) for x in detail["shape"]]
+        out = tuple(dim_name(name, k, x) for k, x in enumerate(dims))
+        for k, d in enumerate(out):
+            if isinstance(d, str) and k < len(allocated) and allocated[k] > 0:
+                self.dim_hints[d] = (allocated[k], "the size the model file allocates")
+        return out
+
     # ---- feeds ------------------------------------------------------------------------------------
+    def synthesize(self, specs: Sequence[TensorSpec], dims: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+        """As :func:`edgeship.spec.synthesize`, but a quantized input gets N(0, 1) floats quantized with its scale
+        and zero point (the values a float model would see), not uniform integers."""
+        feeds = synthesize(specs, dims, seed=seed)
+        rng = np.random.default_rng(seed + 1)
+        for s in specs:
+            q = self.quantized_io.get(s.name)
+            if q is None or s.dtype not in ("int8", "uint8") or s.name not in feeds:
+                continue
+            info = np.iinfo(s.dtype)
+            x = rng.standard_normal(feeds[s.name].shape)
+            feeds[s.name] = np.clip(np.round(x / q[0]) + q[1], info.min, info.max).astype(s.dtype)
+        return feeds
+
+    def float_outputs(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Quantized outputs as floats, ``(q - zero_point) * scale``, for comparing with a float reference."""
+        out = dict(outputs)
+        for name, v in outputs.items():
+            q = self.quantized_io.get(name)
+            if q is not None and np.issubdtype(np.asarray(v).dtype, np.integer):
+                out[name] = (np.asarray(v).astype(np.float32) - np.float32(q[1])) * np.float32(q[0])
+        return out
+
     def adapt_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """int64 token ids -> int32 (LiteRT's integer type), refusing values that would overflow."""
         out = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
@@ -199,11 +267,30 @@ class TfliteBackend(Backend):
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
+            if self.runner is None:
+                return self._invoke(feeds)
             res = self.runner(**feeds)
         except (ValueError, RuntimeError) as e:  # shapes the static graph cannot take
             raise InputError(f"{self.path.name}: LiteRT refused the inputs ({_first(e)}); the model takes "
-                             + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in self.inputs)) from None
+                             + ", ".join(f"{s.name} {s.dtype}{shown(s.shape)}" for s in self.inputs)) from None
         return {n: np.array(res[n]) for n in self.outputs}
+
+    def _invoke(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One run by tensor index; resizes (and re-plans memory) only when a feed's shape changes."""
+        it = self.interpreter
+        resized = False
+        for name, idx in self._in_index.items():
+            shape = feeds[name].shape
+            if shape != self._allocated[name]:
+                it.resize_tensor_input(idx, list(shape))
+                self._allocated[name] = tuple(shape)
+                resized = True
+        if resized:
+            it.allocate_tensors()
+        for name, idx in self._in_index.items():
+            it.set_tensor(idx, feeds[name])
+        it.invoke()
+        return {name: it.get_tensor(idx) for name, idx in self._out_index.items()}
 
     # ---- reporting ---------------------------------------------------------------------------------
     def _delegation(self, mod: Any, lib: str) -> dict[str, Any]:
@@ -262,10 +349,11 @@ def delegation_summary(ops: list[dict[str, Any]], label: str) -> dict[str, Any]:
             "note": f"{label}: {sum(taken.values())} of {len(original)} ops in {len(parts)} partition(s)"}
 
 
-def _shape(detail: Mapping[str, Any]) -> tuple[int | str, ...]:
-    sig = detail.get("shape_signature")
-    dims = sig if sig is not None and len(sig) else detail["shape"]
-    return tuple(int(x) if int(x) >= 0 else f"dim{i}" for i, x in enumerate(dims))
+def _by_index(details: Sequence[Mapping[str, Any]], kind: str) -> list[tuple[str, Any]]:
+    """(name, detail) in the subgraph's order; a tensor without a unique name is ``input_0``, ``output_1``..."""
+    names = [str(d.get("name") or "") for d in details]
+    return [(n if n and names.count(n) == 1 else f"{kind}_{i}", d) for i, (n, d) in enumerate(zip(names, details,
+                                                                                                  strict=True))]
 
 
 def _flag(v: Any) -> bool:

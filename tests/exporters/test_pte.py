@@ -75,6 +75,7 @@ def test_dynamic_sequence_recorded_and_runs(tiny_pte_bundle: Path) -> None:
     assert a.runtime["input_padding"]["mode"] == "longest"  # apps are told not to pad to max_length
     b = backends.load(tiny_pte_bundle / a.path)
     assert [s.shape for s in b.inputs] == [(1, "sequence"), (1, "sequence")]
+    assert b.dim_hints == {"sequence": (128, "the largest size the program plans memory for")}  # a bare file's default
     for n in (5, 77):
         out = b.run(b.adapt_feeds({"input_ids": np.ones((1, n), np.int64), "attention_mask": np.ones((1, n), np.int64)}))
         assert out["sentence_embedding"].shape == (1, 32)
@@ -174,3 +175,46 @@ def test_layer_norm_rewrite_matches_and_leaves_the_original() -> None:
     x = torch.randn(2, 3, 8) * 5 + 3
     with torch.no_grad():
         torch.testing.assert_close(new(x), net(x), atol=2e-5, rtol=1e-5)
+
+
+def test_roberta_token_classifier_int8_dynamic(tmp_path: Path, vocab_writer: Callable[[Path], None]) -> None:
+    """RoBERTa computes position ids with integer adds (``.long() + padding_idx``); the quantizer used to turn them float."""
+    import torch
+    from transformers import RobertaConfig, RobertaForTokenClassification
+
+    torch.manual_seed(0)
+    d = tmp_path / "roberta"
+    cfg = RobertaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=130, pad_token_id=1, num_labels=3)
+    RobertaForTokenClassification(cfg).eval().save_pretrained(d)
+    vocab_writer(d)
+    r = export(d, target="galaxy-s24", out=tmp_path / "b", formats=["pte"], recipes=["int8-dynamic"], **QUIET)
+    (a,) = r.manifest.artifacts
+    assert a.fidelity.passed and a.fidelity.mean_cosine >= 0.99
+    assert a.quantization["quantized_layers"] > 0
+
+
+def test_integer_scalar_arithmetic_stays_integer_through_the_quantizer() -> None:
+    import torch
+
+    from edgeship.exporters.pte import _pt2e
+
+    class PositionIds(torch.nn.Module):  # RoBERTa's create_position_ids_from_input_ids, plus a layer to quantize
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = torch.nn.Embedding(16, 8)
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            mask = ids.ne(1).int()
+            pos = (torch.cumsum(mask, dim=1).type_as(mask) + 0) * mask
+            return self.fc(self.pos(pos.long() + 1))
+
+    torch.manual_seed(0)
+    m = PositionIds().eval()
+    ids = torch.tensor([[3, 4, 5, 1, 1]])
+    ep = torch.export.export(m, (ids,), strict=False)
+    q = _pt2e(ep, ["fc"], [], static=False, emb=False, calib=[(ids,)])
+    with torch.no_grad():
+        got, ref = q(ids), m(ids)
+    assert got.shape == ref.shape and torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.99
