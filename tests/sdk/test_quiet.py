@@ -65,6 +65,7 @@ OURS = [re.compile(p) for p in (
     r"input: .*$",
     r"energy: .*$",
     r"  (onnx|tflite|pte)/[\w-]+: gross .*$",
+    r"  (onnx|tflite|pte)/[\w-]+: note: .*$",  # the report's per-artifact notes (profiling/report.py)
 )]
 
 
