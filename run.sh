@@ -27,7 +27,7 @@ case "$cmd" in
     exec "$VENV/bin/edgeship" quickstart "$@"
     ;;
   test)
-    setup "export,models,remote,dev"
+    setup "export,models,remote,npu,dev"
     if [ -x scripts/test-services.sh ]; then scripts/test-services.sh; fi
     set +e
     "$VENV/bin/python" -m pytest "$@"
