@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgeship import cli_llm
 from edgeship.errors import ConfigError, EdgeshipError
 
 EXIT_USAGE = 2
@@ -72,8 +73,11 @@ def _run_config(a: argparse.Namespace) -> Any:
 
 def cmd_profile(a: argparse.Namespace) -> int:
     from edgeship.profiling import report
+    from edgeship.profiling.llm.bench import is_llm_bundle
     from edgeship.profiling.runner import profile, write_json_atomic
 
+    if is_llm_bundle(a.source):
+        return cli_llm.profile_llm_cmd(a)
     cfg = _run_config(a)
     if a.device or a.inventory:
         from edgeship.profiling.remote import profile_fleet
@@ -127,7 +131,11 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    from edgeship.llm_models import is_causal_lm
     from edgeship.pipeline import export
+
+    if is_causal_lm(a.model):
+        return cli_llm.export_llm_cmd(a)
 
     res = export(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
                  calibration=a.calibration, heldout=a.heldout, overwrite=a.overwrite, allow_degraded=a.allow_degraded, task=a.task,
@@ -199,6 +207,9 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def cmd_quickstart(a: argparse.Namespace) -> int:
     from edgeship.models import default_model_dir
+
+    if a.llm:
+        return cli_llm.quickstart_llm(a)
     from edgeship.pipeline import export
     from edgeship.profiling import report
     from edgeship.profiling.runner import RunConfig, profile
@@ -242,11 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, help="sequence length for text models (default: the profile's)")
     e.add_argument("--checkpoint", help="state_dict for a factory model (loaded with weights_only=True)")
     e.add_argument("--quiet", action="store_true")
+    cli_llm.add_export_args(e)
     e.set_defaults(fn=cmd_export)
 
     pr = sub.add_parser("profile", help="run and measure a bundle or model file")
     _add_profile_args(pr)
+    cli_llm.add_profile_args(pr)
     pr.set_defaults(fn=cmd_profile)
+    cli_llm.add_chat_parser(sub)
 
     t = sub.add_parser("targets", help="list or show target profiles")
     t.add_argument("action", nargs="?", choices=["list", "show"], default="list")
@@ -286,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quant", action="append")
     q.add_argument("--runs", type=int, default=50)
     q.add_argument("--min-seconds", type=float, default=2.0)
+    q.add_argument("--llm", action="store_true", help="the embedded LLM instead: SmolLM2-135M-Instruct (needs [llm])")
     q.set_defaults(fn=cmd_quickstart)
 
     d = sub.add_parser("device", help="manage the virtual arm64 Raspberry Pi")
