@@ -182,6 +182,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from edgeship.profiling.report import table
 
     b = load_bundle(a.bundle, verify=True)
+    if b.manifest.llm is not None:
+        return cli_llm.inspect_llm(b)
     m = b.manifest
     print(f"model {m.model['name']} ({m.model['task']}), target {m.target['name']}, edgeship {m.edgeship_version}")
     print("inputs:  " + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in m.inputs))

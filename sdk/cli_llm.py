@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from edgeship.errors import ConfigError
 
@@ -103,3 +104,29 @@ def quickstart_llm(a: argparse.Namespace) -> int:
     print(render(prof))
     print(f"\nbundle: {out}   results: {json_path}   chat: edgeship chat {out} --prompt 'What is the capital of France?'")
     return 0 if prof.ok else EXIT_FAIL
+
+
+def inspect_llm(bundle: Any) -> int:
+    """``edgeship inspect`` of an LLM bundle: per artifact its fidelity, KV cache and predicted peak memory."""
+    from edgeship.profiling.report import table
+
+    m = bundle.manifest
+    gen = m.llm["generation"]
+    print(f"model {m.model['name']} ({m.model['architecture']}, {m.model['parameters'] / 1e6:.1f} M parameters), "
+          f"target {m.target['name']}, max context {gen['max_context']}, EOS {gen['eos_token_ids']}, "
+          f"chat template {m.llm['chat_template']}")
+    rows = []
+    for a in m.artifacts:
+        f = a.llm_fidelity
+        rows.append([a.key, f"{a.size_bytes / 2**20:.1f}", f"{f.top1_agreement:.3f}" if f else "-",
+                     f"{f.mean_kl:.4f}" if f else "-", f"{f.greedy_identical}/{f.n_prompts}" if f else "-",
+                     str(a.details.get("kv_cache_bytes_per_token", "-")),
+                     f"{a.details.get('predicted_peak_memory_bytes', 0) / 2**20:.0f}", a.sha256[:12]])
+    print(table(rows, ["artifact", "MB", "top-1", "mean KL", "greedy same", "KV B/token", "peak MB@ctx", "sha256"]))
+    for r in m.llm.get("refused", []):
+        print(f"{r['format']}/{r['recipe']}: refused by {r['tool']}: {r['reason']}")
+    for a in m.artifacts:
+        for w in a.warnings:
+            print(f"{a.key}: warning: {w}")
+    print("checksums: all artifacts verified")
+    return 0

