@@ -83,8 +83,10 @@ def plan(target: TargetProfile, formats: Sequence[str] | None, recipes: Sequence
     return [(f, r) for f in fmts for r in (recipes or DEFAULT_RECIPES)]
 
 
-def predicted_peak_bytes(weights_bytes: int, kv_per_token: int, max_context: int, overhead_mb: float) -> int:
-    return int(weights_bytes + kv_per_token * max_context + overhead_mb * 2**20)
+def predicted_peak_bytes(weights_bytes: int, kv_per_token: int, max_context: int, vocab: int, overhead_mb: float) -> int:
+    """Weights + full KV cache + the fp32 logits of a prompt filling the context (runtimes that return logits for
+    every prompt position hold them all at once: 201 MB for SmolLM2 at 1024 tokens) + the runtime's own overhead."""
+    return int(weights_bytes + kv_per_token * max_context + 4 * vocab * max_context + overhead_mb * 2**20)
 
 
 def estimated_weight_bytes(llm: LoadedLLM, recipe: str, group: int) -> int:
@@ -102,12 +104,13 @@ def check_memory(llm: LoadedLLM, todo: Sequence[tuple[str, str]], prof: TargetPr
     ram = int(prof.ram_gb * 2**30)
     for recipe in dict.fromkeys(r for _, r in todo):
         w = estimated_weight_bytes(llm, recipe, prof.llm.int4_group_size)
-        peak = predicted_peak_bytes(w, kv, max_context, prof.llm.runtime_overhead_mb)
+        vocab = int(llm.config.vocab_size)
+        peak = predicted_peak_bytes(w, kv, max_context, vocab, prof.llm.runtime_overhead_mb)
         if peak > ram:
             raise ExportError(
                 f"{recipe}: predicted peak memory {peak / 2**20:.0f} MB (weights {w / 2**20:.0f} MB + KV cache "
-                f"{kv} B/token x {max_context} tokens = {kv * max_context / 2**20:.0f} MB + runtime "
-                f"{prof.llm.runtime_overhead_mb:.0f} MB) exceeds {prof.name}'s {prof.ram_gb:g} GB RAM; lower "
+                f"{kv} B/token x {max_context} tokens = {kv * max_context / 2**20:.0f} MB + prefill logits "
+                f"{4 * vocab * max_context / 2**20:.0f} MB + runtime {prof.llm.runtime_overhead_mb:.0f} MB) exceeds {prof.name}'s {prof.ram_gb:g} GB RAM; lower "
                 "--max-context or use a smaller recipe")
 
 
@@ -201,7 +204,9 @@ def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -
         if not ctx.allow_degraded:
             raise FidelityError(msg)
         warnings.append("DEGRADED: " + msg)
-    peak = predicted_peak_bytes(size, res.kv_cache_bytes_per_token, ctx.max_context, ctx.prof.llm.runtime_overhead_mb)
+    vocab = int(ctx.llm.config.vocab_size)
+    peak = predicted_peak_bytes(size, res.kv_cache_bytes_per_token, ctx.max_context, vocab,
+                                ctx.prof.llm.runtime_overhead_mb)
     ctx.say(f"  {rel}: {size / 2**20:.1f} MB, top-1 {fid.top1_agreement:.3f}, KL {fid.mean_kl:.4f}, greedy identical "
             f"{fid.greedy_identical}/{fid.n_prompts}, {time.perf_counter() - t0:.1f} s")
     return ArtifactRecord(
@@ -213,6 +218,7 @@ def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -
                  "predicted_peak_memory_bytes": peak,
                  "predicted_peak_memory": {"weights_bytes": size,
                                            "kv_cache_bytes": res.kv_cache_bytes_per_token * ctx.max_context,
+                                           "prefill_logits_bytes": 4 * vocab * ctx.max_context,
                                            "runtime_overhead_bytes": int(ctx.prof.llm.runtime_overhead_mb * 2**20)},
                  "tool": res.tool},
         warnings=tuple(warnings), files=files, llm_fidelity=fid)
