@@ -16,7 +16,9 @@ from edgeship.spec import TensorSpec
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from edgeship.llm import export_llm
     from edgeship.pipeline import ExportResult, export
+    from edgeship.profiling.llm.bench import profile_llm
     from edgeship.profiling.results import ProfileResult
     from edgeship.profiling.runner import profile
 
@@ -31,8 +33,10 @@ __all__ = [
     "TensorSpec",
     "__version__",
     "export",
+    "export_llm",
     "load_bundle",
     "profile",
+    "profile_llm",
 ]
 
 _LAZY = {
@@ -40,6 +44,8 @@ _LAZY = {
     "ExportResult": "edgeship.pipeline",
     "profile": "edgeship.profiling.runner",
     "ProfileResult": "edgeship.profiling.results",
+    "export_llm": "edgeship.llm",
+    "profile_llm": "edgeship.profiling.llm.bench",
 }
 
 

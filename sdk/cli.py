@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgeship import cli_llm
 from edgeship.errors import ConfigError, EdgeshipError
 from edgeship.vocab import FORMATS, METERS, RECIPES, TASKS, listing
 
@@ -110,9 +111,12 @@ def _run_config(a: argparse.Namespace) -> Any:
 
 def cmd_profile(a: argparse.Namespace) -> int:
     from edgeship.profiling import report
+    from edgeship.profiling.llm.bench import is_llm_bundle
     from edgeship.profiling.results import DeviceRun
     from edgeship.profiling.runner import profile, write_json_atomic
 
+    if is_llm_bundle(a.source):
+        return cli_llm.profile_llm_cmd(a)
     cfg = _run_config(a)
     if a.device or a.inventory:
         from edgeship.profiling.remote import profile_fleet
@@ -169,7 +173,11 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    from edgeship.llm_models import is_causal_lm
     from edgeship.pipeline import export
+
+    if is_causal_lm(a.model):
+        return cli_llm.export_llm_cmd(a)
 
     with _quiet_terminal(a, "export") as q:
         res = export(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
@@ -234,6 +242,8 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from edgeship.profiling.report import table
 
     b = load_bundle(a.bundle, verify=True)
+    if b.manifest.llm is not None:
+        return cli_llm.inspect_llm(b)
     m = b.manifest
     print(f"model {m.model['name']} ({m.model['task']}), target {m.target['name']}, edgeship {m.edgeship_version}")
     print("inputs:  " + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in m.inputs))
@@ -264,6 +274,9 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def cmd_quickstart(a: argparse.Namespace) -> int:
     from edgeship.models import default_model_dir
+
+    if a.llm:
+        return cli_llm.quickstart_llm(a)
     from edgeship.pipeline import export
     from edgeship.profiling import report
     from edgeship.profiling.results import RunConfig
@@ -360,11 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="state_dict for a factory model (loaded with weights_only=True)")
     e.add_argument("--quiet", action="store_true", help="no progress lines")
     _add_verbose(e)
+    cli_llm.add_export_args(e)
     e.set_defaults(fn=cmd_export)
 
     pr = sub.add_parser("profile", help="run and measure a bundle or model file")
     _add_profile_args(pr)
+    cli_llm.add_profile_args(pr)
     pr.set_defaults(fn=cmd_profile)
+    cli_llm.add_chat_parser(sub)
 
     t = sub.add_parser("targets", help="list or show target profiles")
     t.add_argument("action", nargs="?", choices=["list", "show"], default="list")
@@ -404,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_args(q)
     _add_run_length_args(q)
     _add_verbose(q)
+    q.add_argument("--llm", action="store_true", help="the embedded LLM instead: SmolLM2-135M-Instruct (needs [llm])")
     q.set_defaults(fn=cmd_quickstart)
 
     d = sub.add_parser("device", help="manage the virtual arm64 Raspberry Pi")

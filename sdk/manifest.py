@@ -62,6 +62,49 @@ def _check_inside(path: str, what: str) -> None:
 
 
 @dataclass(frozen=True)
+class LLMFidelity:
+    """How closely a decoder-LLM artifact follows PyTorch fp32, measured through the device runtime.
+
+    Teacher-forced: both models read the same held-out text; per position we compare the next-token
+    distributions (top-1 agreement, KL(PyTorch || artifact)) and each one's perplexity on the text.
+    Greedy: each prompt is continued by both; ``first_divergence[i]`` is the index of the first generated
+    token that differs (None: identical over ``new_tokens``).
+    """
+
+    n_tokens: int
+    top1_agreement: float
+    mean_kl: float
+    perplexity: float
+    perplexity_reference: float
+    n_prompts: int
+    new_tokens: int
+    greedy_identical: int
+    first_divergence: tuple[int | None, ...]
+    floor_top1_agreement: float
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["first_divergence"] = list(self.first_divergence)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LLMFidelity:
+        return cls(**{**d, "first_divergence": tuple(d["first_divergence"])})
+
+
+def checksum_tree(root: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under ``root`` (a multi-file artifact), keyed by POSIX relative path."""
+    return {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "size_bytes": p.stat().st_size}
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def tree_digest(files: dict[str, dict[str, Any]]) -> str:
+    """One sha256 standing for a multi-file artifact: over the sorted "path sha256" lines of its files."""
+    return hashlib.sha256("".join(f"{k} {v['sha256']}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
 class ArtifactRecord:
     path: str
     format: str
@@ -75,6 +118,10 @@ class ArtifactRecord:
     quantization: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)  # exporter-specific: delegation, signatures, fallbacks
     warnings: tuple[str, ...] = ()
+    # A multi-file artifact (an ONNX GenAI folder): ``path`` is a directory, ``files`` maps each file under it to
+    # its sha256 and size, ``sha256`` is :func:`tree_digest` of them and ``size_bytes`` their sum. Empty for one file.
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    llm_fidelity: LLMFidelity | None = None
 
     @property
     def key(self) -> str:
@@ -88,6 +135,7 @@ class ArtifactRecord:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["warnings"] = list(self.warnings)
+        d["llm_fidelity"] = self.llm_fidelity.to_dict() if self.llm_fidelity else None
         return d
 
     @classmethod
@@ -97,8 +145,10 @@ class ArtifactRecord:
                           "runtime": dict})
         _check_inside(d["path"], "artifact path")
         fid = d.pop("fidelity", None)
+        llm_fid = d.pop("llm_fidelity", None)
         d["warnings"] = tuple(d.get("warnings", ()))
-        return cls(fidelity=Fidelity.from_dict(fid) if fid else None, **d)
+        return cls(fidelity=Fidelity.from_dict(fid) if fid else None,
+                   llm_fidelity=LLMFidelity.from_dict(llm_fid) if llm_fid else None, **d)
 
 
 @dataclass(frozen=True)
@@ -115,8 +165,12 @@ class Manifest:
     edgeship_version: str
     created_utc: str
     schema_version: int = SCHEMA_VERSION
+    # Decoder LLM bundles only: tokenizer and chat template files, generation config (EOS ids, max context),
+    # held-out text and prompts. None for every other task (and absent from their JSON).
+    llm: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"llm": self.llm} if self.llm is not None else {}
         return {
             "schema_version": self.schema_version,
             "edgeship_version": self.edgeship_version,
@@ -130,6 +184,7 @@ class Manifest:
             "labels": list(self.labels) if self.labels is not None else None,
             "samples": self.samples,
             "artifacts": [a.to_dict() for a in self.artifacts],
+            **extra,
         }
 
     def to_json(self) -> str:
@@ -161,6 +216,7 @@ class Manifest:
                 labels=tuple(d["labels"]) if d.get("labels") is not None else None,
                 samples=dict(d["samples"]),
                 artifacts=tuple(ArtifactRecord.from_dict(a) for a in d["artifacts"]),
+                llm=dict(d["llm"]) if d.get("llm") is not None else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e}); re-export the bundle") from None
@@ -193,6 +249,9 @@ class Bundle:
         """Every artifact exists with its recorded size and sha256; raises on the first that does not."""
         root = self.root.resolve()
         for a in self.manifest.artifacts:
+            if a.files:
+                self._verify_tree(a)
+                continue
             p = self.path_of(a)
             if not p.resolve().is_relative_to(root):  # a symlink in the bundle pointing elsewhere
                 raise ChecksumError(f"bundle {self.root}: artifact {a.path} resolves outside the bundle; "
@@ -207,6 +266,23 @@ class Bundle:
             if digest != a.sha256:
                 raise ChecksumError(f"bundle {self.root}: artifact {a.path} fails its checksum (sha256 {digest[:12]}..., "
                                     f"manifest {a.sha256[:12]}...): the file was modified; re-export or re-copy it")
+
+
+    def _verify_tree(self, a: ArtifactRecord) -> None:
+        base = self.path_of(a)
+        for rel, meta in a.files.items():
+            p = base / rel
+            where = f"bundle {self.root}: artifact {a.path}: file {rel}"
+            if not p.is_file():
+                raise ChecksumError(f"{where} is missing; re-export the bundle")
+            if p.stat().st_size != meta["size_bytes"]:
+                raise ChecksumError(f"{where} is {p.stat().st_size} bytes, the manifest says {meta['size_bytes']}: "
+                                    "it was truncated or replaced; re-export or re-copy it")
+            if sha256_file(p) != meta["sha256"]:
+                raise ChecksumError(f"{where} fails its checksum: the file was modified; re-export or re-copy it")
+        if tree_digest(a.files) != a.sha256:
+            raise ChecksumError(f"bundle {self.root}: artifact {a.path}: its file list does not match its sha256; "
+                                "re-export the bundle")
 
 
 def load_bundle(root: str | Path, verify: bool = True) -> Bundle:

@@ -80,6 +80,30 @@ class PowerModel:
     calibration_offset_w: float = 0.0
 
 
+LLM_RECIPES = ("fp32", "int8-dynamic", "int4-weight")
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    """How decoder LLMs are exported for and judged on this target (the ``[llm]`` table; every key optional).
+
+    ``runtime_overhead_mb`` is what a runtime holds besides weights, KV cache and logits (interpreter, runtime code,
+    arenas): measured 47 MB for Python + onnxruntime-genai 0.18 on x86-64 (SmolLM2-135M int8, 1024-token context:
+    peak RSS 551 MB = 258 MB files + 45 MB KV + 201 MB prefill logits + 47 MB). The predicted peak memory at max
+    context is weights + KV bytes/token x max_context + a worst-case prefill's logits + this.
+    """
+
+    max_context: int = 2048
+    int4_group_size: int = 32
+    runtime_overhead_mb: float = 50.0
+    min_top1_agreement: dict[str, float] = field(
+        default_factory=lambda: {"default": 0.95, "int4-weight": 0.90})
+
+    def top1_floor(self, recipe: str) -> float:
+        """Teacher-forced next-token top-1 agreement with PyTorch fp32 an artifact of ``recipe`` must reach."""
+        return self.min_top1_agreement.get(recipe, self.min_top1_agreement.get("default", 0.95))
+
+
 @dataclass(frozen=True)
 class TargetProfile:
     name: str
@@ -102,6 +126,7 @@ class TargetProfile:
     accelerators: tuple[Accelerator, ...] = ()
     int4_group_size: int = 32
     fidelity_floor: dict[str, float] = field(default_factory=dict)
+    llm: LLMSettings = field(default_factory=LLMSettings)
     path: str = ""
     boards: tuple[str, ...] = ()  # device-tree model names of this board, e.g. "Raspberry Pi 5"
 
@@ -272,6 +297,7 @@ def parse_profile(data: dict[str, Any], where: str) -> TargetProfile:
     power = PowerModel(_take(pw, "idle_w", float, w), _take(pw, "active_w_per_core", float, w), meter,
                        _take(pw, "calibration_scale", float, w, 1.0), _take(pw, "calibration_offset_w", float, w, 0.0))
     _no_extra(pw, w)
+    llm = _parse_llm(dict(_take(d, "llm", dict, where, {})), f"{where} [llm]")
     _no_extra(d, where)
 
     total = sum(c.count for c in clusters)
@@ -281,8 +307,30 @@ def parse_profile(data: dict[str, Any], where: str) -> TargetProfile:
         name=name, display_name=display, source=source, arch=arch, soc=soc, clusters=tuple(clusters), isa=isa,
         ram_gb=ram, memory_bandwidth_gbps=bw, peak_fp32_gflops=fp32, peak_int8_gops=int8, formats=formats,
         recipes=recipes, threads=threads, sequence_length=seq, image_size=img, power=power,
-        accelerators=tuple(accs), int4_group_size=group, fidelity_floor=floor, path=where, boards=boards,
+        accelerators=tuple(accs), int4_group_size=group, fidelity_floor=floor, path=where, boards=boards, llm=llm,
     )
+
+
+def _parse_llm(d: dict[str, Any], where: str) -> LLMSettings:
+    base = LLMSettings()
+    ctx = _take(d, "max_context", int, where, base.max_context)
+    group = _take(d, "int4_group_size", int, where, base.int4_group_size)
+    overhead = _take(d, "runtime_overhead_mb", float, where, base.runtime_overhead_mb)
+    floors = dict(base.min_top1_agreement)
+    for k, v in dict(_take(d, "min_top1_agreement", dict, where, {})).items():
+        if k != "default":
+            _check_members([k], LLM_RECIPES, "LLM recipe", f"{where} min_top1_agreement")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+            raise ConfigError(f"{where}: min_top1_agreement.{k} must be a number in [0, 1], got {v!r}")
+        floors[k] = float(v)
+    _no_extra(d, where)
+    if ctx < 16:
+        raise ConfigError(f"{where}: max_context must be >= 16, got {ctx}")
+    if group < 16 or group & (group - 1):
+        raise ConfigError(f"{where}: int4_group_size must be a power of two >= 16, got {group}")
+    if overhead < 0:
+        raise ConfigError(f"{where}: runtime_overhead_mb must be >= 0, got {overhead}")
+    return LLMSettings(max_context=ctx, int4_group_size=group, runtime_overhead_mb=overhead, min_top1_agreement=floors)
 
 
 def load_profile_file(path: str | Path) -> TargetProfile:

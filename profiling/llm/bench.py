@@ -1,0 +1,207 @@
+"""Profile the artifacts of an LLM bundle, each in a fresh process (``python -m edgeship.profiling.llm.bench``).
+
+Per artifact: load time; TTFT and prefill tok/s at each prompt length (from an empty cache); greedy decode of
+``new_tokens`` tokens after the longest prompt, timed per token (steady state: the first token came from prefill);
+peak RSS of the process (weights + KV cache at the longest context reached); energy per generated token over the
+decode window (an estimate is labelled so); decode throughput retained (last 10% of tokens vs first 10%: thermal
+throttling shows here on real devices). Prompts are the bundle's held-out text ids, so no tokenizer is needed.
+
+Torch-free formats run with torch made unimportable (as the encoder worker does). Device side: no torch here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeship.errors import ConfigError, EdgeshipError, InputError
+from edgeship.manifest import Bundle, load_bundle
+from edgeship.profiling import energy, sysinfo
+from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult, PromptTiming
+from edgeship.profiling.llm.runtime import get_llm_runtime
+from edgeship.profiling.stats import LatencyStats
+from edgeship.profiling.worker import _peak_rss_mb, _rss_mb, block_torch
+
+
+@dataclass(frozen=True)
+class LLMRunConfig:
+    prompt_lengths: tuple[int, ...] = (64, 256)
+    new_tokens: int = 128
+    threads: int | None = None
+    energy: str = "auto"
+    idle_seconds: float = 1.0
+    sample_hz: float = 10.0
+    energy_csv: str | None = None
+    power_target: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_lengths or any(n < 1 for n in self.prompt_lengths):
+            raise ConfigError(f"--prompt-lengths must be positive integers, got {list(self.prompt_lengths)}")
+        if self.new_tokens < 10:
+            raise ConfigError(f"--new-tokens must be >= 10 (decode throughput compares the first and last 10%), "
+                              f"got {self.new_tokens}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["prompt_lengths"] = list(self.prompt_lengths)
+        return d
+
+
+def is_llm_bundle(source: str | Path) -> bool:
+    p = Path(source)
+    try:
+        return p.is_dir() and json.loads((p / "manifest.json").read_text(encoding="utf-8")).get("llm") is not None
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_context(bundle: Bundle, keys: Sequence[str], cfg: LLMRunConfig) -> None:
+    """The longest prompt plus the generated tokens must fit every artifact's static KV cache: fail before running."""
+    need = max(cfg.prompt_lengths) + cfg.new_tokens
+    for key in keys:
+        art = bundle.manifest.artifact(key)
+        limit = int(art.details.get("max_context") or art.runtime.get("max_context") or 0)
+        if limit and need > limit:
+            raise InputError(f"{art.key}: the longest prompt ({max(cfg.prompt_lengths)} tokens, --prompt-lengths) plus "
+                             f"--new-tokens {cfg.new_tokens} = {need} tokens exceed the artifact's max context {limit}; "
+                             "use shorter prompts or fewer new tokens, or re-export with a larger --max-context")
+
+
+def _prompt(ids: Sequence[int], n: int) -> list[int]:
+    reps = -(-n // len(ids))
+    return (list(ids) * reps)[:n]
+
+
+def _measure(job: dict[str, Any], cfg: LLMRunConfig) -> LLMArtifactResult:
+    bundle = load_bundle(job["bundle"], verify=False)  # the parent verified every checksum
+    art = bundle.manifest.artifact(job["artifact"])
+    cls = get_llm_runtime(art.format)
+    if cls.torch_free:
+        block_torch()
+    torch_free = "torch" in sys.modules and sys.modules["torch"] is None
+    threads = cfg.threads or int(bundle.manifest.target.get("threads") or 0) or None
+    if threads is not None:
+        threads = min(threads, os.cpu_count() or threads)
+    held = json.loads((bundle.root / bundle.manifest.samples["heldout"]).read_text(encoding="utf-8"))
+    text_ids = [int(i) for i in held["text_ids"]]
+    prof, why = energy.power_model_profile(cfg.power_target, bundle.manifest.target.get("name"), platform.machine())
+    recorder = energy.Recorder.create(cfg.energy, prof, why, idle_seconds=cfg.idle_seconds,
+                                      ctx=energy.MeterContext(sample_hz=cfg.sample_hz, csv_path=cfg.energy_csv))
+    t0 = time.perf_counter_ns()
+    rt = cls(bundle.path_of(art), art.runtime, threads=threads)
+    load_s = (time.perf_counter_ns() - t0) / 1e9
+    rss_load = _rss_mb()
+    rt.append(_prompt(text_ids, min(16, rt.max_context)))  # warm-up: first-call allocations stay out of TTFT
+    for _ in range(4):
+        rt.append([text_ids[0]])
+    timings = []
+    logits = np.zeros(1, dtype=np.float32)
+    for n in cfg.prompt_lengths:
+        rt.reset()
+        prompt = _prompt(text_ids, n)
+        t = time.perf_counter_ns()
+        logits = rt.append(prompt)
+        ns = time.perf_counter_ns() - t
+        timings.append(PromptTiming(n, ns / 1e6, n / (ns / 1e9)))
+    token_ns = []
+    recorder.start()
+    for _ in range(cfg.new_tokens):
+        nxt = int(np.argmax(logits))
+        t = time.perf_counter_ns()
+        logits = rt.append([nxt])
+        token_ns.append(time.perf_counter_ns() - t)
+    recorder.stop()
+    rt.close()
+    stats = LatencyStats.from_ns(token_ns)
+    tenth = max(1, len(token_ns) // 10)
+    retained = float(np.sum(token_ns[:tenth]) / np.sum(token_ns[-tenth:]))
+    en = recorder.result(len(token_ns)).to_dict()
+    peak_pred = art.details.get("predicted_peak_memory_bytes")
+    return LLMArtifactResult(
+        artifact=art.key, format=art.format, recipe=art.recipe, status="ok", torch_free=torch_free, threads=threads,
+        runtime=rt.info(), load_seconds=load_s, prompts=tuple(timings), decode_tokens=len(token_ns),
+        decode_tokens_per_s=len(token_ns) / (sum(token_ns) / 1e9), decode_token_ms=stats.to_dict(),
+        decode_retained=retained, token_ns=tuple(token_ns), rss_after_load_mb=rss_load, peak_rss_mb=_peak_rss_mb(),
+        max_context=rt.max_context, kv_cache_bytes_per_token=art.details.get("kv_cache_bytes_per_token"),
+        predicted_peak_memory_mb=peak_pred / 2**20 if peak_pred else None, energy=en,
+        joules_per_token=en.get("joules_per_inference_net") or en.get("joules_per_inference_gross"))
+
+
+def run_job(job: dict[str, Any]) -> LLMArtifactResult:
+    cfg = LLMRunConfig(**{**job["config"], "prompt_lengths": tuple(job["config"]["prompt_lengths"])})
+    ident = {"artifact": job["artifact"], "format": job.get("format", "?"), "recipe": job.get("recipe", "?")}
+    try:
+        return _measure(job, cfg)
+    except EdgeshipError as e:
+        return LLMArtifactResult(**ident, status="error", error=str(e))
+    except Exception as e:  # a runtime crashing mid-run must not lose the other artifacts' results
+        return LLMArtifactResult(**ident, status="error", error=f"{type(e).__name__}: {e}",
+                                 warnings=(traceback.format_exc()[-2000:],))
+
+
+def _run_child(job: dict[str, Any], timeout: float) -> LLMArtifactResult:
+    with tempfile.TemporaryDirectory(prefix="edgeship-llm-job-") as td:
+        jpath, rpath = Path(td, "job.json"), Path(td, "result.json")
+        jpath.write_text(json.dumps(job))
+        ident = {"artifact": job["artifact"], "format": job["format"], "recipe": job["recipe"]}
+        try:
+            proc = subprocess.run([sys.executable, "-m", "edgeship.profiling.llm.bench", str(jpath), str(rpath)],
+                                  stdin=subprocess.DEVNULL, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return LLMArtifactResult(**ident, status="error", error=f"timed out after {timeout:.0f} s")
+        if rpath.is_file():
+            return LLMArtifactResult.from_dict(json.loads(rpath.read_text()))
+        return LLMArtifactResult(**ident, status="error", error=f"worker exited with code {proc.returncode} and "
+                                 "wrote no result (the runtime crashed)")
+
+
+def profile_llm(source: str | Path, *, artifact: str | None = None, config: LLMRunConfig | None = None,
+                isolate: bool = True, json_path: str | Path | None = None) -> LLMProfileResult:
+    """Measure every artifact of an LLM bundle (or one) on this machine, each in a fresh process."""
+    from edgeship import __version__
+    from edgeship.profiling.runner import write_json_atomic
+
+    cfg = config or LLMRunConfig()
+    bundle = load_bundle(source, verify=True)
+    arts = [bundle.manifest.artifact(artifact)] if artifact else list(bundle.manifest.artifacts)
+    check_context(bundle, [a.key for a in arts], cfg)
+    results = []
+    for a in arts:
+        job = {"bundle": str(bundle.root.resolve()), "artifact": a.key, "format": a.format, "recipe": a.recipe,
+               "config": cfg.to_dict()}
+        results.append(_run_child(job, timeout=1800) if isolate else run_job(job))
+    res = LLMProfileResult(device=sysinfo.describe(), config=cfg.to_dict(), results=tuple(results), source=str(source),
+                           target=bundle.manifest.target.get("name"),
+                           created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), edgeship_version=__version__)
+    if json_path is not None:
+        write_json_atomic(Path(json_path), res.to_json())
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 2:
+        print("usage: python -m edgeship.profiling.llm.bench JOB.json RESULT.json", file=sys.stderr)
+        return 2
+    res = run_job(json.loads(Path(args[0]).read_text()))
+    Path(args[1]).write_text(json.dumps(res.to_dict()))
+    return 0 if res.status == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""ONNX Runtime GenAI folders on the device: ``og.Model`` + one ``og.Generator`` whose KV cache we append to.
+
+Torch-free. ``max_context`` is the folder's ``search.max_length`` (the shared KV buffer the export sized).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edgeship.errors import ArtifactLoadError, RuntimeMissingError
+from edgeship.profiling.llm.runtime import LLMRuntime
+
+GENAI_CONFIG = "genai_config.json"
+
+
+class GenAIRuntime(LLMRuntime):
+    format: ClassVar[str] = "onnx"
+    torch_free: ClassVar[bool] = True
+
+    def __init__(self, path: Path, runtime: Mapping[str, Any], threads: int | None = None) -> None:
+        try:
+            import onnxruntime_genai as og
+        except ImportError:
+            raise RuntimeMissingError("running ONNX GenAI artifacts needs onnxruntime-genai: pip install "
+                                      "'edgeship[llm]' (upstream has no Linux aarch64 wheel)") from None
+        self._og = og
+        cfg_file = Path(path) / GENAI_CONFIG
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            self.max_context = int(cfg["search"]["max_length"])
+            self.vocab_size = int(cfg["model"]["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ArtifactLoadError(f"{path}: not an ONNX GenAI folder ({GENAI_CONFIG}: {type(e).__name__}: {e}); "
+                                    "re-export it") from None
+        self.threads = threads
+        try:
+            config = og.Config(str(path))
+            if threads:
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                    "intra_op_num_threads": threads, "inter_op_num_threads": 1}}}}))
+            self._model = og.Model(config)
+        except Exception as e:  # onnxruntime-genai raises plain RuntimeError for any broken file
+            raise ArtifactLoadError(f"{path}: onnxruntime-genai cannot load it ({str(e).splitlines()[0][:200]}): the "
+                                    "folder is corrupt or truncated; re-export or re-copy it") from None
+        self._generator: Any = None
+        self.reset()
+
+    def reset(self) -> None:
+        og = self._og
+        params = og.GeneratorParams(self._model)
+        params.set_search_options(max_length=self.max_context, do_sample=False)
+        self._generator = og.Generator(self._model, params)
+        self.position = 0
+
+    def append(self, ids: Sequence[int]) -> np.ndarray:
+        self.check_room(len(ids))
+        self._generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        self.position += len(ids)
+        logits = np.asarray(self._generator.get_logits(), dtype=np.float32)
+        return logits.reshape(-1, logits.shape[-1])[-1]
+
+    def info(self) -> dict[str, Any]:
+        return {"runtime": "onnxruntime-genai", "version": str(self._og.__version__), "threads": self.threads,
+                "execution_provider": "CPU", "kv_cache": f"shared buffer of {self.max_context} tokens"}
+
+    def close(self) -> None:
+        self._generator = None
+        self._model = None

@@ -1,0 +1,118 @@
+"""What ``edgeship profile`` measures for an LLM bundle: typed, frozen, JSON round-trippable. Torch-free."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeship.errors import ConfigError
+
+LLM_RESULT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PromptTiming:
+    """Prefill of one prompt length from an empty cache: time to the first token's logits."""
+
+    prompt_tokens: int
+    ttft_ms: float
+    prefill_tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class LLMArtifactResult:
+    artifact: str
+    format: str
+    recipe: str
+    status: str  # "ok" | "error"
+    error: str | None = None
+    torch_free: bool = False
+    threads: int | None = None
+    runtime: dict[str, Any] = field(default_factory=dict)
+    load_seconds: float | None = None
+    prompts: tuple[PromptTiming, ...] = ()
+    decode_tokens: int = 0
+    decode_tokens_per_s: float | None = None  # steady state: every greedy step after the first token
+    decode_token_ms: dict[str, Any] = field(default_factory=dict)  # LatencyStats of the per-token times
+    decode_retained: float | None = None  # tok/s over the last 10% of tokens / over the first 10%
+    token_ns: tuple[int, ...] = ()  # raw per-token decode times
+    rss_after_load_mb: float | None = None
+    peak_rss_mb: float | None = None  # includes the KV cache at the longest context reached
+    max_context: int | None = None
+    kv_cache_bytes_per_token: int | None = None
+    predicted_peak_memory_mb: float | None = None
+    energy: dict[str, Any] = field(default_factory=dict)  # EnergyResult of the decode window; "estimated" labels it
+    joules_per_token: float | None = None
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["prompts"] = [dataclasses.asdict(p) for p in self.prompts]
+        d["token_ns"] = list(self.token_ns)
+        d["warnings"] = list(self.warnings)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LLMArtifactResult:
+        d = dict(d)
+        d["prompts"] = tuple(PromptTiming(**p) for p in d.get("prompts", ()))
+        d["token_ns"] = tuple(d.get("token_ns", ()))
+        d["warnings"] = tuple(d.get("warnings", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class LLMProfileResult:
+    device: dict[str, Any]
+    config: dict[str, Any]
+    results: tuple[LLMArtifactResult, ...]
+    source: str
+    target: str | None
+    created_utc: str
+    edgeship_version: str
+    kind: str = "llm"
+    schema_version: int = LLM_RESULT_SCHEMA_VERSION
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status == "ok" for r in self.results)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["results"] = [r.to_dict() for r in self.results]
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LLMProfileResult:
+        if d.get("schema_version") != LLM_RESULT_SCHEMA_VERSION or d.get("kind") != "llm":
+            raise ConfigError(f"not an LLM results document (kind {d.get('kind')!r}, schema_version "
+                              f"{d.get('schema_version')!r}; expected 'llm', {LLM_RESULT_SCHEMA_VERSION})")
+        return cls(device=dict(d["device"]), config=dict(d["config"]),
+                   results=tuple(LLMArtifactResult.from_dict(r) for r in d["results"]), source=str(d["source"]),
+                   target=d.get("target"), created_utc=str(d["created_utc"]), edgeship_version=str(d["edgeship_version"]))
+
+
+def render(res: LLMProfileResult) -> str:
+    """The terminal table: one row per artifact."""
+    from edgeship.profiling.report import table
+
+    rows = []
+    for r in res.results:
+        if r.status != "ok":
+            rows.append([r.artifact, "ERROR", r.error or "", "", "", "", "", "", ""])
+            continue
+        ttft = ", ".join(f"{p.ttft_ms:.0f}@{p.prompt_tokens}" for p in r.prompts)
+        prefill = ", ".join(f"{p.prefill_tokens_per_s:.0f}" for p in r.prompts)
+        e = r.energy
+        j = f"{r.joules_per_token * 1e3:.1f}{' (est.)' if e.get('estimated') else ''}" if r.joules_per_token else "-"
+        rows.append([r.artifact, f"{r.load_seconds:.2f}", ttft, prefill, f"{r.decode_tokens_per_s:.1f}",
+                     f"{r.decode_retained:.2f}" if r.decode_retained else "-", f"{r.peak_rss_mb:.0f}", j,
+                     "yes" if r.torch_free else "no"])
+    return table(rows, ["artifact", "load s", "TTFT ms@tokens", "prefill tok/s", "decode tok/s", "retained",
+                        "peak RSS MB", "mJ/token", "torch-free"])

@@ -1,0 +1,132 @@
+"""The LLM side of the command line: ``export`` of a causal LM, ``profile`` of an LLM bundle, ``chat``, and
+``quickstart --llm``. ``edgeship.cli`` dispatches here; kept apart so the encoder CLI stays as it was."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgeship.errors import ConfigError
+
+EXIT_FAIL = 1
+
+
+def add_export_args(e: argparse.ArgumentParser) -> None:
+    e.add_argument("--adapter", help="LLMs: a PEFT LoRA adapter directory merged into the model before export")
+    e.add_argument("--max-context", type=int, help="LLMs: static KV-cache length in tokens (default: the profile's)")
+
+
+def add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-lengths", default="64,256", help="LLM bundles: prompt lengths for TTFT (default 64,256)")
+    p.add_argument("--new-tokens", type=int, default=128, help="LLM bundles: greedy tokens timed for decode (default 128)")
+
+
+def add_chat_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    c = sub.add_parser("chat", help="stream a reply from one artifact of an LLM bundle")
+    c.add_argument("bundle")
+    c.add_argument("--artifact", help="FORMAT/RECIPE (default: the first artifact)")
+    c.add_argument("--prompt", help="the user message (default: read one line from stdin)")
+    c.add_argument("--new-tokens", type=int, default=128, help="at most this many tokens (default 128)")
+    c.add_argument("--threads", type=int)
+    c.set_defaults(fn=cmd_chat)
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--prompt-lengths '{text}': expected integers separated by commas, e.g. 64,256") from None
+
+
+def export_llm_cmd(a: argparse.Namespace) -> int:
+    from edgeship.llm import export_llm
+
+    res = export_llm(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
+                     max_context=a.max_context, adapter=a.adapter, overwrite=a.overwrite,
+                     allow_degraded=a.allow_degraded, log=None if not a.quiet else (lambda m: None))
+    print(res.summary())
+    print(f"bundle: {res.bundle}  ({res.seconds:.1f} s)")
+    return 0
+
+
+def profile_llm_cmd(a: argparse.Namespace) -> int:
+    from edgeship.profiling.llm.bench import LLMRunConfig, profile_llm
+    from edgeship.profiling.llm.results import render
+
+    if a.device or a.inventory:
+        raise ConfigError("remote profiling of LLM bundles is not implemented yet: copy the bundle to the device "
+                          "and run edgeship profile there")
+    cfg = LLMRunConfig(prompt_lengths=_lengths(a.prompt_lengths), new_tokens=a.new_tokens, threads=a.threads,
+                       energy=a.energy, idle_seconds=a.idle_seconds, sample_hz=a.sample_hz, energy_csv=a.energy_csv,
+                       power_target=a.target)
+    res = profile_llm(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path)
+    print(render(res))
+    for r in res.results:
+        if r.status == "ok" and r.energy.get("estimated"):
+            print("mJ/token marked (est.) is an ESTIMATE from the target power model, not a measurement "
+                  f"({r.energy.get('source')}: no real power meter here)")
+            break
+    return 0 if res.ok else EXIT_FAIL
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    from edgeship.profiling.llm.chat import chat
+
+    prompt = a.prompt if a.prompt is not None else sys.stdin.readline().strip()
+    if not prompt:
+        raise ConfigError("give a message with --prompt TEXT (or one line on stdin)")
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    chat(a.bundle, a.artifact, prompt, a.new_tokens, a.threads, write)
+    print()
+    return 0
+
+
+def quickstart_llm(a: argparse.Namespace) -> int:
+    from edgeship.llm import export_llm
+    from edgeship.llm_models import default_llm_gguf
+    from edgeship.profiling.llm.bench import LLMRunConfig, profile_llm
+    from edgeship.profiling.llm.results import render
+
+    out = Path(a.output)
+    print(f"edgeship quickstart --llm: SmolLM2-135M-Instruct -> {a.target} -> {out}", flush=True)
+    res = export_llm(default_llm_gguf(), target=a.target, out=out, formats=a.format or ["onnx"],
+                     recipes=a.quant or None, overwrite=True)
+    print(res.summary(), flush=True)
+    json_path = out.with_name(out.name + "-profile.json")
+    prof = profile_llm(out, config=LLMRunConfig(), json_path=json_path)
+    print()
+    print(render(prof))
+    print(f"\nbundle: {out}   results: {json_path}   chat: edgeship chat {out} --prompt 'What is the capital of France?'")
+    return 0 if prof.ok else EXIT_FAIL
+
+
+def inspect_llm(bundle: Any) -> int:
+    """``edgeship inspect`` of an LLM bundle: per artifact its fidelity, KV cache and predicted peak memory."""
+    from edgeship.profiling.report import table
+
+    m = bundle.manifest
+    gen = m.llm["generation"]
+    print(f"model {m.model['name']} ({m.model['architecture']}, {m.model['parameters'] / 1e6:.1f} M parameters), "
+          f"target {m.target['name']}, max context {gen['max_context']}, EOS {gen['eos_token_ids']}, "
+          f"chat template {m.llm['chat_template']}")
+    rows = []
+    for a in m.artifacts:
+        f = a.llm_fidelity
+        rows.append([a.key, f"{a.size_bytes / 2**20:.1f}", f"{f.top1_agreement:.3f}" if f else "-",
+                     f"{f.mean_kl:.4f}" if f else "-", f"{f.greedy_identical}/{f.n_prompts}" if f else "-",
+                     str(a.details.get("kv_cache_bytes_per_token", "-")),
+                     f"{a.details.get('predicted_peak_memory_bytes', 0) / 2**20:.0f}", a.sha256[:12]])
+    print(table(rows, ["artifact", "MB", "top-1", "mean KL", "greedy same", "KV B/token", "peak MB@ctx", "sha256"]))
+    for r in m.llm.get("refused", []):
+        print(f"{r['format']}/{r['recipe']}: refused by {r['tool']}: {r['reason']}")
+    for a in m.artifacts:
+        for w in a.warnings:
+            print(f"{a.key}: warning: {w}")
+    print("checksums: all artifacts verified")
+    return 0

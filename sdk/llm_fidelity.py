@@ -1,0 +1,111 @@
+"""Fidelity of a decoder-LLM artifact: does it still say what the PyTorch fp32 model says?
+
+Measured through the device runtime (:class:`~edgeship.profiling.llm.runtime.LLMRuntime`) on held-out text and
+prompts that the bundle keeps, so ``edgeship profile`` can repeat the check on the device:
+
+- teacher-forced: both read the same >= 256 tokens; per position, next-token top-1 agreement, KL(PyTorch ||
+  artifact), and each one's perplexity of the text;
+- greedy: each prompt is continued for ``new_tokens`` tokens by both (EOS ignored, so every prompt compares the
+  same number of tokens); we keep the index of the first token that differs.
+
+The reference side (:func:`torch_reference`) imports torch inside; :func:`measure` is numpy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeship.manifest import LLMFidelity
+
+MIN_TEXT_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class LLMReference:
+    """PyTorch fp32's view of the held-out text and prompts."""
+
+    text_ids: tuple[int, ...]  # n + 1 tokens: positions 0..n-1 predict 1..n
+    logprobs: np.ndarray  # [n, vocab] float32 log-softmax of the next-token logits at positions 0..n-1
+    prompt_ids: tuple[tuple[int, ...], ...]
+    continuations: tuple[tuple[int, ...], ...]  # greedy tokens after each prompt
+    new_tokens: int
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.logprobs.shape[0])
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def torch_reference(model: Any, text_ids: Sequence[int], prompt_ids: Sequence[Sequence[int]],
+                    new_tokens: int) -> LLMReference:
+    import torch
+
+    with torch.inference_mode():
+        ids = torch.tensor([list(text_ids)], dtype=torch.long)
+        logits = model(input_ids=ids[:, :-1]).logits[0].float().numpy()
+        conts = []
+        for p in prompt_ids:
+            out = model(input_ids=torch.tensor([list(p)], dtype=torch.long), use_cache=True)
+            past, toks = out.past_key_values, []
+            for _ in range(new_tokens):
+                nxt = int(out.logits[0, -1].argmax())
+                toks.append(nxt)
+                out = model(input_ids=torch.tensor([[nxt]], dtype=torch.long), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+            conts.append(tuple(toks))
+    return LLMReference(text_ids=tuple(int(i) for i in text_ids), logprobs=_log_softmax(logits).astype(np.float32),
+                        prompt_ids=tuple(tuple(int(i) for i in p) for p in prompt_ids),
+                        continuations=tuple(conts), new_tokens=new_tokens)
+
+
+def greedy(runtime: Any, prompt: Sequence[int], new_tokens: int) -> list[int]:
+    """Greedy continuation through an :class:`LLMRuntime` (EOS not special: fixed length)."""
+    runtime.reset()
+    logits = runtime.append(list(prompt))
+    out: list[int] = []
+    for i in range(new_tokens):
+        nxt = int(np.argmax(logits))
+        out.append(nxt)
+        if i + 1 < new_tokens:
+            logits = runtime.append([nxt])
+    return out
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def measure(runtime: Any, ref: LLMReference, floor_top1: float) -> LLMFidelity:
+    """Run the held-out text and prompts through ``runtime`` and compare with ``ref``."""
+    runtime.reset()
+    n = ref.n_tokens
+    agree, kl_sum, nll_art, nll_ref = 0, 0.0, 0.0, 0.0
+    for i in range(n):
+        # one token at a time: the protocol returns the last position's logits, and this is the decode path
+        q = _log_softmax(runtime.append([ref.text_ids[i]]))
+        p = ref.logprobs[i].astype(np.float64)
+        agree += int(np.argmax(q) == np.argmax(p))
+        kl_sum += float(np.sum(np.exp(p) * (p - q)))
+        nxt = ref.text_ids[i + 1]
+        nll_art -= float(q[nxt])
+        nll_ref -= float(p[nxt])
+    divs = tuple(first_divergence(ref_c, greedy(runtime, prompt, ref.new_tokens))
+                 for prompt, ref_c in zip(ref.prompt_ids, ref.continuations, strict=True))
+    top1 = agree / n
+    return LLMFidelity(
+        n_tokens=n, top1_agreement=round(top1, 6), mean_kl=round(max(kl_sum / n, 0.0), 6),
+        perplexity=round(float(np.exp(nll_art / n)), 4), perplexity_reference=round(float(np.exp(nll_ref / n)), 4),
+        n_prompts=len(divs), new_tokens=ref.new_tokens, greedy_identical=sum(d is None for d in divs),
+        first_divergence=divs, floor_top1_agreement=floor_top1, passed=top1 >= floor_top1)

