@@ -93,7 +93,7 @@ def export_pte(req: LLMExportRequest) -> LLMExportResult:
     with _stage("prepare", req, timings):
         module = static_cache_lm(copy.deepcopy(req.model).eval(), req.max_context)
     with _stage("quantize", req, timings):
-        quant = _quantize(module.model, plan, req.group_size)
+        quant = quantize(module.model, req.recipe, req.group_size)
     runtime = _runtime_entry(req, config, max_prefill)
     with _stage("capture", req, timings):
         program = _capture(module, max_prefill)
@@ -253,8 +253,9 @@ def static_cache_lm(model: nn.Module, max_context: int) -> Any:
 
 
 # ---- quantize -----------------------------------------------------------------------------------------------
-def _quantize(model: Any, plan: Plan, group_size: int) -> dict[str, Any]:
-    """Apply the plan in place with torchao; return what was actually applied (per layer kind, with counts)."""
+def quantize(model: Any, recipe: str, group_size: int) -> dict[str, Any]:
+    """Apply the recipe's plan in place with torchao; return what was actually applied (per layer kind, counts)."""
+    plan = PLANS[recipe]
     if plan.linear_bits is None:
         return {"recipe": "fp32", "weights": "float32", "activations": "float32", "embeddings": "float32",
                 "summary": PLANS["fp32"].summary}
@@ -419,4 +420,4 @@ def _tools() -> dict[str, str]:
     return out
 
 
-__all__ = ["PLANS", "Plan", "export_pte", "static_cache_lm"]
+__all__ = ["PLANS", "Plan", "export_pte", "quantize", "static_cache_lm"]

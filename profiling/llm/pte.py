@@ -92,11 +92,13 @@ class PteLLMRuntime(LLMRuntime):
         from executorch.extension.pybindings import portable_lib
 
         return {
-            "runtime": "executorch", "version": self._version, "threads": self.threads,
+            "runtime": "executorch", "version": self._version,
+            "threads": int(portable_lib._threadpool_get_thread_count()), "threads_requested": self.threads,
             "executes": "XNNPACK delegate + ExecuTorch portable/quantized/LLM custom kernels (Python bindings)",
             "kv_cache": f"static, inside the program ({self.max_context} positions), llama::update_cache",
             "method": self.method_name, "max_prefill": self.max_prefill,
             "backends": list(portable_lib._get_registered_backend_names()),
+            "notes": ["the executorch Python runtime imports torch: load time and RSS include it"],
         }
 
     def close(self) -> None:

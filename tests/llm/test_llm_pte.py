@@ -89,6 +89,19 @@ def _teacher_forced(rt: Any, ids: list[int], prompt: int) -> np.ndarray:
     return np.stack(out)
 
 
+def _eager_quantized(model: Any, recipe: str, ids: list[int], prompt: int) -> np.ndarray:
+    import copy
+
+    from edgeship.exporters.llm_pte import quantize, static_cache_lm
+
+    m = static_cache_lm(copy.deepcopy(model).eval(), MAX_CONTEXT)
+    quantize(m.model, recipe, GROUP)
+    with torch.no_grad():
+        out = [m(torch.tensor([ids[:prompt]]), torch.tensor([0]))[0]]
+        out += [m(torch.tensor([[t]]), torch.tensor([i]))[0] for i, t in enumerate(ids[prompt:], start=prompt)]
+    return np.stack([o.numpy() for o in out])
+
+
 def _eager(model: Any, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()  # type: ignore[no-any-return]
@@ -98,8 +111,9 @@ def _eager(model: Any, ids: list[int]) -> np.ndarray:
 CASES = [("llama", "fp32"), ("llama", "int8-dynamic"), ("llama", "int4-weight"), ("qwen2", "int4-weight")]
 # top-1 agreement with fp32 PyTorch over 40 teacher-forced positions of random tokens in a random-init model
 # (chance is 1/512). 4-bit blocks of 32 on a 64-wide random model lose far more than on a trained one
-# (measured 0.73 here vs >= 0.9 on SmolLM2, see test_llm_pte_smollm2.py)
-FLOORS = {"fp32": 1.0, "int8-dynamic": 0.9, "int4-weight": 0.6}
+# (measured 0.58-0.73 here vs the real model's floor in test_llm_pte_smollm2.py), so the export itself is judged
+# against the same quantized model run eagerly, and fp32 agreement only guards against a broken scheme.
+FLOORS = {"fp32": 1.0, "int8-dynamic": 0.85, "int4-weight": 0.45}
 
 
 @pytest.mark.parametrize(("arch", "recipe"), CASES)
@@ -116,8 +130,11 @@ def test_teacher_forced_logits_match_pytorch(export_tiny: Any, tiny_llama_model:
     assert top1 >= FLOORS[recipe], f"{arch}/{recipe}: top-1 agreement {top1:.3f}"
     if recipe == "fp32":
         assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
-    else:  # quantized, but still the same function: far closer to the reference than to another position's logits
-        assert np.abs(got - ref).mean() < 0.25 * np.abs(ref - np.roll(ref, 1, axis=0)).mean()
+        return
+    same = _eager_quantized(model, recipe, ids, prompt=9)  # the quantized graph in PyTorch, same static cache
+    assert float((got.argmax(-1) == same.argmax(-1)).mean()) >= 0.9
+    # XNNPACK and torchao round the dynamic activations alike up to ties: far closer than to the fp32 logits
+    assert np.abs(got - same).mean() < 0.5 * np.abs(got - ref).mean()
 
 
 def test_fp32_greedy_generation_equals_pytorch(export_tiny: Any, tiny_llama_model: Any) -> None:
