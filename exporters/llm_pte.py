@@ -91,7 +91,7 @@ def export_pte(req: LLMExportRequest) -> LLMExportResult:
         raise ExportError(f"pte: max_prefill {max_prefill} must be between 1 and max_context {req.max_context}")
     timings: dict[str, float] = {}
     with _stage("prepare", req, timings):
-        module = static_cache_lm(copy.deepcopy(req.model).eval(), req.max_context)
+        module = static_cache_lm(_without_padding_idx(copy.deepcopy(req.model).eval()), req.max_context)
     with _stage("quantize", req, timings):
         quant = quantize(module.model, req.recipe, req.group_size)
     runtime = _runtime_entry(req, config, max_prefill)
@@ -141,6 +141,18 @@ def _check_shape(req: LLMExportRequest, config: Any) -> None:
     if getattr(config, "attn_logit_softcapping", None):
         raise UnsupportedRecipeError("pte: attention logit soft-capping (Gemma 2) is not supported by ExecuTorch's "
                                      "custom SDPA kernel; use --format onnx or tflite for this model")
+
+
+def _without_padding_idx(model: Any) -> Any:
+    """Drop ``padding_idx`` from the embeddings (it only masks gradients): ExecuTorch's quant fusion matches
+    ``embedding(weight, ids)`` without it, and an unfused int8 table fails to lower (``Missing out variants:
+    torchao::dequantize_affine``, seen on SmolLM2 whose pad id is 2)."""
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            m.padding_idx = None
+    return model
 
 
 # ---- the exportable module ----------------------------------------------------------------------------------

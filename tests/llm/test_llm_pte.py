@@ -34,7 +34,8 @@ def _tiny(arch: str) -> Any:
     # a wider init than the default 0.02 gives peaked next-token distributions, so that top-1 agreement means
     # something (near-uniform logits of a 0.02 init flip their argmax under any rounding)
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.08)
+                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.08,
+                  pad_token_id=2)  # an embedding padding_idx, as SmolLM2 has, must not block the int8 table
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**common)).eval()
     return Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common)).eval()
