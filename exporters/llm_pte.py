@@ -1,0 +1,435 @@
+"""Decoder LLMs to an ExecuTorch ``.pte``: one ``forward(tokens, input_pos)`` method with its KV cache inside.
+
+Any Hugging Face ``*ForCausalLM`` whose attention goes through transformers' attention interface (Llama,
+Qwen2/Qwen3, Gemma 3 text, Phi-3 ...) is exported as it is, without re-authoring the model:
+
+* the KV cache is a static buffer per layer, ``[1, max_context, kv_heads, head_dim]``, owned by the program
+  (mutable buffers), written by ExecuTorch's ``llama::update_cache`` kernel at ``input_pos``;
+* attention is ExecuTorch's ``llama::custom_sdpa`` (causal from ``input_pos``; grouped-query heads handled
+  inside the kernel), so a decode step attends only to the filled part of the cache instead of masking all of
+  ``max_context`` as a plain static-cache export does;
+* the token count of a call is dynamic (1 .. ``max_prefill``): the same method prefills a prompt in one call
+  and decodes one token per call, and only the last position's logits are computed (``logits_to_keep=1``),
+  which spares the vocab-sized projection on every prompt token.
+
+That is the signature ExecuTorch's own LLM runner expects (``forward(tokens[1, T], input_pos[1]) -> logits``)
+and the program carries the runner's metadata methods (``get_max_seq_len``, ``get_vocab_size``,
+``use_kv_cache``, ``enable_dynamic_shape``, ...), so the file also runs in the C++ ``llama_main`` on a phone.
+
+Recipes (the table :data:`PLANS` drives the dispatch):
+
+* ``fp32``: float weights, XNNPACK fp32 kernels.
+* ``int8-dynamic``: torchao ``Int8DynamicActivationIntxWeightConfig`` with int8 per-channel weights (8da8w).
+* ``int4-weight``: the same config with 4-bit weights in blocks of ``group_size`` along the input (8da4w); a
+  layer whose input width is not a multiple of the group keeps 8-bit weights (reported).
+
+Both quantized recipes store the token embedding as int8 per row (torchao ``IntxWeightOnlyConfig``), which ExecuTorch
+fuses into its ``embedding`` kernel for quantized tables. Tied input/output embeddings are untied first so that each
+copy gets the scheme its op needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from edgeship.errors import ExportError, UnsupportedRecipeError
+from edgeship.exporters.llm_base import (
+    LLM_EXPORTERS,
+    LLM_RECIPES,
+    LLMExportRequest,
+    LLMExportResult,
+    kv_cache_bytes_per_token,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+ENTRY = "model.pte"
+METHOD = "forward"
+META_METHOD = "edgeship_llm"  # constant method: the runtime dict as JSON, so a bare .pte describes itself
+ATTENTION = "edgeship_executorch_sdpa"  # name registered in transformers' AttentionInterface
+DEFAULT_MAX_PREFILL = 512  # tokens per call; ExecuTorch plans activation memory for this upper bound
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one recipe does to the model: linear weight bits (None = float), embedding bits, and a description."""
+
+    linear_bits: int | None
+    embedding_bits: int | None
+    summary: str
+
+
+PLANS: dict[str, Plan] = {
+    "fp32": Plan(None, None, "float32 weights and activations, XNNPACK fp32 kernels"),
+    "int8-dynamic": Plan(8, 8, "8-bit dynamic per-token activations, int8 per-channel weights (8da8w), int8 embeddings"),
+    "int4-weight": Plan(4, 8, "8-bit dynamic per-token activations, 4-bit block-wise weights (8da4w), int8 embeddings"),
+}
+
+
+@LLM_EXPORTERS.register("pte")
+def export_pte(req: LLMExportRequest) -> LLMExportResult:
+    plan = PLANS.get(req.recipe)
+    if plan is None or req.recipe not in LLM_RECIPES:
+        raise UnsupportedRecipeError(f"pte: no LLM recipe '{req.recipe}' (it offers: {', '.join(PLANS)})")
+    config = req.model.config
+    _check_shape(req, config)
+    max_prefill = int(req.options.get("max_prefill", min(req.max_context, DEFAULT_MAX_PREFILL)))
+    if not 1 <= max_prefill <= req.max_context:
+        raise ExportError(f"pte: max_prefill {max_prefill} must be between 1 and max_context {req.max_context}")
+    timings: dict[str, float] = {}
+    with _stage("prepare", req, timings):
+        module = static_cache_lm(_without_padding_idx(copy.deepcopy(req.model).eval()), req.max_context)
+    with _stage("quantize", req, timings):
+        quant = quantize(module.model, req.recipe, req.group_size)
+    runtime = _runtime_entry(req, config, max_prefill)
+    with _stage("capture", req, timings):
+        program = _capture(module, max_prefill)
+    with _stage("lower", req, timings):
+        lowered = _lower(program, _metadata_methods(req, config, runtime))
+    req.out.mkdir(parents=True, exist_ok=True)
+    with _stage("serialize", req, timings):
+        _write(lowered, req.out / ENTRY)
+    runtime["delegation"] = _delegation(lowered)
+    runtime["export_seconds"] = {k: round(v, 2) for k, v in timings.items()}
+    warnings = []
+    if quant.get("int8_weights_by_shape"):
+        warnings.append(f"{len(quant['int8_weights_by_shape'])} linear layer(s) kept 8-bit weights: input width not "
+                        f"a multiple of group size {req.group_size}")
+    return LLMExportResult(files=[Path(ENTRY)], runtime=runtime, quantization=quant,
+                           kv_cache_bytes_per_token=kv_cache_bytes_per_token(config, 4), tool=_tools(),
+                           warnings=warnings)
+
+
+@contextmanager
+def _stage(name: str, req: LLMExportRequest, timings: dict[str, float]) -> Iterator[None]:
+    """Time a stage; any failure becomes one ExportError line naming format, recipe and stage."""
+    t0 = time.perf_counter()
+    log.info("[pte/%s] %s...", req.recipe, name)
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
+        raise ExportError(f"pte/{req.recipe}: {name} failed: {type(e).__name__}: {first}") from e
+    timings[name] = time.perf_counter() - t0
+
+
+def _check_shape(req: LLMExportRequest, config: Any) -> None:
+    """Refuse models this export would get wrong, before minutes of work."""
+    if req.max_context < 2:
+        raise ExportError(f"pte: max_context must be at least 2 (got {req.max_context})")
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or []
+    if window and "sliding_attention" in types and req.max_context > int(window):
+        raise UnsupportedRecipeError(
+            f"pte: {type(req.model).__name__} has sliding-window layers (window {window}) and the .pte cache attends "
+            f"to the whole context; re-export with --max-context {window} or less")
+    if getattr(config, "attn_logit_softcapping", None):
+        raise UnsupportedRecipeError("pte: attention logit soft-capping (Gemma 2) is not supported by ExecuTorch's "
+                                     "custom SDPA kernel; use --format onnx or tflite for this model")
+
+
+def _without_padding_idx(model: Any) -> Any:
+    """Drop ``padding_idx`` from the embeddings (it only masks gradients): ExecuTorch's quant fusion matches
+    ``embedding(weight, ids)`` without it, and an unfused int8 table fails to lower (``Missing out variants:
+    torchao::dequantize_affine``, seen on SmolLM2 whose pad id is 2)."""
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            m.padding_idx = None
+    return model
+
+
+# ---- the exportable module ----------------------------------------------------------------------------------
+class _Position:
+    """The start position of the current call, shared by the cache layers and the attention function.
+
+    Set once per forward from ``input_pos`` (one ``.item()`` -> one symbolic int in the exported graph).
+    """
+
+    value: Any = 0
+
+
+def _layer_class() -> type:
+    from transformers.cache_utils import StaticLayer
+
+    class EtCacheLayer(StaticLayer):  # type: ignore[misc]
+        """A static layer in ExecuTorch's ``[batch, seq, heads, dim]`` layout, written by ``llama::update_cache``."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, pos: _Position) -> None:
+            super().__init__(int(keys.shape[1]))
+            self.keys, self.values, self.pos = keys, values, pos  # StaticLayer's own methods read keys/values
+            self.k_buf, self.v_buf = keys, values
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            import torch
+
+            # HF hands [batch, heads, seq, dim]; the cache and custom_sdpa use [batch, seq, heads, dim]
+            torch.ops.llama.update_cache(key_states.transpose(1, 2), self.k_buf, self.pos.value)
+            torch.ops.llama.update_cache(value_states.transpose(1, 2), self.v_buf, self.pos.value)
+            return self.k_buf, self.v_buf
+
+    return EtCacheLayer
+
+
+def _custom_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: Any, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function: ExecuTorch's causal SDPA over the cache filled up to ``start``.
+
+    ``key``/``value`` are the whole cache as :class:`EtCacheLayer` returns it; the kernel reads only positions
+    ``< start + seq``, so stale entries after a reset never leak in. Output is ``[batch, seq, heads, dim]``, the
+    layout HF's attention modules expect back.
+    """
+    import torch
+
+    start = cast(Any, module)._edgeship_pos.value
+    out = torch.ops.llama.custom_sdpa(query.transpose(1, 2), key, value, start, None, 0.0, True, scaling)
+    return out, None
+
+
+def _register_attention() -> None:
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  # defines llama::update_cache & co.
+    from transformers.modeling_utils import AttentionInterface
+
+    # deliberately absent from the mask interface: transformers then builds no mask (the kernel is causal itself)
+    AttentionInterface.register(ATTENTION, _custom_sdpa)
+
+
+def _static_cache_lm() -> type:
+    import torch
+    from torch import nn
+
+    class _StaticCacheLM(nn.Module):
+        """``forward(tokens [1, T] int64, input_pos [1] int64) -> logits [1, vocab]`` of the last token."""
+
+        def __init__(self, model: Any, max_context: int) -> None:
+            super().__init__()
+            _register_attention()
+            from transformers.cache_utils import Cache
+
+            self.model = model
+            self.max_context = max_context
+            # transformers 5 renamed past_key_values to cache (the old name warns until 5.40)
+            self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            config: Any = model.config
+            heads = int(config.num_attention_heads)
+            kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+            head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+            self.pos = _Position()
+            layer_cls = _layer_class()
+            layers = []
+            for i in range(int(config.num_hidden_layers)):
+                for kind in ("k", "v"):  # buffers on the module: torch.export keeps them as mutable state
+                    self.register_buffer(f"{kind}_cache_{i}", torch.zeros(1, max_context, kv_heads, head_dim),
+                                         persistent=False)
+                layers.append(layer_cls(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}"), self.pos))
+            self.cache = Cache(layers=layers)
+            config._attn_implementation = ATTENTION  # the model is our own deep copy
+            for m in model.modules():
+                if hasattr(m, "is_causal") and hasattr(m, "layer_idx"):  # the attention modules
+                    cast(Any, m)._edgeship_pos = self.pos
+
+        def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+            start = input_pos[0].item()
+            torch._check(start >= 0)
+            torch._check(start < self.max_context)
+            self.pos.value = start
+            positions = (torch.arange(tokens.shape[1]) + input_pos[0]).unsqueeze(0)
+            out = self.model(input_ids=tokens, position_ids=positions, use_cache=True, logits_to_keep=1,
+                             **{self.cache_arg: self.cache})
+            return out.logits[:, -1, :]  # type: ignore[no-any-return]
+
+    return _StaticCacheLM
+
+
+def static_cache_lm(model: nn.Module, max_context: int) -> Any:
+    """Wrap a HF causal LM (our own copy: its config is changed) with a static ExecuTorch KV cache."""
+    return _static_cache_lm()(model, max_context)
+
+
+# ---- quantize -----------------------------------------------------------------------------------------------
+def quantize(model: Any, recipe: str, group_size: int) -> dict[str, Any]:
+    """Apply the recipe's plan in place with torchao; return what was actually applied (per layer kind, counts)."""
+    plan = PLANS[recipe]
+    if plan.linear_bits is None:
+        return {"recipe": "fp32", "weights": "float32", "activations": "float32", "embeddings": "float32",
+                "summary": PLANS["fp32"].summary}
+    import torch
+    from torch import nn
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    _untie_output_embedding(model)
+    quant: dict[str, Any] = {"quantizer": "torchao quantize_", "activations": "int8 asymmetric per-token, dynamic"}
+    if plan.embedding_bits:
+        emb = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+        quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
+                  filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+        quant["embeddings"] = f"int8 per-row ({len(emb)} table(s))"
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if plan.linear_bits == 4:
+        four = {n for n, m in linears.items() if m.in_features % group_size == 0}
+        odd = sorted(set(linears) - four)
+        int4 = torch.int4  # type: ignore[attr-defined]  # torch's stubs lack the sub-byte dtypes
+        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, weight_granularity=PerGroup(group_size)),
+                  filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in four)
+        quant.update(weights=f"int4 symmetric, block-wise, group {group_size}", group_size=group_size,
+                     int4_layers=len(four))
+        if odd:
+            quant["int8_weights_by_shape"] = odd
+        rest = set(odd)
+    else:
+        quant["weights"] = "int8 symmetric per-channel"
+        rest = set(linears)
+    if rest:
+        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+                  filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in rest)
+    quant["int8_layers"] = len(rest)
+    quant["summary"] = plan.summary
+    return quant
+
+
+def _untie_output_embedding(model: Any) -> None:
+    """Give the output projection its own weight: the embedding becomes an int8 table, the projection a quantized
+    linear, and a shared Parameter would hand the second quantize_ call the first one's tensor subclass."""
+    from torch import nn
+
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is not None and inp is not None and out.weight is inp.weight:
+        out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+
+
+# ---- capture, lower, write ----------------------------------------------------------------------------------
+def _capture(module: nn.Module, max_prefill: int) -> Any:
+    """torch.export (strict: dynamo traces transformers' Python cleanly) with a dynamic token count 1..max_prefill."""
+    import torch
+
+    example = (torch.zeros((1, min(3, max_prefill)), dtype=torch.long), torch.tensor([0], dtype=torch.long))
+    dims = None
+    if max_prefill > 1:
+        tokens = torch.export.Dim("tokens", min=1, max=max_prefill)
+        dims = ({1: tokens}, None)
+    else:
+        example = (torch.zeros((1, 1), dtype=torch.long), example[1])
+    with torch.no_grad():
+        program = torch.export.export(module, example, dynamic_shapes=dims, strict=True)
+    _check_custom_ops(program)
+    return program
+
+
+def _check_custom_ops(program: Any) -> None:
+    """The export is only right if every attention went through the ExecuTorch kernels (a model whose attention
+    bypasses transformers' attention interface would silently keep an uncached path)."""
+    targets = [str(n.target) for n in program.graph_module.graph.nodes if n.op == "call_function"]
+    sdpa = sum("custom_sdpa" in t for t in targets)
+    updates = sum("update_cache" in t for t in targets)
+    if sdpa == 0 or updates != 2 * sdpa:
+        raise ExportError(f"pte: the model's attention did not route through ExecuTorch's custom SDPA ({sdpa} SDPA "
+                          f"and {updates} cache-update ops); its architecture calls attention outside transformers' "
+                          "attention interface, which this exporter needs")
+
+
+def _lower(program: Any, constants: dict[str, Any]) -> Any:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    edge = to_edge_transform_and_lower(
+        program, partitioner=[XnnpackPartitioner()], constant_methods=constants,
+        # the custom ops are not core ATen; dim order is irrelevant for these contiguous tensors
+        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True))
+    return edge.to_executorch(ExecutorchBackendConfig(
+        extract_delegate_segments=True,
+        do_quant_fusion_and_const_prop=True,  # fuses the int8 table + embedding into the quantized embedding kernel
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))  # inputs come from the caller
+
+
+def _write(program: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        program.write_to_file(f)
+    tmp.replace(path)
+
+
+def _delegation(program: Any) -> dict[str, Any]:
+    """Which ops XNNPACK took and which stayed on portable/custom kernels (counts by op), for the manifest."""
+    from collections import Counter
+
+    kept: Counter[str] = Counter()
+    delegated = 0
+    for node in program.exported_program().graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if name == "executorch_call_delegate":
+            delegated += 1
+        elif "." in name and not name.startswith(("getitem", "alloc", "view", "sym_size")):
+            kept[name] += 1
+    return {"xnnpack_blobs": delegated, "outside_delegate": dict(sorted(kept.items()))}
+
+
+# ---- what travels with the file -----------------------------------------------------------------------------
+def _runtime_entry(req: LLMExportRequest, config: Any, max_prefill: int) -> dict[str, Any]:
+    return {
+        "kind": "executorch-llm", "entry": ENTRY, "method": METHOD, "inputs": ["tokens", "input_pos"],
+        "input_dtypes": ["int64", "int64"], "takes_input_pos": True, "logits": "last",
+        "max_context": req.max_context, "max_prefill": max_prefill, "vocab_size": int(config.vocab_size),
+        "kv_cache": {"kind": "static, in-program mutable buffers", "dtype": "float32",
+                     "layout": "[1, max_context, kv_heads, head_dim] per layer, K and V",
+                     "update": "llama::update_cache", "attention": "llama::custom_sdpa"},
+        "delegates": ["XnnpackBackend"],
+        "kernels": ["executorch.kernels.quantized", "executorch.extension.llm.custom_ops"],
+        "recipe": req.recipe, "meta_method": META_METHOD,
+    }
+
+
+def _metadata_methods(req: LLMExportRequest, config: Any, runtime: dict[str, Any]) -> dict[str, Any]:
+    """Constant methods: ExecuTorch's LLM runner keys (so ``llama_main`` can run the file) plus our own JSON."""
+    gen = getattr(req.model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    eos_ids = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+    bos = getattr(config, "bos_token_id", None)
+    out: dict[str, Any] = {
+        "get_max_seq_len": runtime["max_prefill"], "get_max_context_len": req.max_context,
+        "get_vocab_size": int(config.vocab_size), "use_kv_cache": True, "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": runtime["max_prefill"] > 1, "get_eos_ids": eos_ids,
+        META_METHOD: json.dumps({k: v for k, v in runtime.items() if k != "meta_method"}),
+    }
+    if bos is not None:
+        out["get_bos_id"] = int(bos)
+    return out
+
+
+def _tools() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("executorch", "torch", "torchao", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+__all__ = ["PLANS", "Plan", "export_pte", "quantize", "static_cache_lm"]
