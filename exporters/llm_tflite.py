@@ -30,6 +30,7 @@ naming these.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -97,37 +98,37 @@ def _int4_weight(q: Any, block: int) -> dict[str, Any]:
             "quantizer": "ai-edge-quantizer dynamic int4 block-wise"}
 
 
-RECIPES: dict[str, tuple[str, Callable[[Any, int], dict[str, Any]] | None]] = {
-    "fp32": ("float32 weights and activations", None),
-    "int8-dynamic": ("int8 per-channel weights + int8 embedding, dynamic int8 activations", _int8_dynamic),
-    "int4-weight": ("int4 block-wise weights (group_size), int8 embedding, dynamic int8 activations", _int4_weight),
+@dataclass(frozen=True)
+class Recipe:
+    description: str
+    configure: Callable[[Any, int], dict[str, Any]] | None  # ai-edge-quantizer set-up; None keeps the float graph
+    blockwise: bool = False  # takes the request's group_size as its block size
+
+
+RECIPES: dict[str, Recipe] = {
+    "fp32": Recipe("float32 weights and activations", None),
+    "int8-dynamic": Recipe("int8 per-channel weights + int8 embedding, dynamic int8 activations", _int8_dynamic),
+    "int4-weight": Recipe("int4 block-wise weights (group_size), int8 embedding, dynamic int8 activations",
+                          _int4_weight, blockwise=True),
 }
 
 
 @LLM_EXPORTERS.register("tflite")
 def export_tflite(req: LLMExportRequest) -> LLMExportResult:
-    if req.recipe not in RECIPES:
+    recipe = RECIPES.get(req.recipe)
+    if recipe is None:
         raise UnsupportedRecipeError(f"tflite: no LLM recipe '{req.recipe}' (it offers: {', '.join(RECIPES)})")
-    _, configure = RECIPES[req.recipe]
-    if configure is not None and req.recipe == "int4-weight" and req.group_size not in BLOCKS:
-        raise UnsupportedRecipeError(f"tflite/int4-weight: group size {req.group_size} is not a block size "
+    if recipe.blockwise and req.group_size not in BLOCKS:
+        raise UnsupportedRecipeError(f"tflite/{req.recipe}: group size {req.group_size} is not a block size "
                                      f"ai-edge-quantizer offers ({', '.join(map(str, BLOCKS))})")
-    import torch
-
     hf = req.model.config
     warnings: list[str] = []
     mcfg = model_config(hf, req.max_context, warnings)
     lengths = prefill_lengths(req.max_context)
-    req.workdir.mkdir(parents=True, exist_ok=True)
-    fp32 = req.workdir / "llm-fp32.tflite"
-    with _quiet(), torch.no_grad():
-        t0 = time.perf_counter()
-        decoder = _load(mcfg, req.hf_dir)
-        _convert(decoder, mcfg, req.max_context, lengths, fp32)
-        log.info("tflite: converted in %.1f s", time.perf_counter() - t0)
-        del decoder
+    fp32 = _fp32_graph(req, mcfg, lengths)
     quant: dict[str, Any] = {"recipe": req.recipe}
     data = fp32.read_bytes()
+    configure = recipe.configure
     if configure is not None:
         data, applied = _quantize(data, lambda q: configure(q, req.group_size))
         quant.update(applied)
@@ -153,6 +154,45 @@ def export_tflite(req: LLMExportRequest) -> LLMExportResult:
     }
     return LLMExportResult(files=[Path(FILE)], runtime=runtime, quantization=quant,
                            kv_cache_bytes_per_token=kv_cache_bytes_per_token(hf), tool=_tools(), warnings=warnings)
+
+
+#: (model dir, weights fingerprint, max_context, prefill lengths) -> converted float graph. The core exports several
+#: recipes of one model in one process and they differ only after conversion (SmolLM2-135M converts in several
+#: minutes), so the float graph is converted once and kept in a per-process directory removed at exit.
+_FP32_GRAPHS: dict[tuple[str, str, int, tuple[int, ...]], Path] = {}
+
+
+def _fp32_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int]) -> Path:
+    import torch
+
+    key = (str(req.hf_dir.resolve()), _fingerprint(req.hf_dir), req.max_context, tuple(lengths))
+    hit = _FP32_GRAPHS.get(key)
+    if hit is not None and hit.is_file():
+        return hit
+    path = _graph_dir() / f"fp32-{len(_FP32_GRAPHS)}.tflite"
+    with _quiet(), torch.no_grad():
+        t0 = time.perf_counter()
+        decoder = _load(mcfg, req.hf_dir)
+        _convert(decoder, mcfg, req.max_context, lengths, path)
+        log.info("tflite: converted the float decoder in %.1f s", time.perf_counter() - t0)
+    _FP32_GRAPHS[key] = path
+    return path
+
+
+def _fingerprint(hf_dir: Path) -> str:
+    files = sorted([*hf_dir.glob("*.safetensors"), hf_dir / "config.json"])
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
+
+
+@functools.cache
+def _graph_dir() -> Path:
+    import atexit
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="edgeship-llm-tflite-"))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d
 
 
 def prefill_lengths(max_context: int) -> list[int]:
@@ -221,8 +261,6 @@ def _rope_builder(hf: Any) -> Callable[..., Any] | None:
     if kind == "default":
         return None
     if kind == "llama3":
-        import functools
-
         import torch
         from litert_torch.generative.examples.llama import llama
 
