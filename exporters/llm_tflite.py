@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 
 FILE = "model.tflite"
 PREFILL_LENGTHS = (32, 128)  # chunk lengths of the prefill signatures (capped by max_context)
-BLOCKS = (32, 64, 128, 256)  # block sizes ai-edge-quantizer offers for int4 weights
+BLOCKS = (32, 64, 128, 256)
+HLFB = False  # block sizes ai-edge-quantizer offers for int4 weights
 KV_NAMES = ("kv_cache_k_{}", "kv_cache_v_{}")  # cache inputs, [1, max_context, kv_heads, head_dim] per layer
 SLICE_NAMES = ("kv_slice_k_{}", "kv_slice_v_{}")  # outputs: the entries of the new positions, [1, n, kv_heads, head_dim]
 log = logging.getLogger("edgeship.llm.tflite")
@@ -138,8 +139,9 @@ def export_tflite(req: LLMExportRequest) -> LLMExportResult:
     tmp = req.out / (FILE + ".part")
     tmp.write_bytes(data)
     tmp.replace(req.out / FILE)
-    warnings.append("packaged as a plain .tflite with prefill/decode signatures run by the LiteRT interpreter and "
-                    "edgeship's own decode loop (no .litertlm)")
+    warnings.append("no .litertlm: LiteRT-LM's engine expects litert-torch's stock signatures (the whole KV cache in "
+                    "and out of every call), which this export replaces with KV slices and last-token logits for "
+                    "edgeship's own decode loop; the plain .tflite runs on the LiteRT interpreter")
     layers = int(hf.num_hidden_layers)
     kv_shape = [1, req.max_context, mcfg.block_config(0).attn_config.num_query_groups,
                 mcfg.block_config(0).attn_config.head_dim]
@@ -215,7 +217,7 @@ def model_config(hf: Any, max_context: int, warnings: list[str]) -> Any:
     heads = int(hf.num_attention_heads)
     head_dim = int(getattr(hf, "head_dim", None) or hf.hidden_size // heads)
     eps = float(getattr(hf, "rms_norm_eps", 1e-6))
-    norm = cfg.NormalizationConfig(type=cfg.NormalizationType.RMS_NORM, epsilon=eps)
+    norm = cfg.NormalizationConfig(type=cfg.NormalizationType.RMS_NORM, epsilon=eps, enable_hlfb=HLFB)
     attn_bias = bool(getattr(hf, "attention_bias", False))
     attn = cfg.AttentionConfig(
         num_heads=heads, head_dim=head_dim, num_query_groups=int(getattr(hf, "num_key_value_heads", None) or heads),
@@ -235,7 +237,8 @@ def model_config(hf: Any, max_context: int, warnings: list[str]) -> Any:
     mcfg = cfg.ModelConfig(vocab_size=int(hf.vocab_size), num_layers=int(hf.num_hidden_layers),
                            max_seq_len=max(trained, max_context), embedding_dim=int(hf.hidden_size),
                            block_configs=block, final_norm_config=norm,
-                           lm_head_share_weight_with_embedding=bool(getattr(hf, "tie_word_embeddings", False)))
+                           lm_head_share_weight_with_embedding=bool(getattr(hf, "tie_word_embeddings", False)),
+                           enable_hlfb=HLFB)
     rope = _rope_builder(hf)
     if rope is not None:
         mcfg.build_rope = rope

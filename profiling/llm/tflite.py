@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from edgeship.errors import ArtifactLoadError, InputError
+from edgeship.errors import ArtifactLoadError, InputError, RuntimeMissingError
 from edgeship.profiling.backends.tflite import check_bounds, check_header, runtime_module
 from edgeship.profiling.llm.runtime import LLMRuntime
 
@@ -60,9 +60,13 @@ class TfliteLLMRuntime(LLMRuntime):
         if len(self._slice_names) != len(self._kv_names):
             raise ArtifactLoadError(f"{file}: the manifest lists {len(self._kv_names)} KV inputs but "
                                     f"{len(self._slice_names)} KV slice outputs; re-export the bundle")
-        self._decode = _Signature(self._interp, decode, self._kv_names, self._slice_names)
-        self._prefill = {n: _Signature(self._interp, s, self._kv_names, self._slice_names)
-                         for n, s in sorted(prefill.items())}
+        try:
+            self._decode = _Signature(self._interp, decode, self._kv_names, self._slice_names)
+            self._prefill = {n: _Signature(self._interp, s, self._kv_names, self._slice_names)
+                             for n, s in sorted(prefill.items())}
+        except (AttributeError, TypeError) as e:  # the in-place KV writes use the interpreter wrapper's tensor()
+            raise RuntimeMissingError(f"{self._runtime} {self._version} lacks the per-signature tensor access this "
+                                      f"runtime needs ({_first(e)}); pip install -U ai-edge-litert") from None
         self.position = 0
 
     def reset(self) -> None:
