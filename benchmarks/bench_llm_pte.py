@@ -105,7 +105,7 @@ def measure(art: Path, hf: Path, ref_file: Path, threads: int, new_tokens: int, 
     rt = PteLLMRuntime(art, runtime, threads=threads)
     load_s = time.perf_counter() - t
     prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
-    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
     rt.append(prompt)  # warm-up: first call sets up XNNPACK for the shape
     ttfts, decode = [], []
     for _ in range(3):

@@ -69,7 +69,7 @@ def test_answers_the_france_question(artifacts: dict[str, Any], smollm2: tuple[A
     rt = artifacts[recipe]
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      add_generation_prompt=True)
-    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
     rt.reset()
     logits = rt.append(prompt)
     out: list[int] = []
