@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeship.errors import ConfigError
+from edgeship.profiling.results import DeviceInfo
 
 LLM_RESULT_SCHEMA_VERSION = 1
 
@@ -66,7 +67,7 @@ class LLMArtifactResult:
 
 @dataclass(frozen=True)
 class LLMProfileResult:
-    device: dict[str, Any]
+    device: DeviceInfo
     config: dict[str, Any]
     results: tuple[LLMArtifactResult, ...]
     source: str
@@ -83,6 +84,7 @@ class LLMProfileResult:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["results"] = [r.to_dict() for r in self.results]
+        d["device"] = self.device.to_dict()
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -93,7 +95,7 @@ class LLMProfileResult:
         if d.get("schema_version") != LLM_RESULT_SCHEMA_VERSION or d.get("kind") != "llm":
             raise ConfigError(f"not an LLM results document (kind {d.get('kind')!r}, schema_version "
                               f"{d.get('schema_version')!r}; expected 'llm', {LLM_RESULT_SCHEMA_VERSION})")
-        return cls(device=dict(d["device"]), config=dict(d["config"]),
+        return cls(device=DeviceInfo.from_dict(d["device"]), config=dict(d["config"]),
                    results=tuple(LLMArtifactResult.from_dict(r) for r in d["results"]), source=str(d["source"]),
                    target=d.get("target"), created_utc=str(d["created_utc"]), edgeship_version=str(d["edgeship_version"]))
 

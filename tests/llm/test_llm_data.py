@@ -21,6 +21,7 @@ from edgeship.manifest import (
     tree_digest,
 )
 from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult, PromptTiming
+from edgeship.profiling.results import DeviceInfo
 from edgeship.targets.schema import PROFILE_DIR, LLMSettings, parse_profile
 
 FID = LLMFidelity(n_tokens=256, top1_agreement=0.97, mean_kl=0.01, perplexity=9.5, perplexity_reference=9.3,
@@ -102,7 +103,7 @@ def test_llm_results_round_trip() -> None:
                           token_ns=(10_000_000,) * 128, rss_after_load_mb=200.0, peak_rss_mb=260.0, max_context=2048,
                           kv_cache_bytes_per_token=23040, predicted_peak_memory_mb=330.0,
                           energy={"estimated": True}, joules_per_token=0.05, warnings=("w",))
-    res = LLMProfileResult(device={"machine": "x86_64"}, config={"new_tokens": 128}, results=(r,), source="B",
+    res = LLMProfileResult(device=DeviceInfo(hostname="pi", arch="aarch64", logical_cpus=4), config={"new_tokens": 128}, results=(r,), source="B",
                            target="pixel-8", created_utc="t", edgeship_version="0.1.0")
     back = LLMProfileResult.from_dict(json.loads(res.to_json()))
     assert back == res and back.ok
