@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edgeship.bundle import BundleWriter
 from edgeship.manifest import ArtifactRecord, Fidelity, Manifest, sha256_file
 from edgeship.spec import TensorSpec
+
+
+def key_paths(d: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every key path into a JSON/TOML document, the root ``()`` first: where a fuzz test may put a value."""
+    out = [prefix]
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out += key_paths(v, (*prefix, k))
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            out += key_paths(v, (*prefix, i))
+    return out
 
 
 def write_bundle(out: Path) -> Path:
@@ -39,3 +52,9 @@ def make_bundle(tmp_path: Path) -> Callable[[str], Path]:
 def bundle_writer() -> Callable[[Path], Path]:
     """``write_bundle`` for tests that need it at another scope (importlib mode cannot import conftest)."""
     return write_bundle
+
+
+@pytest.fixture(scope="session")
+def doc_paths() -> Callable[[Any], list[tuple[Any, ...]]]:
+    """``key_paths`` for the fuzz tests (importlib mode cannot import conftest)."""
+    return key_paths

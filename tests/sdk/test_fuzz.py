@@ -55,18 +55,6 @@ json_values = st.recursive(
     max_leaves=12)
 
 
-def _paths(d: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every key path into a JSON document."""
-    out = [prefix]
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(d, list):
-        for i, v in enumerate(d):
-            out += _paths(v, (*prefix, i))
-    return out
-
-
 def _replace(d: Any, path: tuple[Any, ...], value: Any) -> Any:
     if not path:
         return value
@@ -94,9 +82,10 @@ def _copy(src: Path, tmp: Path, name: str = "b") -> Path:
 
 @FUZZ
 @given(data=st.data(), value=json_values)
-def test_manifest_with_any_field_replaced(good_bundle: Path, tmp_path: Path, data: st.DataObject, value: Any) -> None:
+def test_manifest_with_any_field_replaced(good_bundle: Path, tmp_path: Path, doc_paths: Callable[[Any], list[tuple[Any, ...]]],
+                                          data: st.DataObject, value: Any) -> None:
     doc = json.loads((good_bundle / MANIFEST_NAME).read_text())
-    path = data.draw(st.sampled_from(_paths(doc)))
+    path = data.draw(st.sampled_from(doc_paths(doc)))
     b = _copy(good_bundle, tmp_path)
     mutated = _replace(doc, path, value)
     (b / MANIFEST_NAME).write_text(json.dumps(mutated))
