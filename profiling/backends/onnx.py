@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgeship.errors import ArtifactLoadError, RuntimeMissingError
+from edgeship.profiling import fpenv
 from edgeship.profiling.backends import Backend
 from edgeship.spec import TensorSpec, dim_name
 
@@ -60,12 +61,16 @@ class OnnxBackend(Backend):
         if isinstance(disabled, str):
             disabled = [d for d in disabled.split(",") if d]
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers,
-                                                disabled_optimizers=list(disabled) or None)
+            # ORT leaves flush-to-zero on this thread after the first session (or never sets it for later
+            # ones): undo that, and apply the mode around run() only (fpenv.py)
+            with fpenv.preserved():
+                self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers,
+                                                    disabled_optimizers=list(disabled) or None)
         except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/RuntimeException types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactLoadError(f"{path}: onnxruntime cannot load it; the file is corrupt, truncated or not "
                                     f"ONNX ({first[:300]}); re-export or re-copy it") from None
+        self._run_env = fpenv.flush_to_zero() if self.denormal_as_zero else None
         self.path = path
         self.threads = threads
         self.level = level
@@ -80,7 +85,8 @@ class OnnxBackend(Backend):
         self._version = ort.__version__
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        res = self.session.run(None, dict(feeds))
+        with fpenv.applied(self._run_env):
+            res = self.session.run(None, dict(feeds))
         return {n: np.asarray(v) for n, v in zip(self.outputs, res, strict=True)}
 
     def info(self) -> dict[str, Any]:
