@@ -1,0 +1,131 @@
+"""The affine 4-bit MatMul pass: exact on weights that already sit on a 4-bit grid (a GGUF Q4_1 source), the best
+affine fit otherwise, and the graph still runs in onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from edgeship.exporters.onnx_affine4 import ON_GRID, convert, convert_file, quantize  # noqa: E402
+
+K, N, BLOCK = 96, 40, 32
+
+
+def q4_1_weight(rng: np.random.Generator, k: int = K, n: int = N) -> np.ndarray:
+    """A weight [K, N] as GGUF Q4_1 dequantizes it: per output row, blocks of 32 along K, w = d * q + m (fp16 d, m)."""
+    q = rng.integers(0, 16, size=(n, k // BLOCK, BLOCK)).astype(np.float32)
+    q[..., 0], q[..., 1] = 0, 15  # Q4_1 picks d = (max - min) / 15, m = min: both ends are used
+    d = rng.uniform(0.002, 0.02, size=(n, k // BLOCK, 1)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.2, 0.05, size=(n, k // BLOCK, 1)).astype(np.float16).astype(np.float32)
+    return (d * q + m).reshape(n, k).T.copy()
+
+
+def matmul_model(w: np.ndarray, shared: bool = False, name: str = "/model/layers.0/mlp/up_proj/MatMul") -> object:
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name=name)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if shared:  # a tied embedding reads the same initializer through a Transpose, as the GenAI builder writes it
+        nodes.append(helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0], name="/embed/Transpose"))
+        outputs.append(helper.make_tensor_value_info("wt", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, w.shape[0]])],
+                              outputs, [numpy_helper.from_array(w.astype(np.float32), "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run(model: object, x: np.ndarray) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+    return list(sess.run(None, {"x": x}))
+
+
+def test_a_weight_on_a_4bit_grid_is_represented_exactly() -> None:
+    w = q4_1_weight(np.random.default_rng(0))
+    a = quantize(w, BLOCK)
+    assert a.grid_error < ON_GRID
+    # the offsets an integer zero point cannot carry are a sizeable part of a step: the residual holds them
+    residual_in_steps = np.abs(a.residual.T.reshape(-1)) / a.scales
+    assert residual_in_steps.max() > 0.25
+
+
+def test_converted_graph_matches_the_fp32_matmul(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    w = q4_1_weight(rng)
+    x = rng.standard_normal((2, 3, K)).astype(np.float32)
+    ref = x @ w
+    model = matmul_model(w)
+    report = convert(model, block=BLOCK, accuracy_level=1)  # fp32 activations: only the weights are compared
+    assert (report.converted, report.on_grid) == (1, 1)
+    assert {n.op_type for n in model.graph.node} == {"MatMulNBits", "MatMul", "Add"}  # type: ignore[attr-defined]
+    got = run(model, x)[0]
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_the_integer_zero_point_alone_is_not_enough() -> None:
+    """What the builder's int4 does to such weights: the same MatMulNBits without the offset term is ~5% off."""
+    rng = np.random.default_rng(2)
+    w = q4_1_weight(rng)
+    x = rng.standard_normal((2, 3, K)).astype(np.float32)
+    ref = x @ w
+    model = matmul_model(w)
+    convert(model, block=BLOCK, accuracy_level=1)
+    g = model.graph  # type: ignore[attr-defined]
+    add = next(n for n in g.node if n.op_type == "Add")
+    nbits = next(n for n in g.node if n.op_type == "MatMulNBits")
+    nbits.output[0] = add.output[0]
+    keep = [n for n in g.node if n.op_type == "MatMulNBits"]
+    del g.node[:]
+    g.node.extend(keep)
+    got = run(model, x)[0]
+    assert np.abs(got - ref).max() > 1e-2 * np.abs(ref).max()
+
+
+def test_off_grid_weights_get_the_best_affine_fit() -> None:
+    w = np.random.default_rng(3).standard_normal((K, N)).astype(np.float32)
+    a = quantize(w, BLOCK)
+    assert ON_GRID < a.grid_error < 0.15  # half a step of a 16-level min/max grid, relative to the largest weight
+
+
+def test_a_shared_initializer_survives_and_odd_shapes_are_kept(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    w = q4_1_weight(rng)
+    model = matmul_model(w, shared=True)
+    report = convert(model, block=BLOCK, accuracy_level=4)
+    assert report.converted == 1
+    x = rng.standard_normal((2, 3, K)).astype(np.float32)
+    y, wt = run(model, x)
+    np.testing.assert_array_equal(wt, w.T)  # the embedding still reads the fp32 table
+    assert np.abs(y - x @ w).max() < 0.05 * np.abs(x @ w).max()  # int8 activations at accuracy_level 4
+
+    odd = matmul_model(rng.standard_normal((40, 8)).astype(np.float32))  # K = 40: no whole blocks of 32
+    assert convert(odd, block=BLOCK).converted == 0
+
+
+def test_the_lm_head_gets_8_bit_blocks() -> None:
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((K, N)).astype(np.float32)  # a GGUF's Q8/Q6 output matrix is not on a 4-bit grid
+    x = rng.standard_normal((2, 3, K)).astype(np.float32)
+    model = matmul_model(w, name="/lm_head/MatMul")
+    report = convert(model, block=BLOCK, accuracy_level=1)
+    assert report.eight_bit == ["/lm_head/MatMul"]
+    nbits = next(n for n in model.graph.node if n.op_type == "MatMulNBits")  # type: ignore[attr-defined]
+    assert next(a.i for a in nbits.attribute if a.name == "bits") == 8
+    ref = x @ w
+    assert np.abs(run(model, x)[0] - ref).max() < 0.01 * np.abs(ref).max()
+
+
+def test_convert_file_writes_external_data(tmp_path: Path) -> None:
+    w = q4_1_weight(np.random.default_rng(5), k=256, n=64)
+    onnx.save_model(matmul_model(w), str(tmp_path / "src.onnx"), save_as_external_data=True,
+                    location="src.onnx.data", size_threshold=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    report = convert_file(tmp_path / "src.onnx", out / "model.onnx", "model.onnx.data", block=BLOCK)
+    assert report.converted == 1 and (out / "model.onnx.data").is_file()
+    x = np.ones((2, 3, 256), dtype=np.float32)
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": x})[0].shape == (2, 3, 64)
