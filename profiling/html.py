@@ -55,7 +55,7 @@ class Entry:
 
     @property
     def label(self) -> str:
-        return f"{self.row.artifact} (run {self.repeat + 1})" if self.repeat else self.row.artifact
+        return f"{self.row.name} (run {self.repeat + 1})" if self.repeat else self.row.name
 
 
 def entries(runs: Sequence[DeviceRun], rows: Sequence[Row] | None = None) -> list[Entry]:
@@ -69,8 +69,8 @@ def entries(runs: Sequence[DeviceRun], rows: Sequence[Row] | None = None) -> lis
         for r in run.profile.results:
             if r.ok or r.failed:
                 row = next(it)
-                out.append(Entry(i, run.name, row, r, seen[(run.name, row.artifact)]))
-                seen[(run.name, row.artifact)] += 1
+                out.append(Entry(i, run.name, row, r, seen[(run.name, row.name)]))
+                seen[(run.name, row.name)] += 1
     return out
 
 
@@ -124,7 +124,7 @@ def _decision_block(es: Sequence[Entry], d: Decision | None, many: bool) -> str:
     budget = ", ".join(f"{k} = {v:g}" for k, v in d.budget.to_dict().items()) or "none"
     verdicts = dict(zip(d.rows, d.verdicts, strict=True))
     if d.pick:
-        head = (f"<p><b>Pick: {esc(d.pick.artifact)}</b>{' on ' + esc(d.pick.device) if many else ''} "
+        head = (f"<p><b>Pick: {esc(d.pick.name)}</b>{' on ' + esc(d.pick.device) if many else ''} "
                 f"(lowest {esc(d.objective)} inside the budget: {esc(budget)}).</p>")
     else:
         head = f'<p class="warn"><b>Nothing meets the budget</b> ({esc(budget)}): relax it or export another recipe.</p>'
@@ -148,7 +148,7 @@ def _main_table(es: Sequence[Entry], d: Decision | None) -> str:
             cells[5] = f'<span class="est">{esc(cells[5])}</span>'
         else:
             cells[5] = esc(cells[5])
-        body.append((cls, [f"{mark}{esc(r.artifact)}", esc(r.device), *(esc(c) for c in cells[:5]), cells[5],
+        body.append((cls, [f"{mark}{esc(r.name)}", esc(r.device), *(esc(c) for c in cells[:5]), cells[5],
                            esc(e.result.threads if e.result.threads is not None else "-"), esc(notes)]))
     return _table("Every artifact measured", ["artifact", "device", "MB", "mean cosine", "p50 ms", "p99 ms", "peak MB",
                                               "mJ/inference", "threads", "notes"], body)
@@ -223,16 +223,39 @@ def _memory_energy(device: str, es: Sequence[Entry], many: bool) -> str:
     return "".join(parts)
 
 
+def _sweep(device: str, es: Sequence[Entry], many: bool) -> str:
+    """Latency against energy per artifact across a sweep's settings: the frugal end is bottom-left."""
+    pts: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    for e in es:
+        if e.row.setting and e.row.ok and e.row.p99_ms is not None and e.row.mj_per_inference is not None:
+            pts[e.row.artifact].append((e.row.p99_ms, e.row.mj_per_inference, e.row.setting.replace("threads=", "t")))
+    if not pts:
+        return ""
+    est = any(e.row.energy_estimated for e in es if e.row.setting)
+    title = f"Latency vs energy per setting{' on ' + device if many else ''}"
+    desc = "; ".join(f"{a}: " + ", ".join(f"{lab} p99 {x:.3g} ms {y:.3g} mJ" for x, y, lab in p) for a, p in pts.items())
+    svg = charts.curve(title, desc, list(pts.items()), "p99 latency, ms", "mJ per inference" + (" (est.)" if est else ""))
+    note = (' <span class="est">Energy here is ESTIMATED from a power model and CPU time, not measured.</span>'
+            if est else "")
+    return _fig(svg, f"{esc(title)}: each point is one (threads, cores) setting (t = threads); lower is more frugal, "
+                     f"further left is faster.{note}" + _legend(list(pts)))
+
+
+def _notes(runs: Sequence[DeviceRun]) -> str:
+    notes = [f"{run.name}: {n}" for run in runs if run.profile for n in run.profile.notes]
+    return f'<ul class="warn wrap">{"".join(f"<li>{esc(n)}</li>" for n in notes)}</ul>' if notes else ""
+
+
 # --- fleet, intervals, environment --------------------------------------------------------------------------------------
 
 def _side_by_side(groups: dict[str, list[Entry]]) -> str:
     devices = list(groups)
-    arts = list(dict.fromkeys(e.row.artifact for es in groups.values() for e in es))
+    arts = list(dict.fromkeys(e.row.name for es in groups.values() for e in es))
     body = []
     for a in arts:
         cells = []
         for dev in devices:
-            mine = [e.row for e in groups[dev] if e.row.artifact == a and e.row.ok]
+            mine = [e.row for e in groups[dev] if e.row.name == a and e.row.ok]
             if not mine:
                 cells.append("-")
                 continue
@@ -251,7 +274,7 @@ def _intervals(es: Sequence[Entry]) -> str:
     groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
     for e in es:
         if e.row.ok and e.row.p50_ms is not None:
-            groups[(e.device, e.row.artifact)].append(e.row)
+            groups[(e.device, e.row.name)].append(e.row)
     rep = {k: v for k, v in groups.items() if len(v) > 1}
     if not rep:
         return ""
@@ -335,6 +358,9 @@ def render_html(runs: Sequence[DeviceRun], decision: Decision | None = None, ext
     parts.append('<div class="grid">' + "".join(_pareto(d, g, many) for d, g in groups.items()) + "</div>")
     parts.append("<h2>Memory and energy</h2>")
     parts.append('<div class="grid">' + "".join(_memory_energy(d, g, many) for d, g in groups.items()) + "</div>")
+    if any(e.row.setting for e in es):
+        parts.append("<h2>Threads and cores</h2>" + _notes(runs))
+        parts.append('<div class="grid">' + "".join(_sweep(d, g, many) for d, g in groups.items()) + "</div>")
     parts += list(extra)
     if many:
         parts.append(_side_by_side(groups))

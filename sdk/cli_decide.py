@@ -1,0 +1,86 @@
+"""The Decide commands' CLI pieces: ``profile --sweep``, ``report --record``, ``predict``. Kept out of cli.py so
+that file only wires them in."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from edgeship.errors import ConfigError
+
+
+def add_sweep_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="measure every artifact in each setting: threads=1,2,4 and/or cores=big,little,all (core sets "
+                        "from the target profile's clusters, pinned with CPU affinity)")
+
+
+def add_record_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--record", metavar="BUNDLE", help="write the pick (artifact, threads, cores) into this bundle's "
+                   "manifest as the recommended runtime setting for its target")
+
+
+def _target_of(a: argparse.Namespace) -> Any:
+    from edgeship.manifest import MANIFEST_NAME
+    from edgeship.targets import get_profile
+
+    name = a.target
+    if name is None:
+        src = Path(a.source)
+        manifest = src / MANIFEST_NAME if src.is_dir() else src if src.name == MANIFEST_NAME else None
+        if manifest is None or not manifest.is_file():
+            raise ConfigError("--sweep cores=... needs the target's core clusters: give --target NAME "
+                              "(see `edgeship targets`) or profile a bundle directory")
+        name = json.loads(manifest.read_text()).get("target", {}).get("name")
+    return get_profile(str(name))
+
+
+def profile_sweep_cmd(a: argparse.Namespace, cfg: Any) -> int:
+    from edgeship.profiling import report
+    from edgeship.profiling.html import write_html
+    from edgeship.profiling.results import DeviceRun
+    from edgeship.profiling.runner import profile, write_json_atomic
+    from edgeship.profiling.sweep import clusters_of, parse_sweep, run_sweep
+
+    if a.device or a.inventory:
+        raise ConfigError("--sweep runs on this machine: run it on the device (copy the bundle there)")
+    sweep = parse_sweep(a.sweep)
+    target = _target_of(a) if any(sweep.cores) else None
+    res = run_sweep(a.source, sweep, cfg, clusters_of(target), target.name if target else "the target",
+                    profile, on_setting=lambda s: print(f"== {s}", flush=True), artifact=a.artifact,
+                    isolate=not a.no_isolate, pubkey=a.pubkey)
+    if a.json_path:
+        write_json_atomic(Path(a.json_path), res.to_json())
+    print(report.render(res))
+    for n in res.notes:
+        print(f"note: {n}")
+    if a.html_path:
+        print(f"HTML report: {write_html([DeviceRun(res)], Path(a.html_path))}")
+    return 0 if res.ok else 1
+
+
+def record_pick(bundle: str | Path, decision: Any) -> str:
+    """The decision's pick as ``target.recommended`` in the bundle's manifest (rewritten atomically)."""
+    from edgeship.manifest import MANIFEST_NAME, load_bundle
+    from edgeship.profiling.runner import write_json_atomic
+    from edgeship.profiling.sweep import recommended
+
+    if decision.pick is None:
+        raise ConfigError("--record: nothing meets the budget, so there is no setting to record")
+    b = load_bundle(bundle, verify=True)
+    pick = decision.pick
+    b.manifest.artifact(pick.artifact)  # the pick must be one of this bundle's artifacts
+    path = Path(bundle) / MANIFEST_NAME
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["target"]["recommended"] = {
+        **recommended(pick.to_dict()), "objective": decision.objective, "budget": decision.budget.to_dict(),
+        "p50_ms": pick.p50_ms, "p99_ms": pick.p99_ms, "mj_per_inference": pick.mj_per_inference,
+        "energy_estimated": pick.energy_estimated, "measured_on": pick.device}
+    write_json_atomic(path, json.dumps(doc, indent=2))
+    from edgeship.signing import SIGNATURE_NAME
+
+    signed = (Path(bundle) / SIGNATURE_NAME).exists()
+    return (f"recorded {pick.name} as the recommended setting for {doc['target'].get('name')} in {path}"
+            + (" (the bundle was signed: sign it again, its manifest changed)" if signed else ""))
