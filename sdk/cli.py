@@ -171,8 +171,10 @@ def cmd_report(a: argparse.Namespace) -> int:
         write_json_atomic(Path(a.json_path), json.dumps(d.to_dict(), indent=2))
     if a.html_path:
         from edgeship.profiling.html import write_html
+        from edgeship.profiling.predict import html_section, load_predictions
 
-        write_html(runs, Path(a.html_path), d)
+        extra = [html_section(load_predictions(a.predictions))] if a.predictions else []
+        write_html(runs, Path(a.html_path), d, extra)
         print(f"HTML report: {a.html_path}")
     return 0 if d.pick is not None else EXIT_FAIL
 
@@ -414,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", dest="json_path")
     r.add_argument("--html", dest="html_path")
     cli_decide.add_record_arg(r)
+    cli_decide.add_report_predictions_arg(r)
     r.set_defaults(fn=cmd_report)
+    cli_decide.add_predict_parser(sub)
 
     i = sub.add_parser("inspect", help="verify a bundle and show its manifest")
     i.add_argument("bundle")

@@ -84,3 +84,71 @@ def record_pick(bundle: str | Path, decision: Any) -> str:
     signed = (Path(bundle) / SIGNATURE_NAME).exists()
     return (f"recorded {pick.name} as the recommended setting for {doc['target'].get('name')} in {path}"
             + (" (the bundle was signed: sign it again, its manifest changed)" if signed else ""))
+
+
+def add_report_predictions_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--predictions", metavar="FILE", help="show `edgeship predict --json` predictions next to the "
+                   "measurements (labelled as predictions)")
+
+
+def add_predict_parser(sub: Any) -> None:
+    p = sub.add_parser("predict", help="PREDICT latency on a target you do not have (roofline x fitted efficiency)")
+    p.add_argument("bundle")
+    p.add_argument("--target", required=True, help="target profile name or TOML file to predict for")
+    p.add_argument("--fit", action="append", default=[], metavar="RESULTS.json",
+                   help="measured results to fit each runtime's efficiency on (repeatable)")
+    p.add_argument("--fit-profile", help="target profile (name or TOML) of the device the --fit results were "
+                   "measured on (default: the profile whose board matches the results' device)")
+    p.add_argument("--artifact", action="append", default=[], help="only these artifacts (FORMAT/RECIPE)")
+    p.add_argument("--json", dest="json_path", help="write predictions and the fitted efficiencies as JSON")
+    p.add_argument("--html", dest="html_path", help="write the report of the --fit results with the predictions")
+    p.set_defaults(fn=predict_cmd)
+
+
+def _profile_of(run: Any, given: str | None) -> Any:
+    from edgeship.targets import get_profile, list_profiles
+
+    if given:
+        return get_profile(given)
+    board = run.profile.device.board if run.profile else None
+    match = [p for p in list_profiles() if board and p.is_board(board)]
+    if not match:
+        raise ConfigError(f"--fit results from {run.name}: which target profile describes that device? give "
+                          "--fit-profile NAME_OR_TOML (its peak compute and bandwidth are what the fit divides by)")
+    return match[0]
+
+
+def predict_cmd(a: argparse.Namespace) -> int:
+    import statistics
+
+    from edgeship.manifest import load_bundle
+    from edgeship.profiling import predict
+    from edgeship.profiling.decide import load_documents
+    from edgeship.targets import get_profile
+
+    bundle = load_bundle(a.bundle, verify=True)
+    target = get_profile(a.target)
+    arts = [bundle.manifest.artifact(x) for x in a.artifact] or list(bundle.manifest.artifacts)
+    costs = {art.key: predict.graph_cost(bundle, art) for art in arts}
+    runs = load_documents(a.fit)
+    points: list[tuple[str, str, str, float, float]] = []
+    measured: dict[str, list[float]] = {}
+    for run in runs:
+        if run.profile is None:
+            continue
+        prof = _profile_of(run, a.fit_profile)
+        points += predict.fit_points(costs, run.profile, prof)
+        if prof.name == target.name:
+            for r in run.profile.results:
+                if r.ok and r.latency and not r.setting:
+                    measured.setdefault(r.artifact, []).append(r.latency.p50_ms)
+    preds = predict.predict(list(costs.values()), target, predict.fit(points),
+                            {k: statistics.median(v) for k, v in measured.items()})
+    print(predict.render(preds))
+    if a.json_path:
+        predict.save(preds, predict.fit(points), Path(a.json_path))
+    if a.html_path:
+        from edgeship.profiling.html import write_html
+
+        print(f"HTML report: {write_html(runs, Path(a.html_path), extra=[predict.html_section(preds)])}")
+    return 0
