@@ -1,8 +1,9 @@
 """Predicted latency for a target you do not have: a roofline per operator, summed, scaled by an efficiency
 factor per runtime fitted on devices that were measured. Always a PREDICTION, always shown with its fit error.
 
-Per operator: FLOPs and bytes moved (inputs + outputs, weights included) from the exported graph with the
-shapes of the bundle's timed input; its time on a target is ``max(FLOPs / peak compute, bytes / memory
+Per operator: FLOPs and the bytes it must read from DRAM (its weights; activations are taken to stay in
+cache, and an embedding lookup reads only its rows) from the exported graph with the shapes of the bundle's
+timed input; its time on a target is ``max(FLOPs / peak compute, bytes / memory
 bandwidth)`` with the target profile's ``peak_fp32_gflops`` (``peak_int8_gops`` for integer matmuls) and
 ``memory.bandwidth_gbps``. The sum is the roofline time, the time the target could not beat. Real runtimes
 reach a fraction of it: ``efficiency = roofline / measured`` per runtime (onnxruntime, LiteRT, ExecuTorch),
@@ -36,6 +37,7 @@ _VIEWS = {"Reshape", "Shape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Co
 _HEAVY = {"Softmax": 5, "LayerNormalization": 8, "SkipLayerNormalization": 8, "EmbedLayerNormalization": 8,
           "QEmbedLayerNormalization": 8, "Gelu": 8, "BiasGelu": 8, "FastGelu": 8, "Erf": 8, "Tanh": 8, "Exp": 4,
           "SOFTMAX": 5, "GELU": 8, "TANH": 8, "EXP": 4, "LOGISTIC": 4, "RSQRT": 4, "MEAN": 1, "SUM": 1}
+_GATHERS = {"Gather", "EmbedLayerNormalization", "QEmbedLayerNormalization", "GATHER", "EMBEDDING_LOOKUP"}
 _INT8_ONNX = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QAttention", "DynamicQuantizeMatMul"}
 
 
@@ -76,11 +78,23 @@ def _numel(shape: Sequence[int]) -> float:
     return float(np.prod([max(int(d), 1) for d in shape])) if len(shape) else 1.0
 
 
-def _onnx_op(node: Any, shapes: Mapping[str, tuple[tuple[int, ...], int]]) -> OpCost:
+def _weight_bytes(op: str, weights: Sequence[tuple[tuple[int, ...], int]],
+                  outs: Sequence[tuple[tuple[int, ...], int]]) -> float:
+    """DRAM bytes of one operator: its weights, read once per inference. Activations are taken to stay in
+    cache (an encoder's per-layer activations are well under a megabyte at batch 1); an embedding lookup reads
+    only the rows it returns, not its table."""
+    if not weights:
+        return 0.0
+    if op in _GATHERS:
+        return sum(_numel(s) * b for s, b in outs[:1])
+    return sum(_numel(s) * b for s, b in weights)
+
+
+def _onnx_op(node: Any, shapes: Mapping[str, tuple[tuple[int, ...], int]], consts: set[str]) -> OpCost:
     """FLOPs and bytes of one ONNX node from the actual shapes (name -> (shape, itemsize)) of its values."""
     ins = [shapes[n] for n in node.input if n in shapes]
     outs = [shapes[n] for n in node.output if n in shapes]
-    moved = 0.0 if node.op_type in _VIEWS else sum(_numel(s) * b for s, b in ins + outs)
+    moved = _weight_bytes(node.op_type, [shapes[n] for n in node.input if n in consts and n in shapes], outs)
     n_out = sum(_numel(s) for s, _ in outs[:1])
     op, flops = node.op_type, n_out
     if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "FusedMatMul") and ins:
@@ -126,7 +140,9 @@ def _onnx_cost(path: Path, feeds: Mapping[str, np.ndarray]) -> list[OpCost]:
         shapes[name] = (a.shape, a.dtype.itemsize)
     for k, v in feed.items():
         shapes[k] = (v.shape, v.dtype.itemsize)
-    return [_onnx_op(n, shapes) for n in model.graph.node]
+    consts = {i.name for i in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [_onnx_op(n, shapes, consts) for n in model.graph.node]
 
 
 def _tflite_cost(path: Path, feeds: Mapping[str, np.ndarray]) -> list[OpCost]:
@@ -138,13 +154,15 @@ def _tflite_cost(path: Path, feeds: Mapping[str, np.ndarray]) -> list[OpCost]:
     if interp is None or not hasattr(interp, "_get_ops_details"):
         raise ConfigError(f"{path.name}: this LiteRT build does not list its operators (_get_ops_details)")
     tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    details = interp._get_ops_details()
+    produced = {i for d in details for i in d["outputs"]} | {int(t["index"]) for t in interp.get_input_details()}
     ops = []
-    for d in interp._get_ops_details():
+    for d in details:
         ins = [tensors[i] for i in d["inputs"] if i >= 0 and i in tensors]
         outs = [tensors[i] for i in d["outputs"] if i in tensors]
         name = str(d["op_name"])
-        size = lambda t: _numel(t["shape"]) * np.dtype(t["dtype"]).itemsize  # noqa: E731
-        moved = 0.0 if name in _VIEWS else sum(size(t) for t in ins + outs)
+        weights = [(tuple(t["shape"]), np.dtype(t["dtype"]).itemsize) for t in ins if t["index"] not in produced]
+        moved = _weight_bytes(name, weights, [(tuple(t["shape"]), np.dtype(t["dtype"]).itemsize) for t in outs])
         n_out = sum(_numel(t["shape"]) for t in outs[:1])
         int8 = len(ins) > 1 and np.dtype(ins[1]["dtype"]) == np.int8
         if name == "FULLY_CONNECTED" and len(ins) > 1:
