@@ -166,7 +166,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     d = decide(runs, budget, a.objective)
     print(render(d))
     if a.record:
-        print(cli_decide.record_pick(a.record, d))
+        print(cli_decide.record_pick(a.record, d, runs))
     if a.json_path:
         write_json_atomic(Path(a.json_path), json.dumps(d.to_dict(), indent=2))
     if a.html_path:

@@ -48,9 +48,12 @@ def profile_sweep_cmd(a: argparse.Namespace, cfg: Any) -> int:
         raise ConfigError("--sweep runs on this machine: run it on the device (copy the bundle there)")
     sweep = parse_sweep(a.sweep)
     target = _target_of(a) if any(sweep.cores) else None
-    res = run_sweep(a.source, sweep, cfg, clusters_of(target), target.name if target else "the target",
-                    profile, on_setting=lambda s: print(f"== {s}", flush=True), artifact=a.artifact,
-                    isolate=not a.no_isolate, pubkey=a.pubkey)
+    from edgeship.cli import _quiet_terminal
+
+    with _quiet_terminal(a, "profile"):  # the runtimes' own chatter goes to a log, as for a plain profile
+        res = run_sweep(a.source, sweep, cfg, clusters_of(target), target.name if target else "the target",
+                        profile, on_setting=lambda s: print(f"== {s}", flush=True), artifact=a.artifact,
+                        isolate=not a.no_isolate, pubkey=a.pubkey)
     if a.json_path:
         write_json_atomic(Path(a.json_path), res.to_json())
     print(report.render(res))
@@ -61,17 +64,32 @@ def profile_sweep_cmd(a: argparse.Namespace, cfg: Any) -> int:
     return 0 if res.ok else 1
 
 
-def record_pick(bundle: str | Path, decision: Any) -> str:
+def _check_measured_on_target(device: Any, target: Any, where: str) -> None:
+    """A recommended setting must be measured on the target itself: same architecture, and its board when the
+    profile names boards. A sweep on the build machine says nothing about a phone's cores."""
+    arch, board = getattr(device, "arch", None), getattr(device, "board", None)
+    if getattr(device, "emulated", None):
+        raise ConfigError(f"--record: {where} was emulated ({device.emulated}); sweep on the {target.name} itself")
+    if arch != target.arch or (target.boards and not target.is_board(board)):
+        raise ConfigError(f"--record: the pick was measured on {where} ({arch}, board {board or 'unknown'}), not on a "
+                          f"{target.name} ({target.arch}{', ' + ' / '.join(target.boards) if target.boards else ''}); "
+                          "run the sweep on the target device and report those results")
+
+
+def record_pick(bundle: str | Path, decision: Any, runs: Any) -> str:
     """The decision's pick as ``target.recommended`` in the bundle's manifest (rewritten atomically)."""
     from edgeship.manifest import MANIFEST_NAME, load_bundle
     from edgeship.profiling.runner import write_json_atomic
     from edgeship.profiling.sweep import recommended
+    from edgeship.targets import get_profile
 
     if decision.pick is None:
         raise ConfigError("--record: nothing meets the budget, so there is no setting to record")
     b = load_bundle(bundle, verify=True)
     pick = decision.pick
     b.manifest.artifact(pick.artifact)  # the pick must be one of this bundle's artifacts
+    run = next(r for r in runs if r.name == pick.device and r.profile is not None)
+    _check_measured_on_target(run.profile.device, get_profile(str(b.manifest.target.get("name"))), pick.device)
     path = Path(bundle) / MANIFEST_NAME
     doc = json.loads(path.read_text(encoding="utf-8"))
     doc["target"]["recommended"] = {

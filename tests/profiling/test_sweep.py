@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,16 @@ def _sysfs(root: Path, max_khz: dict[int, int]) -> Path:
         d.mkdir(parents=True)
         (d / "cpuinfo_max_freq").write_text(f"{khz}\n")
     return root
+
+
+def _host_profile() -> str:
+    """A built-in profile this host passes for (its architecture, no board named)."""
+    from edgeship.targets import list_profiles
+
+    match = [p.name for p in list_profiles() if p.arch == platform.machine() and not p.boards]
+    if not match:
+        pytest.skip(f"no built-in board-less profile for {platform.machine()} to record into")
+    return match[0]
 
 
 def test_parse_sweep() -> None:
@@ -72,6 +83,14 @@ def test_sweep_pick_and_record(tiny_onnx_bundle: Path, tmp_path: Path, capsys: p
     html = page.read_text()
     assert "Latency vs energy per setting" in html and "ESTIMATED" in html and "one core cluster" in html
 
+    # the bundle targets a Raspberry Pi 5: a setting measured on this host is not that device's
+    assert main(["report", str(res_path), "--objective", "energy", "--max-p99-ms", "1000", "--record", str(bundle)]) != 0
+    assert "run the sweep on the target device" in capsys.readouterr().err
+    host = _host_profile()
+    manifest = bundle / "manifest.json"  # the same bundle, exported for a profile this host matches
+    doc = json.loads(manifest.read_text())
+    doc["target"]["name"] = host
+    manifest.write_text(json.dumps(doc))
     rc = main(["report", str(res_path), "--objective", "energy", "--max-p99-ms", "1000", "--record", str(bundle)])
     out = capsys.readouterr().out
     assert rc == 0 and "Pick: onnx/" in out and "cores=all]" in out
