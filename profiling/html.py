@@ -28,7 +28,7 @@ table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding
 th[scope=row],td.l,th.l{text-align:left}caption{text-align:left;font-weight:600;padding:4px 0}
 tr.pick{background:#e2f4e2;font-weight:600}tr.bad{color:#888}.warn{color:#a40}.est{color:#8a5a00;font-style:italic}
 .scroll{max-width:100%;overflow-x:auto}.scroll:focus{outline:2px solid #4477aa}
-code,.wrap{overflow-wrap:anywhere;word-break:break-word}code{background:#f3f3f3;padding:1px 4px}
+td{white-space:nowrap}code,.wrap{overflow-wrap:anywhere;word-break:break-word;white-space:normal}code{background:#f3f3f3;padding:1px 4px}
 svg.chart{width:100%;max-width:600px;height:auto;display:block;background:#fafafa}
 svg text{fill:#222}svg text.tick{font-size:11px;fill:#555}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,520px),1fr));gap:16px}
@@ -39,7 +39,10 @@ figure{margin:0}figcaption{font-size:.9em}.legend{list-style:none;padding:0;disp
 table.cards thead{position:absolute;left:-9999px}table.cards caption{display:block}table.cards tr{border:1px solid #bbb;margin:0 0 8px;border-radius:4px}
 table.cards td,table.cards th{border:0;border-bottom:1px solid #eee;text-align:right;display:flex;gap:8px;
 justify-content:space-between}table.cards td::before,table.cards th::before{content:attr(data-label);
-font-weight:600;text-align:left}.scroll{overflow-x:visible}}"""
+font-weight:600;text-align:left;flex:0 0 38%;overflow-wrap:anywhere}table.cards td{white-space:normal;text-align:right}.scroll{overflow-x:visible}}"""
+
+
+_TEXT_COLUMNS = {"device", "notes", "fit error", "target"}  # may wrap; numbers never break across lines
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ def _table(caption: str, head: Sequence[str], body: Sequence[tuple[str, Sequence
     rows = []
     for cls, cells in body:
         tds = [f'<th scope="row" class="l wrap" data-label="{esc(head[0])}">{cells[0]}</th>']
-        tds += [f'<td data-label="{esc(h)}" class="wrap">{c}</td>' for h, c in zip(head[1:], cells[1:], strict=True)]
+        tds += [f'<td data-label="{esc(h)}"{" class=wrap" if h in _TEXT_COLUMNS else ""}>{c}</td>'
+                for h, c in zip(head[1:], cells[1:], strict=True)]
         rows.append(f'<tr class="{cls}">{"".join(tds)}</tr>')
     return (f'<div class="scroll" tabindex="0" role="region" aria-label="{esc(caption)}">'
             f'<table class="{"cards" if cards else ""}"><caption>{esc(caption)}</caption><thead><tr>{th}</tr></thead>'

@@ -55,3 +55,15 @@ def profiled(tiny_onnx_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -
         assert res.ok, [r.error for r in res.results]
         files[name] = out / f"{name}.json"
     return files
+
+
+@pytest.fixture(scope="session")
+def swept(tiny_onnx_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real --sweep threads=1,2 (cores=all; big is skipped on the one-cluster Pi 5 target) results file."""
+    from edgeship.cli import main
+
+    out = tmp_path_factory.mktemp("sweep") / "sweep.json"
+    assert main(["profile", str(tiny_onnx_bundle), "--sweep", "threads=1,2", "--sweep", "cores=all,big", "--runs", "30",
+                 "--min-seconds", "0", "--warmup", "2", "--energy", "estimate", "--idle-seconds", "0", "--quiet",
+                 "--json", str(out)]) == 0
+    return out

@@ -124,3 +124,17 @@ def test_coincident_points_get_separate_labels(browser: Any, shots_dir: Path, tm
     _check_page(browser, page, width, shots_dir, "coincident")
     assert browser.eval("document.querySelectorAll('text.label').length") == 5
     assert browser.eval("document.querySelectorAll('text.tick').length") >= 6
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_sweep_report_with_the_energy_pick(browser: Any, swept: Path, shots_dir: Path, tmp_path: Path,
+                                           width: int) -> None:
+    runs = load_documents([swept])
+    d = decide(runs, Budget(max_p99_ms=1000), "energy")
+    assert d.pick is not None and d.pick.setting is not None
+    page = write_html(runs, tmp_path / "sweep.html", d)
+    got = _check_page(browser, page, width, shots_dir, "sweep")
+    assert "Latency vs energy per setting" in got["text"] and "ESTIMATED" in got["text"]
+    assert "cores=big skipped" in got["text"]
+    assert len(got["pick"]) == 1 and d.pick.setting in got["pick"][0]
+    assert browser.eval("document.querySelectorAll('text.label').length") >= 4  # every setting's point is named
