@@ -307,7 +307,7 @@ def _telemetry_text(results: Sequence[ArtifactResult]) -> tuple[str, str]:
         g = r.telemetry.readings.get("governor")
         if g:
             gov.add(str(g))
-    return (", ".join(sorted(gov)) or "not recorded (no cpufreq in sysfs here)",
+    return (", ".join(sorted(gov)) or "not recorded (no cpufreq governor in sysfs, or results from an older edgeship)",
             "; ".join(sorted(set(temps))[:4]) or "no temperature sensor")
 
 
