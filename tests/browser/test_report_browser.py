@@ -138,3 +138,19 @@ def test_sweep_report_with_the_energy_pick(browser: Any, swept: Path, shots_dir:
     assert "cores=big skipped" in got["text"]
     assert len(got["pick"]) == 1 and d.pick.setting in got["pick"][0]
     assert browser.eval("document.querySelectorAll('text.label').length") >= 4  # every setting's point is named
+
+
+@pytest.mark.needs_export  # predict reads the graph with the onnx package
+@pytest.mark.parametrize("width", WIDTHS)
+def test_predictions_next_to_measured(browser: Any, profiled: dict[str, Path], tiny_onnx_bundle: Path,
+                                      shots_dir: Path, tmp_path: Path, width: int) -> None:
+    from edgeship.cli import main
+
+    vm = Path(__file__).parents[2] / "benchmarks" / "data" / "build-vm.toml"
+    pred, page = tmp_path / "pred.json", tmp_path / "pred.html"
+    assert main(["predict", str(tiny_onnx_bundle), "--target", str(vm), "--fit", str(profiled["a"]),
+                 "--fit-profile", str(vm), "--json", str(pred)]) == 0
+    assert main(["report", str(profiled["a"]), "--html", str(page), "--predictions", str(pred)]) == 0
+    got = _check_page(browser, page, width, shots_dir, "predicted")
+    assert "Predicted vs measured p50" in got["text"] and "PREDICTIONS, not measurements" in got["text"]
+    assert got["text"].count("(PREDICTED)") == 2
