@@ -51,6 +51,12 @@ class Row:
     emulated: str | None
     ok: bool
     error: str | None = None
+    setting: str | None = None  # a sweep's configuration ("threads=2 cores=big"): the pick is (artifact, setting)
+
+    @property
+    def name(self) -> str:
+        """The artifact, with its sweep configuration when there is one."""
+        return f"{self.artifact} [{self.setting}]" if self.setting else self.artifact
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,7 +110,7 @@ def rows_of(runs: Sequence[DeviceRun]) -> list[Row]:
                 size_mb=float(r.size_bytes or 0) / 2**20, mean_cosine=r.fidelity.mean_cosine if r.fidelity else None,
                 p50_ms=r.latency.p50_ms if r.latency else None, p99_ms=r.latency.p99_ms if r.latency else None,
                 peak_mb=r.peak_rss_mb, mj_per_inference=_mj(r), energy_estimated=bool(r.energy and r.energy.estimated),
-                emulated=emulated, ok=r.ok, error=r.error,
+                emulated=emulated, ok=r.ok, error=r.error, setting=r.setting,
             ))
     return out
 
@@ -164,11 +170,11 @@ def render(d: Decision) -> str:
     body = []
     for r, v in zip(d.rows, d.verdicts, strict=True):
         mark = "PICK" if r is d.pick else ("ok" if not v else "no")
-        body.append([mark, r.device[:28], r.artifact, *r.cells(), "; ".join(v)[:90]])
+        body.append([mark, r.device[:28], r.name, *r.cells(), "; ".join(v)[:90]])
     lines = [table(body, ["", "device", "artifact", "MB", "cosine", "p50 ms", "p99 ms", "peak MB", "mJ/inf", "why not"])]
     budget = ", ".join(f"{k}={v:g}" for k, v in d.budget.to_dict().items()) or "none"
     if d.pick:
-        lines.append(f"budget: {budget}; objective: lowest {d.objective}. Pick: {d.pick.artifact} on {d.pick.device}")
+        lines.append(f"budget: {budget}; objective: lowest {d.objective}. Pick: {d.pick.name} on {d.pick.device}")
     else:
         lines.append(f"budget: {budget}: no artifact meets it; relax the budget or export another recipe")
     return "\n".join(lines)

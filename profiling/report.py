@@ -48,7 +48,8 @@ def result_rows(results: Sequence[ArtifactResult], device: str | None = None) ->
 
     rows = []
     for r in results:
-        name = r.artifact if device is None else f"{device}:{r.artifact}"
+        label = f"{r.artifact} [{r.setting}]" if r.setting else r.artifact  # a sweep measures one artifact often
+        name = label if device is None else f"{device}:{label}"
         if r.npu is not None and r.status in (Status.SKIPPED, Status.SIMULATED):  # no NPU here: no latency to show
             check = r.device_check
             rows.append([name, _fmt((r.size_bytes or 0) / 2**20, ".1f"), _fmt(check.mean_cosine if check else None, ".4f"),
@@ -105,7 +106,8 @@ def render(result: ProfileResult) -> str:
     if reasons:
         foot += f" - {reasons[0]}"
     lines = [head, table(rows, HEADER), *detail_lines(result.results), foot]
-    lines += [f"  {r.artifact}: {energy_detail(r.energy)}" for r in result.results if r.energy and r.energy.available]
+    lines += [f"  {r.artifact}{f' [{r.setting}]' if r.setting else ''}: {energy_detail(r.energy)}"
+              for r in result.results if r.energy and r.energy.available]
     lines += [f"  {r.artifact}: {delegate_line(r.delegate)}" for r in result.results if r.delegate is not None]
     lines += [f"  {r.artifact}: {npu_line(r)}" for r in result.results if r.npu is not None]
     lines += [f"  {r.artifact}: {per_op_line(p)}" for r in result.results if (p := r.per_op_trace) is not None]

@@ -68,6 +68,8 @@ class RunConfig:
     seed: int = 0
     simulate_npu: bool = False  # without a Hexagon NPU, run compiled QNN context models on the HTP simulator
     method: str | None = None  # the method of a .pte to run (default: forward, or its only method)
+    cpus: tuple[int, ...] = ()  # pin the worker to these CPUs (sched_setaffinity); () = wherever the OS puts it
+    core_set: str | None = None  # the name of that CPU set in a sweep: "big", "little", "all"
 
     def __post_init__(self) -> None:
         if self.runs < 1:
@@ -87,6 +89,7 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["shapes"] = _lists(self.shapes)
         d["options"] = dict(self.options)
+        d["cpus"] = list(self.cpus)
         return d
 
     @classmethod
@@ -94,7 +97,8 @@ class RunConfig:
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"run config: unknown key(s) {', '.join(unknown)} (written by a newer edgeship?)")
-        return cls(**{**d, "shapes": _shapes(d.get("shapes")), "options": dict(d.get("options") or {})})
+        return cls(**{**d, "shapes": _shapes(d.get("shapes")), "options": dict(d.get("options") or {}),
+                      "cpus": tuple(d.get("cpus") or ())})
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,8 @@ class ArtifactResult:
     per_op: Mapping[str, Any] | None = None  # set here only when the backend cannot time operators
     npu: NpuRun | None = None  # set on the job for a bundle's compiled NPU model
     warnings: tuple[str, ...] = ()
+    cpus: tuple[int, ...] = ()  # the CPUs the worker was pinned to (empty: not pinned)
+    setting: str | None = None  # a sweep's configuration of this measurement: "threads=2 cores=big"
 
     @property
     def ok(self) -> bool:
@@ -294,6 +300,8 @@ class ArtifactResult:
                          input_real_tokens=v.real_tokens)
             elif f.name == "memory" and v is not None:
                 d.update(dataclasses.asdict(v))
+            elif f.name == "cpus":  # null when not pinned, like every field a run did not fill
+                d[f.name] = list(v) or None
             elif f.name not in ("input", "memory"):
                 d[f.name] = _lists(v) if f.name == "output_shapes" else _plain(v)
         return d
@@ -303,6 +311,7 @@ class ArtifactResult:
         kw: dict[str, Any] = {k: v for k, v in d.items() if v is not None}
         kw.update({key: read(d[key]) for key, (read, _) in _BLOCKS.items() if d.get(key)})
         kw.update(artifact=str(d.get("artifact") or "?"), samples_ns=tuple(d.get("samples_ns") or ()),
+                  cpus=tuple(d.get("cpus") or ()),
                   warnings=tuple(d.get("warnings") or ()), output_shapes=_shapes(d.get("output_shapes")))
         if any(d.get(k) is not None for k in _INPUT_KEYS):
             kw["input"] = InputInfo(d.get("input_source"), _shapes(d.get("input_shapes")),
@@ -341,6 +350,7 @@ class ProfileResult:
     created_utc: str
     edgeship_version: str
     schema_version: int = RESULT_SCHEMA_VERSION
+    notes: tuple[str, ...] = ()  # what the run could not do here (a sweep's core set this host lacks...)
 
     @classmethod
     def new(cls, device: DeviceInfo, config: RunConfig, results: Sequence[ArtifactResult], source: str,
@@ -357,7 +367,7 @@ class ProfileResult:
         return {"device": self.device.to_dict(), "config": self.config.to_dict() if self.config else None,
                 "results": [r.to_dict() for r in self.results], "source": self.source, "target": self.target,
                 "created_utc": self.created_utc, "edgeship_version": self.edgeship_version,
-                "schema_version": self.schema_version}
+                "schema_version": self.schema_version, **({"notes": list(self.notes)} if self.notes else {})}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -369,7 +379,7 @@ class ProfileResult:
                    config=RunConfig.from_dict(d["config"]) if d.get("config") else None,
                    results=tuple(ArtifactResult.from_dict(r) for r in d.get("results") or ()),
                    source=str(d.get("source", "")), target=d.get("target"), created_utc=str(d.get("created_utc", "")),
-                   edgeship_version=str(d.get("edgeship_version", "")))
+                   edgeship_version=str(d.get("edgeship_version", "")), notes=tuple(d.get("notes") or ()))
 
 
 @dataclass(frozen=True)

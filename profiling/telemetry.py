@@ -61,6 +61,16 @@ class Telemetry:
                 self._note(str(e))
         return out
 
+    def governors(self) -> str | None:
+        """The cpufreq governors in force ("schedutil", "performance"...); None where sysfs has no cpufreq."""
+        found = set()
+        for f in self.sys.glob("sys/devices/system/cpu/cpu[0-9]*/cpufreq/scaling_governor"):
+            try:
+                found.add(self.sys.read_text(f).strip())
+            except MeterError as e:
+                self._note(str(e))
+        return ", ".join(sorted(found)) or None
+
     def temperatures_c(self) -> dict[str, float]:
         out = {}
         for d in self.sys.glob("sys/class/thermal/thermal_zone*"):
@@ -153,7 +163,8 @@ class Telemetry:
             pi_out = {"start": pi[0]["raw"], "end": pi[-1]["raw"], "seen_during_run": seen_now,
                       "newly_latched": new}
             reasons += [f"Pi: {n}" for n in sorted(set(seen_now) | set(new))]
-        return {"samples": len(snaps), "period_s": self.period_s, "cpufreq": freq, "temperature": temps,
+        return {"samples": len(snaps), "period_s": self.period_s, "cpufreq": freq, "governor": self.governors(),
+                "temperature": temps,
                 "pi_throttled": pi_out, "throttled": bool(reasons), "throttle_reasons": reasons,
                 "notes": list(self.notes)}
 

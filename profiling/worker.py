@@ -139,9 +139,25 @@ def _open(job: Job) -> _Opened:
     return _Opened(ident, path, None, {})
 
 
+def _pin(cpus: tuple[int, ...]) -> set[int] | None:
+    """Pin this process (and the runtime threads it starts) to ``cpus``; returns the affinity to restore."""
+    if not cpus:
+        return None
+    if not hasattr(os, "sched_setaffinity"):
+        raise ConfigError("pinning to CPUs needs sched_setaffinity (Linux/Android); this OS has none")
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as e:
+        raise ConfigError(f"cannot pin to CPUs {list(cpus)}: {e}") from None
+    return before
+
+
 def run_job(job: Job) -> ArtifactResult:
+    restore = None
     base = ArtifactResult(artifact=job.label)
     try:
+        restore = _pin(job.config.cpus)
         if job.npu in ("absent", "simulate"):  # no Hexagon NPU here: say why, or simulator numerics only
             from edgeship.profiling.backends.qnn import run_without_npu
 
@@ -154,6 +170,9 @@ def run_job(job: Job) -> ArtifactResult:
     except Exception as e:  # a runtime failing mid-run must not lose the other measurements
         return dataclasses.replace(base, status=Status.ERROR, error=f"{type(e).__name__}: {e}",
                                    traceback=traceback.format_exc())
+    finally:
+        if restore is not None:  # in-process (--no-isolate): give the caller its CPUs back
+            os.sched_setaffinity(0, restore)
 
 
 def _threads(cfg: RunConfig, bundle: Bundle | None) -> int | None:
@@ -215,6 +234,7 @@ def _measure(opened: _Opened, cfg: RunConfig) -> ArtifactResult:
         load_seconds=load_s, first_inference_ms=first_ms, warmup_runs=cfg.warmup, measured_seconds=loop.wall_s,
         latency=LatencyStats.from_ns(loop.samples), samples_ns=tuple(loop.samples),
         memory=Memory(rss0, rss_load, _peak_rss_mb()), threads=threads, runtime=model.info(),
+        cpus=tuple(sorted(os.sched_getaffinity(0))) if cfg.cpus else (),
         output_shapes={k: tuple(np.shape(v)) for k, v in first.items()},
         energy=recorder.result(len(loop.samples)), telemetry=loop.telemetry, device_check=check, per_op=per_op,
         warnings=(*warnings, *loop.warnings))

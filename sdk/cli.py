@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeship import cli_llm
+from edgeship import cli_decide, cli_llm
 from edgeship.errors import ConfigError, EdgeshipError
 from edgeship.vocab import FORMATS, METERS, RECIPES, TASKS, listing
 
@@ -58,6 +58,7 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     _add_verbose(p)
     p.add_argument("--pubkey", help="refuse a bundle this key did not sign (default: $EDGESHIP_PUBKEY)")
+    cli_decide.add_sweep_arg(p)
 
 
 def _add_verbose(p: argparse.ArgumentParser) -> None:
@@ -118,6 +119,8 @@ def cmd_profile(a: argparse.Namespace) -> int:
     if is_llm_bundle(a.source):
         return cli_llm.profile_llm_cmd(a)
     cfg = _run_config(a)
+    if getattr(a, "sweep", None):
+        return cli_decide.profile_sweep_cmd(a, cfg)
     if a.device or a.inventory:
         from edgeship.profiling.remote import profile_fleet
         from edgeship.signing import check_source
@@ -162,12 +165,16 @@ def cmd_report(a: argparse.Namespace) -> int:
                     min_cosine=a.min_cosine, max_mj=a.max_mj, max_size_mb=a.max_size_mb)
     d = decide(runs, budget, a.objective)
     print(render(d))
+    if a.record:
+        print(cli_decide.record_pick(a.record, d, runs))
     if a.json_path:
         write_json_atomic(Path(a.json_path), json.dumps(d.to_dict(), indent=2))
     if a.html_path:
         from edgeship.profiling.html import write_html
+        from edgeship.profiling.predict import html_section, load_predictions
 
-        write_html(runs, Path(a.html_path), d)
+        extra = [html_section(load_predictions(a.predictions))] if a.predictions else []
+        write_html(runs, Path(a.html_path), d, extra)
         print(f"HTML report: {a.html_path}")
     return 0 if d.pick is not None else EXIT_FAIL
 
@@ -408,7 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--objective", default="latency", help="what the pick minimises: latency, energy, size, memory")
     r.add_argument("--json", dest="json_path")
     r.add_argument("--html", dest="html_path")
+    cli_decide.add_record_arg(r)
+    cli_decide.add_report_predictions_arg(r)
     r.set_defaults(fn=cmd_report)
+    cli_decide.add_predict_parser(sub)
 
     i = sub.add_parser("inspect", help="verify a bundle and show its manifest")
     i.add_argument("bundle")

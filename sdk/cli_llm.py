@@ -63,6 +63,10 @@ def profile_llm_cmd(a: argparse.Namespace) -> int:
                        power_target=a.target)
     res = profile_llm(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path)
     print(render(res))
+    if getattr(a, "html_path", None):
+        from edgeship.profiling.llm.html import write_llm_html
+
+        print(f"HTML report: {write_llm_html(res, Path(a.html_path))}")
     for r in res.results:
         if r.status == "ok" and r.energy.get("estimated"):
             print("mJ/token marked (est.) is an ESTIMATE from the target power model, not a measurement "

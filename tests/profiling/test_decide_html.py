@@ -75,7 +75,7 @@ def test_cli_report_and_html(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert rc == 0 and "Pick: onnx/int8-dynamic on laptop" in out
     page = (tmp_path / "r.html").read_text()
-    assert page.count("<svg") >= 3 and "EMULATED" in page and "pick onnx/int8-dynamic" in page
+    assert page.count("<svg") >= 3 and "EMULATED" in page and "Pick: onnx/int8-dynamic" in page
     assert json.loads((tmp_path / "d.json").read_text())["pick"]["artifact"] == "onnx/int8-dynamic"
     assert main(["report", str(f), "--max-p99-ms", "0.001"]) == 1
 

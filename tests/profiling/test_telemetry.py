@@ -102,3 +102,14 @@ def test_cooldown_via_vcgencmd_or_no_sensor(tmp_path: Path) -> None:
     assert out["reached"] is True and out["start_c"] == 48.3
     out = Telemetry(tmp_path, run=replay()).wait_for_cooldown(60.0)
     assert out["reached"] is False and "no temperature sensor" in out["note"]
+
+
+def test_governor_is_recorded(tmp_path: Path) -> None:
+    root = pi_tree(tmp_path)
+    for cpu in range(4):
+        (root / f"sys/devices/system/cpu/cpu{cpu}/cpufreq/scaling_governor").write_text(
+            "performance\n" if cpu == 3 else "ondemand\n")
+    tele = Telemetry(root, run=replay(get_throttled=[(RPI5 / "get_throttled_0x0.txt").read_text()]), period_s=60)
+    tele.start()
+    assert tele.stop()["governor"] == "ondemand, performance"
+    assert Telemetry(tmp_path / "nothing", run=replay()).stop()["governor"] is None
