@@ -84,19 +84,120 @@ class PassReport:
     params: int = 0
     max_grid_error: float = 0.0
     on_grid: int = 0  # weights reproduced exactly (every block already on the grid: a 4-bit source)
+    tied_embedding: bool = False  # the embedding table reads the LM head's quantized blocks (no fp32 copy left)
 
     def to_dict(self) -> dict[str, Any]:
         return {"matmuls_converted": self.converted, "matmuls_8bit": self.eight_bit,
                 "matmuls_kept_fp32": self.skipped, "params": self.params,
-                "max_relative_grid_error": self.max_grid_error, "matmuls_exact": self.on_grid}
+                "max_relative_grid_error": self.max_grid_error, "matmuls_exact": self.on_grid, "tied_embedding_quantized": self.tied_embedding}
 
 
 ON_GRID = 1e-5  # relative error below which a weight counts as already 4-bit (fp16 scales round at ~5e-4 * step)
 
 
+class _Pass:
+    """State of one conversion: the graph's initializers, how often each is read, and what replaces what."""
+
+    def __init__(self, model: Any, block: int, accuracy_level: int) -> None:
+        self.g, self.block, self.accuracy_level = model.graph, block, accuracy_level
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.uses: dict[str, int] = {}
+        for node in self.g.node:
+            for i in node.input:
+                self.uses[i] = self.uses.get(i, 0) + 1
+        self.sums: dict[tuple[str, int], str] = {}  # (activation, K) -> its block sums, shared by q/k/v, gate/up
+        self.quantized: dict[str, Affine4] = {}  # fp32 initializer -> its blocks (for a tied embedding)
+        self.report = PassReport()
+
+    def add_init(self, arr: np.ndarray, name: str) -> str:
+        from onnx import numpy_helper
+
+        if name not in self.inits:
+            self.inits[name] = numpy_helper.from_array(arr, name)
+            self.g.initializer.append(self.inits[name])
+        return name
+
+    def release(self, name: str) -> None:
+        self.uses[name] -= 1
+
+    def matmul(self, node: Any, w: Any, bits: int) -> list[Any]:
+        from onnx import helper, numpy_helper
+
+        arr = numpy_helper.to_array(w)
+        k, n = arr.shape
+        a = self.quantized[w.name] = quantize(arr, self.block, bits)
+        base = node.name.replace("/", "_").strip("_") or f"matmul{self.report.converted}"
+        q, sc, zp, res = (self.add_init(v, f"{base}.{x}") for x, v in (
+            ("q", a.packed), ("scales", a.scales), ("zp", a.zero_points), ("residual", a.residual)))
+        x = node.input[0]
+        out: list[Any] = []
+        if (x, k) not in self.sums:
+            self.sums[(x, k)] = f"{base}.block_sums"
+            s_name = self.add_init(block_sum_matrix(k, self.block), f"block_sum_{k}_{self.block}")
+            out.append(helper.make_node("MatMul", [x, s_name], [self.sums[(x, k)]], name=f"{base}/BlockSums"))
+        main, corr = f"{base}.nbits_out", f"{base}.offset_out"
+        out += [
+            helper.make_node("MatMulNBits", [x, q, sc, zp], [main], name=f"{base}/MatMulNBits", domain="com.microsoft",
+                             K=k, N=n, bits=a.bits, block_size=self.block, accuracy_level=self.accuracy_level),
+            helper.make_node("MatMul", [self.sums[(x, k)], res], [corr], name=f"{base}/BlockOffsets"),
+            helper.make_node("Add", [main, corr], list(node.output), name=f"{base}/AddOffsets"),
+        ]
+        self.release(w.name)
+        r = self.report
+        r.converted, r.params = r.converted + 1, r.params + k * n
+        r.max_grid_error = max(r.max_grid_error, a.grid_error)
+        r.on_grid += a.grid_error < ON_GRID
+        return out
+
+    def tied_gather(self, transpose: Any, gathers: list[Any]) -> list[Any]:
+        """Transpose(W) -> Gather(ids), the builder's tied embedding, read from W's quantized blocks instead."""
+        from onnx import TensorProto, helper
+
+        w = transpose.input[0]
+        a = self.quantized[w]
+        k, n = self.inits[w].dims
+        nb = k // self.block
+        base = f"{w}.embedding"
+        if a.bits == 8:
+            data, zp = self.add_init(a.packed.reshape(n, k), f"{base}.q"), self.add_init(
+                a.zero_points.reshape(n, nb), f"{base}.zp")
+        else:  # UINT4 tensors pack two values per byte over the flattened tensor
+            zps = np.zeros(n * nb + (n * nb) % 2, dtype=np.uint8)
+            zps[: n * nb] = unpack_zero_points(a.zero_points, n, nb)
+            for name, dims, raw in ((f"{base}.q", [n, k], a.packed.tobytes()),
+                                    (f"{base}.zp", [n, nb], (zps[0::2] | (zps[1::2] << 4)).tobytes())):
+                self.inits[name] = helper.make_tensor(name, TensorProto.UINT4, dims, raw, raw=True)
+                self.g.initializer.append(self.inits[name])
+            data, zp = f"{base}.q", f"{base}.zp"
+        sc = self.add_init(a.scales.reshape(n, nb), f"{base}.scales")
+        res = self.add_init(np.ascontiguousarray(a.residual.T), f"{base}.residual")
+        spread = self.add_init(np.ascontiguousarray(block_sum_matrix(k, self.block).T), f"block_spread_{k}_{self.block}")
+        out: list[Any] = []
+        for i, gth in enumerate(gathers):
+            ids, tag = gth.input[1], f"{base}{i}"
+            out += [
+                helper.make_node("GatherBlockQuantized", [data, ids, sc, zp], [f"{tag}.deq"], name=f"{tag}/Gather",
+                                 domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=self.block,
+                                 bits=a.bits),
+                helper.make_node("Gather", [res, ids], [f"{tag}.res"], name=f"{tag}/GatherOffsets", axis=0),
+                helper.make_node("MatMul", [f"{tag}.res", spread], [f"{tag}.offsets"], name=f"{tag}/SpreadOffsets"),
+                helper.make_node("Add", [f"{tag}.deq", f"{tag}.offsets"], list(gth.output), name=f"{tag}/AddOffsets"),
+            ]
+        self.release(w)
+        self.report.tied_embedding = True
+        return out
+
+
+def unpack_zero_points(packed: np.ndarray, n: int, nb: int) -> np.ndarray:
+    rows = packed.reshape(n, -1)
+    both = np.stack([rows & 0x0F, rows >> 4], axis=-1).reshape(n, -1)
+    return np.ascontiguousarray(both[:, :nb]).reshape(-1)
+
+
 def convert(model: Any, block: int = 32, accuracy_level: int = 4, skip: Iterable[str] = (),
             eight_bit: Iterable[str] = ("/lm_head/MatMul",), bits: int = BITS) -> PassReport:
-    """Rewrite every MatMul whose second input is a 2-D float32 initializer with K % block == 0, in place.
+    """Rewrite every MatMul whose second input is a 2-D float32 initializer with K % block == 0, in place; a
+    tied embedding (``Transpose(W) -> Gather``, as the GenAI builder writes it) reads W's quantized blocks.
 
     Nodes named in ``eight_bit`` get 8-bit blocks: by default the LM head, as llama.cpp's Q4_K_M keeps its
     output matrix in 6 bits (it scores every token; on SmolLM2 a 4-bit head alone cost 0.84 -> see README).
@@ -104,68 +205,42 @@ def convert(model: Any, block: int = 32, accuracy_level: int = 4, skip: Iterable
     source stays exact there too."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    uses: dict[str, int] = {}
-    for node in g.node:
-        for i in node.input:
-            uses[i] = uses.get(i, 0) + 1
+    st = _Pass(model, block, accuracy_level)
     skip, wide = set(skip), set(eight_bit)
-    report = PassReport()
     new_nodes: list[Any] = []
-    sums: dict[tuple[str, int], str] = {}  # (activation, K) -> its block sums, shared by q/k/v and gate/up
-    drop: set[str] = set()
-    for node in g.node:
-        w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+    for node in st.g.node:
+        w = st.inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if w is None or node.name in skip or len(w.dims) != 2 or w.dims[0] % block or w.data_type != 1:
-            if node.op_type == "MatMul":
-                report.skipped += 1
+            st.report.skipped += node.op_type == "MatMul"
             new_nodes.append(node)
             continue
-        arr = numpy_helper.to_array(w)
-        k, n = arr.shape
-        a = quantize(arr, block, 8 if node.name in wide else bits)
-        if a.bits == 8 and bits == 4:
-            report.eight_bit.append(node.name)
-        base = node.name.replace("/", "_").strip("_") or f"matmul{report.converted}"
-        names = {x: f"{base}.{x}" for x in ("q4", "scales", "zp", "residual")}
-        g.initializer.extend([
-            numpy_helper.from_array(a.packed, names["q4"]), numpy_helper.from_array(a.scales, names["scales"]),
-            numpy_helper.from_array(a.zero_points, names["zp"]), numpy_helper.from_array(a.residual, names["residual"])])
-        x = node.input[0]
-        key = (x, k)
-        if key not in sums:
-            s_name = f"block_sum_{k}_{block}"
-            if s_name not in inits:
-                inits[s_name] = numpy_helper.from_array(block_sum_matrix(k, block), s_name)
-                g.initializer.append(inits[s_name])
-            sums[key] = f"{base}.block_sums"
-            new_nodes.append(helper.make_node("MatMul", [x, s_name], [sums[key]], name=f"{base}/BlockSums"))
-        main, corr = f"{base}.nbits_out", f"{base}.offset_out"
-        new_nodes += [
-            helper.make_node("MatMulNBits", [x, names["q4"], names["scales"], names["zp"]], [main],
-                             name=f"{base}/MatMulNBits", domain="com.microsoft", K=k, N=n, bits=a.bits,
-                             block_size=block, accuracy_level=accuracy_level),
-            helper.make_node("MatMul", [sums[key], names["residual"]], [corr], name=f"{base}/BlockOffsets"),
-            helper.make_node("Add", [main, corr], list(node.output), name=f"{base}/AddOffsets"),
-        ]
-        uses[w.name] -= 1
-        if uses[w.name] == 0:
-            drop.add(w.name)
-        report.converted += 1
-        report.params += k * n
-        report.max_grid_error = max(report.max_grid_error, a.grid_error)
-        report.on_grid += a.grid_error < ON_GRID
-    del g.node[:]
-    g.node.extend(new_nodes)
-    keep = [t for t in g.initializer if t.name not in drop]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+        new_nodes += st.matmul(node, w, 8 if node.name in wide else bits)
+        if node.name in wide and bits == 4:
+            st.report.eight_bit.append(node.name)
+    final: list[Any] = []
+    replaced: set[int] = set()
+    for node in new_nodes:
+        if id(node) in replaced:
+            continue
+        gathers = [n for n in new_nodes if n.op_type == "Gather" and n.input[0] == node.output[0]
+                   and all(a.i == 0 for a in n.attribute if a.name == "axis")] if node.op_type == "Transpose" else []
+        readers = sum(node.output[0] in n.input for n in new_nodes) if gathers else 0
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+        if gathers and node.input[0] in st.quantized and readers == len(gathers) and perm == [[1, 0]]:
+            final += st.tied_gather(node, gathers)
+            replaced |= {id(g) for g in gathers}
+            continue
+        final.append(node)
+    del st.g.node[:]
+    st.g.node.extend(final)
+    keep = [t for t in st.g.initializer if st.uses.get(t.name, 1) > 0 or t.name not in st.quantized]
+    del st.g.initializer[:]
+    st.g.initializer.extend(keep)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return report
+    return st.report
 
 
 def convert_file(src: Path, dst: Path, data_name: str, block: int = 32, accuracy_level: int = 4,

@@ -129,3 +129,30 @@ def test_convert_file_writes_external_data(tmp_path: Path) -> None:
     x = np.ones((2, 3, 256), dtype=np.float32)
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"x": x})[0].shape == (2, 3, 64)
+
+
+@pytest.mark.parametrize("head_name, exact", [("/model/layers.0/mlp/up_proj/MatMul", True), ("/lm_head/MatMul", False)])
+def test_a_tied_embedding_reads_the_quantized_head(head_name: str, exact: bool) -> None:
+    """The GenAI builder's tied embedding is Transpose(W) -> Gather(ids): it must read W's blocks (4- or 8-bit) and
+    leave no fp32 copy of the table behind."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    w = q4_1_weight(rng, k=K, n=50)  # W [K, vocab]: the embedding table is W.T
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"], name=head_name),
+             helper.make_node("Transpose", ["w"], ["table"], perm=[1, 0], name="/model/embed_tokens/Transpose"),
+             helper.make_node("Gather", ["table", "ids"], ["emb"], name="/model/embed_tokens/Gather")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, K]),
+                                           helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("emb", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    report = convert(model, block=BLOCK, accuracy_level=1)
+    assert report.tied_embedding and "w" not in {t.name for t in model.graph.initializer}
+    ids = np.array([[0, 7, 49]])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits, emb = sess.run(None, {"x": np.ones((1, 2, K), dtype=np.float32), "ids": ids})
+    err = np.abs(emb[0] - w.T[ids[0]]).max() / np.abs(w).max()
+    assert err < (1e-5 if exact else 1e-2)  # on its 4-bit grid: exact; as 8-bit blocks of a 4-bit grid: also close
+    assert logits.shape == (1, 2, 50)
