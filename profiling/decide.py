@@ -141,17 +141,46 @@ def _key(row: Row, objective: str) -> float:
 
 
 @dataclass(frozen=True)
+class Spread:
+    """One (device, artifact, setting) over repeated runs: the median objective and its 95% bootstrap interval."""
+
+    name: str
+    device: str
+    runs: int
+    median: float
+    lo: float
+    hi: float
+
+    def describe(self) -> str:
+        return f"{self.name}: median {self.median:.4g} [{self.lo:.4g}, {self.hi:.4g}] over {self.runs} runs"
+
+
+@dataclass(frozen=True)
 class Decision:
     budget: Budget
     objective: str
     rows: tuple[Row, ...]
     verdicts: tuple[tuple[str, ...], ...]  # per row: the budget violations (empty = inside the budget)
     pick: Row | None
+    # under repeated runs: is the pick really ahead of the runner-up, or are their intervals overlapping?
+    versus: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget": self.budget.to_dict(), "objective": self.objective,
-                "pick": self.pick.to_dict() if self.pick else None,
+                "pick": self.pick.to_dict() if self.pick else None, "versus": self.versus,
                 "rows": [{**r.to_dict(), "violations": list(v)} for r, v in zip(self.rows, self.verdicts, strict=True)]}
+
+
+def spreads(rows: Sequence[Row], objective: str) -> dict[tuple[str, str], Spread]:
+    """Rows of the same (device, artifact [setting]) are repeated runs: their median and 95% interval."""
+    from edgeship.profiling.stats import median_interval
+
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        v = _key(r, objective)
+        if r.ok and v != float("inf"):
+            groups.setdefault((r.device, r.name), []).append(v)
+    return {k: Spread(k[1], k[0], len(v), *median_interval(v)) for k, v in groups.items()}
 
 
 def decide(runs: Sequence[DeviceRun], budget: Budget, objective: str = "latency") -> Decision:
@@ -162,8 +191,23 @@ def decide(runs: Sequence[DeviceRun], budget: Budget, objective: str = "latency"
         raise ConfigError("the results hold no measured artifacts")
     verdicts = tuple(tuple(violations(r, budget)) for r in rows)
     inside = [r for r, v in zip(rows, verdicts, strict=True) if not v]
-    pick = min(inside, key=lambda r: (_key(r, objective), -(r.mean_cosine or 0))) if inside else None
-    return Decision(budget, objective, tuple(rows), verdicts, pick)
+    sp = spreads(rows, objective)
+    if not inside or max((s.runs for s in sp.values()), default=1) < 2:
+        pick = min(inside, key=lambda r: (_key(r, objective), -(r.mean_cosine or 0))) if inside else None
+        return Decision(budget, objective, tuple(rows), verdicts, pick)
+    # repeated runs: rank (device, artifact) by the median over its runs; the pick is its run nearest the median
+    ranked = sorted({(r.device, r.name) for r in inside}, key=lambda k: sp[k].median if k in sp else float("inf"))
+    best = sp.get(ranked[0])
+    pick = min((r for r in inside if (r.device, r.name) == ranked[0]),
+               key=lambda r: abs(_key(r, objective) - (best.median if best else 0.0)))
+    versus = None
+    if best and len(ranked) > 1 and ranked[1] in sp:
+        other = sp[ranked[1]]
+        overlap = best.hi >= other.lo
+        versus = (f"{'indistinguishable from' if overlap else 'ahead of'} {other.name} on {objective} "
+                  f"({'95% intervals overlap' if overlap else 'no overlap of 95% intervals'}): "
+                  f"{best.describe()}; {other.describe()}")
+    return Decision(budget, objective, tuple(rows), verdicts, pick, versus)
 
 
 def render(d: Decision) -> str:
@@ -175,6 +219,8 @@ def render(d: Decision) -> str:
     budget = ", ".join(f"{k}={v:g}" for k, v in d.budget.to_dict().items()) or "none"
     if d.pick:
         lines.append(f"budget: {budget}; objective: lowest {d.objective}. Pick: {d.pick.name} on {d.pick.device}")
+        if d.versus:
+            lines.append(f"the pick is {d.versus}")
     else:
         lines.append(f"budget: {budget}: no artifact meets it; relax the budget or export another recipe")
     return "\n".join(lines)

@@ -70,10 +70,13 @@ class RunConfig:
     method: str | None = None  # the method of a .pte to run (default: forward, or its only method)
     cpus: tuple[int, ...] = ()  # pin the worker to these CPUs (sched_setaffinity); () = wherever the OS puts it
     core_set: str | None = None  # the name of that CPU set in a sweep: "big", "little", "all"
+    repeat: int = 1  # fresh worker processes per artifact, interleaved across artifacts (rounds)
 
     def __post_init__(self) -> None:
         if self.runs < 1:
             raise ConfigError(f"--runs must be >= 1, got {self.runs}")
+        if not 1 <= self.repeat <= 100:
+            raise ConfigError(f"--repeat must be between 1 and 100 (fresh processes per artifact), got {self.repeat}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         if self.min_seconds < 0 or self.max_seconds <= 0 or self.max_seconds < self.min_seconds:
@@ -256,6 +259,7 @@ class ArtifactResult:
     warnings: tuple[str, ...] = ()
     cpus: tuple[int, ...] = ()  # the CPUs the worker was pinned to (empty: not pinned)
     setting: str | None = None  # a sweep's configuration of this measurement: "threads=2 cores=big"
+    repeat_index: int | None = None  # under --repeat K: which round (0..K-1) this fresh process was
 
     @property
     def ok(self) -> bool:

@@ -106,11 +106,16 @@ def profile(source: str | Path, *, artifact: str | Sequence[str] | None = None, 
 
         backends.split_options("onnx", config.options)  # a key no backend knows fails before any run
     results = []
-    for job in jobs:
-        r = _run_child(job, timeout=config.max_seconds * 3 + 600) if isolate else run_job(job)
-        if on_result is not None:
-            on_result(r)
-        results.append(r)
+    # --repeat K: K rounds, each running every artifact once in a fresh process, so that a machine that slows
+    # down part-way slows every artifact alike instead of one artifact's K runs
+    for k in range(config.repeat):
+        for job in jobs:
+            r = _run_child(job, timeout=config.max_seconds * 3 + 600) if isolate else run_job(job)
+            if config.repeat > 1:
+                r = dataclasses.replace(r, repeat_index=k)
+            if on_result is not None:
+                on_result(r)
+            results.append(r)
     res = ProfileResult.new(sysinfo.describe(), config, results, source=str(source), target=target)
     if json_path is not None:
         write_json_atomic(Path(json_path), res.to_json())

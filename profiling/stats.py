@@ -37,3 +37,21 @@ class LatencyStats:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def median_interval(values: Sequence[float], level: float = 0.95, resamples: int = 4000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """(median, lo, hi): the median of ``values`` and its percentile-bootstrap interval at ``level``.
+
+    For K repeated runs (fresh processes) of one artifact, each giving one p50: the interval says where the p50 of
+    another run is likely to land. With fewer than 2 values there is no spread to resample: lo = hi = median."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("median_interval of no values")
+    med = float(np.median(v))
+    if v.size < 2:
+        return med, med, med
+    rng = np.random.default_rng(seed)
+    meds = np.median(v[rng.integers(0, v.size, size=(resamples, v.size))], axis=1)
+    tail = (1 - level) / 2 * 100
+    return med, float(np.percentile(meds, tail)), float(np.percentile(meds, 100 - tail))

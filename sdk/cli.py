@@ -28,6 +28,9 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, default=_run_defaults()["max_seconds"],
                    help="stop after this long whatever the count (default %(default)s s)")
     p.add_argument("--warmup", type=int, default=_run_defaults()["warmup"], help="untimed runs before measuring (default %(default)s)")
+    p.add_argument("--repeat", type=int, default=_run_defaults()["repeat"], metavar="K",
+                   help="K fresh processes per artifact, interleaved across artifacts; prints each median p50 with "
+                        "its 95%% bootstrap interval, and `report` says when a pick is indistinguishable")
     p.add_argument("--threads", type=int, help="runtime threads (default: the bundle's target profile)")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=DxD",
                    help="size of dynamic dims for synthesised inputs, e.g. input_ids=1x128 (repeatable)")
@@ -107,7 +110,8 @@ def _run_config(a: argparse.Namespace) -> Any:
                      threads=a.threads, shapes=parse_shape_overrides(a.shape), energy=a.energy,
                      idle_seconds=a.idle_seconds, sample_hz=a.sample_hz, cooldown_to_c=a.cooldown_to,
                      energy_csv=a.energy_csv, power_target=a.target, options={**_kv(a.option, "--option"), **({"delegate": a.delegate} if a.delegate else {})},
-                     per_op=a.per_op, progress=not a.quiet, simulate_npu=a.simulate_npu, method=a.method)
+                     per_op=a.per_op, progress=not a.quiet, simulate_npu=a.simulate_npu, method=a.method,
+                     repeat=getattr(a, "repeat", 1))
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
@@ -144,6 +148,12 @@ def cmd_profile(a: argparse.Namespace) -> int:
         res = profile(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path,
                       pubkey=a.pubkey)
     print(report.render(res))
+    if cfg.repeat > 1:
+        from edgeship.profiling.decide import rows_of, spreads
+
+        print(f"p50 over {cfg.repeat} fresh processes per artifact (median, 95% bootstrap interval):")
+        for s in spreads(rows_of([DeviceRun(res)]), "latency").values():
+            print(f"  {s.describe()} ms")
     _html(a, [DeviceRun(res)])
     return 0 if res.ok else EXIT_FAIL
 
