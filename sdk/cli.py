@@ -286,6 +286,9 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         for w in art.warnings:
             print(f"{art.key}: warning: {w}")
     print("checksums: all artifacts verified")
+    from edgeship.signing import describe
+
+    print(describe(b.root))
     return 0
 
 

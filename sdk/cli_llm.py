@@ -133,4 +133,7 @@ def inspect_llm(bundle: Any) -> int:
         for w in a.warnings:
             print(f"{a.key}: warning: {w}")
     print("checksums: all artifacts verified")
+    from edgeship.signing import describe
+
+    print(describe(bundle.root))
     return 0

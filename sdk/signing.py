@@ -219,3 +219,19 @@ def check_source(source: str | Path, pubkey: str | Path | None) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         return
     check(src, key)
+
+
+def describe(bundle: str | Path) -> str:
+    """One line for ``inspect``: who signed the bundle (unverified: inspect holds no key) or that nobody did."""
+    root = Path(bundle)
+    if not (root / SIGNATURE_NAME).is_file():
+        return "signature: none (sign with `edgeship sign BUNDLE --key KEY`)"
+    try:
+        files, _, signer = _read_signature(root)
+    except SignatureError as e:
+        return f"signature: UNREADABLE: {e}"
+    on_disk = bundle_files(root)
+    same = on_disk == files
+    return (f"signature: ed25519 by key {signer} over {len(files)} files"
+            f"{'' if same else ' (the files on disk differ from the signed list)'}; not verified here: run "
+            "`edgeship verify BUNDLE --pubkey KEY.pub` with the key you trust")

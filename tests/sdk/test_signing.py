@@ -123,10 +123,15 @@ def test_cli_keygen_sign_verify(make_bundle: Callable[..., Path], tmp_path: Path
                                 capsys: pytest.CaptureFixture[str]) -> None:
     b = make_bundle()
     key = tmp_path / "k"
+    assert main(["inspect", str(b)]) == 0
+    assert "signature: none (sign with `edgeship sign BUNDLE --key KEY`)" in capsys.readouterr().out
     assert main(["keygen", "-o", str(key)]) == 0
     assert main(["sign", str(b), "--key", str(key)]) == 0
     assert main(["verify", str(b), "--pubkey", f"{key}.pub"]) == 0
     assert "signature valid" in capsys.readouterr().out
+    assert main(["inspect", str(b)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("signature:"))
+    assert "ed25519 by key" in line and "not verified here" in line and "differ" not in line
     (b / "labels.txt").write_text("z\n")
     assert main(["verify", str(b), "--pubkey", f"{key}.pub"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
