@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeship import cli_llm
+from edgeship import cli_history, cli_llm
 from edgeship.errors import ConfigError, EdgeshipError
 from edgeship.vocab import FORMATS, METERS, RECIPES, TASKS, listing
 
@@ -58,6 +58,7 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     _add_verbose(p)
     p.add_argument("--pubkey", help="refuse a bundle this key did not sign (default: $EDGESHIP_PUBKEY)")
+    cli_history.add_profile_args(p)
 
 
 def _add_verbose(p: argparse.ArgumentParser) -> None:
@@ -128,6 +129,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
                               identity=a.identity, accept_new_host_key=a.accept_new_host_key)
         if a.json_path:
             write_json_atomic(Path(a.json_path), fleet.to_json())
+        cli_history.record_profile(a, fleet.runs, a.source)
         for run in fleet.runs:
             print(f"== {run.identity.get('name') or run.url}")
             if run.profile is not None:  # a device that failed mid-run still shows what it measured
@@ -141,6 +143,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
         res = profile(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path,
                       pubkey=a.pubkey)
     print(report.render(res))
+    cli_history.record_profile(a, [DeviceRun(res)], a.source)
     _html(a, [DeviceRun(res)])
     return 0 if res.ok else EXIT_FAIL
 
@@ -430,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=0, help="sshd port on 127.0.0.1 (default: a free one)")
     d.set_defaults(fn=cmd_device)
     _add_signing_commands(sub)
+    cli_history.add_parsers(sub)
     return p
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every `edgeship profile` appends to the history database: never the real one in ~/.local/share from a test
+# (subprocesses inherit this). Tests of the history itself pass --history under their tmp_path.
+os.environ["EDGESHIP_HISTORY"] = os.path.join(tempfile.mkdtemp(prefix="edgeship-test-history-"), "history.sqlite")
 
 WORDS = ("the a an is are was of to and in on for with at by from man woman dog cat plays playing runs running "
          "guitar street car red blue green big small good bad happy sad house tree sun rain phone model battery "
