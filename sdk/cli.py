@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeship import cli_history, cli_llm
+from edgeship import cli_farm, cli_history, cli_llm
 from edgeship.errors import ConfigError, EdgeshipError
 from edgeship.vocab import FORMATS, METERS, RECIPES, TASKS, listing
 
@@ -59,6 +59,7 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     _add_verbose(p)
     p.add_argument("--pubkey", help="refuse a bundle this key did not sign (default: $EDGESHIP_PUBKEY)")
     cli_history.add_profile_args(p)
+    cli_farm.add_profile_args(p)
 
 
 def _add_verbose(p: argparse.ArgumentParser) -> None:
@@ -116,9 +117,12 @@ def cmd_profile(a: argparse.Namespace) -> int:
     from edgeship.profiling.results import DeviceRun
     from edgeship.profiling.runner import profile, write_json_atomic
 
+    cli_farm.check_profile_args(a)
     if is_llm_bundle(a.source):
         return cli_llm.profile_llm_cmd(a)
     cfg = _run_config(a)
+    if a.farm:
+        return cli_farm.profile_farm_cmd(a, cfg)
     if a.device or a.inventory:
         from edgeship.profiling.remote import profile_fleet
         from edgeship.signing import check_source
@@ -434,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_device)
     _add_signing_commands(sub)
     cli_history.add_parsers(sub)
+    cli_farm.add_parsers(sub)
     return p
 
 

@@ -134,7 +134,7 @@ def unavailable() -> Callable[[str, str], None]:
     return stop
 
 
-_TIERS = ("remote", "arm64", "slow", "needs_export")
+_TIERS = ("remote", "arm64", "slow", "needs_export", "farm")
 _skipped_in_tier: list[tuple[str, str, str]] = []  # (tier, test id, reason)
 
 
