@@ -38,6 +38,9 @@ def check_profile_args(a: argparse.Namespace) -> None:
         raise ConfigError("--farm reserves its boards itself: leave out --device / --inventory")
     if not a.farm and (a.where or a.count != 1):
         raise ConfigError("--where / --count select boards of a farm: add --farm HOST[:PORT]")
+    if a.count < 1 or a.farm_timeout <= 0 or a.pause < 0:
+        raise ConfigError(f"--count {a.count} / --farm-timeout {a.farm_timeout:g} / --pause {a.pause:g}: need a count "
+                          ">= 1, a timeout > 0 and a pause >= 0")
 
 
 def profile_farm_cmd(a: argparse.Namespace, cfg: Any) -> int:

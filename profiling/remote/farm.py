@@ -124,6 +124,18 @@ def _labgrid() -> Any:
     return client
 
 
+def _from_labgrid(record: logging.LogRecord) -> bool:
+    return f"{os.sep}labgrid{os.sep}" not in record.pathname
+
+
+def _quiet_labgrid() -> None:
+    """labgrid's client logs on the root logger ("coordinator is unavailable" with a traceback); our errors say
+    it in one line, so drop those records there and leave every other logger's alone."""
+    root = logging.getLogger()
+    if _from_labgrid not in root.filters:
+        root.addFilter(_from_labgrid)
+
+
 class Coordinator:
     """One client connection to a labgrid coordinator, its asyncio loop on a thread of its own so that the
     place and resource updates keep streaming in while the main thread waits on boards."""
@@ -134,7 +146,7 @@ class Coordinator:
         from labgrid.remote.generated import labgrid_coordinator_pb2 as pb2
 
         self.pb2 = pb2
-        logging.getLogger().setLevel(max(logging.getLogger().level, logging.CRITICAL))  # labgrid logs on root
+        _quiet_labgrid()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="labgrid-client", daemon=True)
         self._thread.start()

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.farm, pytest.mark.remote]
 BIN = Path(sys.executable).parent
 Sshd = Any  # tests/remote/conftest.py's server (importlib mode cannot import a conftest)
 FAST = ["--runs", "5", "--min-seconds", "0", "--warmup", "1", "--energy", "estimate", "--quiet"]
-PLACES = {"loop-a": "raspberry-pi-5", "loop-b": "raspberry-pi-5", "loop-c": "lab-own-board"}
+PLACES = {"loop-a": "raspberry-pi-5", "loop-b": "raspberry-pi-5", "loop-c": "lab-own-board", "loop-dead": "dead-board"}
 
 
 @dataclass
@@ -101,8 +101,9 @@ def lab(sshd: Sshd, device_workdir: str, tmp_path_factory: pytest.TempPathFactor
                                   stdout=open(coord_log, "ab"), stderr=subprocess.STDOUT, start_new_session=True))
     try:
         _wait_port(port, procs[0], coord_log)
+        ports = {p: sshd.port if p != "loop-dead" else free_port() for p in PLACES}  # nothing listens for loop-dead
         (d / "exporter.yaml").write_text("".join(
-            f"{p}:\n  NetworkService:\n    address: 127.0.0.1\n    username: root\n    port: {sshd.port}\n"
+            f"{p}:\n  NetworkService:\n    address: 127.0.0.1\n    username: root\n    port: {ports[p]}\n"
             for p in PLACES))
         procs.append(subprocess.Popen([str(BIN / "labgrid-exporter"), "-c", address, "-n", "loophost",
                                        str(d / "exporter.yaml")], cwd=d, stdin=subprocess.DEVNULL,
@@ -112,7 +113,8 @@ def lab(sshd: Sshd, device_workdir: str, tmp_path_factory: pytest.TempPathFactor
         for place, target in PLACES.items():
             _lg(d, address, "-p", place, "create")
             _lg(d, address, "-p", place, "add-match", f"loophost/{place}/*")
-            _lg(d, address, "-p", place, "set-tags", f"target={target}", "rack=loopback")
+            pool = ["pool=mixed"] if place in ("loop-a", "loop-dead") else []
+            _lg(d, address, "-p", place, "set-tags", f"target={target}", "rack=loopback", *pool)
         home = d / "home"
         (home / ".ssh").mkdir(parents=True)
         (home / ".ssh/known_hosts").write_text(sshd.known_hosts.read_text())
@@ -155,7 +157,7 @@ def test_status_lists_places_tags_and_ssh(lab: Lab, monkeypatch: pytest.MonkeyPa
     doc = json.loads(capsys.readouterr().out)
     places = {p["name"]: p for p in doc["places"]}
     assert set(places) == set(PLACES)
-    assert places["loop-a"]["tags"] == {"target": "raspberry-pi-5", "rack": "loopback"}
+    assert places["loop-a"]["tags"] == {"target": "raspberry-pi-5", "rack": "loopback", "pool": "mixed"}
     assert places["loop-a"]["ssh_url"] == f"ssh://root@127.0.0.1:{lab.sshd.port}" and places["loop-a"]["acquired"] is None
     assert _cli(lab, monkeypatch, "farm", "status", "--coordinator", lab.address, "--where", "target=lab-own-board") == 0
     out = capsys.readouterr().out
@@ -179,7 +181,7 @@ def test_matrix_on_two_places_matches_ssh_schema_and_goes_to_history(
         "loop-a", "loop-b"}
     for r in runs:
         assert r["status"] == "ok", r["error"]
-        assert r["device_identity"]["tags"] == {"target": "raspberry-pi-5", "rack": "loopback"}
+        assert r["device_identity"]["tags"]["target"] == "raspberry-pi-5"
         assert r["device_identity"]["farm"] == lab.address
         assert r["config"]["power_target"] == "raspberry-pi-5"  # the target tag picked the profile
         assert r["config"]["threads"] == 4  # raspberry-pi-5's thread count, as an inventory target gives
@@ -198,6 +200,20 @@ def test_matrix_on_two_places_matches_ssh_schema_and_goes_to_history(
     assert devices == {"loop-a", "loop-b", lab.sshd.url}
     places = lab.status()
     assert places["loop-a"].acquired is None and places["loop-b"].acquired is None  # released
+
+
+def test_a_dead_board_fails_alone(lab: Lab, model_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    rc = _cli(lab, monkeypatch, "profile", str(model_file), *lab.args("pool=mixed"), "--count", "2", *FAST,
+              "--json", str(tmp_path / "r.json"), "--no-history")
+    out = capsys.readouterr().out
+    assert rc == 1
+    runs = {r["device_identity"]["place"]: r for r in json.loads((tmp_path / "r.json").read_text())["runs"]}
+    assert runs["loop-a"]["status"] == "ok" and runs["loop-a"]["results"][0]["latency"]["count"] >= 5
+    assert runs["loop-dead"]["status"] == "error" and "connection refused" in runs["loop-dead"]["error"]
+    assert "loop-dead: ERROR cannot connect to 127.0.0.1:" in out
+    places = lab.status()
+    assert places["loop-a"].acquired is None and places["loop-dead"].acquired is None
 
 
 def _client(lab: Lab, model: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
@@ -282,7 +298,7 @@ def test_no_such_tag_and_coordinator_down_are_one_line(lab: Lab, model_file: Pat
     assert _cli(lab, monkeypatch, "profile", str(model_file), *lab.args("target=jetson-orin-nano"), *FAST,
                 "--no-history") == 1
     err = capsys.readouterr().err.strip()
-    assert "0 place(s) matching target=jetson-orin-nano, 1 needed; tags there: rack=loopback" in err
+    assert "0 place(s) matching target=jetson-orin-nano, 1 needed; tags there: pool=mixed, rack=loopback, " in err
     assert "\n" not in err
     down = f"127.0.0.1:{free_port()}"
     t0 = time.monotonic()
