@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from edgeship.cli import main
+from edgeship.profiling.results import RunConfig
 
 pytestmark = [pytest.mark.farm, pytest.mark.remote]
 
@@ -307,3 +308,39 @@ def test_no_such_tag_and_coordinator_down_are_one_line(lab: Lab, model_file: Pat
     assert err == (f"edgeship: error: cannot reach the labgrid coordinator at {down}: is labgrid-coordinator running "
                    "there (and the port right)?")
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.arm64
+def test_virtual_pi_as_a_place_of_its_own_exporter(lab: Lab, virtual_pi: Any, model_file: Path) -> None:
+    """A second host's exporter (one per host, as in a lab) publishing the virtual arm64 Pi; its timings are
+    emulated and say so."""
+    from edgeship.profiling.remote.farm import profile_farm
+
+    (lab.dir / "pihost.yaml").write_text(f"vpi5:\n  NetworkService:\n    address: 127.0.0.1\n    username: root\n"
+                                         f"    port: {virtual_pi.port}\n")
+    exporter = subprocess.Popen([str(BIN / "labgrid-exporter"), "-c", lab.address, "-n", "pihost",
+                                 str(lab.dir / "pihost.yaml")], cwd=lab.dir, stdin=subprocess.DEVNULL,
+                                stdout=open(lab.dir / "pihost.log", "ab"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        _lg(lab.dir, lab.address, "-p", "vpi5", "create")
+        _lg(lab.dir, lab.address, "-p", "vpi5", "add-match", "pihost/vpi5/*")
+        _lg(lab.dir, lab.address, "-p", "vpi5", "set-tags", "target=raspberry-pi-5", "emulated=qemu")
+        deadline = time.monotonic() + 30
+        while lab.status()["vpi5"].ssh_url is None:
+            assert time.monotonic() < deadline, "the second exporter did not publish the Pi"
+            time.sleep(0.3)
+        fleet = profile_farm([model_file], address=lab.address, where={"emulated": "qemu"},
+                             config=RunConfig(
+                                 runs=2, min_seconds=0, warmup=0, energy="estimate", threads=1, progress=False),
+                             transport_options={"identity": virtual_pi.identity, "known_hosts": virtual_pi.known_hosts})
+        (run,) = fleet.runs
+        assert run.status == "ok", run.error
+        assert run.identity["place"] == "vpi5" and run.identity["arch"] == "aarch64"
+        assert run.identity["emulated"] == "qemu-user" and run.profile is not None
+        assert run.profile.device.emulated == "qemu-user" and run.profile.results[0].ok
+        assert lab.status()["vpi5"].acquired is None
+    finally:
+        _lg(lab.dir, lab.address, "-p", "vpi5", "delete")
+        exporter.terminate()
+        exporter.wait(10)
