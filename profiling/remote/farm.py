@@ -191,6 +191,12 @@ class Coordinator:
         return self._call(call())
 
     def places(self) -> list[Place]:
+        async def snapshot() -> list[Place]:  # on the loop's thread: the update stream mutates these dicts there
+            return self._places()
+
+        return list(self._call(snapshot()))
+
+    def _places(self) -> list[Place]:
         s = self.session
         out = []
         for name, p in sorted(s.places.items()):
