@@ -383,13 +383,15 @@ def _place_config(place: Place, config: RunConfig) -> RunConfig:
 
 def _board_jobs(place: Place, sources: Sequence[Path], config: RunConfig, options: Any, view: FleetProgress,
                 artifact: str | None, pause_s: float, address: str, workdir: str | None,
-                sessions: list[DeviceSession]) -> list[DeviceRun]:
+                sessions: list[DeviceSession], stop: threading.Event) -> list[DeviceRun]:
     """Every bundle on one board, one after the other (a board never runs two jobs at once)."""
     runs = []
     for i, src in enumerate(sources):
         if i and pause_s:
             view.logger(place.name)(f"pausing {pause_s:g} s before the next bundle")
-            time.sleep(pause_s)
+            stop.wait(pause_s)
+        if stop.is_set():  # interrupted: no new job on any board
+            break
         assert place.ssh_url is not None
         s = DeviceSession(place.ssh_url, options, _place_config(place, config), view.logger(place.name),
                           workdir=workdir.replace("{place}", place.name) if workdir else None, name=place.name)
@@ -421,16 +423,18 @@ def profile_farm(sources: Sequence[str | Path], *, address: str | None, where: M
     coord = Coordinator(address)
     holding = Holding(coord)
     sessions: list[DeviceSession] = []
+    stop = threading.Event()
     try:
         with _signals_raise():
             places = reserve(coord, holding, where, count, timeout, say)
             with ThreadPoolExecutor(max_workers=len(places), thread_name_prefix="farm-board") as pool:
                 futures = [pool.submit(_board_jobs, p, srcs, config, options, view, artifact, pause_s, coord.address,
-                                       workdir, sessions) for p in places]
+                                       workdir, sessions, stop) for p in places]
                 try:
                     while not all(f.done() for f in futures):
                         wait(futures, timeout=0.5)
                 except KeyboardInterrupt:
+                    stop.set()
                     _abort(sessions)
                     raise
                 per_board = [f.result() for f in futures]  # a failed board is error runs, never an exception
