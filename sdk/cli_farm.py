@@ -70,6 +70,11 @@ def profile_farm_cmd(a: argparse.Namespace, cfg: Any) -> int:
         if run.error:
             print(f"{run.identity.get('place')}: ERROR {run.error}")
         print()
+    if a.html_path:
+        from edgeship.profiling.html import write_html
+
+        write_html(fleet.runs, Path(a.html_path))
+        print(f"HTML report: {a.html_path}")
     return 0 if fleet.ok else EXIT_FAIL
 
 

@@ -172,8 +172,11 @@ def test_matrix_on_two_places_matches_ssh_schema_and_goes_to_history(
     rc = _cli(lab, monkeypatch, "profile", str(tiny_onnx_bundle), str(model_file),
               # every place here is the same loopback sshd: one work directory (and runtime venv) per place
               *lab.args("target=raspberry-pi-5", workdir=f"{lab.workdir}/farm-{{place}}"),
-              "--count", "2", *FAST, "--json", str(tmp_path / "farm.json"), "--history", str(db))
+              "--count", "2", *FAST, "--json", str(tmp_path / "farm.json"), "--history", str(db), "--html",
+              str(tmp_path / "farm.html"))
     assert rc == 0, capsys.readouterr()
+    html = (tmp_path / "farm.html").read_text()
+    assert "edgeship report" in html and f"127.0.0.1:{lab.sshd.port}" in html  # the HTML names boards by URL
     doc = json.loads((tmp_path / "farm.json").read_text())
     runs = doc["runs"]
     # grouped by bundle, each bundle on both boards
