@@ -16,7 +16,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Every `edgeship profile` appends to the history database: never the real one in ~/.local/share from a test
 # (subprocesses inherit this). Tests of the history itself pass --history under their tmp_path.
-os.environ["EDGESHIP_HISTORY"] = os.path.join(tempfile.mkdtemp(prefix="edgeship-test-history-"), "history.sqlite")
+_HISTORY_DIR = tempfile.TemporaryDirectory(prefix="edgeship-test-history-")  # removed when the session ends
+os.environ["EDGESHIP_HISTORY"] = os.path.join(_HISTORY_DIR.name, "history.sqlite")
 
 WORDS = ("the a an is are was of to and in on for with at by from man woman dog cat plays playing runs running "
          "guitar street car red blue green big small good bad happy sad house tree sun rain phone model battery "
