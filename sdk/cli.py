@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeship import cli_decide, cli_llm
+from edgeship import cli_decide, cli_farm, cli_history, cli_llm
 from edgeship.errors import ConfigError, EdgeshipError
 from edgeship.vocab import FORMATS, METERS, RECIPES, TASKS, listing
 
@@ -62,6 +62,8 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     _add_verbose(p)
     p.add_argument("--pubkey", help="refuse a bundle this key did not sign (default: $EDGESHIP_PUBKEY)")
     cli_decide.add_sweep_arg(p)
+    cli_history.add_profile_args(p)
+    cli_farm.add_profile_args(p)
 
 
 def _add_verbose(p: argparse.ArgumentParser) -> None:
@@ -120,9 +122,12 @@ def cmd_profile(a: argparse.Namespace) -> int:
     from edgeship.profiling.results import DeviceRun
     from edgeship.profiling.runner import profile, write_json_atomic
 
+    cli_farm.check_profile_args(a)
     if is_llm_bundle(a.source):
         return cli_llm.profile_llm_cmd(a)
     cfg = _run_config(a)
+    if a.farm:
+        return cli_farm.profile_farm_cmd(a, cfg)
     if getattr(a, "sweep", None):
         return cli_decide.profile_sweep_cmd(a, cfg)
     if a.device or a.inventory:
@@ -135,6 +140,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
                               identity=a.identity, accept_new_host_key=a.accept_new_host_key)
         if a.json_path:
             write_json_atomic(Path(a.json_path), fleet.to_json())
+        cli_history.record_profile(a, fleet.runs, a.source)
         for run in fleet.runs:
             print(f"== {run.identity.get('name') or run.url}")
             if run.profile is not None:  # a device that failed mid-run still shows what it measured
@@ -154,6 +160,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
         print(f"p50 over {cfg.repeat} fresh processes per artifact (median, 95% bootstrap interval):")
         for s in spreads(rows_of([DeviceRun(res)]), "latency").values():
             print(f"  {s.describe()} ms")
+    cli_history.record_profile(a, [DeviceRun(res)], a.source)
     _html(a, [DeviceRun(res)])
     return 0 if res.ok else EXIT_FAIL
 
@@ -453,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=0, help="sshd port on 127.0.0.1 (default: a free one)")
     d.set_defaults(fn=cmd_device)
     _add_signing_commands(sub)
+    cli_history.add_parsers(sub)
+    cli_farm.add_parsers(sub)
     return p
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every `edgeship profile` appends to the history database: never the real one in ~/.local/share from a test
+# (subprocesses inherit this). Tests of the history itself pass --history under their tmp_path.
+_HISTORY_DIR = tempfile.TemporaryDirectory(prefix="edgeship-test-history-")  # removed when the session ends
+os.environ["EDGESHIP_HISTORY"] = os.path.join(_HISTORY_DIR.name, "history.sqlite")
 
 WORDS = ("the a an is are was of to and in on for with at by from man woman dog cat plays playing runs running "
          "guitar street car red blue green big small good bad happy sad house tree sun rain phone model battery "
@@ -130,7 +135,7 @@ def unavailable() -> Callable[[str, str], None]:
     return stop
 
 
-_TIERS = ("remote", "arm64", "slow", "needs_export", "browser")
+_TIERS = ("remote", "arm64", "slow", "needs_export", "browser", "farm")
 _skipped_in_tier: list[tuple[str, str, str]] = []  # (tier, test id, reason)
 
 

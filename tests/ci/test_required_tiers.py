@@ -21,6 +21,10 @@ def test_needs_a_service(unavailable):
 def test_skips_itself():
     pytest.skip("no qemu here")
 
+@pytest.mark.farm
+def test_needs_labgrid(unavailable):
+    unavailable("farm", "needs labgrid: pip install 'edgeship[farm]'")
+
 def test_plain():
     pass
 '''
@@ -31,7 +35,8 @@ def _run(tmp_path: Path, require: str | None) -> subprocess.CompletedProcess[str
     d.mkdir(exist_ok=True)
     shutil.copy(Path(__file__).parents[1] / "conftest.py", d / "conftest.py")
     (d / "test_probe.py").write_text(PROBE)
-    (d / "pytest.ini").write_text("[pytest]\nmarkers =\n    remote: r\n    arm64: a\n    slow: s\n    needs_export: e\n")
+    (d / "pytest.ini").write_text("[pytest]\nmarkers =\n    remote: r\n    arm64: a\n    slow: s\n    needs_export: e\n"
+                                  "    farm: f\n")
     env = {k: v for k, v in os.environ.items() if k != "EDGESHIP_REQUIRE"}
     if require is not None:
         env["EDGESHIP_REQUIRE"] = require
@@ -42,7 +47,7 @@ def _run(tmp_path: Path, require: str | None) -> subprocess.CompletedProcess[str
 def test_local_run_skips_and_says_so(tmp_path: Path) -> None:
     r = _run(tmp_path, None)
     assert r.returncode == 0, r.stdout
-    assert "2 skipped" in r.stdout and "skipped on this machine; CI sets EDGESHIP_REQUIRE" in r.stdout
+    assert "3 skipped" in r.stdout and "skipped on this machine; CI sets EDGESHIP_REQUIRE" in r.stdout
 
 
 def test_required_tier_fails_with_the_install_hint(tmp_path: Path) -> None:
@@ -51,6 +56,25 @@ def test_required_tier_fails_with_the_install_hint(tmp_path: Path) -> None:
     assert "required tier 'remote' (EDGESHIP_REQUIRE) cannot run: needs OpenSSH: apt-get install openssh-server" \
         in r.stdout
     assert "FAILED (skipped in required tier arm64): test_probe.py::test_skips_itself: no qemu here" in r.stdout
+
+
+def test_farm_is_a_tier(tmp_path: Path) -> None:
+    r = _run(tmp_path, "farm")
+    assert r.returncode == 1, r.stdout
+    assert "required tier 'farm' (EDGESHIP_REQUIRE) cannot run: needs labgrid" in r.stdout
+
+
+def test_ci_requires_every_tier() -> None:
+    """.ci/run's default EDGESHIP_REQUIRE names every tier tests/conftest.py knows, so none can skip in CI."""
+    import re
+
+    ci = (Path(__file__).parents[2] / ".ci" / "run").read_text()
+    default = re.search(r'EDGESHIP_REQUIRE="\$\{EDGESHIP_REQUIRE:-([a-z_,0-9]+)\}"', ci)
+    assert default is not None
+    conftest = (Path(__file__).parents[1] / "conftest.py").read_text()
+    tiers = re.search(r"_TIERS = \(([^)]*)\)", conftest)
+    assert tiers is not None
+    assert set(re.findall(r'"(\w+)"', tiers.group(1))) == set(default.group(1).split(","))
 
 
 def test_only_the_required_tiers_count(tmp_path: Path) -> None:

@@ -1,0 +1,316 @@
+"""Every profile run, kept: a SQLite database of results with their raw latency samples.
+
+``edgeship profile`` appends each device's run (local, ``ssh://`` or farm) unless ``--no-history``;
+``edgeship history`` lists them and ``edgeship compare`` tests a new run against an earlier one. The file is
+``--history PATH``, else ``$EDGESHIP_HISTORY``, else ``$XDG_DATA_HOME/edgeship/history.sqlite``
+(``~/.local/share/edgeship/history.sqlite``).
+
+A run is keyed by the sha256 of its own JSON (recording the same results twice is one run) and carries the
+device identity (a farm place's name, an inventory name or URL, else the hostname). A result row carries what a
+regression check matches on: artifact key and sha256, model name and source sha256, format/recipe, threads,
+input description, runtime versions, and the samples (little-endian int64 ns). The schema is versioned with
+``PRAGMA user_version``; :data:`MIGRATIONS` brings any older file up to date in one transaction, and a file from a
+newer edgeship is refused rather than altered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeship.errors import ConfigError, EdgeshipError
+from edgeship.profiling.results import ArtifactResult, DeviceRun, FleetResult, ProfileResult
+
+ENV_VAR = "EDGESHIP_HISTORY"
+
+# Index i holds the statements that take a file from user_version i to i + 1. Append only: a released step is
+# never edited, so every older file reaches the same schema.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE runs (
+            id INTEGER PRIMARY KEY,
+            run_key TEXT NOT NULL UNIQUE,
+            recorded_utc TEXT NOT NULL,
+            created_utc TEXT,
+            device TEXT NOT NULL,
+            source TEXT,
+            target TEXT,
+            edgeship_version TEXT,
+            status TEXT NOT NULL,
+            error TEXT,
+            device_json TEXT NOT NULL,
+            identity_json TEXT NOT NULL,
+            config_json TEXT
+        )""",
+        """CREATE TABLE results (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            artifact TEXT NOT NULL,
+            format TEXT,
+            recipe TEXT,
+            artifact_sha256 TEXT,
+            model_name TEXT,
+            model_sha256 TEXT,
+            status TEXT NOT NULL,
+            threads INTEGER,
+            input TEXT,
+            runtimes_json TEXT,
+            p50_ms REAL,
+            p99_ms REAL,
+            n_samples INTEGER NOT NULL,
+            samples BLOB,
+            result_json TEXT NOT NULL
+        )""",
+        "CREATE INDEX results_match ON results (artifact_sha256, artifact)",
+        "CREATE INDEX runs_device ON runs (device, id)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class HistoryError(EdgeshipError):
+    """The history database cannot be opened, is from a newer edgeship, or has no such run."""
+
+
+def default_path() -> Path:
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "edgeship" / "history.sqlite"
+
+
+def migrate(conn: sqlite3.Connection, where: str) -> None:
+    """Bring the schema to :data:`SCHEMA_VERSION` (all steps in one transaction)."""
+    have = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if have > SCHEMA_VERSION:
+        raise HistoryError(f"{where}: history schema version {have} is newer than this edgeship's "
+                           f"({SCHEMA_VERSION}); upgrade edgeship, or pass --history NEWFILE")
+    if have == SCHEMA_VERSION:
+        return
+    with conn:  # one transaction: a failed step leaves the file as it was
+        for step in MIGRATIONS[have:]:
+            for stmt in step:
+                conn.execute(stmt)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+@contextmanager
+def open_history(path: str | Path | None = None, *, create: bool = True) -> Iterator[sqlite3.Connection]:
+    p = Path(path).expanduser() if path else default_path()
+    if not create and not p.is_file():
+        raise HistoryError(f"no history database at {p}: profile something first (without --no-history), or "
+                           f"point --history / ${ENV_VAR} at the file")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(p, timeout=30)  # several profile runs (a farm, CI jobs) may append at once
+    except (OSError, sqlite3.Error) as e:
+        raise HistoryError(f"cannot open the history database {p} ({e}); pass --history PATH or --no-history") from None
+    with closing(conn):
+        try:
+            conn.execute("PRAGMA foreign_keys = ON")
+            migrate(conn, str(p))
+        except sqlite3.DatabaseError as e:
+            raise HistoryError(f"{p} is not an edgeship history database ({e}); move it away or pass --history "
+                               "PATH") from None
+        conn.row_factory = sqlite3.Row
+        yield conn
+
+
+# --- recording -------------------------------------------------------------------------------------------------
+
+def run_key(run: DeviceRun) -> str:
+    """The run's identity in the database: the sha256 of its JSON."""
+    return hashlib.sha256(json.dumps(run.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def device_name(run: DeviceRun) -> str:
+    """A farm place, an inventory name or a URL; for a local run the machine's hostname."""
+    name = run.identity.get("place") or run.identity.get("name") or run.url
+    if not name and run.profile is not None:
+        name = run.profile.device.hostname
+    return str(name or "local")
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the host knows about the profiled bundle: model identity and artifact checksums."""
+
+    model_name: str | None = None
+    model_sha256: str | None = None
+    artifact_sha256: Mapping[str, str] | None = None  # artifact key -> sha256
+    file_sha256: str | None = None  # a single model file
+
+    @classmethod
+    def of(cls, source: str | Path | None) -> SourceInfo:
+        if source is None:
+            return cls()
+        p = Path(source)
+        if p.name == "manifest.json":
+            p = p.parent
+        if p.is_dir() and (p / "manifest.json").is_file():
+            try:
+                m = json.loads((p / "manifest.json").read_text(encoding="utf-8"))
+                model = m.get("model") or {}
+                arts = {f"{a['format']}/{a['recipe']}": str(a["sha256"]) for a in m.get("artifacts") or ()}
+                return cls(model.get("name"), model.get("source_sha256"), arts)
+            except (OSError, ValueError, KeyError, TypeError):
+                return cls()  # an unreadable manifest was refused by the profile already; keep what was measured
+        if p.is_file() and p.suffix != ".zip":
+            from edgeship.manifest import sha256_file
+
+            return cls(model_name=p.name, file_sha256=sha256_file(p))
+        return cls()
+
+    def sha_of(self, r: ArtifactResult) -> str | None:
+        if self.file_sha256:
+            return self.file_sha256
+        return (self.artifact_sha256 or {}).get(r.artifact)
+
+
+def pack_samples(samples_ns: Sequence[int]) -> bytes:
+    return np.asarray(samples_ns, dtype="<i8").tobytes()
+
+
+def unpack_samples(blob: bytes | None) -> np.ndarray:
+    return np.frombuffer(blob or b"", dtype="<i8")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def record(conn: sqlite3.Connection, run: DeviceRun, source: str | Path | None = None) -> int:
+    """Append one device's run; returns its run id (an already recorded run keeps its id)."""
+    key = run_key(run)
+    row = conn.execute("SELECT id FROM runs WHERE run_key = ?", (key,)).fetchone()
+    if row is not None:
+        return int(row[0])
+    info = SourceInfo.of(source)
+    prof = run.profile
+    dev = prof.device.to_dict() if prof else {}
+    with conn:
+        cur = conn.execute(
+            "INSERT INTO runs (run_key, recorded_utc, created_utc, device, source, target, edgeship_version, status,"
+            " error, device_json, identity_json, config_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (key, _now(), prof.created_utc if prof else None, device_name(run), str(source or (prof.source if prof
+             else "")), prof.target if prof else None, prof.edgeship_version if prof else None, run.status, run.error,
+             json.dumps(dev), json.dumps(dict(run.identity), default=str),
+             json.dumps(prof.config.to_dict()) if prof and prof.config else None))
+        run_id = int(cur.lastrowid or 0)
+        for r in prof.results if prof else ():
+            _insert_result(conn, run_id, r, info, dev.get("runtimes") or {})
+    return run_id
+
+
+def _insert_result(conn: sqlite3.Connection, run_id: int, r: ArtifactResult, info: SourceInfo,
+                   runtimes: Mapping[str, str]) -> None:
+    body = r.to_dict()
+    body.pop("samples_ns", None)  # kept once, as the blob
+    conn.execute(
+        "INSERT INTO results (run_id, artifact, format, recipe, artifact_sha256, model_name, model_sha256, status,"
+        " threads, input, runtimes_json, p50_ms, p99_ms, n_samples, samples, result_json)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (run_id, r.artifact, r.format, r.recipe, info.sha_of(r), info.model_name, info.model_sha256, str(r.status),
+         r.threads, r.input.describe() if r.input else None, json.dumps(dict(runtimes)),
+         r.latency.p50_ms if r.latency else None, r.latency.p99_ms if r.latency else None, len(r.samples_ns),
+         pack_samples(r.samples_ns), json.dumps(body)))
+
+
+def record_all(runs: Sequence[DeviceRun], source: str | Path | None, path: str | Path | None = None) -> list[int]:
+    with open_history(path) as conn:
+        return [record(conn, r, source) for r in runs]
+
+
+def runs_of(doc: ProfileResult | FleetResult | DeviceRun) -> list[DeviceRun]:
+    if isinstance(doc, FleetResult):
+        return list(doc.runs)
+    return [doc if isinstance(doc, DeviceRun) else DeviceRun(doc)]
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    """One artifact of one recorded run."""
+
+    run_id: int
+    recorded_utc: str
+    device: str
+    artifact: str
+    artifact_sha256: str | None
+    model_name: str | None
+    model_sha256: str | None
+    status: str
+    threads: int | None
+    p50_ms: float | None
+    p99_ms: float | None
+    n_samples: int
+    edgeship_version: str | None
+    samples_ns: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v if k != "samples_ns" else None) for k, v in self.__dict__.items() if k != "samples_ns"}
+
+
+SELECT_ENTRIES = ("SELECT r.id AS run_id, r.recorded_utc, r.device, r.edgeship_version, x.artifact, x.artifact_sha256,"
+           " x.model_name, x.model_sha256, x.status, x.threads, x.p50_ms, x.p99_ms, x.n_samples, x.samples"
+           " FROM results x JOIN runs r ON r.id = x.run_id")
+
+
+def entry_from_row(row: sqlite3.Row) -> Entry:
+    return Entry(run_id=row["run_id"], recorded_utc=row["recorded_utc"], device=row["device"],
+                 artifact=row["artifact"], artifact_sha256=row["artifact_sha256"], model_name=row["model_name"],
+                 model_sha256=row["model_sha256"], status=row["status"], threads=row["threads"], p50_ms=row["p50_ms"],
+                 p99_ms=row["p99_ms"], n_samples=row["n_samples"], edgeship_version=row["edgeship_version"],
+                 samples_ns=unpack_samples(row["samples"]))
+
+
+def query(conn: sqlite3.Connection, *, model: str | None = None, device: str | None = None,
+          artifact: str | None = None, run_id: int | None = None, limit: int | None = None) -> list[Entry]:
+    """Newest first. ``model`` matches the model name or a prefix of its source sha256."""
+    where, args = [], []  # type: list[str], list[Any]
+    if model:
+        where.append("(x.model_name = ? OR x.model_sha256 LIKE ?)")
+        args += [model, f"{model}%"]
+    for col, val in (("r.device", device), ("x.artifact", artifact), ("r.id", run_id)):
+        if val is not None:
+            where.append(f"{col} = ?")
+            args.append(val)
+    sql = SELECT_ENTRIES + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY r.id DESC, x.id"
+    if limit:
+        sql += f" LIMIT {int(limit)}"
+    return [entry_from_row(row) for row in conn.execute(sql, args)]
+
+
+def run_id_of(conn: sqlite3.Connection, run: DeviceRun) -> int | None:
+    row = conn.execute("SELECT id FROM runs WHERE run_key = ?", (run_key(run),)).fetchone()
+    return int(row[0]) if row else None
+
+
+def check_run(conn: sqlite3.Connection, run_id: int) -> None:
+    if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
+        last = conn.execute("SELECT max(id) FROM runs").fetchone()[0]
+        raise HistoryError(f"no run {run_id} in the history (runs are 1..{last or 0}; `edgeship history` lists them)")
+
+
+def parse_limit(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--limit {text!r}: expected a positive number of rows")
+    return n
