@@ -46,9 +46,9 @@ RECIPES: dict[str, BuilderRecipe] = {
     "int8-dynamic": BuilderRecipe("fp32", 4, "8-bit block-wise affine weights (MatMulNBits uint8 + zero point) with "
                                   "an exact per-block offset correction, int8 activations at run time; embeddings "
                                   "fp32", affine_bits=8),
-    "int4-weight": BuilderRecipe("fp32", 4, "4-bit block-wise affine weights (MatMulNBits uint4 + zero point) with "
-                                 "an exact per-block offset correction, 8-bit LM head, int8 activations at run time; "
-                                 "embeddings fp32", affine_bits=4),
+    "int4-weight": BuilderRecipe("fp32", 1, "4-bit block-wise affine weights (MatMulNBits uint4 + zero point) with "
+                                 "an exact per-block offset correction, 8-bit LM head, fp32 activations (weight-only); "
+                                 "the embedding reads the head's blocks", affine_bits=4),
 }
 
 
@@ -127,6 +127,8 @@ def export_onnx(req: LLMExportRequest) -> LLMExportResult:
              "activations": "int8 dynamic" if spec.accuracy_level == 4 and bits < 32 else "fp32", "embeddings": "fp32"}
     if affine is not None:
         quant["affine_pass"] = affine
+        if affine.get("tied_embedding_quantized"):
+            quant["embeddings"] = "the LM head's quantized blocks (tied)"
     warnings = []
     if req.options.get("target_arch") == "aarch64":
         warnings.append("onnxruntime-genai publishes no Linux aarch64 wheel: on a Raspberry Pi / Jetson build it from "

@@ -55,7 +55,7 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], ou
     mean_cos = float(np.mean(cos))
     return Fidelity(
         output=output, n_samples=len(cos), max_abs_err=max_abs, mean_abs_err=abs_sum / max(n_el, 1),
-        mean_cosine=mean_cos, min_cosine=float(np.min(cos)),
+        mean_cosine=mean_cos, min_cosine=float(np.min(cos)), p5_cosine=float(np.percentile(cos, 5)),
         top1_agreement=(agree / total) if classifier and total else None,
         floor_mean_cosine=floor_mean_cosine, passed=bool(mean_cos >= floor_mean_cosine),
     )

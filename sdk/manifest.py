@@ -37,6 +37,7 @@ class Fidelity:
     top1_agreement: float | None
     floor_mean_cosine: float
     passed: bool
+    p5_cosine: float | None = None  # 5th percentile of the per-sample cosines (manifests before it: absent)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

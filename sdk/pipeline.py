@@ -64,9 +64,10 @@ class ExportResult:
             f = a.fidelity
             kept = a.kept_layers
             rows.append([a.key, f"{a.size_bytes / 2**20:.1f}", f"{f.mean_cosine:.4f}" if f else "-",
+                         f"{f.p5_cosine:.4f}" if f and f.p5_cosine is not None else "-",
                          f"{f.min_cosine:.4f}" if f else "-", f"{f.max_abs_err:.2e}" if f else "-",
                          f"{a.export_seconds:.1f}", f"{len(kept)} layer(s) kept in higher precision" if kept else ""])
-        return table(rows, ["artifact", "MB", "mean cos", "min cos", "max abs err", "export s", "notes"])
+        return table(rows, ["artifact", "MB", "mean cos", "p5 cos", "min cos", "max abs err", "export s", "notes"])
 
 
 def _plan(target: TargetProfile, formats: Sequence[str] | None, recipes: Sequence[str] | None) -> list[tuple[type[Exporter], str]]:
