@@ -91,9 +91,7 @@ class PteExporter(Exporter):
         assert isinstance(spec, PteRecipe)
         lm = ctx.model
         args = lm.torch_args(ctx.heldout[0])
-        module, swapped = xnnpack_layer_norms(lm.module)
-        with ctx.stage(Stage.CAPTURE), torch.no_grad():
-            ep, shapes_info = _capture(module, args, lm)
+        module, swapped, ep, shapes_info = _captured(ctx, args)
         dyn = _dynamic_shapes(lm, shapes_info)
         io = _io_description(lm, shapes_info)
         quant: dict[str, Any] = {"recipe": recipe}
@@ -110,7 +108,8 @@ class PteExporter(Exporter):
 
         if spec.make is None:
             with ctx.stage(Stage.LOWER), torch.no_grad():
-                report = _lower(ep, out, io, {k: list(v.shape) for k, v in zip(io["input_names"], args, strict=True)})
+                # a copy: the capture is shared with this export's other recipes, and lowering may rewrite it
+                report = _lower(copy.deepcopy(ep), out, io, {k: list(v.shape) for k, v in zip(io["input_names"], args, strict=True)})
         else:
             # int8 embeddings shrink the file; the search turns them off if they cost the accuracy
             has_emb = _has_embedding(lm.module)
@@ -232,6 +231,22 @@ def xnnpack_layer_norms(module: nn.Module) -> tuple[nn.Module, int]:
         parent = out.get_submodule(parent_name) if parent_name else out
         setattr(parent, child, _Norm(getattr(parent, child)))
     return out, len(targets)
+
+
+def _captured(ctx: ExportContext, args: tuple[torch.Tensor, ...]) -> tuple[nn.Module, int, Any, dict[str, Any]]:
+    """(module with XNNPACK-friendly norms, norms rewritten, torch.export program, shapes info), captured once per
+    export and shared by its recipes: the capture does not depend on the recipe (2-3 s of MiniLM's each time)."""
+    import torch
+
+    key = ("pte", "capture")
+    if key not in ctx.shared:
+        module, swapped = xnnpack_layer_norms(ctx.model.module)
+        with ctx.stage(Stage.CAPTURE), torch.no_grad():
+            ep, shapes_info = _capture(module, args, ctx.model)
+        ctx.shared[key] = (module, swapped, ep, shapes_info)
+    else:
+        ctx.log(f"[pte/{ctx.recipe}] capture: reusing this export's torch.export program")
+    return ctx.shared[key]  # type: ignore[no-any-return]
 
 
 def _capture(module: nn.Module, args: tuple[torch.Tensor, ...], lm: Any) -> tuple[Any, dict[str, Any]]:
