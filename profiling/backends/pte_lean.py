@@ -174,6 +174,7 @@ class LeanProgram:
     kind = "lean"
 
     def __init__(self, path: Path) -> None:
+        self._h: int | None = None
         self._lib = runtime()
         self._h = self._lib.es_open(str(path).encode(), 1)  # mmap: pages the delegate has packed can be dropped
         if not self._h:
@@ -255,7 +256,7 @@ class LeanProgram:
         return backend_names()
 
     def close(self) -> None:
-        if self._h:
+        if getattr(self, "_h", None):
             self._lib.es_close(self._h)
             self._h = None
 
