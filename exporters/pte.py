@@ -116,7 +116,7 @@ class PteExporter(Exporter):
             if has_emb:
                 quant["embeddings"] = "int8 per-row (quantized_decomposed::embedding_byte, portable kernel)"
             make, candidates = spec.make(self, ctx, ep, args, quant, dyn, module)
-            report, extra = _searched(ctx, make, lower, out, has_emb, candidates, spec.higher)
+            report, extra = _searched(ctx, _last_one(make), lower, out, has_emb, candidates, spec.higher)
             quant.update(extra)
         details = {"delegation": report, "shapes": shapes_info, "fallbacks": fallbacks,
                    "layer_norms": {"rewritten_for_xnnpack": swapped, "why": "XNNPACK has no native_layer_norm "
@@ -456,6 +456,21 @@ def _8da4w(module: nn.Module, fits: Sequence[str], kept: Sequence[str], group: i
         prepared = prepare_pt2e(gm, EmbeddingQuantizer())
         prepared(*args)
         return convert_pt2e(prepared)  # type: ignore[no-any-return]
+
+
+def _last_one(make: Callable[[Sequence[str], bool], nn.Module]) -> Callable[[Sequence[str], bool], nn.Module]:
+    """``make`` remembering its last result: the search scores a choice on the quantized PyTorch graph and then
+    builds the artifact from the same choice (int8-dynamic on MiniLM: the same PT2E prepare/calibrate/convert ran
+    twice). Only the last one is kept: each quantized copy holds the model's weights."""
+    last: list[tuple[tuple[tuple[str, ...], bool], nn.Module]] = []
+
+    def cached(kept: Sequence[str], emb: bool) -> nn.Module:
+        key = (tuple(kept), bool(emb))
+        if not last or last[0][0] != key:
+            last[:] = [(key, make(kept, emb))]
+        return last[0][1]
+
+    return cached
 
 
 # ---- search over layers kept in higher precision ------------------------------------------------------

@@ -230,3 +230,20 @@ def test_integer_scalar_arithmetic_stays_integer_through_the_quantizer() -> None
     with torch.no_grad():
         got, ref = q(ids), m(ids)
     assert got.shape == ref.shape and torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.99
+
+
+def test_int8_quantizes_once_for_proxy_and_artifact(tiny_bert_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeship.exporters import pte
+
+    calls: list[tuple[str, ...]] = []
+    real = pte._pt2e
+
+    def counted(ep: object, layers: object, kept: tuple[str, ...], *a: object) -> object:
+        calls.append(tuple(kept))
+        return real(ep, layers, kept, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pte, "_pt2e", counted)
+    export(tiny_bert_dir, target="galaxy-s24", out=tmp_path / "b", formats=["pte"], recipes=["int8-dynamic"], **QUIET)
+    # the proxy scored "nothing kept" on the quantized PyTorch graph and the artifact was lowered from that same graph
+    assert calls == [()]
