@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,17 @@ def mlp_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def lean(unavailable: Callable[[str, str], None]) -> None:
+    """The shim builds here (a C++ compiler and the executorch wheel's headers); else skip, or fail where required."""
+    from edgeship.profiling.backends import pte_lean
+
+    try:
+        pte_lean.runtime()
+    except pte_lean.LeanUnavailable as e:
+        unavailable("needs_export", f"the torch-free ExecuTorch runtime cannot be built here ({e}); apt install g++")
+
+
 def _child(bundle: Path, **env: str) -> dict[str, object]:
     run = subprocess.run([sys.executable, "-c", _CHILD, str(bundle / "pte/fp32.pte"), str(bundle / "samples/inputs.npz")],
                          capture_output=True, text=True, env={**os.environ, **env}, timeout=600, check=False)
@@ -60,7 +72,7 @@ def _child(bundle: Path, **env: str) -> dict[str, object]:
     return json.loads(run.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def test_runs_in_a_process_that_cannot_import_torch(mlp_bundle: Path) -> None:
+def test_runs_in_a_process_that_cannot_import_torch(lean: None, mlp_bundle: Path) -> None:
     got = _child(mlp_bundle)
     assert got["torch"] is False and got["libtorch"] is False  # neither imported nor mapped by the linker
     info = got["info"]
@@ -71,7 +83,7 @@ def test_runs_in_a_process_that_cannot_import_torch(mlp_bundle: Path) -> None:
         assert np.allclose(np.asarray(got["out"]), z["output"][:1], atol=1e-4)
 
 
-def test_same_outputs_as_the_python_bindings(mlp_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_same_outputs_as_the_python_bindings(lean: None, mlp_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with np.load(mlp_bundle / "samples/inputs.npz") as z:
         x = z["x"][:1]
     outs = {}
@@ -119,7 +131,7 @@ def test_bad_mode_is_a_load_error(mlp_bundle: Path, monkeypatch: pytest.MonkeyPa
         backends.load(mlp_bundle / "pte/fp32.pte")
 
 
-def test_profile_is_torch_free_and_reports_the_path(mlp_bundle: Path, tmp_path: Path) -> None:
+def test_profile_is_torch_free_and_reports_the_path(lean: None, mlp_bundle: Path, tmp_path: Path) -> None:
     from edgeship.profiling.runner import RunConfig, profile
 
     res = profile(mlp_bundle, config=RunConfig(runs=5, min_seconds=0.0, warmup=1, progress=False, energy="estimate"),
