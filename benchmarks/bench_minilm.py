@@ -17,6 +17,9 @@ Three input regimes, each timed on the same batch-1 inputs for every candidate:
   settings. ONNX graphs slice trailing padding off themselves (exact); PyTorch runs all 128.
 * ``dense-128``: 128 real tokens each, so nothing is padding: the compute-bound comparison.
 
+The dense-128 table also gives each candidate's hardware floor and percent of it (``bench_floor.py``:
+measured GEMM peaks and bandwidth of this machine, the model's FLOPs by op; ``--no-floor`` skips it).
+
 Timing is interleaved (round-robin over candidates, several rounds) so that background load
 on a shared machine hits every candidate alike; each figure is the median over all rounds of
 one pass over the regime's texts, divided by the number of texts. Speed-up = eager / artifact.
