@@ -17,6 +17,9 @@ Three input regimes, each timed on the same batch-1 inputs for every candidate:
   settings. ONNX graphs slice trailing padding off themselves (exact); PyTorch runs all 128.
 * ``dense-128``: 128 real tokens each, so nothing is padding: the compute-bound comparison.
 
+The dense-128 table also gives each candidate's hardware floor and percent of it (``bench_floor.py``:
+measured GEMM peaks and bandwidth of this machine, the model's FLOPs by op; ``--no-floor`` skips it).
+
 Timing is interleaved (round-robin over candidates, several rounds) so that background load
 on a shared machine hits every candidate alike; each figure is the median over all rounds of
 one pass over the regime's texts, divided by the number of texts. Speed-up = eager / artifact.
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-round", type=int, default=5, help="passes over the texts per round")
     ap.add_argument("--texts", type=int, default=8, help="texts per input regime")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--no-floor", action="store_true", help="skip the hardware floor (bench_floor.py) column")
     a = ap.parse_args(argv)
 
     import torch
@@ -138,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         meta[art.key] = {"size_mb": art.size_bytes / 2**20, "mean_cosine": fid.mean_cosine if fid else None,
                          "min_cosine": fid.min_cosine if fid else None,
                          "kept_in_float": len(art.quantization.get("kept_in_float", [])),
+                         "kept_layers": list(art.quantization.get("kept_in_float", [])), "recipe": art.recipe,
                          "static_sequence": _static_len(b) is not None}
+    floor = None
+    if not a.no_floor:
+        import bench_floor  # the sibling script: python benchmarks/bench_minilm.py puts benchmarks/ on sys.path
+
+        floor = (bench_floor.model_cost(lm, regimes["dense-128"][0]), bench_floor.measure_peaks(a.threads))
+        print(bench_floor.describe(floor[1], floor[0]))
     rows = []
     stamp = time.strftime("%Y-%m-%d %H:%M")
     for regime, feeds in regimes.items():
@@ -154,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n[{regime}] {REGIMES[regime]}\nall-MiniLM-L6-v2, {len(feeds)} texts of {min(tokens)}-{max(tokens)} real "
               f"tokens (mean {np.mean(tokens):.0f}) in {feeds[0]['input_ids'].shape[1] if regime != 'sentences' else 'their own'}"
               f"-token inputs, batch 1, {a.threads} threads, {a.rounds} x {a.per_round} passes (interleaved), {stamp}")
-        print(f"{'candidate':24s} {'MB':>6s} {'ms/text':>8s} {'p90':>7s} {'speed-up':>8s} {'mean cos':>8s} {'min cos':>8s}")
+        dense = regime == "dense-128" and floor is not None
+        print(f"{'candidate':24s} {'MB':>6s} {'ms/text':>8s} {'p90':>7s} {'speed-up':>8s} {'mean cos':>8s} {'min cos':>8s}"
+              + (f" {'floor ms':>8s} {'% floor':>7s}" if dense else ""))
         for k in fns:
             ms = float(np.median(samples[k]))
             r = {"regime": regime, "candidate": k, "median_ms": ms, "p90_ms": float(np.percentile(samples[k], 90)),
@@ -163,9 +176,19 @@ def main(argv: list[str] | None = None) -> int:
             mc = "-" if r["mean_cosine"] is None else f"{r['mean_cosine']:.4f}"
             mn = "-" if r["min_cosine"] is None else f"{r['min_cosine']:.4f}"
             note = "  (static shape: padded to its length)" if regime == "sentences" and r.get("static_sequence") else ""
-            print(f"{k:24s} {r['size_mb']:6.1f} {ms:8.2f} {r['p90_ms']:7.2f} {r['speedup_vs_eager']:7.2f}x {mc:>8s} {mn:>8s}{note}")
+            fl = ""
+            if dense and floor is not None:
+                r["floor_ms"] = bench_floor.floor_ms(floor[0], floor[1], str(r.get("recipe", "fp32")),
+                                                     r.get("kept_layers", []))  # type: ignore[arg-type]
+                r["percent_of_floor"] = 100 * r["floor_ms"] / ms
+                fl = f" {r['floor_ms']:8.2f} {r['percent_of_floor']:6.1f}%"
+            print(f"{k:24s} {r['size_mb']:6.1f} {ms:8.2f} {r['p90_ms']:7.2f} {r['speedup_vs_eager']:7.2f}x {mc:>8s} {mn:>8s}"
+                  f"{fl}{note}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"threads": a.threads, "regimes": REGIMES, "rows": rows}, indent=2))
+        doc: dict[str, Any] = {"threads": a.threads, "regimes": REGIMES, "rows": rows}
+        if floor is not None:
+            doc["floor"] = {"model": floor[0].to_dict(), "peaks": floor[1].to_dict()}
+        Path(a.json).write_text(json.dumps(doc, indent=2))
     if tmp is not None:
         tmp.cleanup()
     return 0

@@ -99,6 +99,9 @@ class ExportContext:
     options: dict[str, Any] = field(default_factory=dict)
     allow_degraded: bool = False  # --allow-degraded: a check an exporter runs itself warns instead of failing
     log: Callable[[str], None] = print
+    # one dict per export call, shared by all its (format, recipe) contexts: what does not change between recipes
+    # (pte: the torch.export capture), keyed by the exporter that fills it
+    shared: dict[Any, Any] = field(default_factory=dict)
     stages: dict[Stage, float] = field(default_factory=dict)  # seconds spent in each stage, exclusive of nested ones
     _inner: list[float] = field(default_factory=list, repr=False)  # per open stage: seconds its nested stages took
 

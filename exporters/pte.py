@@ -91,9 +91,7 @@ class PteExporter(Exporter):
         assert isinstance(spec, PteRecipe)
         lm = ctx.model
         args = lm.torch_args(ctx.heldout[0])
-        module, swapped = xnnpack_layer_norms(lm.module)
-        with ctx.stage(Stage.CAPTURE), torch.no_grad():
-            ep, shapes_info = _capture(module, args, lm)
+        module, swapped, ep, shapes_info = _captured(ctx, args)
         dyn = _dynamic_shapes(lm, shapes_info)
         io = _io_description(lm, shapes_info)
         quant: dict[str, Any] = {"recipe": recipe}
@@ -110,14 +108,15 @@ class PteExporter(Exporter):
 
         if spec.make is None:
             with ctx.stage(Stage.LOWER), torch.no_grad():
-                report = _lower(ep, out, io, {k: list(v.shape) for k, v in zip(io["input_names"], args, strict=True)})
+                # a copy: the capture is shared with this export's other recipes, and lowering may rewrite it
+                report = _lower(copy.deepcopy(ep), out, io, {k: list(v.shape) for k, v in zip(io["input_names"], args, strict=True)})
         else:
             # int8 embeddings shrink the file; the search turns them off if they cost the accuracy
             has_emb = _has_embedding(lm.module)
             if has_emb:
                 quant["embeddings"] = "int8 per-row (quantized_decomposed::embedding_byte, portable kernel)"
             make, candidates = spec.make(self, ctx, ep, args, quant, dyn, module)
-            report, extra = _searched(ctx, make, lower, out, has_emb, candidates, spec.higher)
+            report, extra = _searched(ctx, _last_one(make), lower, out, has_emb, candidates, spec.higher)
             quant.update(extra)
         details = {"delegation": report, "shapes": shapes_info, "fallbacks": fallbacks,
                    "layer_norms": {"rewritten_for_xnnpack": swapped, "why": "XNNPACK has no native_layer_norm "
@@ -232,6 +231,22 @@ def xnnpack_layer_norms(module: nn.Module) -> tuple[nn.Module, int]:
         parent = out.get_submodule(parent_name) if parent_name else out
         setattr(parent, child, _Norm(getattr(parent, child)))
     return out, len(targets)
+
+
+def _captured(ctx: ExportContext, args: tuple[torch.Tensor, ...]) -> tuple[nn.Module, int, Any, dict[str, Any]]:
+    """(module with XNNPACK-friendly norms, norms rewritten, torch.export program, shapes info), captured once per
+    export and shared by its recipes: the capture does not depend on the recipe (2-3 s of MiniLM's each time)."""
+    import torch
+
+    key = ("pte", "capture")
+    if key not in ctx.shared:
+        module, swapped = xnnpack_layer_norms(ctx.model.module)
+        with ctx.stage(Stage.CAPTURE), torch.no_grad():
+            ep, shapes_info = _capture(module, args, ctx.model)
+        ctx.shared[key] = (module, swapped, ep, shapes_info)
+    else:
+        ctx.log(f"[pte/{ctx.recipe}] capture: reusing this export's torch.export program")
+    return ctx.shared[key]  # type: ignore[no-any-return]
 
 
 def _capture(module: nn.Module, args: tuple[torch.Tensor, ...], lm: Any) -> tuple[Any, dict[str, Any]]:
@@ -441,6 +456,21 @@ def _8da4w(module: nn.Module, fits: Sequence[str], kept: Sequence[str], group: i
         prepared = prepare_pt2e(gm, EmbeddingQuantizer())
         prepared(*args)
         return convert_pt2e(prepared)  # type: ignore[no-any-return]
+
+
+def _last_one(make: Callable[[Sequence[str], bool], nn.Module]) -> Callable[[Sequence[str], bool], nn.Module]:
+    """``make`` remembering its last result: the search scores a choice on the quantized PyTorch graph and then
+    builds the artifact from the same choice (int8-dynamic on MiniLM: the same PT2E prepare/calibrate/convert ran
+    twice). Only the last one is kept: each quantized copy holds the model's weights."""
+    last: list[tuple[tuple[tuple[str, ...], bool], nn.Module]] = []
+
+    def cached(kept: Sequence[str], emb: bool) -> nn.Module:
+        key = (tuple(kept), bool(emb))
+        if not last or last[0][0] != key:
+            last[:] = [(key, make(kept, emb))]
+        return last[0][1]
+
+    return cached
 
 
 # ---- search over layers kept in higher precision ------------------------------------------------------

@@ -205,7 +205,7 @@ def _run_options(opened: _Opened, cfg: RunConfig) -> tuple[dict[str, Any], dict[
 def _measure(opened: _Opened, cfg: RunConfig) -> ArtifactResult:
     fmt, bundle = str(opened.ident.format), opened.bundle
     run_opts, per_op, warnings = _run_options(opened, cfg)
-    if backends.is_torch_free(fmt):
+    if backends.is_torch_free(fmt, run_opts):
         block_torch()
     threads = _threads(cfg, bundle)
     target = bundle.manifest.target.get("name") if bundle else None

@@ -7,6 +7,7 @@ compared with PyTorch on held-out inputs; the numbers go into the manifest.
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import sys
@@ -106,25 +107,55 @@ def _plan(target: TargetProfile, formats: Sequence[str] | None, recipes: Sequenc
     return plan
 
 
-def make_evaluator(model: Any, heldout: Sequence[dict[str, np.ndarray]], reference: Sequence[dict[str, np.ndarray]],
-                   target: TargetProfile) -> Callable[..., Fidelity]:
-    """Fidelity of an artifact file, run through the device runner's backend for its format."""
-    from edgeship.profiling import backends
+class Evaluator:
+    """Fidelity of an artifact file, run through the device runner's backend for its format.
 
-    out_name = model.outputs[0].name
+    Remembers each measurement by the file's content, format, runtime options and floor: the search for
+    layers to keep has usually just measured the very file the pipeline then validates (pte/int8-dynamic
+    ran the same 16 held-out inputs through the runtime twice), and a file with the same bytes gives the
+    same numbers.
+    """
 
-    def evaluate(path: Path, fmt: str, options: Mapping[str, Any] | None = None, recipe: str = "default") -> Fidelity:
+    def __init__(self, model: Any, heldout: Sequence[dict[str, np.ndarray]],
+                 reference: Sequence[dict[str, np.ndarray]], target: TargetProfile) -> None:
+        self.model, self.heldout, self.reference, self.target = model, heldout, reference, target
+        self._seen: dict[tuple[str, str, str, float], Fidelity] = {}
+        self.runs = 0  # files actually run (not answered from memory)
+
+    def _key(self, path: Path, fmt: str, options: Mapping[str, Any] | None, recipe: str) -> tuple[str, str, str, float]:
+        return (sha256_file(path), fmt, json.dumps(dict(options or {}), sort_keys=True, default=str),
+                self.target.min_mean_cosine(recipe))
+
+    def known(self, path: Path, fmt: str, options: Mapping[str, Any] | None = None,
+              recipe: str = "default") -> Fidelity | None:
+        """The fidelity already measured for a file with these bytes, format, options and floor, else None."""
+        return self._seen.get(self._key(path, fmt, options, recipe))
+
+    def __call__(self, path: Path, fmt: str, options: Mapping[str, Any] | None = None,
+                 recipe: str = "default") -> Fidelity:
+        from edgeship.profiling import backends
+
+        key = self._key(path, fmt, options, recipe)
+        if key in self._seen:
+            return self._seen[key]
+        out_name = self.model.outputs[0].name
         b = backends.load(path, fmt, threads=None, options=options or {})
         got = []
-        for f in heldout:
+        for f in self.heldout:
             res = b.run(b.adapt_feeds(f))
             if out_name not in res:
                 raise FidelityError(f"{path.name}: no output named '{out_name}' (outputs: {', '.join(res)})")
             got.append(res[out_name])
-        return compare([r[out_name] for r in reference], got, out_name, target.min_mean_cosine(recipe),
-                       classifier=model.classifier)
+        self.runs += 1
+        fid = compare([r[out_name] for r in self.reference], got, out_name, self.target.min_mean_cosine(recipe),
+                      classifier=self.model.classifier)
+        self._seen[key] = fid
+        return fid
 
-    return evaluate
+
+def make_evaluator(model: Any, heldout: Sequence[dict[str, np.ndarray]], reference: Sequence[dict[str, np.ndarray]],
+                   target: TargetProfile) -> Evaluator:
+    return Evaluator(model, heldout, reference, target)
 
 
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -185,6 +216,7 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
     evaluate = make_evaluator(lm, held, reference, prof)
 
     records: list[ArtifactRecord] = []
+    shared: dict[Any, Any] = {}  # what exporters reuse across the recipes of this export (ExportContext.shared)
     with BundleWriter(out_dir, overwrite=overwrite) as writer, \
             tempfile.TemporaryDirectory(prefix="edgeship-work-") as tmp:
         workdir = Path(tmp)
@@ -192,7 +224,7 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
             fmt = exp_cls.format
             say(f"[{i}/{len(plan)}] {fmt}/{recipe}")
             ctx = ExportContext(model=lm, target=prof, workdir=workdir, calibration=calib, calibration_source=calib_source,
-                                heldout=held, reference=reference, format=fmt, recipe=recipe,
+                                heldout=held, reference=reference, format=fmt, recipe=recipe, shared=shared,
                                 evaluate=lambda p, f, o, r=recipe: evaluate(p, f, o, r),
                                 options=dict(options or {}), allow_degraded=allow_degraded, log=say)
             rel = f"{fmt}/{recipe}{exp_cls.suffix}"
@@ -201,8 +233,13 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
             res = exp_cls().export(ctx, recipe, dest)
             if res.path != dest:
                 shutil.move(str(res.path), dest)
-            with ctx.stage(Stage.VALIDATE):
-                fid = evaluate(dest, fmt, res.runtime.get("options", {}), recipe)
+            fid = evaluate.known(dest, fmt, res.runtime.get("options", {}), recipe)
+            if fid is None:
+                with ctx.stage(Stage.VALIDATE):
+                    fid = evaluate(dest, fmt, res.runtime.get("options", {}), recipe)
+            else:
+                say(f"[{fmt}/{recipe}] validate: the search already ran this exact file (same sha256) on the held-out "
+                    "inputs; its numbers are the artifact's")
             secs = time.perf_counter() - t0
             if not fid.passed:
                 msg = (f"{fmt}/{recipe}: mean cosine {fid.mean_cosine:.4f} vs PyTorch is below the {prof.name} floor "

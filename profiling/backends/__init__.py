@@ -35,6 +35,11 @@ class Backend(ABC):
     # dim name -> (size, where the model says so), for dynamic dims the user gave no size
     dim_hints: dict[str, tuple[int, str]] = {}  # noqa: RUF012  (read-only default; backends assign their own)
 
+    @classmethod
+    def runs_torch_free(cls, options: Mapping[str, Any]) -> bool:
+        """Torch-free with these options on this machine; a backend with two runtime paths decides per run."""
+        return cls.torch_free
+
     @abstractmethod
     def __init__(self, path: Path, threads: int | None = None, options: Mapping[str, Any] | None = None) -> None: ...
 
@@ -147,5 +152,6 @@ def _safe_options(fmt: str) -> tuple[str, ...]:
         return ()
 
 
-def is_torch_free(fmt: str) -> bool:
-    return get_backend(fmt).torch_free if fmt in _BACKENDS else False
+def is_torch_free(fmt: str, options: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``fmt``'s backend runs without torch here with these options (the runner then blocks torch)."""
+    return get_backend(fmt).runs_torch_free(options or {}) if fmt in _BACKENDS else False

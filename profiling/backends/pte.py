@@ -1,9 +1,13 @@
-"""ExecuTorch ``.pte`` backend, through the executorch Python runtime bindings.
+"""ExecuTorch ``.pte`` backend: ExecuTorch's C++ runtime without torch where it can be built, else its Python bindings.
 
-Not torch-free: ``executorch.runtime`` imports torch and torchao (~3 s, ~350 MB RSS before
-the model loads; a C++ app on a phone pays neither), so the runner measures ``.pte`` files
-in a child process where torch is allowed, and nothing here is imported by the ONNX/TFLite
-path. Every import of executorch happens inside :class:`PteBackend`.
+The executorch wheel's Python bindings import torch (~3-5 s, ~350 MB RSS before the model loads;
+a C++ app on a phone pays neither). Its C++ runtime does not: :mod:`.pte_lean` compiles a small
+shim against the wheel's headers and libraries once and drives it through ctypes, so a ``.pte``
+runs in a torch-free process (the runner blocks torch there, as for ONNX and LiteRT). Where that
+cannot be built (no C++ compiler, a wheel without headers) or per-op timings are asked for (the
+ETDump inspector is torch-side), the Python bindings run it and the result's notes say why.
+``EDGESHIP_PTE_RUNTIME=lean|pybindings`` forces one path. Every import of executorch happens
+inside :class:`PteBackend`.
 
 Options: ``per_op`` (bool) adds per-operator timings from an ETDump to :meth:`info`, taken
 in a separate, instrumented load of the program after the timed runs so the event tracer
@@ -21,6 +25,7 @@ import re
 import struct
 import tempfile
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -60,58 +65,170 @@ def check_header(path: Path) -> None:
                                     "re-export it")
 
 
-class PteBackend(Backend):
-    format: ClassVar[str] = "pte"
-    suffix: ClassVar[str] = ".pte"
-    options_accepted: ClassVar[tuple[str, ...]] = OPTIONS
-    torch_free: ClassVar[bool] = False
-    per_op_capable: ClassVar[bool] = True  # the worker passes options["per_op"] on --per-op
+class _PybindProgram:
+    """The executorch Python bindings behind :class:`~.pte_lean.LeanProgram`'s interface (imports torch)."""
 
-    def __init__(self, path: Path, threads: int | None = None, options: Mapping[str, Any] | None = None) -> None:
-        opts = self.checked_options(options)
-        check_header(path)
+    kind = "pybindings"
+
+    def __init__(self, path: Path, threads: int | None) -> None:
         try:
             import executorch.kernels.quantized  # noqa: F401  # registers embedding_byte & co. before any load
             import torch
             from executorch.extension.pybindings import portable_lib
             from executorch.runtime import Runtime, Verification
-            from executorch.version import __version__
         except ImportError as e:
             raise RuntimeMissingError(f"the executorch runtime is not installed ({e}); pip install "
                                       "'edgeship[export]' (or executorch) to run .pte files") from None
         self._torch = torch
+        self._portable = portable_lib
+        if threads:
+            # XNNPACK runs on executorch's shared threadpool; its default is one thread per core
+            portable_lib._unsafe_reset_threadpool(int(threads))
+        self.runtime = Runtime.get()
+        self.verification = Verification.InternalConsistency
+        self.program = self.runtime.load_program(path, verification=self.verification)
+        self.method_names = tuple(self.program.method_names)
+        self._methods: dict[str, Any] = {}
+        self._wrapped: dict[str, tuple[list[np.ndarray], list[Any]]] = {}
+        self._results: dict[str, Sequence[Any]] = {}
+
+    def load_method(self, name: str) -> None:
+        m = self.program.load_method(name)
+        if m is None:
+            raise RuntimeError(f"method '{name}' did not load")
+        self._methods[name] = m
+
+    def num_inputs(self, name: str) -> int:
+        return int(self._methods[name].metadata.num_inputs())
+
+    def num_outputs(self, name: str) -> int:
+        return int(self._methods[name].metadata.num_outputs())
+
+    def input_meta(self, name: str, index: int) -> tuple[int, tuple[int, ...]]:
+        info = self._methods[name].metadata.input_tensor_meta(index)
+        return int(info.dtype()), tuple(int(d) for d in info.sizes())
+
+    def torch_inputs(self, name: str, arrays: Sequence[np.ndarray]) -> list[Any]:
+        last = self._wrapped.get(name)
+        if last is None or len(last[0]) != len(arrays) or any(a is not b for a, b in zip(arrays, last[0], strict=True)):
+            # the timed loop feeds the same arrays every run: wrap them once (from_numpy shares their memory), so
+            # the samples time execute() and not the wrapping (~7% of a 0.1 ms method, measured)
+            last = (list(arrays), [self._torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
+            self._wrapped[name] = last
+        return last[1]
+
+    def last_inputs(self, name: str) -> list[Any]:
+        return self._wrapped[name][1]
+
+    def execute(self, name: str, arrays: Sequence[np.ndarray]) -> int:
+        self._results[name] = self._methods[name].execute(self.torch_inputs(name, arrays))
+        return len(self._results[name])
+
+    def outputs(self, name: str, count: int) -> list[Any]:
+        return [r.numpy() if hasattr(r, "numpy") else r for r in self._results[name][:count]]
+
+    def threads(self) -> int:
+        return int(self._portable._threadpool_get_thread_count())
+
+    def backend_names(self) -> list[str]:
+        return list(self.runtime.backend_registry.registered_backend_names)
+
+
+def _lean_program(path: Path, threads: int | None) -> Any:
+    from edgeship.profiling.backends import pte_lean
+
+    if threads:
+        pte_lean.set_threads(int(threads))
+    return pte_lean.LeanProgram(path)
+
+
+def _open(path: Path, threads: int | None, per_op: bool) -> tuple[Any, list[str]]:
+    """The torch-free C++ runtime where it can be built here, else the Python bindings; notes say which and why."""
+    from edgeship.profiling.backends import pte_lean
+
+    try:
+        mode = pte_lean.mode()
+    except pte_lean.LeanUnavailable as e:
+        raise ArtifactLoadError(str(e)) from None
+    notes: list[str] = []
+    if mode == "pybindings":
+        notes.append(f"{pte_lean.ENV}=pybindings: ran through the executorch Python bindings (they import torch)")
+    elif per_op and mode == "auto":
+        notes.append("per-op timings need ExecuTorch's ETDump inspector, which imports torch: ran through the "
+                     "executorch Python bindings, so load time and RSS include torch")
+    else:
+        try:
+            return _lean_program(path, threads), notes
+        except pte_lean.LeanUnavailable as e:
+            if mode == "lean":
+                raise RuntimeMissingError(f"{pte_lean.ENV}=lean: the torch-free ExecuTorch runtime is unavailable "
+                                          f"({e})") from None
+            notes.append(f"torch-free runtime unavailable ({e}): ran through the executorch Python bindings, so load "
+                         "time and RSS include torch (~350 MB)")
+        except RuntimeError as e:
+            raise ArtifactLoadError(f"{path}: the executorch runtime cannot load it ({_first(e)}); the file is "
+                                    "corrupt, truncated or from an incompatible executorch version; re-export it") from None
+    try:
+        return _PybindProgram(path, threads), notes
+    except RuntimeMissingError:
+        raise
+    except Exception as e:  # RuntimeError with an error code from the C++ loader
+        raise ArtifactLoadError(f"{path}: the executorch runtime cannot load it ({_first(e)}); the file is corrupt, "
+                                "truncated or from an incompatible executorch version; re-export it") from None
+
+
+def _executorch_version() -> str:
+    try:  # read from the installed metadata: importing executorch.version would import nothing heavy, but the
+        # torch-free runner blocks the executorch package outright
+        return metadata.version("executorch")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class PteBackend(Backend):
+    format: ClassVar[str] = "pte"
+    suffix: ClassVar[str] = ".pte"
+    options_accepted: ClassVar[tuple[str, ...]] = OPTIONS
+    torch_free: ClassVar[bool] = False  # not always: see runs_torch_free
+    per_op_capable: ClassVar[bool] = True  # the worker passes options["per_op"] on --per-op
+
+    @classmethod
+    def runs_torch_free(cls, options: Mapping[str, Any]) -> bool:
+        """True where the C++ runtime shim builds and loads here and no per-op ETDump (a torch-side tool) is asked."""
+        from edgeship.profiling.backends import pte_lean
+
+        try:
+            if pte_lean.mode() == "pybindings" or options.get("per_op"):
+                return False
+            pte_lean.runtime()
+        except pte_lean.LeanUnavailable:
+            return False
+        return True
+
+    def __init__(self, path: Path, threads: int | None = None, options: Mapping[str, Any] | None = None) -> None:
+        opts = self.checked_options(options)
+        check_header(path)
         self.path = path
         self.threads = threads
         self.per_op = bool(opts.get("per_op", False))
         self.per_op_runs = int(opts.get("per_op_runs", 10))
-        if threads:
-            # XNNPACK runs on executorch's shared threadpool; its default is one thread per core
-            portable_lib._unsafe_reset_threadpool(int(threads))
-        self._runtime = Runtime.get()
-        self._verification = Verification.InternalConsistency
-        try:
-            self.program = self._runtime.load_program(path, verification=self._verification)
-        except Exception as e:  # RuntimeError with an error code from the C++ loader
-            raise ArtifactLoadError(f"{path}: the executorch runtime cannot load it ({_first(e)}); the file is corrupt, "
-                                    "truncated or from an incompatible executorch version; re-export it") from None
+        self.program, self.notes = _open(path, threads, self.per_op)
         self.methods = tuple(sorted(self.program.method_names))
         self.method_name = self._pick_method(opts.get("method"))
         try:
-            self.method = self.program.load_method(self.method_name)
+            self.program.load_method(self.method_name)
         except Exception as e:
             raise ArtifactLoadError(f"{path}: cannot load method '{self.method_name}' ({_first(e)}); an operator kernel "
                                     f"or delegate it needs is missing from this runtime (backends: "
-                                    f"{', '.join(self._runtime.backend_registry.registered_backend_names)})") from None
-        if self.method is None:
-            raise ArtifactLoadError(f"{path}: method '{self.method_name}' did not load")
+                                    f"{', '.join(self.program.backend_names())})") from None
         self.io = self._io()
         self.dim_hints: dict[str, tuple[int, str]] = {}
         self.inputs = self._input_specs()
         self.outputs = tuple(self.io.get("output_names") or
-                             [f"output_{i}" for i in range(self.method.metadata.num_outputs())])
-        self._version = str(__version__)
-        self._last_feeds: list[Any] | None = None
-        self._last_arrays: list[np.ndarray] | None = None  # the feeds _last_feeds wraps, kept alive for the `is` test
+                             [f"output_{i}" for i in range(self.program.num_outputs(self.method_name))])
+        self._n_outputs = self.program.num_outputs(self.method_name)
+        self._version = _executorch_version()
+        self._ran = False
         self._per_op_result: dict[str, Any] | None = None
 
     def _pick_method(self, want: Any) -> str:
@@ -130,30 +247,30 @@ class PteBackend(Backend):
 
     def _io(self) -> dict[str, Any]:
         # the description edgeship writes is of ``forward``; another method is described by its metadata alone
-        if IO_METHOD not in self.program.method_names or self.method_name != "forward":
+        if IO_METHOD not in self.methods or self.method_name != "forward":
             return {}
         try:
-            m = self.program.load_method(IO_METHOD)
-            raw = m.execute([])[0] if m is not None else "{}"
-            doc = json.loads(raw)
+            self.program.load_method(IO_METHOD)
+            self.program.execute(IO_METHOD, [])
+            doc = json.loads(self.program.outputs(IO_METHOD, 1)[0])
             return doc if isinstance(doc, dict) else {}
-        except (ValueError, RuntimeError, IndexError):
+        except (ValueError, RuntimeError, IndexError, TypeError):
             return {}  # a foreign or damaged description: fall back to the method metadata
 
     def _input_specs(self) -> tuple[TensorSpec, ...]:
-        meta = self.method.metadata
-        names = self.io.get("input_names") or [f"input_{i}" for i in range(meta.num_inputs())]
+        n = self.program.num_inputs(self.method_name)
+        names = self.io.get("input_names") or [f"input_{i}" for i in range(n)]
         shapes = self.io.get("input_shapes") or []
         specs = []
         for i, name in enumerate(names):
             try:
-                info = meta.input_tensor_meta(i)
+                code, planned = self.program.input_meta(self.method_name, i)
             except (RuntimeError, IndexError) as e:  # an int/bool/list argument: nothing to synthesise from
                 raise ArtifactLoadError(f"{self.path}: input {i} of method '{self.method_name}' is not a tensor "
                                         f"({_first(e)}); edgeship feeds tensors only") from None
-            dtype = _SCALAR_TYPES.get(int(info.dtype()), "float32")
-            planned = tuple(int(d) for d in info.sizes())  # a dynamic dim's upper bound: memory is planned for it
+            dtype = _SCALAR_TYPES.get(code, "float32")
             shape: tuple[int | str, ...] = tuple(shapes[i]) if i < len(shapes) else planned
+            # a dynamic dim's planned size is its upper bound: memory is planned for it
             self.dim_hints.update({d: (planned[k], "the largest size the program plans memory for")
                                    for k, d in enumerate(shape) if isinstance(d, str) and k < len(planned)})
             specs.append(TensorSpec(name, dtype, shape))
@@ -168,43 +285,40 @@ class PteBackend(Backend):
         return super().adapt_feeds(out)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        res = self._execute(feeds)
-        return {n: r.numpy() if hasattr(r, "numpy") else np.asarray(r) for n, r in zip(self.outputs, res, strict=True)}
+        self._execute(feeds)
+        res = self.program.outputs(self.method_name, self._n_outputs)
+        return {n: np.asarray(r) for n, r in zip(self.outputs, res, strict=True)}
 
     def run_timed(self, feeds: Mapping[str, np.ndarray]) -> None:
-        # torch output tensors -> numpy costs ~10 us right after execute() (measured on a 0.28 ms MLP, 3.5% of it)
+        # copying outputs to numpy costs ~10 us right after execute() (measured on a 0.28 ms MLP, 3.5% of it)
         # and is no part of what a device app pays
         self._execute(feeds)
 
-    def _execute(self, feeds: Mapping[str, np.ndarray]) -> Sequence[Any]:
+    def _execute(self, feeds: Mapping[str, np.ndarray]) -> None:
         arrays = [feeds[s.name] for s in self.inputs]
-        if self._last_arrays is None or any(a is not b for a, b in zip(arrays, self._last_arrays, strict=True)):
-            # the timed loop feeds the same arrays every run: wrap them once (from_numpy shares their memory), so
-            # the samples time execute() and not the wrapping (~7% of a 0.1 ms method, measured)
-            self._last_feeds = [self._torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-            self._last_arrays = arrays
-        args = self._last_feeds
         try:
-            res = self.method.execute(args)
-        except RuntimeError as e:  # the runtime logs the failing kernel on stderr and raises only an error code
+            self.program.execute(self.method_name, arrays)
+        except RuntimeError as e:  # the runtime logs the failing kernel on stderr and returns only an error code
             raise InputError(f"{self.path.name}: method '{self.method_name}' failed on the inputs ({_first(e)}; the "
                              "runtime's log above names the kernel); it takes "
                              + ", ".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in self.inputs)) from None
-        return res  # type: ignore[no-any-return]
+        self._ran = True
 
     def info(self) -> dict[str, Any]:
-        from executorch.extension.pybindings import portable_lib
-
+        lean = self.program.kind == "lean"
         d: dict[str, Any] = {
             "runtime": "executorch",
             "runtime_version": self._version,
-            "threads": int(portable_lib._threadpool_get_thread_count()),
+            "runtime_path": "C++ runtime through edgeship's ctypes shim (no torch)" if lean
+                            else "executorch Python bindings (import torch)",
+            "threads": int(self.program.threads()),
             "threads_requested": self.threads,
-            "backends_available": list(self._runtime.backend_registry.registered_backend_names),
+            "backends_available": self.program.backend_names(),
             "io_described": bool(self.io),
             "method": self.method_name,
             "methods": list(self.methods),
-            "notes": ["the executorch Python runtime imports torch: load time and RSS include it"],
+            "notes": [*self.notes] + ([] if lean else
+                                      ["the executorch Python runtime imports torch: load time and RSS include it"]),
         }
         others = [m for m in self.methods if m not in (self.method_name, IO_METHOD)]
         if others or not self.io:
@@ -219,20 +333,25 @@ class PteBackend(Backend):
         """Per-operator times from an ETDump of a separate, instrumented load of the same program."""
         if self._per_op_result is not None:
             return self._per_op_result
-        if self._last_feeds is None:
+        if not self._ran:
             return {"available": False, "note": "no run yet: per-op timings are taken after the timed runs"}
+        prog = self.program
+        if not isinstance(prog, _PybindProgram):
+            return {"available": False, "note": f"per-op timings need the executorch Python bindings "
+                                                f"({prog.kind} runtime loaded; unset EDGESHIP_PTE_RUNTIME)"}
+        feeds = prog.last_inputs(self.method_name)
         try:
             from executorch.devtools import Inspector
         except ImportError as e:
             return {"available": False, "note": f"executorch.devtools is not installed ({e}); no per-op timings"}
         with tempfile.TemporaryDirectory(prefix="edgeship-etdump-") as tmp:
             try:
-                prog = self._runtime.load_program(self.path, verification=self._verification, enable_etdump=True)
-                m = prog.load_method(self.method_name)
+                traced = prog.runtime.load_program(self.path, verification=prog.verification, enable_etdump=True)
+                m = traced.load_method(self.method_name)
                 for _ in range(self.per_op_runs):
-                    m.execute(self._last_feeds)
+                    m.execute(feeds)
                 dump = Path(tmp) / "run.etdp"
-                prog.write_etdump_result_to_file(str(dump), str(Path(tmp) / "debug.bin"))
+                traced.write_etdump_result_to_file(str(dump), str(Path(tmp) / "debug.bin"))
             except RuntimeError as e:
                 return {"available": False, "note": f"this executorch build records no ETDump ({_first(e)}); it needs "
                         "a runtime built with EXECUTORCH_ENABLE_EVENT_TRACER"}

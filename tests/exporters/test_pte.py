@@ -18,13 +18,23 @@ from edgeship.targets import get_profile
 
 pytestmark = pytest.mark.needs_export
 QUIET = {"log": lambda m: None}
+EXPORT_LOG: list[str] = []  # what the tiny_pte_bundle export said, for the tests of what it did once
 
 
 @pytest.fixture(scope="module")
 def tiny_pte_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pte") / "b"
-    export(tiny_bert_dir, target="galaxy-s24", out=out, formats=["pte"], recipes=["fp32", "int8-dynamic"], **QUIET)
+    export(tiny_bert_dir, target="galaxy-s24", out=out, formats=["pte"], recipes=["fp32", "int8-dynamic"],
+           log=EXPORT_LOG.append)
     return out
+
+
+def test_each_artifact_validated_once(tiny_pte_bundle: Path) -> None:
+    starts = [m for m in EXPORT_LOG if m.endswith(" validate...")]
+    # fp32 once; int8-dynamic once, by the search, whose measurement of the very same file the pipeline reuses
+    assert starts == ["[pte/fp32] validate...", "[pte/int8-dynamic] validate..."]
+    assert any(m.startswith("[pte/int8-dynamic] validate: the search already ran this exact file") for m in EXPORT_LOG)
+    assert sum(m.endswith(" capture...") for m in EXPORT_LOG) == 1
 
 
 def test_artifacts_checked_and_smaller(tiny_pte_bundle: Path) -> None:
@@ -34,7 +44,9 @@ def test_artifacts_checked_and_smaller(tiny_pte_bundle: Path) -> None:
     for a in arts.values():
         assert a.path.endswith(".pte") and a.fidelity is not None and a.fidelity.passed
         assert a.runtime["name"] == "executorch" and a.runtime["delegates"] == ["XnnpackBackend"]
-        assert {"capture", "lower", "validate"} <= set(a.stages)
+        assert {"lower", "validate"} <= set(a.stages)
+    # one torch.export capture per export, shared by the recipes (the first one pays for it)
+    assert "capture" in arts["fp32"].stages and "capture" not in arts["int8-dynamic"].stages
     assert arts["fp32"].fidelity.mean_cosine > 0.9999
     assert arts["int8-dynamic"].size_bytes < 0.7 * arts["fp32"].size_bytes
     q = arts["int8-dynamic"].quantization
@@ -218,3 +230,20 @@ def test_integer_scalar_arithmetic_stays_integer_through_the_quantizer() -> None
     with torch.no_grad():
         got, ref = q(ids), m(ids)
     assert got.shape == ref.shape and torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), 0) > 0.99
+
+
+def test_int8_quantizes_once_for_proxy_and_artifact(tiny_bert_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeship.exporters import pte
+
+    calls: list[tuple[str, ...]] = []
+    real = pte._pt2e
+
+    def counted(ep: object, layers: object, kept: tuple[str, ...], *a: object) -> object:
+        calls.append(tuple(kept))
+        return real(ep, layers, kept, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pte, "_pt2e", counted)
+    export(tiny_bert_dir, target="galaxy-s24", out=tmp_path / "b", formats=["pte"], recipes=["int8-dynamic"], **QUIET)
+    # the proxy scored "nothing kept" on the quantized PyTorch graph and the artifact was lowered from that same graph
+    assert calls == [()]
