@@ -48,12 +48,14 @@ def test_int8_meets_the_pi_floor(smollm2_bundle: Path) -> None:
     _check_fidelity(smollm2_bundle, "onnx/int8-dynamic", 0.95)
 
 
-@pytest.mark.parametrize("artifact", [
-    pytest.param("onnx/int8-dynamic", marks=pytest.mark.xfail(
-        reason="measured: with int8 activations (accuracy_level=4) the first greedy token already differs from "
-               "PyTorch and the reply is \"L'Étoile, la Cité, ...\" (no Paris)", strict=False)),
-    "onnx/int4-weight",
-])
+_INT8_ACTIVATIONS = pytest.mark.xfail(
+    reason="measured: with int8 activations (accuracy_level=4) the first greedy token is a near-tie that flips "
+           "(\"L'Étoile, la Cité, ...\", no Paris), although the weights are exact; fp32 activations answer "
+           "\"The capital of France is Paris.\" but decode at 0.1x (see README)", strict=False)
+
+
+@pytest.mark.parametrize("artifact", [pytest.param("onnx/int8-dynamic", marks=_INT8_ACTIVATIONS),
+                                      pytest.param("onnx/int4-weight", marks=_INT8_ACTIVATIONS)])
 def test_answers_the_france_question(smollm2_bundle: Path, artifact: str) -> None:
     from edgeship.profiling.llm.chat import chat
 
