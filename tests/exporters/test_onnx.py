@@ -37,7 +37,8 @@ def test_bundle_contents(tiny_onnx_bundle: Path) -> None:
     assert m.preprocessing["kind"] == "tokenizer" and m.preprocessing["pooling"] == "mean"
     assert (tiny_onnx_bundle / "tokenizer/vocab.txt").is_file()
     for a in m.artifacts:
-        assert a.fidelity is not None and a.fidelity.passed and a.fidelity.n_samples == 16
+        assert a.fidelity is not None and a.fidelity.passed and a.fidelity.n_samples == 64
+        assert a.fidelity.p5_cosine is not None and a.fidelity.min_cosine <= a.fidelity.p5_cosine <= a.fidelity.mean_cosine
         assert a.sha256 and a.size_bytes > 0 and a.export_seconds > 0 and "validate" in a.stages
     fp32, int8 = m.artifacts
     assert int8.size_bytes < fp32.size_bytes
