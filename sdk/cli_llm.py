@@ -63,6 +63,9 @@ def profile_llm_cmd(a: argparse.Namespace) -> int:
                        power_target=a.target)
     res = profile_llm(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path)
     print(render(res))
+    from edgeship.cli_history import record_llm_profile
+
+    record_llm_profile(a, res, a.source)
     if getattr(a, "html_path", None):
         from edgeship.profiling.llm.html import write_llm_html
 
