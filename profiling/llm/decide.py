@@ -128,7 +128,7 @@ def decide_llm(docs: Sequence[tuple[str, LLMProfileResult]], budget: LLMBudget, 
         raise ConfigError(f"--objective {objective!r} for LLM results: choose one of {', '.join(OBJECTIVES)}")
     _, value = OBJECTIVES[objective]
     rows = labelled(docs)
-    verdicts = []
+    verdicts: list[tuple[str, ...]] = []
     for _, r in rows:
         if r.status != "ok":
             verdicts.append(("not measured: " + (r.error or r.status),))
