@@ -175,11 +175,12 @@ def cmd_compare(a: argparse.Namespace) -> int:
         raise ConfigError(f"--alpha {a.alpha} / --tolerance {a.tolerance}: need 0 < alpha < 1 and tolerance >= 0")
     path = Path(a.history) if a.history else hist.default_path()
     needs_db = a.baseline == "last" or a.baseline.isdigit() or (a.new.isdigit() and not Path(a.new).exists())
+    new_runs: list[tuple[DeviceRun, int | None]]
     if not needs_db and not path.is_file():
-        rows = _compare([(r, None) for r in _load_doc(a.new)], a, None)
+        new_runs = [(r, None) for r in _load_doc(a.new)]
+        rows = _compare(new_runs, a, None)
     else:
         with hist.open_history(path, create=False) as conn:
-            new_runs: list[tuple[DeviceRun, int | None]]
             if a.new.isdigit() and not Path(a.new).exists():
                 new_runs = [(_new_from_history(conn, int(a.new)), int(a.new))]
             else:
@@ -190,6 +191,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
         write_json_atomic(Path(a.json_path), json.dumps([c.to_dict() for c in rows], indent=2))
     print(render(rows, a.alpha, a.tolerance / 100))
+    if any(_kind(r) == "llm" for r, _ in new_runs):
+        print("LLM artifacts: the samples are the per-token decode times (p50 is ms per generated token)")
     if a.fail_on_regression is not None:
         bad = regressions(rows, a.fail_on_regression)
         if bad:
@@ -248,7 +251,7 @@ def cmd_history(a: argparse.Namespace) -> int:
         return 0
     print(table([[str(e.run_id), e.recorded_utc, e.device, e.model_name or "-", e.artifact,
                   (e.artifact_sha256 or "-")[:12], e.status, _num(e.p50_ms, ".3f"), _num(e.p99_ms, ".3f"),
-                  str(e.n_samples), "-" if e.ttft_ms is None else f"{e.ttft_ms:.1f}@{e.ttft_prompt_tokens}",
+                  str(e.n_samples), "-" if e.ttft_ms is None else f"{e.ttft_ms:.3g}@{e.ttft_prompt_tokens}",
                   _num(e.decode_tokens_per_s, ".1f"), str(e.threads or "-"), e.edgeship_version or "-"] for e in rows],
                 ["run", "recorded (UTC)", "device", "model", "artifact", "sha256", "status", "p50 ms", "p99 ms",
                  "samples", "TTFT ms@tok", "decode tok/s", "threads", "edgeship"]))
