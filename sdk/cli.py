@@ -177,6 +177,8 @@ def cmd_report(a: argparse.Namespace) -> int:
     from edgeship.profiling.decide import Budget, decide, load_documents, render
     from edgeship.profiling.runner import write_json_atomic
 
+    if cli_llm.report_is_llm(a.results):
+        return cli_llm.report_llm_cmd(a)
     runs = load_documents(a.results)
     budget = Budget(max_p99_ms=a.max_p99_ms, max_p50_ms=a.max_p50_ms, max_peak_mb=a.max_peak_mb,
                     min_cosine=a.min_cosine, max_mj=a.max_mj, max_size_mb=a.max_size_mb)
@@ -432,11 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--min-cosine", type=float, help="minimum mean cosine vs PyTorch")
     r.add_argument("--max-mj", type=float, help="maximum energy per inference in mJ")
     r.add_argument("--max-size-mb", type=float)
-    r.add_argument("--objective", default="latency", help="what the pick minimises: latency, energy, size, memory")
+    r.add_argument("--objective", default="latency", help="what the pick minimises: latency, energy, size, memory "
+                   "(LLM results: latency = highest decode tok/s, ttft, memory, energy)")
     r.add_argument("--json", dest="json_path")
     r.add_argument("--html", dest="html_path")
     cli_decide.add_record_arg(r)
     cli_decide.add_report_predictions_arg(r)
+    cli_llm.add_report_args(r)
     r.set_defaults(fn=cmd_report)
     cli_decide.add_predict_parser(sub)
 

@@ -22,7 +22,8 @@ from edgeship.compare import (
     render,
 )
 from edgeship.errors import ConfigError
-from edgeship.profiling.results import ArtifactResult, DeviceRun, FleetResult, ProfileResult
+from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult
+from edgeship.profiling.results import ArtifactResult, DeviceRun, FleetResult, ProfileResult, Status
 
 EXIT_FAIL = 1
 
@@ -45,7 +46,38 @@ def record_profile(a: argparse.Namespace, runs: Sequence[DeviceRun], source: str
     print(f"history: run {', '.join(map(str, ids))} in {a.history or hist.default_path()}", file=sys.stderr)
 
 
+def record_llm_profile(a: argparse.Namespace, res: LLMProfileResult, source: str | Path) -> None:
+    """Append an LLM profile (a failure to record is a warning, as for :func:`record_profile`)."""
+    if getattr(a, "no_history", False):
+        return
+    try:
+        with hist.open_history(a.history) as conn:
+            rid = hist.record_llm(conn, res, source)
+    except hist.HistoryError as e:
+        print(f"edgeship: warning: not recorded in the history: {e}", file=sys.stderr)
+        return
+    print(f"history: run {rid} in {a.history or hist.default_path()}", file=sys.stderr)
+
+
+def llm_as_run(res: LLMProfileResult) -> DeviceRun:
+    """An LLM profile as compare reads it: each artifact's samples are its raw per-token decode times."""
+    results = tuple(ArtifactResult(artifact=r.artifact, status=Status.OK if r.status == "ok" else Status.ERROR,
+                                   error=r.error, format=r.format, recipe=r.recipe, threads=r.threads,
+                                   samples_ns=tuple(r.token_ns)) for r in res.results)
+    prof = ProfileResult(res.device, None, results, res.source, res.target, res.created_utc, res.edgeship_version)
+    return DeviceRun(prof, identity={"place": res.device.hostname or "local", "kind": "llm"})
+
+
+def _kind(run: DeviceRun) -> str:
+    return str(run.identity.get("kind") or "encoder")
+
+
 def _load_doc(path: str) -> list[DeviceRun]:
+    return [r for r, _ in _load_keyed(path)]
+
+
+def _load_keyed(path: str) -> list[tuple[DeviceRun, str]]:
+    """The runs in a results file, each with its history key."""
     p = Path(path)
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
@@ -56,14 +88,19 @@ def _load_doc(path: str) -> list[DeviceRun]:
         raise ConfigError(f"{p}: not JSON ({e}); give a results file from edgeship profile --json") from None
     if not isinstance(d, dict) or not ("runs" in d or "results" in d):
         raise ConfigError(f"{p}: not an edgeship results file (no 'results' or 'runs')")
-    return hist.runs_of(FleetResult.from_dict(d) if "runs" in d else DeviceRun.from_dict(d))
+    if d.get("kind") == "llm":
+        res = LLMProfileResult.from_dict(d)
+        return [(llm_as_run(res), hist.llm_run_key(res))]
+    return [(r, hist.run_key(r)) for r in hist.runs_of(FleetResult.from_dict(d) if "runs" in d
+                                                       else DeviceRun.from_dict(d))]
 
 
 # --- compare ---------------------------------------------------------------------------------------------------
 
 def _history_match(conn: sqlite3.Connection, device: str, r: ArtifactResult, new_id: int | None,
-                   only_run: int | None) -> hist.Entry | None:
-    """The newest ok result of the same artifact on the same device: same sha256, else same model + key."""
+                   only_run: int | None, kind: str = "encoder") -> hist.Entry | None:
+    """The newest ok result of the same artifact on the same device: same sha256, else same model + key. An LLM's
+    per-token times are only ever compared with another LLM profile's."""
     mine = conn.execute("SELECT artifact_sha256, model_sha256 FROM results WHERE run_id = ? AND artifact = ?",
                         (new_id, r.artifact)).fetchone() if new_id else None
     tries: list[tuple[str, list[Any]]] = []
@@ -76,8 +113,9 @@ def _history_match(conn: sqlite3.Connection, device: str, r: ArtifactResult, new
     scope = ("r.id = ?", [only_run]) if only_run is not None else ("r.device = ?", [device])
     for cond, args in tries:
         sql = (hist.SELECT_ENTRIES + f" WHERE {cond} AND {scope[0]} AND x.status = 'ok' AND x.n_samples > 0"
-               + (" AND r.id < ?" if new_id and only_run is None else "") + " ORDER BY r.id DESC LIMIT 1")
-        row = conn.execute(sql, [*args, *scope[1], *([new_id] if new_id and only_run is None else [])]).fetchone()
+               " AND x.kind = ?" + (" AND r.id < ?" if new_id and only_run is None else "")
+               + " ORDER BY r.id DESC LIMIT 1")
+        row = conn.execute(sql, [*args, *scope[1], kind, *([new_id] if new_id and only_run is None else [])]).fetchone()
         if row is not None:
             return hist.entry_from_row(row)
     return None
@@ -103,6 +141,10 @@ def _compare(new_runs: Sequence[tuple[DeviceRun, int | None]], a: argparse.Names
         raise ConfigError(f"--baseline {base} needs the history database; none at {a.history or hist.default_path()}")
     if conn is not None and only_run is not None:
         hist.check_run(conn, only_run)
+    kinds = {_kind(r) for r, _ in new_runs} | {_kind(r) for r in base_runs or ()}
+    if len(kinds) > 1:
+        raise ConfigError(f"{a.new} and {base} are an encoder and an LLM profile: compare LLM results only with LLM "
+                          "results (decode time per token)")
     out = []
     for run, new_id in new_runs:
         device = hist.device_name(run)
@@ -115,7 +157,7 @@ def _compare(new_runs: Sequence[tuple[DeviceRun, int | None]], a: argparse.Names
                 base_ns, where = (np.asarray(x.samples_ns) if x else None), base
             else:
                 assert conn is not None
-                e = _history_match(conn, device, r, new_id, only_run)
+                e = _history_match(conn, device, r, new_id, only_run, _kind(run))
                 base_ns, where = (e.samples_ns if e else None), (f"run {e.run_id}" if e else None)
             if base_ns is None:
                 out.append(Comparison(device, r.artifact, "no baseline", note=f"no ok run of {r.artifact} on {device} "
@@ -133,20 +175,24 @@ def cmd_compare(a: argparse.Namespace) -> int:
         raise ConfigError(f"--alpha {a.alpha} / --tolerance {a.tolerance}: need 0 < alpha < 1 and tolerance >= 0")
     path = Path(a.history) if a.history else hist.default_path()
     needs_db = a.baseline == "last" or a.baseline.isdigit() or (a.new.isdigit() and not Path(a.new).exists())
+    new_runs: list[tuple[DeviceRun, int | None]]
     if not needs_db and not path.is_file():
-        rows = _compare([(r, None) for r in _load_doc(a.new)], a, None)
+        new_runs = [(r, None) for r in _load_doc(a.new)]
+        rows = _compare(new_runs, a, None)
     else:
         with hist.open_history(path, create=False) as conn:
             if a.new.isdigit() and not Path(a.new).exists():
                 new_runs = [(_new_from_history(conn, int(a.new)), int(a.new))]
             else:
-                new_runs = [(r, hist.run_id_of(conn, r)) for r in _load_doc(a.new)]
+                new_runs = [(r, _run_id_by_key(conn, k)) for r, k in _load_keyed(a.new)]
             rows = _compare(new_runs, a, conn)
     if a.json_path:
         from edgeship.profiling.runner import write_json_atomic
 
         write_json_atomic(Path(a.json_path), json.dumps([c.to_dict() for c in rows], indent=2))
     print(render(rows, a.alpha, a.tolerance / 100))
+    if any(_kind(r) == "llm" for r, _ in new_runs):
+        print("LLM artifacts: the samples are the per-token decode times (p50 is ms per generated token)")
     if a.fail_on_regression is not None:
         bad = regressions(rows, a.fail_on_regression)
         if bad:
@@ -156,12 +202,19 @@ def cmd_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _run_id_by_key(conn: sqlite3.Connection, key: str) -> int | None:
+    row = conn.execute("SELECT id FROM runs WHERE run_key = ?", (key,)).fetchone()
+    return int(row[0]) if row else None
+
+
 def _new_from_history(conn: sqlite3.Connection, rid: int) -> DeviceRun:
     """A recorded run rebuilt as a DeviceRun: its device name and per-artifact samples, what compare reads."""
     from edgeship.profiling.results import DeviceInfo
 
     hist.check_run(conn, rid)
     row = conn.execute("SELECT device, identity_json FROM runs WHERE id = ?", (rid,)).fetchone()
+    if json.loads(row["identity_json"]).get("kind") == "llm":
+        return _llm_from_history(conn, rid, row["device"])
     results = []
     for x in conn.execute("SELECT result_json, samples FROM results WHERE run_id = ? ORDER BY id", (rid,)):
         d = json.loads(x["result_json"])
@@ -169,6 +222,22 @@ def _new_from_history(conn: sqlite3.Connection, rid: int) -> DeviceRun:
         results.append(ArtifactResult.from_dict(d))
     prof = ProfileResult(DeviceInfo(), None, tuple(results), "", None, "", "")
     return DeviceRun(prof, identity={**json.loads(row["identity_json"]), "place": row["device"]})
+
+
+def _llm_from_history(conn: sqlite3.Connection, rid: int, device: str) -> DeviceRun:
+    from edgeship.profiling.results import DeviceInfo
+
+    results = []
+    for x in conn.execute("SELECT result_json, samples FROM results WHERE run_id = ? ORDER BY id", (rid,)):
+        d = json.loads(x["result_json"])
+        d["token_ns"] = hist.unpack_samples(x["samples"]).tolist()
+        results.append(LLMArtifactResult.from_dict(d))
+    run = llm_as_run(LLMProfileResult(DeviceInfo(), {}, tuple(results), "", None, "", ""))
+    return DeviceRun(run.profile, identity={"place": device, "kind": "llm"})
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
 
 
 def cmd_history(a: argparse.Namespace) -> int:
@@ -181,11 +250,13 @@ def cmd_history(a: argparse.Namespace) -> int:
         print(json.dumps([e.to_dict() for e in rows], indent=2))
         return 0
     print(table([[str(e.run_id), e.recorded_utc, e.device, e.model_name or "-", e.artifact,
-                  (e.artifact_sha256 or "-")[:12], e.status, "-" if e.p50_ms is None else f"{e.p50_ms:.3f}",
-                  "-" if e.p99_ms is None else f"{e.p99_ms:.3f}", str(e.n_samples), str(e.threads or "-"),
-                  e.edgeship_version or "-"] for e in rows],
+                  (e.artifact_sha256 or "-")[:12], e.status, _num(e.p50_ms, ".3f"), _num(e.p99_ms, ".3f"),
+                  str(e.n_samples), "-" if e.ttft_ms is None else f"{e.ttft_ms:.3g}@{e.ttft_prompt_tokens}",
+                  _num(e.decode_tokens_per_s, ".1f"), str(e.threads or "-"), e.edgeship_version or "-"] for e in rows],
                 ["run", "recorded (UTC)", "device", "model", "artifact", "sha256", "status", "p50 ms", "p99 ms",
-                 "samples", "threads", "edgeship"]))
+                 "samples", "TTFT ms@tok", "decode tok/s", "threads", "edgeship"]))
+    if any(e.kind == "llm" for e in rows):
+        print("LLM rows: p50/p99 ms and samples are per generated token (decode, after the first token)")
     return 0
 
 

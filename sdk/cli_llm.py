@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,60 @@ def add_export_args(e: argparse.ArgumentParser) -> None:
 def add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lengths", default="64,256", help="LLM bundles: prompt lengths for TTFT (default 64,256)")
     p.add_argument("--new-tokens", type=int, default=128, help="LLM bundles: greedy tokens timed for decode (default 128)")
+
+
+def add_report_args(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--max-ttft-ms", type=float, help="LLM results: time to first token at the longest prompt timed")
+
+
+def report_is_llm(paths: list[str]) -> bool:
+    """True when every results file is an LLM profile; a mix of encoder and LLM files is refused. Unreadable
+    files are left to the loader, which says what is wrong with them."""
+    from edgeship.profiling.llm.decide import is_llm_document
+
+    kinds = {}
+    for p in paths:
+        try:
+            kinds[p] = is_llm_document(json.loads(Path(p).read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue
+    if any(kinds.values()) and not all(kinds.values()):
+        llm = ", ".join(p for p, k in kinds.items() if k)
+        raise ConfigError(f"{llm}: LLM results cannot be reported with encoder results; run edgeship report on the "
+                          "LLM files and on the encoder files separately")
+    return any(kinds.values())
+
+
+def report_llm_cmd(a: argparse.Namespace) -> int:
+    """``edgeship report`` of LLM results files: the table, the pick under a budget, the LLM HTML page."""
+    from edgeship.profiling.llm.decide import (
+        LLMBudget,
+        decide_llm,
+        load_llm_documents,
+        merged,
+        render_llm_decision,
+    )
+    from edgeship.profiling.runner import write_json_atomic
+
+    unsupported = [f for f, v in (("--min-cosine", a.min_cosine), ("--max-size-mb", a.max_size_mb),
+                                  ("--record", a.record), ("--predictions", getattr(a, "predictions", None)))
+                   if v is not None]
+    if unsupported:
+        raise ConfigError(f"{', '.join(unsupported)}: not available for LLM results (fidelity and size are in the "
+                          "bundle: edgeship inspect); use --max-peak-mb, --max-mj (per token), --max-ttft-ms, "
+                          "--max-p50-ms / --max-p99-ms (per token)")
+    docs = load_llm_documents(a.results)
+    budget = LLMBudget(max_peak_mb=a.max_peak_mb, max_mj_per_token=a.max_mj, max_ttft_ms=a.max_ttft_ms,
+                       max_p50_ms=a.max_p50_ms, max_p99_ms=a.max_p99_ms)
+    d = decide_llm(docs, budget, a.objective)
+    print(render_llm_decision(d))
+    if a.json_path:
+        write_json_atomic(Path(a.json_path), json.dumps(d.to_dict(), indent=2))
+    if a.html_path:
+        from edgeship.profiling.llm.html import write_llm_html
+
+        print(f"HTML report: {write_llm_html(merged(docs), Path(a.html_path))}")
+    return 0 if d.pick is not None else EXIT_FAIL
 
 
 def add_chat_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -63,6 +118,9 @@ def profile_llm_cmd(a: argparse.Namespace) -> int:
                        power_target=a.target)
     res = profile_llm(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path)
     print(render(res))
+    from edgeship.cli_history import record_llm_profile
+
+    record_llm_profile(a, res, a.source)
     if getattr(a, "html_path", None):
         from edgeship.profiling.llm.html import write_llm_html
 

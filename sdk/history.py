@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgeship.errors import ConfigError, EdgeshipError
+from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult
 from edgeship.profiling.results import ArtifactResult, DeviceRun, FleetResult, ProfileResult
 
 ENV_VAR = "EDGESHIP_HISTORY"
@@ -73,6 +74,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX results_match ON results (artifact_sha256, artifact)",
         "CREATE INDEX runs_device ON runs (device, id)",
+    ),
+    (  # 1 -> 2: decoder-LLM profiles; their latency samples are the per-token decode times
+        "ALTER TABLE results ADD COLUMN kind TEXT NOT NULL DEFAULT 'encoder'",
+        "ALTER TABLE results ADD COLUMN ttft_ms REAL",  # at the longest prompt timed
+        "ALTER TABLE results ADD COLUMN ttft_prompt_tokens INTEGER",
+        "ALTER TABLE results ADD COLUMN decode_tokens_per_s REAL",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -227,6 +234,48 @@ def _insert_result(conn: sqlite3.Connection, run_id: int, r: ArtifactResult, inf
          pack_samples(r.samples_ns), json.dumps(body)))
 
 
+def llm_run_key(res: LLMProfileResult) -> str:
+    return hashlib.sha256(json.dumps(res.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def record_llm(conn: sqlite3.Connection, res: LLMProfileResult, source: str | Path | None = None) -> int:
+    """Append one LLM profile (this machine's); returns its run id (an already recorded run keeps its id)."""
+    key = llm_run_key(res)
+    row = conn.execute("SELECT id FROM runs WHERE run_key = ?", (key,)).fetchone()
+    if row is not None:
+        return int(row[0])
+    info = SourceInfo.of(source)
+    dev = res.device.to_dict()
+    status = "ok" if res.ok else "error"
+    with conn:
+        cur = conn.execute(
+            "INSERT INTO runs (run_key, recorded_utc, created_utc, device, source, target, edgeship_version, status,"
+            " error, device_json, identity_json, config_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (key, _now(), res.created_utc, res.device.hostname or "local", str(source or res.source), res.target,
+             res.edgeship_version, status, None, json.dumps(dev), json.dumps({"kind": "llm"}), json.dumps(res.config)))
+        run_id = int(cur.lastrowid or 0)
+        for r in res.results:
+            _insert_llm_result(conn, run_id, r, info, dev.get("runtimes") or {})
+    return run_id
+
+
+def _insert_llm_result(conn: sqlite3.Connection, run_id: int, r: LLMArtifactResult, info: SourceInfo,
+                       runtimes: Mapping[str, str]) -> None:
+    body = r.to_dict()
+    body.pop("token_ns", None)  # kept once, as the blob
+    longest = max(r.prompts, key=lambda p: p.prompt_tokens, default=None)
+    stats = r.decode_token_ms or {}
+    conn.execute(
+        "INSERT INTO results (run_id, artifact, format, recipe, artifact_sha256, model_name, model_sha256, status,"
+        " threads, input, runtimes_json, p50_ms, p99_ms, n_samples, samples, result_json, kind, ttft_ms,"
+        " ttft_prompt_tokens, decode_tokens_per_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (run_id, r.artifact, r.format, r.recipe, (info.artifact_sha256 or {}).get(r.artifact), info.model_name,
+         info.model_sha256, r.status, r.threads, f"{r.decode_tokens} decode tokens" if r.decode_tokens else None,
+         json.dumps(dict(runtimes)), stats.get("p50_ms"), stats.get("p99_ms"), len(r.token_ns),
+         pack_samples(r.token_ns), json.dumps(body), "llm", longest.ttft_ms if longest else None,
+         longest.prompt_tokens if longest else None, r.decode_tokens_per_s))
+
+
 def record_all(runs: Sequence[DeviceRun], source: str | Path | None, path: str | Path | None = None) -> list[int]:
     with open_history(path) as conn:
         return [record(conn, r, source) for r in runs]
@@ -258,13 +307,18 @@ class Entry:
     n_samples: int
     edgeship_version: str | None
     samples_ns: np.ndarray
+    kind: str = "encoder"
+    ttft_ms: float | None = None  # LLMs: at the longest prompt timed
+    ttft_prompt_tokens: int | None = None
+    decode_tokens_per_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (v if k != "samples_ns" else None) for k, v in self.__dict__.items() if k != "samples_ns"}
 
 
 SELECT_ENTRIES = ("SELECT r.id AS run_id, r.recorded_utc, r.device, r.edgeship_version, x.artifact, x.artifact_sha256,"
-           " x.model_name, x.model_sha256, x.status, x.threads, x.p50_ms, x.p99_ms, x.n_samples, x.samples"
+           " x.model_name, x.model_sha256, x.status, x.threads, x.p50_ms, x.p99_ms, x.n_samples, x.samples, x.kind,"
+           " x.ttft_ms, x.ttft_prompt_tokens, x.decode_tokens_per_s"
            " FROM results x JOIN runs r ON r.id = x.run_id")
 
 
@@ -273,7 +327,8 @@ def entry_from_row(row: sqlite3.Row) -> Entry:
                  artifact=row["artifact"], artifact_sha256=row["artifact_sha256"], model_name=row["model_name"],
                  model_sha256=row["model_sha256"], status=row["status"], threads=row["threads"], p50_ms=row["p50_ms"],
                  p99_ms=row["p99_ms"], n_samples=row["n_samples"], edgeship_version=row["edgeship_version"],
-                 samples_ns=unpack_samples(row["samples"]))
+                 samples_ns=unpack_samples(row["samples"]), kind=row["kind"], ttft_ms=row["ttft_ms"],
+                 ttft_prompt_tokens=row["ttft_prompt_tokens"], decode_tokens_per_s=row["decode_tokens_per_s"])
 
 
 def query(conn: sqlite3.Connection, *, model: str | None = None, device: str | None = None,
