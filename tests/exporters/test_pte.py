@@ -31,9 +31,12 @@ def tiny_pte_bundle(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 def test_each_artifact_validated_once(tiny_pte_bundle: Path) -> None:
     starts = [m for m in EXPORT_LOG if m.endswith(" validate...")]
-    # fp32 once; int8-dynamic once, by the search, whose measurement of the very same file the pipeline reuses
-    assert starts == ["[pte/fp32] validate...", "[pte/int8-dynamic] validate..."]
-    assert any(m.startswith("[pte/int8-dynamic] validate: the search already ran this exact file") for m in EXPORT_LOG)
+    # the final check runs once per artifact on the 64 held-out inputs; int8-dynamic's search scored the same file
+    # on its own 16 inputs first (a different set on purpose: the final check never sees what the search tuned on)
+    assert starts.count("[pte/fp32] validate...") == 1
+    assert starts.count("[pte/int8-dynamic] validate...") == 2
+    m = load_bundle(tiny_pte_bundle).manifest
+    assert all(a.fidelity is not None and a.fidelity.n_samples == 64 for a in m.artifacts)
     assert sum(m.endswith(" capture...") for m in EXPORT_LOG) == 1
 
 
