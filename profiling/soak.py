@@ -30,7 +30,8 @@ def growth_per_1k(at_inference: Sequence[int], rss_mb: Sequence[float]) -> float
     if len(x) < MIN_FIT_POINTS or np.ptp(x) == 0:
         return None
     slope = np.polyfit(x, y, 1)[0]  # MB per inference
-    return float(slope * 1000.0)
+    # a flat series fits to +-1e-15, not 0: round to a byte per 1,000 inferences (and -0.0 to 0.0)
+    return round(float(slope * 1000.0), 6) + 0.0
 
 
 def run_soak(model: Any, feeds: Mapping[str, np.ndarray], n: int, rss_mb: Callable[[], float], prog: Progress,
