@@ -110,6 +110,8 @@ def render(result: ProfileResult) -> str:
               for r in result.results if r.energy and r.energy.available]
     lines += [f"  {r.artifact}: {delegate_line(r.delegate)}" for r in result.results if r.delegate is not None]
     lines += [f"  {r.artifact}: {npu_line(r)}" for r in result.results if r.npu is not None]
+    lines += [f"  {r.artifact}{f' [{r.setting}]' if r.setting else ''}: {r.soak.describe()}"
+              for r in result.results if r.soak is not None]
     lines += [f"  {r.artifact}: {per_op_line(p)}" for r in result.results if (p := r.per_op_trace) is not None]
     return "\n".join(lines)
 

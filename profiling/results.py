@@ -26,6 +26,7 @@ from edgeship.profiling.stats import LatencyStats
 RESULT_SCHEMA_VERSION = 1
 
 Shapes = Mapping[str, tuple[int, ...]]
+MAX_SOAK = 10_000_000  # a day at 10 ms per inference; more is a typo, not a soak
 
 
 def _shapes(d: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:
@@ -71,12 +72,15 @@ class RunConfig:
     cpus: tuple[int, ...] = ()  # pin the worker to these CPUs (sched_setaffinity); () = wherever the OS puts it
     core_set: str | None = None  # the name of that CPU set in a sweep: "big", "little", "all"
     repeat: int = 1  # fresh worker processes per artifact, interleaved across artifacts (rounds)
+    soak: int | None = None  # --soak N: after the timed loop, N more inferences with RSS sampled along the way
 
     def __post_init__(self) -> None:
         if self.runs < 1:
             raise ConfigError(f"--runs must be >= 1, got {self.runs}")
         if not 1 <= self.repeat <= 100:
             raise ConfigError(f"--repeat must be between 1 and 100 (fresh processes per artifact), got {self.repeat}")
+        if self.soak is not None and not 1 <= self.soak <= MAX_SOAK:
+            raise ConfigError(f"--soak must be between 1 and {MAX_SOAK:,} inferences per artifact, got {self.soak}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         if self.min_seconds < 0 or self.max_seconds <= 0 or self.max_seconds < self.min_seconds:
@@ -186,6 +190,40 @@ class TelemetrySummary:
         return cls(bool(d.get("throttled")), tuple(d.get("throttle_reasons") or ()), rest)
 
 
+@dataclass(frozen=True)
+class Soak:
+    """RSS over a long run (--soak N): ``rss_mb[i]`` was read after ``at_inference[i]`` inferences, ``seconds[i]``
+    into the soak. ``growth_mb_per_1k`` is the RSS growth after warm-up per 1,000 inferences (``method`` says how);
+    None when there are too few samples to fit."""
+
+    inferences: int
+    at_inference: tuple[int, ...]
+    seconds: tuple[float, ...]
+    rss_mb: tuple[float, ...]
+    growth_mb_per_1k: float | None
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _plain(v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Soak:
+        return cls(int(d.get("inferences") or 0), tuple(int(x) for x in d.get("at_inference") or ()),
+                   tuple(float(x) for x in d.get("seconds") or ()), tuple(float(x) for x in d.get("rss_mb") or ()),
+                   None if d.get("growth_mb_per_1k") is None else float(d["growth_mb_per_1k"]), str(d.get("method", "")))
+
+    def describe(self) -> str:
+        """'10000 inferences in 31.2 s: RSS 61.2 -> 61.3 MB, +0.004 MB per 1,000 after warm-up (least-squares ...)'."""
+        text = f"soak {self.inferences} inferences"
+        if self.seconds:
+            text += f" in {self.seconds[-1]:.1f} s"
+        if self.rss_mb:
+            text += f": RSS {self.rss_mb[0]:.1f} -> {self.rss_mb[-1]:.1f} MB (max {max(self.rss_mb):.1f})"
+        if self.growth_mb_per_1k is None:
+            return f"{text}, growth n/a ({self.method})"
+        return f"{text}, {self.growth_mb_per_1k:+.3f} MB per 1,000 after warm-up ({self.method})"
+
+
 NpuMode = Literal["device", "simulate", "absent"]
 
 
@@ -219,6 +257,7 @@ _BLOCKS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "telemetry": (TelemetrySummary.from_dict, TelemetrySummary.to_dict),
     "device_check": (lambda d: _build(Agreement, d), dataclasses.asdict),
     "fidelity": (lambda d: _build(Fidelity, d), dataclasses.asdict),
+    "soak": (Soak.from_dict, Soak.to_dict),
     "npu": (lambda d: _build(NpuRun, d, simulated_seconds_per_inference=tuple(d.get("simulated_seconds_per_inference")
                                                                               or ())), dataclasses.asdict),
 }
@@ -260,6 +299,7 @@ class ArtifactResult:
     cpus: tuple[int, ...] = ()  # the CPUs the worker was pinned to (empty: not pinned)
     setting: str | None = None  # a sweep's configuration of this measurement: "threads=2 cores=big"
     repeat_index: int | None = None  # under --repeat K: which round (0..K-1) this fresh process was
+    soak: Soak | None = None  # --soak N: RSS over N more inferences and its growth after warm-up
 
     @property
     def ok(self) -> bool:

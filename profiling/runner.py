@@ -110,7 +110,7 @@ def profile(source: str | Path, *, artifact: str | Sequence[str] | None = None, 
     # down part-way slows every artifact alike instead of one artifact's K runs
     for k in range(config.repeat):
         for job in jobs:
-            r = _run_child(job, timeout=config.max_seconds * 3 + 600) if isolate else run_job(job)
+            r = _run_child(job, timeout=_child_timeout(config)) if isolate else run_job(job)
             if config.repeat > 1:
                 r = dataclasses.replace(r, repeat_index=k)
             if on_result is not None:
@@ -120,6 +120,11 @@ def profile(source: str | Path, *, artifact: str | Sequence[str] | None = None, 
     if json_path is not None:
         write_json_atomic(Path(json_path), res.to_json())
     return res
+
+
+def _child_timeout(config: RunConfig) -> float:
+    """Seconds a worker may take before it counts as hung; a soak adds a generous second per inference."""
+    return config.max_seconds * 3 + 600 + (config.soak or 0) * 1.0
 
 
 def write_json_atomic(path: Path, text: str) -> None:

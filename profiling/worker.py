@@ -37,6 +37,7 @@ from edgeship.profiling.results import (
     Status,
     TelemetrySummary,
 )
+from edgeship.profiling.soak import run_soak
 from edgeship.profiling.stats import LatencyStats
 from edgeship.spec import fill_dims, resolve_dims
 
@@ -228,6 +229,8 @@ def _measure(opened: _Opened, cfg: RunConfig) -> ArtifactResult:
         model.run_timed(feeds)
         prog.update(f"{bar((i + 1) / cfg.warmup)} warm-up {i + 1}/{cfg.warmup}")
     loop = _timed_loop(model, feeds, cfg, recorder, prog)
+    # after the timed loop, so the latency and energy figures are the same with or without a soak
+    soak = run_soak(model, feeds, cfg.soak, _rss_mb, prog) if cfg.soak else None
     check = _device_check(model, bundle) if bundle is not None and not cfg.shapes else None
     return dataclasses.replace(
         opened.ident, status=Status.OK, torch_free="torch" in sys.modules and sys.modules["torch"] is None, input=inp,
@@ -237,7 +240,7 @@ def _measure(opened: _Opened, cfg: RunConfig) -> ArtifactResult:
         cpus=tuple(sorted(os.sched_getaffinity(0))) if cfg.cpus else (),
         output_shapes={k: tuple(np.shape(v)) for k, v in first.items()},
         energy=recorder.result(len(loop.samples)), telemetry=loop.telemetry, device_check=check, per_op=per_op,
-        warnings=(*warnings, *loop.warnings))
+        warnings=(*warnings, *loop.warnings), soak=soak)
 
 
 def _resolve_input(model: Any, bundle: Bundle | None, cfg: RunConfig) -> tuple[Feeds, InputInfo]:

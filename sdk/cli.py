@@ -31,6 +31,8 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=_run_defaults()["repeat"], metavar="K",
                    help="K fresh processes per artifact, interleaved across artifacts; prints each median p50 with "
                         "its 95%% bootstrap interval, and `report` says when a pick is indistinguishable")
+    p.add_argument("--soak", type=int, metavar="N", help="then N more inferences per artifact, sampling RSS 50 times; "
+                   "reports the RSS growth after warm-up per 1,000 inferences (a leak check)")
     p.add_argument("--threads", type=int, help="runtime threads (default: the bundle's target profile)")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=DxD",
                    help="size of dynamic dims for synthesised inputs, e.g. input_ids=1x128 (repeatable)")
@@ -113,7 +115,7 @@ def _run_config(a: argparse.Namespace) -> Any:
                      idle_seconds=a.idle_seconds, sample_hz=a.sample_hz, cooldown_to_c=a.cooldown_to,
                      energy_csv=a.energy_csv, power_target=a.target, options={**_kv(a.option, "--option"), **({"delegate": a.delegate} if a.delegate else {})},
                      per_op=a.per_op, progress=not a.quiet, simulate_npu=a.simulate_npu, method=a.method,
-                     repeat=getattr(a, "repeat", 1))
+                     repeat=getattr(a, "repeat", 1), soak=getattr(a, "soak", None))
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
