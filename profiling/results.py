@@ -256,7 +256,7 @@ _BLOCKS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "energy": (lambda d: _build(EnergyResult, d, warnings=tuple(d.get("warnings") or ())), EnergyResult.to_dict),
     "telemetry": (TelemetrySummary.from_dict, TelemetrySummary.to_dict),
     "device_check": (lambda d: _build(Agreement, d), dataclasses.asdict),
-    "fidelity": (lambda d: _build(Fidelity, d), dataclasses.asdict),
+    "fidelity": (lambda d: _build(Fidelity, d), Fidelity.to_dict),
     "soak": (Soak.from_dict, Soak.to_dict),
     "npu": (lambda d: _build(NpuRun, d, simulated_seconds_per_inference=tuple(d.get("simulated_seconds_per_inference")
                                                                               or ())), dataclasses.asdict),

@@ -40,7 +40,10 @@ class Fidelity:
     p5_cosine: float | None = None  # 5th percentile of the per-sample cosines (manifests before it: absent)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["p5_cosine"] is None:  # a document from before the field writes back unchanged
+            del d["p5_cosine"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Fidelity:
