@@ -152,11 +152,6 @@ class Evaluator:
         return (sha256_file(path), fmt, json.dumps(dict(options or {}), sort_keys=True, default=str),
                 self.target.min_mean_cosine(recipe))
 
-    def known(self, path: Path, fmt: str, options: Mapping[str, Any] | None = None,
-              recipe: str = "default") -> Fidelity | None:
-        """The fidelity already measured for a file with these bytes, format, options and floor, else None."""
-        return self._seen.get(self._key(path, fmt, options, recipe))
-
     def __call__(self, path: Path, fmt: str, options: Mapping[str, Any] | None = None,
                  recipe: str = "default") -> Fidelity:
         from edgeship.profiling import backends
@@ -177,11 +172,6 @@ class Evaluator:
                       classifier=self.model.classifier)
         self._seen[key] = fid
         return fid
-
-
-def make_evaluator(model: Any, heldout: Sequence[dict[str, np.ndarray]], reference: Sequence[dict[str, np.ndarray]],
-                   target: TargetProfile) -> Evaluator:
-    return Evaluator(model, heldout, reference, target)
 
 
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -234,9 +224,9 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
             warnings.append(w)
             say(f"WARNING: {w}")
     reference = [lm.run_torch(f) for f in held]
-    final_check = make_evaluator(lm, held, reference, prof)
+    final_check = Evaluator(lm, held, reference, prof)
     search_ref = [lm.run_torch(f) for f in search]
-    evaluate = make_evaluator(lm, search, search_ref, prof)  # what exporters and the search score with
+    evaluate = Evaluator(lm, search, search_ref, prof)  # what exporters and the search score with
 
     records: list[ArtifactRecord] = []
     shared: dict[Any, Any] = {}  # what exporters reuse across the recipes of this export (ExportContext.shared)
