@@ -94,9 +94,23 @@ def _pip(args: list[str], what: str) -> None:
         raise DeviceError(f"{what} failed: {tail or proc.stderr.strip()[-400:]}")
 
 
-def download_deps(plat: Platform, log: Log = print) -> tuple[tuple[Path, ...], str]:
-    """Wheels of the runtime dependencies for ``plat``; downloaded once, then from the cache."""
-    reqs = runtime_requirements()
+def extra_requirement(dist: str) -> str:
+    """A distribution a job needs beyond the plain runtime (onnxruntime-genai for ONNX GenAI LLM folders), pinned
+    to this host's version like :func:`runtime_requirements`, else as edgeship's extras declare it. The extra's
+    environment marker is left out: it describes the host, and pip says itself when the device has no wheel."""
+    try:
+        return f"{dist}=={metadata.version(dist)}"
+    except metadata.PackageNotFoundError:
+        pass
+    for req in metadata.requires("edgeship") or []:
+        if re.split(r"[\s;<>=!~\[]", req, maxsplit=1)[0].lower() == dist.lower():
+            return req.partition(";")[0].strip()
+    return dist
+
+
+def download_deps(plat: Platform, log: Log = print, reqs: list[str] | None = None) -> tuple[tuple[Path, ...], str]:
+    """Wheels of the runtime dependencies (or of ``reqs``) for ``plat``; downloaded once, then from the cache."""
+    reqs = reqs if reqs is not None else runtime_requirements()
     dest = cache_root() / plat.key
     stamp = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:16]
     done = dest / f"complete-{stamp}.json"
@@ -187,6 +201,19 @@ def edgeship_wheel(log: Log = print) -> tuple[Path, str]:
 def runtime_wheels(plat: Platform, log: Log = print) -> RuntimeWheels:
     with _LOCK:  # fleet threads share one cache: one download per platform
         return _runtime_wheels(plat, log)
+
+
+def extra_wheels(plat: Platform, reqs: list[str], log: Log = print) -> tuple[Path, ...]:
+    """The wheels ``reqs`` add to the runtime's for ``plat`` (from the same cache); a one-line DeviceError naming
+    them when the device's platform has none."""
+    with _LOCK:
+        base, _ = download_deps(plat, log)
+        try:
+            files, _ = download_deps(plat, log, [*runtime_requirements(), *reqs])
+        except DeviceError as e:
+            raise DeviceError(f"{', '.join(reqs)} cannot be installed on this device ({plat.key}): {e}") from None
+    have = {p.name for p in base}
+    return tuple(p for p in files if p.name not in have)
 
 
 def _runtime_wheels(plat: Platform, log: Log) -> RuntimeWheels:
