@@ -108,11 +108,16 @@ def extra_requirement(dist: str) -> str:
     return dist
 
 
-def download_deps(plat: Platform, log: Log = print, reqs: list[str] | None = None) -> tuple[tuple[Path, ...], str]:
-    """Wheels of the runtime dependencies (or of ``reqs``) for ``plat``; downloaded once, then from the cache."""
+def download_deps(plat: Platform, log: Log = print, reqs: list[str] | None = None,
+                  extras: bool = False) -> tuple[tuple[Path, ...], str]:
+    """Wheels of the runtime dependencies for ``plat``; downloaded once, then from the cache.
+
+    ``extras``: ``reqs`` are additions to the runtime (:func:`extra_wheels`): only their own wheels (the device
+    resolves their dependencies against the runtime it has) and only the versions asked for, so the device runs the
+    host's release or says it cannot."""
     reqs = reqs if reqs is not None else runtime_requirements()
     dest = cache_root() / plat.key
-    stamp = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:16]
+    stamp = hashlib.sha256("\n".join([*reqs, "--no-deps" if extras else ""]).encode()).hexdigest()[:16]
     done = dest / f"complete-{stamp}.json"
     if done.is_file():
         names = json.loads(done.read_text())
@@ -124,9 +129,12 @@ def download_deps(plat: Platform, log: Log = print, reqs: list[str] | None = Non
     with tempfile.TemporaryDirectory(prefix="edgeship-dl-") as td:
         rfile = Path(td, "requirements.txt")
         rfile.write_text("\n".join(reqs) + "\n")
+        only = ["--no-deps"] if extras else []
         try:
-            _pip(["download", "-q", *plat.pip_args(), "-d", td, "-r", str(rfile)], f"pip download for {plat.key}")
+            _pip(["download", "-q", *only, *plat.pip_args(), "-d", td, "-r", str(rfile)], f"pip download for {plat.key}")
         except DeviceError:
+            if extras:
+                raise
             # The host's exact versions may have no wheel for this platform: let pip pick the newest that has one.
             loose = [re.sub(r"==[^;]+", "", r) for r in reqs]
             rfile.write_text("\n".join(loose) + "\n")
@@ -204,16 +212,13 @@ def runtime_wheels(plat: Platform, log: Log = print) -> RuntimeWheels:
 
 
 def extra_wheels(plat: Platform, reqs: list[str], log: Log = print) -> tuple[Path, ...]:
-    """The wheels ``reqs`` add to the runtime's for ``plat`` (from the same cache); a one-line DeviceError naming
-    them when the device's platform has none."""
+    """The wheels of ``reqs`` (additions to the runtime) for ``plat``, from the same cache; a one-line DeviceError
+    naming them when the device's platform has none."""
     with _LOCK:
-        base, _ = download_deps(plat, log)
         try:
-            files, _ = download_deps(plat, log, [*runtime_requirements(), *reqs])
+            return download_deps(plat, log, reqs, extras=True)[0]
         except DeviceError as e:
             raise DeviceError(f"{', '.join(reqs)} cannot be installed on this device ({plat.key}): {e}") from None
-    have = {p.name for p in base}
-    return tuple(p for p in files if p.name not in have)
 
 
 def _runtime_wheels(plat: Platform, log: Log) -> RuntimeWheels:

@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import io
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -205,3 +206,47 @@ def test_connection_lost_mid_run_keeps_the_finished_artifacts(llm_bundle: Path, 
     assert res.error.startswith(f"connection to root@127.0.0.1:{sshd_fresh.port} lost while running a command")
     assert [r.artifact for r in res.results] == ["onnx/fp32"] and res.results[0].decode_tokens == 100
     assert res.device.arch == "x86_64" and res.device_url == sshd_fresh.url
+
+
+def test_runtime_that_has_no_wheel_for_the_device_is_one_line(llm_bundle: Path, sshd: Any, device_workdir: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeship.profiling.remote import wheels
+
+    # a release of onnxruntime-genai that PyPI has never had, as a platform without a wheel would answer
+    monkeypatch.setattr(wheels, "extra_requirement", lambda dist: f"{dist}==0.0.1")
+    stamp = Path(device_workdir, "venv", "edgeship-runtime.json")
+    before = stamp.read_text()
+    [res] = _remote(llm_bundle, sshd, device_workdir, artifact="onnx/fp32")
+    assert res.status == "error" and res.results == () and res.error is not None and "\n" not in res.error
+    assert re.match(rf"{re.escape(sshd.url)}: onnxruntime-genai==0\.0\.1 cannot be installed on this device "
+                    r"\(cp3\d+-x86_64-glibc[\d.]+\): pip download", res.error), res.error
+    assert stamp.read_text() == before  # the device venv was left as it was
+
+
+def test_inventory_fleet_of_llm_runs_in_one_file(llm_bundle: Path, sshd: Any, device_workdir: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    inv = tmp_path / "devices.toml"
+    inv.write_text("".join(f"""[[device]]
+url = "{sshd.url}"
+name = "{name}"
+target = "raspberry-pi-5"
+workdir = "{device_workdir}"
+identity = "{sshd.identity}"
+known_hosts = "{sshd.known_hosts}"
+""" for name in ("pi-a", "pi-b")))
+    out, db = tmp_path / "fleet.json", tmp_path / "h.sqlite"
+    rc = main(["profile", str(llm_bundle), "--inventory", str(inv), "--artifact", "onnx/fp32", "--prompt-lengths",
+               "8", "--new-tokens", "10", "--json", str(out), "--history", str(db)])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "llm" and [r["device_identity"]["name"] for r in doc["runs"]] == ["pi-a", "pi-b"]
+    for run in doc["runs"]:
+        # the inventory's target supplies the power model the estimate comes from
+        assert run["config"]["power_target"] == "raspberry-pi-5" and run["results"][0]["energy"]["estimated"]
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "onnx/fp32 on pi-a" in text and "onnx/fp32 on pi-b" in text
+    for name in ("pi-a", "pi-b"):
+        assert main(["history", "--history", str(db), "--device", name]) == 0
+        assert "onnx/fp32" in capsys.readouterr().out
