@@ -2,7 +2,8 @@
 
 How the host reaches the device is a :class:`~.transport.Transport` (``ssh://``); what edgeship
 needs there is a :class:`~.runtime.DeviceRuntime` (``python-venv``: Python >= 3.11 and runtime wheels
-pushed from the host). This module only sequences them. Everything arrives from the host: the
+pushed from the host); what the agent measures there is a :class:`~.jobs.RemoteJob` (``encoder``: the ordinary
+runner, ``llm``: the LLM bench). This module only sequences them. Everything arrives from the host: the
 bundle (only files whose sha256 differs from the copy already there) and the runtime. Layout on the
 device, under the work directory (default ``~/.cache/edgeship-device``)::
 

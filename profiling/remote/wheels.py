@@ -117,7 +117,7 @@ def download_deps(plat: Platform, log: Log = print, reqs: list[str] | None = Non
     host's release or says it cannot."""
     reqs = reqs if reqs is not None else runtime_requirements()
     dest = cache_root() / plat.key
-    stamp = hashlib.sha256("\n".join([*reqs, "--no-deps" if extras else ""]).encode()).hexdigest()[:16]
+    stamp = hashlib.sha256("\n".join([*reqs, "--no-deps"] if extras else reqs).encode()).hexdigest()[:16]
     done = dest / f"complete-{stamp}.json"
     if done.is_file():
         names = json.loads(done.read_text())

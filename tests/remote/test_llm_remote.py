@@ -209,12 +209,12 @@ def test_connection_lost_mid_run_keeps_the_finished_artifacts(llm_bundle: Path, 
 
 
 def test_runtime_that_has_no_wheel_for_the_device_is_one_line(llm_bundle: Path, sshd: Any, device_workdir: str,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                                              remote_run: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from edgeship.profiling.remote import wheels
 
     # a release of onnxruntime-genai that PyPI has never had, as a platform without a wheel would answer
     monkeypatch.setattr(wheels, "extra_requirement", lambda dist: f"{dist}==0.0.1")
-    stamp = Path(device_workdir, "venv", "edgeship-runtime.json")
+    stamp = Path(device_workdir, "venv", "edgeship-runtime.json")  # written by remote_run's provisioning
     before = stamp.read_text()
     [res] = _remote(llm_bundle, sshd, device_workdir, artifact="onnx/fp32")
     assert res.status == "error" and res.results == () and res.error is not None and "\n" not in res.error
@@ -224,7 +224,9 @@ def test_runtime_that_has_no_wheel_for_the_device_is_one_line(llm_bundle: Path, 
 
 
 def test_inventory_fleet_of_llm_runs_in_one_file(llm_bundle: Path, sshd: Any, device_workdir: str, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+                                                 remote_run: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    # Both entries are this one sshd and work dir: ``remote_run`` has provisioned its venv already (two first
+    # installs into one work dir at once would collide, as they would on a real device listed twice).
     inv = tmp_path / "devices.toml"
     inv.write_text("".join(f"""[[device]]
 url = "{sshd.url}"
@@ -236,8 +238,10 @@ known_hosts = "{sshd.known_hosts}"
 """ for name in ("pi-a", "pi-b")))
     out, db = tmp_path / "fleet.json", tmp_path / "h.sqlite"
     rc = main(["profile", str(llm_bundle), "--inventory", str(inv), "--artifact", "onnx/fp32", "--prompt-lengths",
-               "8", "--new-tokens", "10", "--json", str(out), "--history", str(db)])
+               "8", "--new-tokens", "10", "--json", str(out), "--history", str(db), "--html", str(tmp_path / "r.html")])
     assert rc == 0, capsys.readouterr().err
+    page = (tmp_path / "r.html").read_text()
+    assert "onnx/fp32 on pi-a" in page and "onnx/fp32 on pi-b" in page
     doc = json.loads(out.read_text())
     assert doc["kind"] == "llm" and [r["device_identity"]["name"] for r in doc["runs"]] == ["pi-a", "pi-b"]
     for run in doc["runs"]:
@@ -250,3 +254,26 @@ known_hosts = "{sshd.known_hosts}"
     for name in ("pi-a", "pi-b"):
         assert main(["history", "--history", str(db), "--device", name]) == 0
         assert "onnx/fp32" in capsys.readouterr().out
+    assert main(["compare", str(out), "--baseline", str(out), "--history", str(db)]) == 0
+    rows = capsys.readouterr().out
+    assert "pi-a" in rows and "pi-b" in rows and "per-token decode times" in rows
+
+
+def test_farm_does_not_take_llm_bundles_yet(llm_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["profile", str(llm_bundle), "--farm", "127.0.0.1:1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--farm does not take LLM bundles yet" in err and "--device" in err
+
+
+def test_requirements_come_from_the_artifacts_formats(llm_bundle: Path) -> None:
+    from importlib import metadata
+
+    from edgeship.manifest import load_bundle
+    from edgeship.profiling.llm.remote import LLMJob
+
+    arts = load_bundle(llm_bundle).manifest.artifacts
+    job = LLMJob(FAST)
+    # ONNX GenAI folders need onnxruntime-genai, pinned to the version this host measured with
+    assert job.requirements(arts) == (f"onnxruntime-genai=={metadata.version('onnxruntime-genai')}",)
+    # LiteRT is part of the plain device runtime: nothing to add
+    assert job.requirements([dataclasses.replace(a, format="tflite") for a in arts]) == ()
