@@ -11,7 +11,6 @@ folders; LiteRT is already in it), the context check before anything connects, a
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,10 +25,6 @@ from edgeship.profiling.llm.runtime import get_llm_runtime
 from edgeship.profiling.remote.fleet import FleetProgress, config_for, run_fleet, shared_options
 from edgeship.profiling.remote.jobs import RemoteJob, RemoteOutcome
 from edgeship.profiling.results import DeviceInfo
-
-
-def _dist(req: str) -> str:
-    return re.split(r"[\s;<>=!~\[]", req, maxsplit=1)[0].lower().replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -51,10 +46,10 @@ class LLMJob(RemoteJob[LLMProfileResult]):
                               "profile there")
 
     def requirements(self, artifacts: Sequence[ArtifactRecord]) -> tuple[str, ...]:
-        from edgeship.profiling.remote.wheels import extra_requirement, runtime_requirements
+        from edgeship.profiling.remote.wheels import dist_name, extra_requirement, runtime_requirements
 
-        plain = {_dist(r) for r in runtime_requirements()}
-        wanted = [d for a in artifacts for d in get_llm_runtime(a.format).requires if _dist(d) not in plain]
+        plain = {dist_name(r) for r in runtime_requirements()}
+        wanted = [d for a in artifacts for d in get_llm_runtime(a.format).requires if dist_name(d) not in plain]
         return tuple(extra_requirement(d) for d in dict.fromkeys(wanted))
 
     def config_dict(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Device side of a remote profile: ``python -m edgeship.profiling.remote.agent JOB.json RESULT.json``.
 
-Runs the job's runner (``kind``: ``encoder``, the ordinary runner; ``llm``, the LLM bench) once per
-artifact (each still in its own worker process) and, after each one, prints a ``EDGESHIP-RESULT {json}`` line on stdout; RESULT.json is written at the end.
+Runs the job's runner (``kind``: ``encoder``, the ordinary runner; ``llm``, the LLM bench) once
+per artifact (each still in its own worker process) and, after each one, prints a
+``EDGESHIP-RESULT {json}`` line on stdout; RESULT.json is written at the end.
 The host reads those lines as they stream, so when the connection dies mid-run the artifacts
 already measured are not lost. Progress lines go to stderr. Torch-free like the rest of the runner.
 """

@@ -16,7 +16,7 @@ from typing import Any
 from edgeship.errors import DeviceError
 from edgeship.manifest import sha256_file
 from edgeship.profiling.remote.runtime import RUNTIMES, DeviceRuntime, Probe, Provision
-from edgeship.profiling.remote.wheels import Platform, RuntimeWheels, extra_wheels, runtime_wheels
+from edgeship.profiling.remote.wheels import Platform, RuntimeWheels, dist_name, extra_wheels, runtime_wheels
 
 MIN_PYTHON = (3, 11)
 _FACTS = ("hostname", "machine", "os", "kernel", "python", "glibc", "cpus", "mem_total")
@@ -89,7 +89,7 @@ class PythonVenvRuntime(DeviceRuntime):
         edgeship_ok = deps_ok and stamp.get("edgeship_stamp") == wheels.edgeship_stamp
         # Extras (what one kind of job needs, e.g. onnxruntime-genai) are added to the venv and kept, so encoder
         # and LLM runs on one device do not rebuild it in turn.
-        have_extras = set(stamp.get("extras") or []) if deps_ok else set()
+        have_extras = sorted(stamp.get("extras") or []) if deps_ok else []
         need_extras = [r for r in dict.fromkeys(requirements) if r not in have_extras]
         if edgeship_ok and not need_extras:
             return Provision()
@@ -109,7 +109,9 @@ class PythonVenvRuntime(DeviceRuntime):
         return Provision(push=tuple((p, f"wheels/{p.name}") for p in missing),
                          install_bytes=3 * sum(p.stat().st_size for p in install),
                          state={"wheels": wheels, "deps_ok": deps_ok, "edgeship_ok": edgeship_ok,
-                                "extras": need_extras, "all_extras": sorted(have_extras | set(need_extras))})
+                                "extras": need_extras,
+                                # one entry per distribution: a new pin replaces the one installed before
+                                "all_extras": sorted({dist_name(r): r for r in [*have_extras, *need_extras]}.values())})
 
     def provision(self, probe: Probe, plan: Provision) -> None:
         wheels: RuntimeWheels = plan.state["wheels"]

@@ -94,6 +94,11 @@ def _pip(args: list[str], what: str) -> None:
         raise DeviceError(f"{what} failed: {tail or proc.stderr.strip()[-400:]}")
 
 
+def dist_name(req: str) -> str:
+    """The normalised distribution name of a requirement string ("ai_edge_litert==2.3.0" -> "ai-edge-litert")."""
+    return re.split(r"[\s;<>=!~\[]", req, maxsplit=1)[0].lower().replace("_", "-")
+
+
 def extra_requirement(dist: str) -> str:
     """A distribution a job needs beyond the plain runtime (onnxruntime-genai for ONNX GenAI LLM folders), pinned
     to this host's version like :func:`runtime_requirements`, else as edgeship's extras declare it. The extra's
@@ -103,7 +108,7 @@ def extra_requirement(dist: str) -> str:
     except metadata.PackageNotFoundError:
         pass
     for req in metadata.requires("edgeship") or []:
-        if re.split(r"[\s;<>=!~\[]", req, maxsplit=1)[0].lower() == dist.lower():
+        if dist_name(req) == dist_name(dist):
             return req.partition(";")[0].strip()
     return dist
 
