@@ -74,8 +74,11 @@ class DeviceRuntime(ABC):
         """Create ``workdir`` if needed and report on the device and on ``files`` (relative to it)."""
 
     @abstractmethod
-    def plan(self, probe: Probe) -> Provision:
-        """What must be pushed and installed; raises DeviceError when the device cannot run edgeship."""
+    def plan(self, probe: Probe, requirements: Sequence[str] = ()) -> Provision:
+        """What must be pushed and installed; raises DeviceError when the device cannot run edgeship.
+
+        ``requirements``: what the job needs on top of edgeship's plain runtime (pip requirement strings, e.g.
+        onnxruntime-genai for ONNX GenAI LLM folders), from :func:`.wheels.extra_requirement`."""
 
     @abstractmethod
     def provision(self, probe: Probe, plan: Provision) -> None:
