@@ -81,6 +81,7 @@ class PteRecipe(RecipeSupport):
 @register("pte")
 class PteExporter(Exporter):
     format: ClassVar[str] = "pte"
+    relative_cost: ClassVar[int] = 10
     suffix: ClassVar[str] = FORMATS["pte"].suffix
     requires: ClassVar[tuple[str, ...]] = ("torch", "executorch", "torchao")
 

@@ -73,6 +73,7 @@ _ORIGIN = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
 @register("tflite")
 class TfliteExporter(Exporter):
     format: ClassVar[str] = "tflite"
+    relative_cost: ClassVar[int] = 2
     suffix: ClassVar[str] = FORMATS["tflite"].suffix
     requires: ClassVar[tuple[str, ...]] = ("torch", "litert_torch", "ai_edge_quantizer", "ai_edge_litert")
 

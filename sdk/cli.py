@@ -96,6 +96,20 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", action="append", help=f"{listing(RECIPES)} (repeatable; default: the profile's)")
 
 
+def _jobs(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--jobs takes a whole number >= 1 or 'auto', got {text!r}")
+    return int(text)
+
+
+def _add_jobs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", default="auto", metavar="N|auto",
+                   help="processes making artifacts side by side, each loads the model again (default auto: one per "
+                        ".pte recipe, up to the CPUs idle now)")
+
+
 def _kv(items: Sequence[str], flag: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for it in items:
@@ -210,7 +224,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     with _quiet_terminal(a, "export") as q:
         res = export(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
                      calibration=a.calibration, heldout=a.heldout, overwrite=a.overwrite, allow_degraded=a.allow_degraded, task=a.task,
-                     seq_len=a.seq_len, checkpoint=a.checkpoint, log=q.say if not a.quiet else (lambda m: None))
+                     seq_len=a.seq_len, checkpoint=a.checkpoint, log=q.say if not a.quiet else (lambda m: None),
+                     jobs=_jobs(a.jobs))
     print(res.summary())
     print(f"bundle: {res.bundle}  ({res.seconds:.1f} s)")
     return 0
@@ -317,7 +332,7 @@ def cmd_quickstart(a: argparse.Namespace) -> int:
     print(f"edgeship quickstart: all-MiniLM-L6-v2 -> {a.target} -> {out}", flush=True)
     with _quiet_terminal(a, "quickstart") as q:
         export(default_model_dir(), target=a.target, out=out, formats=a.format or None,
-               recipes=a.quant or None, overwrite=True, log=_brief(q))
+               recipes=a.quant or None, overwrite=True, log=_brief(q), jobs=_jobs(a.jobs))
         # no export table here: the one line per artifact above has its size and fidelity, and the profile table
         # below repeats both (`edgeship inspect` shows the full table)
         cfg = RunConfig(runs=a.runs, min_seconds=a.min_seconds, energy="auto", progress=True)
@@ -397,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--heldout", help="held-out inputs for the fidelity check (same file kinds as --calibration)")
     e.add_argument("-o", "--output", required=True, help="bundle directory to create")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_jobs_arg(e)
     e.add_argument("--allow-degraded", action="store_true", help="keep artifacts below the fidelity floor (marked)")
     e.add_argument("--task", help="override the task detected from config.json: "
                    + listing(t for t in TASKS if TASKS[t].inputs != "custom"))
@@ -453,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="export + profile the embedded all-MiniLM-L6-v2")
     q.add_argument("--target", default="raspberry-pi-5")
     q.add_argument("-o", "--output", default="edgeship-quickstart")
+    _add_jobs_arg(q)
     _add_plan_args(q)
     _add_run_length_args(q)
     _add_verbose(q)

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -195,22 +195,138 @@ def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
 
 
+@dataclass(frozen=True)
+class ExportRequest:
+    """What one export was asked for, enough to rebuild its inputs in another process (an export lane)."""
+
+    model: Any  # HF directory or "pkg.module:factory" (both can be sent to a lane), or an nn.Module
+    target: TargetProfile
+    seq_len: int
+    task: str | None = None
+    example_inputs: Mapping[str, Any] | None = None
+    checkpoint: str | None = None
+    calibration: str | Path | None = None
+    heldout: str | Path | None = None
+    options: Mapping[str, Any] | None = None
+    allow_degraded: bool = False
+
+    @property
+    def reloadable(self) -> bool:
+        """A lane can load the model again from the request alone (an nn.Module lives in this process only)."""
+        return isinstance(self.model, (str, Path)) and self.example_inputs is None
+
+
+@dataclass
+class Prepared:
+    """The loaded model and the inputs every artifact of the export is made and checked with."""
+
+    lm: Any
+    seq: int
+    calib: list[dict[str, np.ndarray]]
+    calib_source: str
+    held: list[dict[str, np.ndarray]]
+    held_source: str
+    search: list[dict[str, np.ndarray]]
+    reference: list[dict[str, np.ndarray]]
+    final_check: Evaluator  # the 64 held-out inputs
+    evaluate: Evaluator  # what exporters and the search score with (16 other inputs)
+    warnings: list[str]
+    shared: dict[Any, Any] = field(default_factory=dict)  # ExportContext.shared: reused across this process's recipes
+
+
+def prepare(req: ExportRequest, needs_calibration: bool, say: Callable[[str], None]) -> Prepared:
+    """Load the model and build calibration, held-out and reference data (deterministic: every lane gets the same)."""
+    from edgeship.models import load_calibration, load_model
+
+    prof, seq = req.target, req.seq_len
+    model = req.model
+    say(f"loading model {model if not hasattr(model, 'forward') else type(model).__name__}...")
+    lm = load_model(model, task=req.task, example_inputs=req.example_inputs, seq_len=seq, image_size=prof.image_size,
+                    checkpoint=req.checkpoint)
+    if "sequence" in lm.dims:
+        seq = lm.dims["sequence"]["default"]
+    calib_pool, _ = split_corpus()
+    held, search, held_source = _heldout_sets(lm, req.heldout, prof, seq)
+    warnings: list[str] = []
+    if req.calibration is not None:
+        calib = load_calibration(req.calibration, lm, seq)
+        calib_source = str(req.calibration)
+    else:
+        calib = lm.sample_inputs(len(calib_pool), seed=2, seq_len=seq, image_size=prof.image_size, corpus=calib_pool)
+        calib_source = ("built-in generic English corpus (32 sentences)" if lm.input_kind == "text"
+                        else "synthetic N(0,1) inputs")
+        if needs_calibration:
+            w = (f"no --calibration given: static quantization calibrates on the {calib_source}; for accuracy on "
+                 "your data pass --calibration FILE with a few hundred real inputs")
+            warnings.append(w)
+            say(f"WARNING: {w}")
+    reference = [lm.run_torch(f) for f in held]
+    return Prepared(lm, seq, calib, calib_source, held, held_source, search, reference,
+                    Evaluator(lm, held, reference, prof), Evaluator(lm, search, [lm.run_torch(f) for f in search], prof),
+                    warnings)
+
+
+def export_artifact(req: ExportRequest, prep: Prepared, exp_cls: type[Exporter], recipe: str, staging: Path,
+                    workdir: Path, label: str, say: Callable[[str], None]) -> ArtifactRecord:
+    """Export one (format, recipe) into the bundle's ``staging`` directory, checked on the held-out inputs; its
+    manifest record."""
+    fmt, prof = exp_cls.format, req.target
+    rel = f"{fmt}/{recipe}{exp_cls.suffix}"
+    dest = staging / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    say(f"{label} {fmt}/{recipe}")
+    ev = prep.evaluate
+    ctx = ExportContext(model=prep.lm, target=prof, workdir=workdir, calibration=prep.calib,
+                        calibration_source=prep.calib_source, heldout=prep.search, reference=ev.reference, format=fmt,
+                        recipe=recipe, shared=prep.shared, evaluate=lambda p, f, o: ev(p, f, o, recipe),
+                        options=dict(req.options or {}), allow_degraded=req.allow_degraded, log=say)
+    t0 = time.perf_counter()
+    res = exp_cls().export(ctx, recipe, dest)
+    if res.path != dest:
+        shutil.move(str(res.path), dest)
+    with ctx.stage(Stage.VALIDATE):  # on the 64 held-out inputs the search never saw
+        fid = prep.final_check(dest, fmt, res.runtime.get("options", {}), recipe)
+    secs = time.perf_counter() - t0
+    if not fid.passed:
+        msg = (f"{fmt}/{recipe}: mean cosine {fid.mean_cosine:.4f} vs PyTorch is below the {prof.name} floor "
+               f"{fid.floor_mean_cosine}; try a higher-precision recipe or calibration data like your real "
+               "inputs, or pass --allow-degraded to keep it")
+        if not req.allow_degraded:
+            raise FidelityError(msg)
+        res.warnings.append("DEGRADED: " + msg)
+    say(f"{label} {fmt}/{recipe}: {dest.stat().st_size / 2**20:.1f} MB, mean cosine "
+        f"{fid.mean_cosine:.4f} (min {fid.min_cosine:.4f}), {secs:.1f} s")
+    return ArtifactRecord(
+        path=rel, format=fmt, recipe=recipe, sha256=sha256_file(dest),
+        size_bytes=dest.stat().st_size, export_seconds=round(secs, 3), fidelity=fid, runtime=res.runtime,
+        stages={str(k): round(v, 3) for k, v in ctx.stages.items()}, quantization=res.quantization,
+        details=res.details, warnings=tuple(res.warnings),
+    )
+
+
 def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: str | Path,
            formats: Sequence[str] | None = None, recipes: Sequence[str] | None = None,
            calibration: str | Path | None = None, heldout: str | Path | None = None, overwrite: bool = False,
            allow_degraded: bool = False,
            task: str | None = None, example_inputs: Mapping[str, Any] | None = None, seq_len: int | None = None,
            checkpoint: str | None = None, options: Mapping[str, Any] | None = None,
-           log: Callable[[str], None] | None = None) -> ExportResult:
-    """Export ``model`` (HF directory, ``nn.Module``, or ``pkg.module:factory``) for ``target``."""
+           log: Callable[[str], None] | None = None, jobs: int | None = 1) -> ExportResult:
+    """Export ``model`` (HF directory, ``nn.Module``, or ``pkg.module:factory``) for ``target``.
+
+    ``jobs`` > 1 makes artifacts side by side in that many processes (this one and ``jobs - 1`` lanes that load the
+    model again: see :mod:`edgeship.export_lanes`), None one per slow artifact up to the CPU count; the bundle lists
+    the same artifacts in the same order either way.
+    """
     from edgeship import __version__
-    from edgeship.models import load_calibration, load_model
+    from edgeship.export_lanes import export_all
 
     t_start = time.perf_counter()
     say = log or (lambda m: print(m, file=sys.stderr))
     prof = target if isinstance(target, TargetProfile) else get_profile(target)
     out_dir = Path(out)
     check_output_dir(out_dir.resolve(), overwrite)
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1 (or auto), got {jobs}")
     plan = _plan(prof, formats, recipes)
     for flag, f in (("calibration", calibration), ("held-out", heldout)):
         if f is not None and not Path(f).is_file():
@@ -218,70 +334,14 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
     seq = seq_len or prof.sequence_length
     if seq < 2:
         raise ConfigError(f"--seq-len must be >= 2, got {seq}")
+    req = ExportRequest(model, prof, seq, task, example_inputs, checkpoint, calibration, heldout, options,
+                        allow_degraded)
+    prep = prepare(req, any(e.spec(r).needs_calibration for e, r in plan), say)
+    lm, held, reference = prep.lm, prep.held, prep.reference
 
-    say(f"loading model {model if not hasattr(model, 'forward') else type(model).__name__}...")
-    lm = load_model(model, task=task, example_inputs=example_inputs, seq_len=seq, image_size=prof.image_size,
-                    checkpoint=checkpoint)
-    if "sequence" in lm.dims:
-        seq = lm.dims["sequence"]["default"]
-    calib_pool, _ = split_corpus()
-    held, search, held_source = _heldout_sets(lm, heldout, prof, seq)
-    needs_calib = any(e.spec(r).needs_calibration for e, r in plan)
-    warnings: list[str] = []
-    if calibration is not None:
-        calib = load_calibration(calibration, lm, seq)
-        calib_source = str(calibration)
-    else:
-        calib = lm.sample_inputs(len(calib_pool), seed=2, seq_len=seq, image_size=prof.image_size, corpus=calib_pool)
-        calib_source = ("built-in generic English corpus (32 sentences)" if lm.input_kind == "text"
-                        else "synthetic N(0,1) inputs")
-        if needs_calib:
-            w = (f"no --calibration given: static quantization calibrates on the {calib_source}; for accuracy on "
-                 "your data pass --calibration FILE with a few hundred real inputs")
-            warnings.append(w)
-            say(f"WARNING: {w}")
-    reference = [lm.run_torch(f) for f in held]
-    final_check = Evaluator(lm, held, reference, prof)
-    search_ref = [lm.run_torch(f) for f in search]
-    evaluate = Evaluator(lm, search, search_ref, prof)  # what exporters and the search score with
-
-    records: list[ArtifactRecord] = []
-    shared: dict[Any, Any] = {}  # what exporters reuse across the recipes of this export (ExportContext.shared)
     with BundleWriter(out_dir, overwrite=overwrite) as writer, \
             tempfile.TemporaryDirectory(prefix="edgeship-work-") as tmp:
-        workdir = Path(tmp)
-        for i, (exp_cls, recipe) in enumerate(plan, 1):
-            fmt = exp_cls.format
-            say(f"[{i}/{len(plan)}] {fmt}/{recipe}")
-            ctx = ExportContext(model=lm, target=prof, workdir=workdir, calibration=calib, calibration_source=calib_source,
-                                heldout=search, reference=search_ref, format=fmt, recipe=recipe, shared=shared,
-                                evaluate=lambda p, f, o, r=recipe: evaluate(p, f, o, r),
-                                options=dict(options or {}), allow_degraded=allow_degraded, log=say)
-            rel = f"{fmt}/{recipe}{exp_cls.suffix}"
-            dest = writer.path(rel)
-            t0 = time.perf_counter()
-            res = exp_cls().export(ctx, recipe, dest)
-            if res.path != dest:
-                shutil.move(str(res.path), dest)
-            with ctx.stage(Stage.VALIDATE):  # on the 64 held-out inputs the search never saw
-                fid = final_check(dest, fmt, res.runtime.get("options", {}), recipe)
-            secs = time.perf_counter() - t0
-            if not fid.passed:
-                msg = (f"{fmt}/{recipe}: mean cosine {fid.mean_cosine:.4f} vs PyTorch is below the {prof.name} floor "
-                       f"{fid.floor_mean_cosine}; try a higher-precision recipe or calibration data like your real "
-                       "inputs, or pass --allow-degraded to keep it")
-                if not allow_degraded:
-                    raise FidelityError(msg)
-                res.warnings.append("DEGRADED: " + msg)
-            say(f"[{i}/{len(plan)}] {fmt}/{recipe}: {dest.stat().st_size / 2**20:.1f} MB, mean cosine "
-                f"{fid.mean_cosine:.4f} (min {fid.min_cosine:.4f}), {secs:.1f} s")
-            records.append(ArtifactRecord(
-                path=rel, format=fmt, recipe=recipe, sha256=sha256_file(dest), size_bytes=dest.stat().st_size,
-                export_seconds=round(secs, 3), fidelity=fid, runtime=res.runtime,
-                stages={str(k): round(v, 3) for k, v in ctx.stages.items()}, quantization=res.quantization,
-                details=res.details, warnings=tuple(res.warnings),
-            ))
-
+        records = export_all(req, prep, plan, writer, Path(tmp), jobs, say)
         for name, src in lm.files_to_copy.items():
             shutil.copyfile(src, writer.path(name))
         samples = held[:N_SAMPLES_IN_BUNDLE]
@@ -302,9 +362,9 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
             created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         manifest.model["export_host"] = {"arch": platform.machine(), "python": platform.python_version(),
-                                         "calibration": calib_source, "heldout": held_source,
-                                         "heldout_inputs": len(held), "search_inputs": len(search),
-                                         "search_shares_heldout": any(f is g for f in search for g in held),
-                                         "warnings": warnings}
+                                         "calibration": prep.calib_source, "heldout": prep.held_source,
+                                         "heldout_inputs": len(held), "search_inputs": len(prep.search),
+                                         "search_shares_heldout": any(f is g for f in prep.search for g in held),
+                                         "warnings": prep.warnings}
         path = writer.commit(manifest)
     return ExportResult(path, manifest, time.perf_counter() - t_start)

@@ -1,0 +1,177 @@
+"""Export lanes: the artifacts of one export made side by side in processes (``edgeship export --jobs N``).
+
+Lowering to ``.pte`` is mostly single-threaded Python (ExecuTorch's edge passes, then XNNPACK's passes once per
+delegate partition): on all-MiniLM-L6-v2, ``pte/fp32`` and ``pte/int8-dynamic`` took 30 and 34 s of an 82 s
+quickstart export that kept one core of two busy (wall 81.8 s, CPU 83.6 s). With ``jobs`` > 1 this process and
+``jobs - 1`` spawned lanes pull (format, recipe) items from one queue, costliest first (``Exporter.relative_cost``).
+A lane loads the model once and rebuilds the same calibration, held-out and reference data (:func:`prepare` is
+deterministic), writes its artifact into the bundle's staging directory and hands back the manifest record and its
+log lines. The records are kept in plan order, so the manifest lists the same artifacts in the same order as a
+one-process export. A failing artifact stops the export as it would in one process: the lanes are terminated and
+the bundle writer removes the staging directory, so nothing half-made is published.
+
+Costs: each lane imports torch and the exporters and loads the model again (about 8 s and one more copy of the
+model in memory), so lanes pay off when the plan holds more than one slow item (two ``.pte`` recipes). An
+``nn.Module`` given in Python exists in this process only: its artifacts are made one after another.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from edgeship import errors
+from edgeship.bundle import BundleWriter
+from edgeship.errors import EdgeshipError, ExportError
+from edgeship.exporters import EXPORTERS, load_builtin
+from edgeship.exporters.base import Exporter
+from edgeship.manifest import ArtifactRecord
+from edgeship.pipeline import ExportRequest, Prepared, export_artifact, prepare
+
+Say = Callable[[str], None]
+_Outcome = tuple[int, ArtifactRecord | None, list[str], tuple[str, str] | None]  # index, record, log, (error, message)
+
+_LANE: dict[str, Any] = {}  # in a lane process: its request and prepared inputs
+
+
+def _lane_init(req: ExportRequest, needs_calibration: bool) -> None:
+    # never raise here: a Pool restarts a lane whose initializer fails, forever; the first item reports it instead
+    try:
+        load_builtin()
+        _LANE["req"] = req
+        _LANE["prep"] = prepare(req, needs_calibration, lambda m: None)  # the parent already said all of this
+    except Exception as e:
+        _LANE["error"] = (type(e).__name__ if isinstance(e, EdgeshipError) else "ExportError",
+                          f"an export lane could not load the model again: {type(e).__name__}: {e}")
+
+
+def _lane_run(index: int, fmt: str, recipe: str, staging: str, workdir: str, label: str) -> _Outcome:
+    log: list[str] = []
+    if "error" in _LANE:
+        return index, None, log, _LANE["error"]
+    try:
+        wd = Path(workdir) / f"lane-{multiprocessing.current_process().pid}"
+        wd.mkdir(parents=True, exist_ok=True)
+        rec = export_artifact(_LANE["req"], _LANE["prep"], EXPORTERS.get(fmt), recipe, Path(staging), wd, label,
+                              log.append)
+        return index, rec, log, None
+    except EdgeshipError as e:
+        return index, None, log, (type(e).__name__, str(e))
+    except Exception as e:  # an exporter's own failure type: the one-process path would show it the same way
+        return index, None, log, ("ExportError", f"{fmt}/{recipe}: {type(e).__name__}: {e}")
+
+
+def _raise(error: tuple[str, str]) -> None:
+    """Raise a lane's error as its own EdgeshipError type where it takes one message, else as ExportError."""
+    name, message = error
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, EdgeshipError):
+        try:
+            exc = cls(message)
+        except TypeError:
+            exc = ExportError(message)
+        raise exc
+    raise ExportError(message)
+
+
+def auto_jobs(plan: Sequence[tuple[type[Exporter], str]]) -> int:
+    """One process per slow item (the costliest kind in the plan, when there are several), up to the CPUs that are
+    idle now (CPU count minus the 1-minute load average): on a busy machine a lane only adds its start-up cost
+    (measured: a tiny model's onnx + pte export took 37 s in one process, 51 s in two at load 3.5 on 2 CPUs)."""
+    import os
+
+    top = max((e.relative_cost for e, _ in plan), default=1)
+    slow = sum(1 for e, _ in plan if e.relative_cost == top) if top > 1 else 1
+    cpus = os.cpu_count() or 1
+    idle = cpus - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cpus
+    return max(1, min(slow, idle))
+
+
+def export_all(req: ExportRequest, prep: Prepared, plan: Sequence[tuple[type[Exporter], str]], writer: BundleWriter,
+               workdir: Path, jobs: int | None, say: Say) -> list[ArtifactRecord]:
+    """Every (format, recipe) of ``plan`` into ``writer``'s staging directory; the records in plan order.
+    ``jobs`` None: :func:`auto_jobs`."""
+    n = len(plan)
+    jobs = auto_jobs(plan) if jobs is None else jobs
+    labels = [f"[{i}/{n}]" for i in range(1, n + 1)]
+    lanes = min(jobs, n) - 1
+    if lanes > 0 and not req.reloadable:
+        say("--jobs: the model is a Python object of this process, so its artifacts are made one after another")
+        lanes = 0
+    if lanes <= 0:
+        return [export_artifact(req, prep, e, r, writer.staging, workdir, labels[i], say) for i, (e, r) in enumerate(plan)]
+    return _Lanes(req, prep, plan, writer.staging, workdir, labels, lanes, say).run()
+
+
+class _Lanes:
+    """This process plus ``lanes`` spawned ones pulling items from one queue, costliest first."""
+
+    def __init__(self, req: ExportRequest, prep: Prepared, plan: Sequence[tuple[type[Exporter], str]],
+                 staging: Path, workdir: Path, labels: list[str], lanes: int, say: Say) -> None:
+        self.req, self.prep, self.plan, self.staging, self.workdir = req, prep, plan, staging, workdir
+        self.labels, self.lanes, self.say = labels, lanes, say
+        self.pending = deque(sorted(range(len(plan)), key=lambda i: (-plan[i][0].relative_cost, i)))
+        self.records: dict[int, ArtifactRecord] = {}
+        self.failure: tuple[str, str] | None = None
+        self.busy = 0
+        self.cond = threading.Condition()
+        self.pool: Any = None
+
+    def run(self) -> list[ArtifactRecord]:
+        needs_calibration = any(e.spec(r).needs_calibration for e, r in self.plan)
+        ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-state
+        with ctx.Pool(self.lanes, _lane_init, (self.req, needs_calibration)) as self.pool:  # exit terminates lanes
+            first = self.pending.popleft()  # this process is ready now: it takes the costliest item
+            with self.cond:
+                self._submit()
+            self._here(first)
+            while True:
+                with self.cond:
+                    if self.failure is not None or not self.pending:
+                        break
+                    i = self.pending.popleft()
+                self._here(i)
+            with self.cond:
+                self.cond.wait_for(lambda: self.busy == 0 or self.failure is not None)
+        if self.failure is not None:
+            _raise(self.failure)
+        return [self.records[i] for i in range(len(self.plan))]
+
+    def _here(self, i: int) -> None:
+        exp, recipe = self.plan[i]
+        rec = export_artifact(self.req, self.prep, exp, recipe, self.staging, self.workdir, self.labels[i], self.say)
+        with self.cond:
+            self.records[i] = rec
+
+    def _submit(self) -> None:
+        """Hand queued items to idle lanes (called with the condition held)."""
+        while self.busy < self.lanes and self.pending and self.failure is None:
+            i = self.pending.popleft()
+            exp, recipe = self.plan[i]
+            self.busy += 1
+            self.pool.apply_async(_lane_run, (i, exp.format, recipe, str(self.staging), str(self.workdir),
+                                              self.labels[i]), callback=self._done, error_callback=self._crashed)
+
+    def _done(self, out: _Outcome) -> None:
+        i, rec, log, error = out
+        with self.cond:
+            self.busy -= 1
+            for line in log:
+                self.say(line)
+            if error is not None:
+                self.failure = self.failure or error
+            elif rec is not None:
+                self.records[i] = rec
+            self._submit()
+            self.cond.notify_all()
+
+    def _crashed(self, e: BaseException) -> None:
+        with self.cond:
+            self.busy -= 1
+            self.failure = self.failure or ("ExportError", f"an export lane process failed: {type(e).__name__}: {e}; "
+                                            "run again with --jobs 1 to see it in this process")
+            self.cond.notify_all()
