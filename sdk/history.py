@@ -20,7 +20,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,41 +197,47 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def record(conn: sqlite3.Connection, run: DeviceRun, source: str | Path | None = None) -> int:
-    """Append one device's run; returns its run id (an already recorded run keeps its id)."""
-    key = run_key(run)
+def _insert(conn: sqlite3.Connection, table: str, row: Mapping[str, Any]) -> int:
+    """INSERT one row given as column -> value (table and column names are ours, never user input)."""
+    sql = f"INSERT INTO {table} ({', '.join(row)}) VALUES ({','.join('?' * len(row))})"
+    return int(conn.execute(sql, tuple(row.values())).lastrowid or 0)
+
+
+def _record(conn: sqlite3.Connection, key: str, run: Mapping[str, Any], results: Iterable[Mapping[str, Any]]) -> int:
+    """Append a run and its result rows in one transaction; a run already recorded (same key) keeps its id."""
     row = conn.execute("SELECT id FROM runs WHERE run_key = ?", (key,)).fetchone()
     if row is not None:
         return int(row[0])
-    info = SourceInfo.of(source)
-    prof = run.profile
-    dev = prof.device.to_dict() if prof else {}
     with conn:
-        cur = conn.execute(
-            "INSERT INTO runs (run_key, recorded_utc, created_utc, device, source, target, edgeship_version, status,"
-            " error, device_json, identity_json, config_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (key, _now(), prof.created_utc if prof else None, device_name(run), str(source or (prof.source if prof
-             else "")), prof.target if prof else None, prof.edgeship_version if prof else None, run.status, run.error,
-             json.dumps(dev), json.dumps(dict(run.identity), default=str),
-             json.dumps(prof.config.to_dict()) if prof and prof.config else None))
-        run_id = int(cur.lastrowid or 0)
-        for r in prof.results if prof else ():
-            _insert_result(conn, run_id, r, info, dev.get("runtimes") or {})
+        run_id = _insert(conn, "runs", {"run_key": key, "recorded_utc": _now(), **run})
+        for r in results:
+            _insert(conn, "results", {"run_id": run_id, **r})
     return run_id
 
 
-def _insert_result(conn: sqlite3.Connection, run_id: int, r: ArtifactResult, info: SourceInfo,
-                   runtimes: Mapping[str, str]) -> None:
+def record(conn: sqlite3.Connection, run: DeviceRun, source: str | Path | None = None) -> int:
+    """Append one device's run; returns its run id (an already recorded run keeps its id)."""
+    info = SourceInfo.of(source)
+    prof = run.profile
+    dev = prof.device.to_dict() if prof else {}
+    runtimes = json.dumps(dict(dev.get("runtimes") or {}))
+    return _record(conn, run_key(run), {
+        "created_utc": prof.created_utc if prof else None, "device": device_name(run),
+        "source": str(source or (prof.source if prof else "")), "target": prof.target if prof else None,
+        "edgeship_version": prof.edgeship_version if prof else None, "status": run.status, "error": run.error,
+        "device_json": json.dumps(dev), "identity_json": json.dumps(dict(run.identity), default=str),
+        "config_json": json.dumps(prof.config.to_dict()) if prof and prof.config else None,
+    }, (_result_row(r, info, runtimes) for r in (prof.results if prof else ())))
+
+
+def _result_row(r: ArtifactResult, info: SourceInfo, runtimes: str) -> dict[str, Any]:
     body = r.to_dict()
     body.pop("samples_ns", None)  # kept once, as the blob
-    conn.execute(
-        "INSERT INTO results (run_id, artifact, format, recipe, artifact_sha256, model_name, model_sha256, status,"
-        " threads, input, runtimes_json, p50_ms, p99_ms, n_samples, samples, result_json)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        (run_id, r.artifact, r.format, r.recipe, info.sha_of(r), info.model_name, info.model_sha256, str(r.status),
-         r.threads, r.input.describe() if r.input else None, json.dumps(dict(runtimes)),
-         r.latency.p50_ms if r.latency else None, r.latency.p99_ms if r.latency else None, len(r.samples_ns),
-         pack_samples(r.samples_ns), json.dumps(body)))
+    return {"artifact": r.artifact, "format": r.format, "recipe": r.recipe, "artifact_sha256": info.sha_of(r),
+            "model_name": info.model_name, "model_sha256": info.model_sha256, "status": str(r.status),
+            "threads": r.threads, "input": r.input.describe() if r.input else None, "runtimes_json": runtimes,
+            "p50_ms": r.latency.p50_ms if r.latency else None, "p99_ms": r.latency.p99_ms if r.latency else None,
+            "n_samples": len(r.samples_ns), "samples": pack_samples(r.samples_ns), "result_json": json.dumps(body)}
 
 
 def llm_run_key(res: LLMProfileResult) -> str:
@@ -241,41 +247,32 @@ def llm_run_key(res: LLMProfileResult) -> str:
 def record_llm(conn: sqlite3.Connection, res: LLMProfileResult, source: str | Path | None = None) -> int:
     """Append one LLM profile (this machine's or a remote device's, under its name); returns its run id (an already
     recorded run keeps its id)."""
-    key = llm_run_key(res)
-    row = conn.execute("SELECT id FROM runs WHERE run_key = ?", (key,)).fetchone()
-    if row is not None:
-        return int(row[0])
     info = SourceInfo.of(source)
     dev = res.device.to_dict()
-    status = "ok" if res.ok else "error"
-    with conn:
-        cur = conn.execute(
-            "INSERT INTO runs (run_key, recorded_utc, created_utc, device, source, target, edgeship_version, status,"
-            " error, device_json, identity_json, config_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (key, _now(), res.created_utc, res.device_name, str(source or res.source), res.target,
-             res.edgeship_version, status, res.error, json.dumps(dev),
-             json.dumps({**res.device_identity, "kind": "llm"}, default=str), json.dumps(res.config)))
-        run_id = int(cur.lastrowid or 0)
-        for r in res.results:
-            _insert_llm_result(conn, run_id, r, info, dev.get("runtimes") or {})
-    return run_id
+    runtimes = json.dumps(dict(dev.get("runtimes") or {}))
+    return _record(conn, llm_run_key(res), {
+        "created_utc": res.created_utc, "device": res.device_name, "source": str(source or res.source),
+        "target": res.target, "edgeship_version": res.edgeship_version, "status": "ok" if res.ok else "error",
+        "error": res.error, "device_json": json.dumps(dev),
+        "identity_json": json.dumps({**res.device_identity, "kind": "llm"}, default=str),
+        "config_json": json.dumps(res.config),
+    }, (_llm_result_row(r, info, runtimes) for r in res.results))
 
 
-def _insert_llm_result(conn: sqlite3.Connection, run_id: int, r: LLMArtifactResult, info: SourceInfo,
-                       runtimes: Mapping[str, str]) -> None:
+def _llm_result_row(r: LLMArtifactResult, info: SourceInfo, runtimes: str) -> dict[str, Any]:
     body = r.to_dict()
     body.pop("token_ns", None)  # kept once, as the blob
     longest = max(r.prompts, key=lambda p: p.prompt_tokens, default=None)
     stats = r.decode_token_ms or {}
-    conn.execute(
-        "INSERT INTO results (run_id, artifact, format, recipe, artifact_sha256, model_name, model_sha256, status,"
-        " threads, input, runtimes_json, p50_ms, p99_ms, n_samples, samples, result_json, kind, ttft_ms,"
-        " ttft_prompt_tokens, decode_tokens_per_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        (run_id, r.artifact, r.format, r.recipe, (info.artifact_sha256 or {}).get(r.artifact), info.model_name,
-         info.model_sha256, r.status, r.threads, f"{r.decode_tokens} decode tokens" if r.decode_tokens else None,
-         json.dumps(dict(runtimes)), stats.get("p50_ms"), stats.get("p99_ms"), len(r.token_ns),
-         pack_samples(r.token_ns), json.dumps(body), "llm", longest.ttft_ms if longest else None,
-         longest.prompt_tokens if longest else None, r.decode_tokens_per_s))
+    return {"artifact": r.artifact, "format": r.format, "recipe": r.recipe,
+            "artifact_sha256": (info.artifact_sha256 or {}).get(r.artifact), "model_name": info.model_name,
+            "model_sha256": info.model_sha256, "status": r.status, "threads": r.threads,
+            "input": f"{r.decode_tokens} decode tokens" if r.decode_tokens else None, "runtimes_json": runtimes,
+            "p50_ms": stats.get("p50_ms"), "p99_ms": stats.get("p99_ms"), "n_samples": len(r.token_ns),
+            "samples": pack_samples(r.token_ns), "result_json": json.dumps(body), "kind": "llm",
+            "ttft_ms": longest.ttft_ms if longest else None,
+            "ttft_prompt_tokens": longest.prompt_tokens if longest else None,
+            "decode_tokens_per_s": r.decode_tokens_per_s}
 
 
 def record_all(runs: Sequence[DeviceRun], source: str | Path | None, path: str | Path | None = None) -> list[int]:
