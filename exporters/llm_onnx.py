@@ -132,10 +132,7 @@ def export_onnx(req: LLMExportRequest) -> LLMExportResult:
         quant["affine_pass"] = affine
         if affine.get("tied_embedding_quantized"):
             quant["embeddings"] = "the LM head's quantized blocks (tied)"
-    warnings = []
-    if req.options.get("target_arch") == "aarch64":
-        warnings.append("onnxruntime-genai publishes no Linux aarch64 wheel: on a Raspberry Pi / Jetson build it from "
-                        "source (Android uses its AAR); the .pte or .tflite artifact runs there without that")
+    warnings: list[str] = []
     return LLMExportResult(
         files=files,
         runtime={"kind": "onnxruntime-genai", "entry": GENAI_CONFIG, "execution_provider": "cpu",

@@ -28,7 +28,7 @@ class GenAIRuntime(LLMRuntime):
             import onnxruntime_genai as og
         except ImportError:
             raise RuntimeMissingError("running ONNX GenAI artifacts needs onnxruntime-genai: pip install "
-                                      "'edgeship[llm]' (upstream has no Linux aarch64 wheel)") from None
+                                      "'edgeship[llm]'") from None
         self._og = og
         cfg_file = Path(path) / GENAI_CONFIG
         try:

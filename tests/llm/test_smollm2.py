@@ -28,7 +28,7 @@ def _check_fidelity(bundle: Path, key: str, floor: float) -> None:
     f = a.llm_fidelity
     assert f is not None and f.n_tokens >= 256 and f.n_prompts >= 8
     assert f.perplexity < 1.5 * f.perplexity_reference
-    assert any("no Linux aarch64 wheel" in w for w in a.warnings)  # the Pi target is told
+    assert not any("aarch64" in w for w in a.warnings)  # onnxruntime-genai 0.18.0 has aarch64 wheels: nothing to warn
     assert a.details["kv_cache_bytes_per_token"] == 2 * 30 * 3 * 64 * 4
     assert f.floor_top1_agreement == floor
     assert f.passed and f.top1_agreement >= floor
