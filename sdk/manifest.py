@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,8 @@ MANIFEST_NAME = "manifest.json"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    import hashlib  # here, not at import: OpenSSL's libcrypto is 3.5 MB of a device worker's RSS, which never hashes
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -105,6 +106,8 @@ def checksum_tree(root: Path) -> dict[str, dict[str, Any]]:
 
 def tree_digest(files: dict[str, dict[str, Any]]) -> str:
     """One sha256 standing for a multi-file artifact: over the sorted "path sha256" lines of its files."""
+    import hashlib
+
     return hashlib.sha256("".join(f"{k} {v['sha256']}\n" for k, v in sorted(files.items())).encode()).hexdigest()
 
 

@@ -25,7 +25,6 @@ import re
 import struct
 import tempfile
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from edgeship.errors import ArtifactLoadError, InputError, RuntimeMissingError
 from edgeship.profiling.backends import Backend
+from edgeship.profiling.sysinfo import dist_version
 from edgeship.spec import TensorSpec
 from edgeship.vocab import PTE_IO_METHOD
 
@@ -178,11 +178,9 @@ def _open(path: Path, threads: int | None, per_op: bool) -> tuple[Any, list[str]
 
 
 def _executorch_version() -> str:
-    try:  # read from the installed metadata: importing executorch.version would import nothing heavy, but the
-        # torch-free runner blocks the executorch package outright
-        return metadata.version("executorch")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    # read from the installed metadata: importing executorch.version would import nothing heavy, but the torch-free
+    # runner blocks the executorch package outright
+    return dist_version("executorch") or "unknown"
 
 
 class PteBackend(Backend):

@@ -27,11 +27,12 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgeship.profiling.sysinfo import dist_version
 
 SOURCE = Path(__file__).with_name("pte_lean.cpp")
 ENV = "EDGESHIP_PTE_RUNTIME"  # auto (default), lean, pybindings
@@ -107,10 +108,7 @@ def shim_path() -> Path:
     """The compiled shim for this executorch install, built on first use (atomically: concurrent runners agree)."""
     root = _wheel_root()
     cxx = _compiler()
-    try:
-        version = metadata.version("executorch")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
+    version = dist_version("executorch") or "unknown"
     cc = subprocess.run([*cxx, "--version"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, str(root.resolve()), cc, platform.machine()])
                          .encode()).hexdigest()[:16]

@@ -40,18 +40,18 @@ _INT32 = np.iinfo(np.int32)
 
 def runtime_module() -> tuple[Any, str, str]:
     """(interpreter module, package name, version): ai-edge-litert first, then tflite-runtime."""
-    from importlib import metadata
+    from edgeship.profiling.sysinfo import dist_version
 
     try:
         from ai_edge_litert import interpreter as mod
 
-        return mod, "ai-edge-litert", metadata.version("ai-edge-litert")
+        return mod, "ai-edge-litert", dist_version("ai-edge-litert") or "?"
     except ImportError:
         pass
     try:
         from tflite_runtime import interpreter as mod
 
-        return mod, "tflite-runtime", metadata.version("tflite-runtime")
+        return mod, "tflite-runtime", dist_version("tflite-runtime") or "?"
     except ImportError as e:
         raise RuntimeMissingError(f"no LiteRT runtime is installed ({e}); pip install edgeship (brings ai-edge-litert) "
                                   "or, on Raspberry Pi OS, pip install tflite-runtime") from None
@@ -73,9 +73,17 @@ def check_bounds(path: Path) -> None:
     whole process (SIGSEGV) on a truncated file, so the runner checks the parts that matter
     itself: the root table, the subgraphs and every constant buffer (inline or offset/size).
     """
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        # mapped, not read: only the pages of the tables looked at become resident (reading the file into memory
+        # added its whole size to the worker's peak RSS before the interpreter had even loaded it)
+        _check_tables(path, data)
+
+
+def _check_tables(path: Path, data: Any) -> None:
     import struct
 
-    data = path.read_bytes()
     size = len(data)
 
     def bad(what: str) -> ArtifactLoadError:
