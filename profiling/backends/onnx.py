@@ -11,6 +11,7 @@ import numpy as np
 from edgeship.errors import ArtifactLoadError, RuntimeMissingError
 from edgeship.profiling import fpenv
 from edgeship.profiling.backends import Backend
+from edgeship.profiling.backends.onnx_mapped import mapped_graph
 from edgeship.spec import TensorSpec, dim_name
 
 _ORT_TYPES = {
@@ -18,7 +19,7 @@ _ORT_TYPES = {
     "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
 }
 _LEVELS = ("disable", "basic", "extended", "all")
-OPTIONS = ("graph_optimization", "providers", "disabled_optimizers", "denormal_as_zero")
+OPTIONS = ("graph_optimization", "providers", "disabled_optimizers", "denormal_as_zero", "map_weights")
 
 
 class OnnxBackend(Backend):
@@ -60,12 +61,13 @@ class OnnxBackend(Backend):
         disabled = opts.get("disabled_optimizers") or []
         if isinstance(disabled, str):
             disabled = [d for d in disabled.split(",") if d]
+        self.weights = "loaded"
+        mapped = mapped_graph(path) if _flag(opts.get("map_weights", True)) else None
         try:
             # ORT leaves flush-to-zero on this thread after the first session (or never sets it for later
             # ones): undo that, and apply the mode around run() only (fpenv.py)
             with fpenv.preserved():
-                self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers,
-                                                    disabled_optimizers=list(disabled) or None)
+                self.session = self._session(ort, path, so, providers, disabled, mapped)
         except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/RuntimeException types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactLoadError(f"{path}: onnxruntime cannot load it; the file is corrupt, truncated or not "
@@ -84,6 +86,25 @@ class OnnxBackend(Backend):
         self.outputs = tuple(o.name for o in self.session.get_outputs())
         self._version = ort.__version__
 
+    def _session(self, ort: Any, path: Path, so: Any, providers: list[str], disabled: list[str],
+                 mapped: tuple[bytes, int] | None) -> Any:
+        """The session, its weights memory-mapped from the artifact file where the graph allows (onnx_mapped.py);
+        the file as it is when not, or when onnxruntime refuses the mapped graph (it then says why on the file)."""
+        if mapped is not None:
+            graph, n = mapped
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                        str(path.resolve().parent))
+            try:
+                session = ort.InferenceSession(graph, sess_options=so, providers=providers,
+                                               disabled_optimizers=list(disabled) or None)
+                self.weights = f"memory-mapped from the file ({n} initializers)"
+                return session
+            except Exception as e:  # fall back: the artifact's own load reports a real problem on the file
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                self.weights = f"loaded (mapping them failed: {first[:200]})"
+        return ort.InferenceSession(str(path), sess_options=so, providers=providers,
+                                    disabled_optimizers=list(disabled) or None)
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with fpenv.applied(self._run_env):
             res = self.session.run(None, dict(feeds))
@@ -100,4 +121,9 @@ class OnnxBackend(Backend):
             "providers_available": self.available_providers,
             "providers_used": list(self.session.get_providers()),
             "notes": self.provider_notes,
+            "weights": self.weights,
         }
+
+
+def _flag(v: Any) -> bool:
+    return str(v).lower() not in ("0", "false", "no", "off")
