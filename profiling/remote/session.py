@@ -82,6 +82,32 @@ def _bundle_files(source: Path, artifact: str | None, staging: Path) -> tuple[li
     return files, [a.key for a in arts], base
 
 
+def _bundle_dir(source: Path, staging: Path) -> Path:
+    """The local bundle directory :func:`_bundle_files` pushed from (a .zip is unpacked in staging by then)."""
+    if source.suffix == ".zip" and source.is_file():
+        return staging / source.stem
+    return source.parent if source.name == MANIFEST_NAME else source
+
+
+def _input_files(inputs: str, source: Path) -> tuple[list[PushFile], str]:
+    """--inputs: the file (or the image folder's files) to push, and where it goes under the work directory.
+
+    Read here first, so that a bad file is one error on the host before anything is sent. Kept under a name
+    made from its content, like the bundle, so an unchanged file is not sent again."""
+    from edgeship.profiling.inputs import read_inputs
+
+    if not source.is_dir():
+        raise DeviceError("--inputs needs a bundle: its manifest says how to tokenize or preprocess them and which "
+                          "inputs the model takes (a bare model file has neither)")
+    bundle = load_bundle(source, verify=False)
+    user = read_inputs(inputs, bundle.manifest.inputs, bundle.manifest.preprocessing, bundle.root)
+    p = Path(inputs)
+    rel = f"inputs/{user.sha256[:16]}/{p.name}"
+    members = [(p, rel)] if p.is_file() else [(f, f"{rel}/{f.name}") for f in sorted(p.iterdir())
+                                              if f.is_file() and not f.name.startswith(".")]
+    return [PushFile(f, r, sha256_file(f), f.stat().st_size) for f, r in members], rel
+
+
 class DeviceSession:
     """One device, one run. ``run()`` returns the device's :class:`DeviceRun`, failed or not."""
 
@@ -100,6 +126,7 @@ class DeviceSession:
         self.timings: dict[str, float] = {}
         self.t: Transport | None = None
         self.source_text = ""
+        self.remote_inputs: str | None = None  # --inputs: where the pushed file is, under the work directory
 
     def run(self, source: Path, artifact: str | None) -> DeviceRun:
         """Never raises: a device that fails is a run with ``status="error"`` and what it measured before."""
@@ -132,6 +159,10 @@ class DeviceSession:
         self.source_text = str(source)
         t0 = time.monotonic()
         files, keys, remote_source = _bundle_files(source, artifact, staging)
+        if self.config.inputs:
+            input_files, remote_inputs = _input_files(self.config.inputs, _bundle_dir(source, staging))
+            files += input_files
+            self.remote_inputs = remote_inputs
         self.log(f"connecting to {self.url}")
         self.t = transport_for(self.url, self.options)
         self.t.connect()
@@ -187,7 +218,10 @@ class DeviceSession:
 
     def _profile(self, rt: DeviceRuntime, wd: str, remote_source: str, keys: list[str], staging: Path) -> ProfileResult:
         run_dir = f"{wd}/runs/{uuid.uuid4().hex[:12]}"
-        job = {"source": f"{wd}/{remote_source}", "artifacts": keys, "config": self.config.to_dict()}
+        config = self.config.to_dict()
+        if self.remote_inputs:
+            config["inputs"] = f"{wd}/{self.remote_inputs}"
+        job = {"source": f"{wd}/{remote_source}", "artifacts": keys, "config": config}
         jpath = staging / "job.json"
         jpath.write_text(json.dumps(job))
         rt.sh(f"mkdir -p {shlex.quote(run_dir)}", "creating the run directory")
