@@ -60,6 +60,9 @@ class DeviceRuntime(ABC):
         self.t = transport
         self.label = label  # the device's name in messages
         self.log = log
+        # pip extras the run needs on the device beyond the plain runtime ("inputs": tokenizers and Pillow for
+        # --inputs); set by the session before plan()
+        self.extras: tuple[str, ...] = ()
 
     def sh(self, command: str, what: str, timeout: float | None = 600) -> str:
         """Run ``command``; a non-zero exit is a one-line DeviceError naming ``what`` failed."""

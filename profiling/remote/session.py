@@ -89,8 +89,9 @@ def _bundle_dir(source: Path, staging: Path) -> Path:
     return source.parent if source.name == MANIFEST_NAME else source
 
 
-def _input_files(inputs: str, source: Path) -> tuple[list[PushFile], str]:
-    """--inputs: the file (or the image folder's files) to push, and where it goes under the work directory.
+def _input_files(inputs: str, source: Path, base: str) -> tuple[list[PushFile], str]:
+    """--inputs: the file (or the image folder's files) and the bundle's tokenizer files to push, and where the
+    inputs go under the work directory.
 
     Read here first, so that a bad file is one error on the host before anything is sent. Kept under a name
     made from its content, like the bundle, so an unchanged file is not sent again."""
@@ -105,6 +106,9 @@ def _input_files(inputs: str, source: Path) -> tuple[list[PushFile], str]:
     rel = f"inputs/{user.sha256[:16]}/{p.name}"
     members = [(p, rel)] if p.is_file() else [(f, f"{rel}/{f.name}") for f in sorted(p.iterdir())
                                               if f.is_file() and not f.name.startswith(".")]
+    # the tokenizer the device tokenizes with; a run without --inputs never needs it
+    members += [(source / f, f"{base}/{f}") for f in bundle.manifest.preprocessing.get("files") or ()
+                if (source / f).is_file()]
     return [PushFile(f, r, sha256_file(f), f.stat().st_size) for f, r in members], rel
 
 
@@ -160,7 +164,7 @@ class DeviceSession:
         t0 = time.monotonic()
         files, keys, remote_source = _bundle_files(source, artifact, staging)
         if self.config.inputs:
-            input_files, remote_inputs = _input_files(self.config.inputs, _bundle_dir(source, staging))
+            input_files, remote_inputs = _input_files(self.config.inputs, _bundle_dir(source, staging), remote_source)
             files += input_files
             self.remote_inputs = remote_inputs
         self.log(f"connecting to {self.url}")
@@ -168,6 +172,7 @@ class DeviceSession:
         self.t.connect()
         self.identity.update(self.t.identity())
         rt = self.runtime_cls(self.t, self.name, self.log)
+        rt.extras = ("inputs",) if self.config.inputs else ()
         t0 = self._stage("connect", t0)
 
         probe = rt.probe(self.workdir, [f.remote for f in files])

@@ -84,8 +84,10 @@ class PythonVenvRuntime(DeviceRuntime):
             raise DeviceError(f"{self.label}: Python {f['python']} on the device; edgeship's runtime needs "
                               f">= {'.'.join(map(str, MIN_PYTHON))} (Raspberry Pi OS bookworm ships 3.11)")
         plat = Platform(machine=str(f["machine"]), python=".".join(str(f["python"]).split(".")[:2]), glibc=f["glibc"])
-        wheels = runtime_wheels(plat, self.log)
         stamp = f["runtime_stamp"]
+        # an extra once installed stays: a later run without --inputs must not rebuild the venv without it
+        extras = tuple(sorted({*self.extras, *((stamp.get("wheels") or {}).get("extras") or ())}))
+        wheels = runtime_wheels(plat, self.log, extras)
         deps_ok = stamp.get("deps_stamp") == wheels.deps_stamp
         if deps_ok and stamp.get("edgeship_stamp") == wheels.edgeship_stamp:
             return Provision()
@@ -107,7 +109,7 @@ class PythonVenvRuntime(DeviceRuntime):
         venv, whl = f"{probe.workdir}/venv", f"{probe.workdir}/wheels"
         pip = f"PIP_CONFIG_FILE=/dev/null {shlex.quote(venv)}/bin/python -m pip install -q --no-index " \
               f"--disable-pip-version-check --find-links {shlex.quote(whl)}"
-        ew = shlex.quote(f"{whl}/{wheels.edgeship.name}")
+        ew = shlex.quote(f"{whl}/{wheels.edgeship.name}" + (f"[{','.join(wheels.extras)}]" if wheels.extras else ""))
         if plan.state["deps_ok"]:
             self.log("updating edgeship in the device venv")
             self.sh(f"{pip} --no-deps --force-reinstall {ew}", "reinstalling edgeship on the device")

@@ -65,20 +65,25 @@ class RuntimeWheels:
     edgeship: Path
     deps_stamp: str
     edgeship_stamp: str
+    extras: tuple[str, ...] = ()  # edgeship's pip extras whose dependencies are among ``deps``
 
     def to_dict(self) -> dict[str, object]:
         return {"deps": [p.name for p in self.deps], "edgeship": self.edgeship.name,
-                "deps_stamp": self.deps_stamp, "edgeship_stamp": self.edgeship_stamp}
+                "deps_stamp": self.deps_stamp, "edgeship_stamp": self.edgeship_stamp, "extras": list(self.extras)}
 
 
-def runtime_requirements() -> list[str]:
-    """edgeship's plain dependencies (the device runtime), pinned to this host's versions where installed."""
+def runtime_requirements(extras: tuple[str, ...] = ()) -> list[str]:
+    """edgeship's plain dependencies (the device runtime) and those of ``extras``, pinned to this host's versions
+    where installed."""
     reqs = []
     for req in metadata.requires("edgeship") or []:
-        if "extra ==" in req:
-            continue
-        name = re.split(r"[\s;<>=!~\[]", req, maxsplit=1)[0]
         marker = req.partition(";")[2].strip()
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+        if extra is not None:
+            if extra.group(1) not in extras:
+                continue
+            marker = ""  # the extras edgeship declares for the device carry no other marker
+        name = re.split(r"[\s;<>=!~\[]", req, maxsplit=1)[0]
         try:
             spec = f"{name}=={metadata.version(name)}"
         except metadata.PackageNotFoundError:
@@ -94,9 +99,9 @@ def _pip(args: list[str], what: str) -> None:
         raise DeviceError(f"{what} failed: {tail or proc.stderr.strip()[-400:]}")
 
 
-def download_deps(plat: Platform, log: Log = print) -> tuple[tuple[Path, ...], str]:
-    """Wheels of the runtime dependencies for ``plat``; downloaded once, then from the cache."""
-    reqs = runtime_requirements()
+def download_deps(plat: Platform, log: Log = print, extras: tuple[str, ...] = ()) -> tuple[tuple[Path, ...], str]:
+    """Wheels of the runtime dependencies (and ``extras``') for ``plat``; downloaded once, then from the cache."""
+    reqs = runtime_requirements(extras)
     dest = cache_root() / plat.key
     stamp = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:16]
     done = dest / f"complete-{stamp}.json"
@@ -184,12 +189,12 @@ def edgeship_wheel(log: Log = print) -> tuple[Path, str]:
     return dest / built[0].name, stamp
 
 
-def runtime_wheels(plat: Platform, log: Log = print) -> RuntimeWheels:
+def runtime_wheels(plat: Platform, log: Log = print, extras: tuple[str, ...] = ()) -> RuntimeWheels:
     with _LOCK:  # fleet threads share one cache: one download per platform
-        return _runtime_wheels(plat, log)
+        return _runtime_wheels(plat, log, extras)
 
 
-def _runtime_wheels(plat: Platform, log: Log) -> RuntimeWheels:
-    deps, deps_stamp = download_deps(plat, log)
+def _runtime_wheels(plat: Platform, log: Log, extras: tuple[str, ...]) -> RuntimeWheels:
+    deps, deps_stamp = download_deps(plat, log, extras)
     wheel, stamp = edgeship_wheel(log)
-    return RuntimeWheels(deps=deps, edgeship=wheel, deps_stamp=deps_stamp, edgeship_stamp=stamp)
+    return RuntimeWheels(deps=deps, edgeship=wheel, deps_stamp=deps_stamp, edgeship_stamp=stamp, extras=extras)
