@@ -290,3 +290,15 @@ def test_a_bad_file_on_the_command_line_is_one_line_before_any_run(
     err = cap.err.strip()
     assert "t.jsonl:2: no \"text\" string field" in err and "\n" not in err and "Traceback" not in err
     assert "onnx/fp32" not in cap.out  # refused before any artifact was measured
+
+
+def test_html_report_names_the_inputs(tiny_onnx_bundle: Path, tmp_path: Path) -> None:
+    from edgeship.profiling.html import render_html
+    from edgeship.profiling.results import DeviceRun
+
+    res = profile(tiny_onnx_bundle, inputs=str(_texts(tmp_path, [*SHORT, *LONG])), **FAST)
+    page = render_html([DeviceRun(res)])
+    assert "<h2>Your inputs</h2>" in page and "texts.txt (txt, 6 inputs" in page
+    assert "33-64 tokens" in page and "vs onnx/fp32" in page and "not with PyTorch" in page
+    assert "<h2>Your inputs</h2>" not in render_html([DeviceRun(profile(tiny_onnx_bundle, artifact="onnx/fp32",
+                                                                        **FAST))])
