@@ -323,8 +323,8 @@ class _Loop:
 
 def _timed_loop(model: Any, all_feeds: list[Feeds], cfg: RunConfig, recorder: energy.Recorder, prog: Progress
                 ) -> _Loop:
-    """Run until both ``cfg.runs`` (at least one run per input) and the minimum time are reached (or
-    ``max_seconds``), meters around it. Run ``i`` is on input ``i % len(all_feeds)``, round-robin."""
+    """Run until both ``cfg.runs`` and the minimum time are reached (or ``max_seconds``), meters around it. Run ``i``
+    is on input ``i % len(all_feeds)``, round-robin, in whole rounds: every input is timed equally often."""
     samples: list[int] = []
     warnings: list[str] = []
     tele = telemetry.Telemetry()
@@ -337,7 +337,9 @@ def _timed_loop(model: Any, all_feeds: list[Feeds], cfg: RunConfig, recorder: en
     tele.start()
     start = time.perf_counter_ns()
     min_ns, max_ns = int(min_s * 1e9), int(cfg.max_seconds * 1e9)
-    n_inputs, runs = len(all_feeds), max(cfg.runs, len(all_feeds))
+    # whole rounds of the inputs, so that each input weighs the same in the percentiles (one input: cfg.runs)
+    n_inputs = len(all_feeds)
+    runs = -(-max(cfg.runs, n_inputs) // n_inputs) * n_inputs
     while True:
         feeds = all_feeds[len(samples) % n_inputs]
         t = time.perf_counter_ns()
@@ -348,7 +350,7 @@ def _timed_loop(model: Any, all_feeds: list[Feeds], cfg: RunConfig, recorder: en
             # the run ends when both the count and the time are reached: the lagging one is the progress
             frac = min(len(samples) / runs, elapsed / min_ns if min_ns else 1.0)
             prog.update(f"{bar(frac)} run {len(samples)} ({elapsed / 1e9:.1f} s) p50 {np.median(samples) / 1e6:.2f} ms")
-        if len(samples) >= runs and elapsed >= min_ns:
+        if len(samples) >= runs and elapsed >= min_ns and len(samples) % n_inputs == 0:
             break
         if elapsed >= max_ns:
             warnings.append(f"stopped at --max-seconds {cfg.max_seconds:g} after {len(samples)} of {runs} runs")

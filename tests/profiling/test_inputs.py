@@ -136,9 +136,10 @@ def test_profile_on_the_users_texts(tiny_onnx_bundle: Path, tmp_path: Path) -> N
         assert r.torch_free  # tokenized on the device side, torch unimportable
         u = r.user_inputs
         assert u is not None and (u.name, u.kind, u.count) == ("texts.txt", "txt", 6)
-        assert len(r.samples_ns) >= 6  # every input timed at least once, whatever --runs says
+        assert len(r.samples_ns) % 6 == 0 and len(r.samples_ns) >= 6  # whole rounds, whatever --runs says
+        rounds = len(r.samples_ns) // 6
         assert [b.label for b in u.buckets] == ["1-16 tokens", "33-64 tokens"]
-        assert [b.inputs for b in u.buckets] == [5, 1]
+        assert [(b.inputs, b.runs) for b in u.buckets] == [(5, 5 * rounds), (1, rounds)]
         assert sum(b.runs for b in u.buckets) == len(r.samples_ns)
         assert all(0 < b.p50_ms <= b.p90_ms for b in u.buckets)
         assert r.input is not None and "your inputs texts.txt" in str(r.input.source)
@@ -162,8 +163,10 @@ def test_profile_on_the_users_texts(tiny_onnx_bundle: Path, tmp_path: Path) -> N
 
 
 def test_without_fp32_in_the_run_there_is_no_agreement(tiny_onnx_bundle: Path, tmp_path: Path) -> None:
-    res = profile(tiny_onnx_bundle, artifact="onnx/int8-dynamic", inputs=str(_texts(tmp_path, SHORT)), **FAST)
+    res = profile(tiny_onnx_bundle, artifact="onnx/int8-dynamic", inputs=str(_texts(tmp_path, SHORT)),
+                  **{**FAST, "runs": 7})
     (r,) = res.results
+    assert len(r.samples_ns) == 10  # --runs 7 on 5 inputs: rounded up to whole rounds
     assert r.ok and r.user_inputs and r.user_inputs.agreement is None
     assert "no fp32 artifact" in str(r.user_inputs.agreement_note)
 
