@@ -305,3 +305,12 @@ def test_html_report_names_the_inputs(tiny_onnx_bundle: Path, tmp_path: Path) ->
     assert "33-64 tokens" in page and "vs onnx/fp32" in page and "not with PyTorch" in page
     assert "<h2>Your inputs</h2>" not in render_html([DeviceRun(profile(tiny_onnx_bundle, artifact="onnx/fp32",
                                                                         **FAST))])
+
+
+def test_inputs_on_an_llm_bundle_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    llm = tmp_path / "llm-bundle"
+    llm.mkdir()
+    (llm / "manifest.json").write_text(json.dumps({"llm": {}}))  # what marks a decoder-LLM bundle
+    assert main(["profile", str(llm), "--inputs", str(_texts(tmp_path, SHORT)), "--quiet"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "an LLM bundle is timed by --prompt-lengths" in err and "\n" not in err
