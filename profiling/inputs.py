@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from edgeship.errors import InputError, RuntimeMissingError
+from edgeship.errors import ConfigError, InputError, RuntimeMissingError
 from edgeship.profiling.results import LengthBucket
 from edgeship.spec import TensorSpec
 
 MAX_INPUTS = 10_000  # more is a data set, not a latency profile; the timed loop runs each at least once
+MAX_PREPARED_BYTES = 1 << 30  # every prepared input stays in memory for the round-robin (10,000 224px images: 6 GB)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 Feeds = dict[str, np.ndarray]
@@ -34,7 +35,7 @@ class UserInputs:
     """The inputs of one ``--inputs`` file, batch 1 each, in file order."""
 
     name: str  # the file or folder name (results name their inputs by it and its sha256)
-    kind: str  # "text", "jsonl", "npz" or "images"
+    kind: str  # "txt", "jsonl", "npz" or "images"
     sha256: str  # of the file; of a folder, over its image names and bytes
     feeds: tuple[Feeds, ...]
     lengths: tuple[int, ...] | None  # real (non-padding) tokens per input; None where length means nothing
@@ -43,9 +44,22 @@ class UserInputs:
     def count(self) -> int:
         return len(self.feeds)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for f in self.feeds for v in f.values())
+
     def describe(self) -> str:
         """'texts.jsonl (jsonl, 200 inputs, sha256 1a2b3c4d5e6f)', as the result's ``user_inputs`` says it."""
         return f"{self.name} ({self.kind}, {self.count} inputs, sha256 {self.sha256[:12]})"
+
+
+def check_usable(has_bundle: bool, shapes: Mapping[str, Any]) -> None:
+    """--inputs goes with a bundle (a bare model file has no tokenizer or preprocessing) and without --shape."""
+    if not has_bundle:
+        raise ConfigError("--inputs needs a bundle: its manifest says how to tokenize or preprocess them and which "
+                          "inputs the model takes (a bare model file has neither)")
+    if shapes:
+        raise ConfigError("--inputs and --shape exclude each other: the inputs fix the shapes")
 
 
 def read_inputs(path: str | Path, specs: Sequence[TensorSpec], preprocessing: Mapping[str, Any],
@@ -85,11 +99,15 @@ def _what_fits(kind: str) -> str:
     return "a .npz file with one array per input name"
 
 
-def _count(p: Path, n: int) -> None:
+def _count(p: Path, n: int, each_bytes: int = 0) -> None:
     if n == 0:
         raise InputError(f"--inputs {p}: empty; give at least one input")
     if n > MAX_INPUTS:
         raise InputError(f"--inputs {p}: {n:,} inputs, at most {MAX_INPUTS:,}; profile a sample of them")
+    if n * each_bytes > MAX_PREPARED_BYTES:
+        raise InputError(f"--inputs {p}: {n:,} inputs of {each_bytes / 2**20:.1f} MB each would take "
+                         f"{n * each_bytes / 2**30:.1f} GB in memory, at most {MAX_PREPARED_BYTES / 2**30:.0f} GB; "
+                         f"give at most {MAX_PREPARED_BYTES // each_bytes:,}")
 
 
 # ---- texts ---------------------------------------------------------------------------------------------------
@@ -209,7 +227,7 @@ def _arrays(p: Path, specs: Sequence[TensorSpec]) -> UserInputs:
                          "counts the inputs and must agree")
     out = {s.name: _checked(p, s, arrays[s.name]) for s in specs}
     count = next(iter(n.values()))
-    _count(p, count)
+    _count(p, count, sum(v[:1].nbytes for v in out.values()))
     lengths = tuple(int(x) for x in out["attention_mask"].reshape(count, -1).sum(axis=1)) \
         if "attention_mask" in out else None
     feeds = tuple({k: v[i:i + 1] for k, v in out.items()} for i in range(count))
@@ -246,9 +264,10 @@ def _images(folder: Path, specs: Sequence[TensorSpec], pre: Mapping[str, Any]) -
         if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
             raise InputError(f"--inputs {folder}: {f.name} is not an image ({' '.join(IMAGE_SUFFIXES)}); "
                              "the folder must hold only images")
-    _count(folder, len(files))
     if len(specs) != 1:
         raise InputError(f"--inputs {folder}: images feed one input, the model takes {_takes(specs)}; give a .npz")
+    fixed = [d if isinstance(d, int) else 1 for d in specs[0].shape[1:]]  # a dynamic size is known only per image
+    _count(folder, len(files), int(np.prod(fixed)) * np.dtype(specs[0].dtype).itemsize)
     try:
         from PIL import Image
     except ImportError:

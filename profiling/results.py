@@ -248,7 +248,7 @@ class UserInputsRun:
     PyTorch is ``ArtifactResult.device_check``, on the bundle's held-out samples."""
 
     name: str
-    kind: str  # "text", "jsonl", "npz", "images"
+    kind: str  # "txt", "jsonl", "npz", "images"
     count: int
     sha256: str
     buckets: tuple[LengthBucket, ...]

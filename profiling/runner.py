@@ -135,14 +135,10 @@ def _check_user_inputs(jobs: Sequence[Job], config: RunConfig) -> Path | None:
     workers save their outputs on those inputs to."""
     if not config.inputs:
         return None
-    if not jobs or jobs[0].bundle is None:
-        raise ConfigError("--inputs needs a bundle: its manifest says how to tokenize or preprocess them and which "
-                          "inputs the model takes (a bare model file has neither)")
-    if config.shapes:
-        raise ConfigError("--inputs and --shape exclude each other: the inputs fix the shapes")
-    from edgeship.profiling.inputs import read_inputs
+    from edgeship.profiling.inputs import check_usable, read_inputs
 
-    bundle = load_bundle(jobs[0].bundle, verify=False)
+    check_usable(bool(jobs) and jobs[0].bundle is not None, config.shapes)
+    bundle = load_bundle(str(jobs[0].bundle), verify=False)
     read_inputs(config.inputs, bundle.manifest.inputs, bundle.manifest.preprocessing, bundle.root)
     d = Path(tempfile.mkdtemp(prefix="edgeship-outputs-"))
     _UNPACKED.append(d)  # removed at exit if this run fails before it removes it itself

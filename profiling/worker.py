@@ -26,7 +26,7 @@ import numpy as np
 from edgeship.errors import ConfigError, EdgeshipError, InputError
 from edgeship.manifest import Bundle
 from edgeship.profiling import backends, energy, sysinfo, telemetry
-from edgeship.profiling.inputs import UserInputs, length_buckets, read_inputs
+from edgeship.profiling.inputs import UserInputs, check_usable, length_buckets, read_inputs
 from edgeship.profiling.progress import Progress, bar
 from edgeship.profiling.results import (
     Agreement,
@@ -245,6 +245,9 @@ def _measure(opened: _Opened, cfg: RunConfig, outputs_dir: str | None = None) ->
     user_run = None
     if user is not None and bundle is not None:
         user_run = UserInputsRun(user.name, user.kind, user.count, user.sha256, length_buckets(loop.samples, user))
+        # they are held in memory for the round-robin, like an app's batch of requests would not be
+        warnings.append(f"peak RSS includes your {user.count} prepared inputs ({user.nbytes / 2**20:.1f} MB)"
+                        + (" and the tokenizer" if user.kind in ("txt", "jsonl") else ""))
         if outputs_dir:
             _save_outputs(model, all_feeds, bundle, Path(outputs_dir) / outputs_file(opened.ident.artifact))
     return dataclasses.replace(
@@ -261,11 +264,8 @@ def _measure(opened: _Opened, cfg: RunConfig, outputs_dir: str | None = None) ->
 def _read_user_inputs(bundle: Bundle | None, cfg: RunConfig) -> UserInputs | None:
     if not cfg.inputs:
         return None
-    if bundle is None:
-        raise ConfigError("--inputs needs a bundle: its manifest says how to tokenize or preprocess them and which "
-                          "inputs the model takes (a bare model file has neither)")
-    if cfg.shapes:
-        raise ConfigError("--inputs and --shape exclude each other: the inputs fix the shapes")
+    check_usable(bundle is not None, cfg.shapes)
+    assert bundle is not None  # for mypy: check_usable refused a bare model file
     return read_inputs(cfg.inputs, bundle.manifest.inputs, bundle.manifest.preprocessing, bundle.root)
 
 

@@ -144,6 +144,7 @@ def test_profile_on_the_users_texts(tiny_onnx_bundle: Path, tmp_path: Path) -> N
         assert all(0 < b.p50_ms <= b.p90_ms for b in u.buckets)
         assert r.input is not None and "your inputs texts.txt" in str(r.input.source)
         assert r.device_check is not None  # the held-out check against PyTorch still runs
+        assert any("peak RSS includes your 6 prepared inputs" in w and "tokenizer" in w for w in r.warnings)
     assert fp32.user_inputs and fp32.user_inputs.agreement is None
     assert "reference" in str(fp32.user_inputs.agreement_note)
     a = int8.user_inputs.agreement if int8.user_inputs else None
@@ -248,6 +249,13 @@ def test_wrong_kind_for_the_bundle(tiny_onnx_bundle: Path, tiny_vit_bundle: Path
         _read(images, tiny_onnx_bundle)
     with pytest.raises(InputError, match="no such file or folder"):
         _read(tmp_path / "nope.txt", tiny_onnx_bundle)
+
+
+def test_prepared_inputs_must_fit_in_memory(tiny_vit_bundle: Path, images: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inputs_mod, "MAX_PREPARED_BYTES", 2 * 3 * 32 * 32 * 4)  # two 32x32 RGB float32 images
+    with pytest.raises(InputError, match="3 inputs of 0.0 MB each would take .* give at most 2"):
+        _read(images, tiny_vit_bundle)
 
 
 def test_bad_images(tiny_vit_bundle: Path, images: Path) -> None:
