@@ -18,7 +18,7 @@ from edgeship.profiling import inputs as inputs_mod
 from edgeship.profiling import report
 from edgeship.profiling.inputs import bucket_of, read_inputs, tokenize
 from edgeship.profiling.results import ArtifactResult, ProfileResult
-from edgeship.profiling.runner import profile
+from edgeship.profiling.runner import profile, reference_artifact
 
 FAST = dict(runs=3, min_seconds=0.0, warmup=2, energy="off", idle_seconds=0.0, progress=False)
 SHORT = ["the dog runs", "a red car", "happy sun", "the cat plays guitar", "rain"]  # 3-6 tokens with [CLS] [SEP]
@@ -322,3 +322,23 @@ def test_inputs_on_an_llm_bundle_is_one_line(tmp_path: Path, capsys: pytest.Capt
     assert main(["profile", str(llm), "--inputs", str(_texts(tmp_path, SHORT)), "--quiet"]) != 0
     err = capsys.readouterr().err.strip()
     assert "an LLM bundle is timed by --prompt-lengths" in err and "\n" not in err
+
+
+@pytest.mark.needs_export
+def test_texts_on_litert_and_executorch(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+                                        tmp_path: Path) -> None:
+    """The static-shape formats take the same prepared inputs (LiteRT's int32 ids through its adapt_feeds), and
+    are compared with the ONNX fp32 artifact of the same run."""
+    from edgeship.pipeline import export
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-3"
+    export(tiny_bert_dir, target="raspberry-pi-5", out=out, formats=["onnx", "tflite", "pte"], recipes=["fp32"],
+           log=lambda m: None)
+    res = profile(out, inputs=str(_texts(tmp_path, [*SHORT, *LONG])), **FAST)
+    assert reference_artifact(res.results) is not None and reference_artifact(res.results).artifact == "onnx/fp32"
+    for r in res.results:
+        assert r.ok and r.user_inputs is not None, r.error
+        assert [(b.label, b.inputs) for b in r.user_inputs.buckets] == [("1-16 tokens", 5), ("33-64 tokens", 1)]
+        if r.artifact != "onnx/fp32":
+            a = r.user_inputs.agreement
+            assert a is not None and r.user_inputs.agreement_vs == "onnx/fp32" and a.min_cosine > 0.999  # all fp32
