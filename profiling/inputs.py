@@ -259,7 +259,10 @@ def _sha256_file(p: Path) -> str:
 
 # ---- images ----------------------------------------------------------------------------------------------------
 def _images(folder: Path, specs: Sequence[TensorSpec], pre: Mapping[str, Any]) -> UserInputs:
-    files = sorted(f for f in folder.iterdir() if not f.name.startswith("."))
+    try:
+        files = sorted(f for f in folder.iterdir() if not f.name.startswith("."))
+    except OSError as e:
+        raise InputError(f"--inputs {folder}: cannot list the folder ({e.strerror})") from None
     for f in files:
         if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
             raise InputError(f"--inputs {folder}: {f.name} is not an image ({' '.join(IMAGE_SUFFIXES)}); "
@@ -276,7 +279,10 @@ def _images(folder: Path, specs: Sequence[TensorSpec], pre: Mapping[str, Any]) -
     h = hashlib.sha256()
     feeds = []
     for f in files:
-        data = f.read_bytes()
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise InputError(f"--inputs {f}: cannot read it ({e.strerror})") from None
         h.update(f.name.encode() + b"\0" + hashlib.sha256(data).digest())
         feeds.append({spec.name: _pixels(f, Image, spec, pre)})
     return UserInputs(folder.name, "images", h.hexdigest(), tuple(feeds), None)
