@@ -269,13 +269,13 @@ def _images(folder: Path, specs: Sequence[TensorSpec], pre: Mapping[str, Any]) -
                              "the folder must hold only images")
     if len(specs) != 1:
         raise InputError(f"--inputs {folder}: images feed one input, the model takes {_takes(specs)}; give a .npz")
-    fixed = [d if isinstance(d, int) else 1 for d in specs[0].shape[1:]]  # a dynamic size is known only per image
-    _count(folder, len(files), int(np.prod(fixed)) * np.dtype(specs[0].dtype).itemsize)
+    spec = specs[0]
+    channels, height, width = _image_size(spec, pre)
+    _count(folder, len(files), channels * height * width * np.dtype(spec.dtype).itemsize)
     try:
         from PIL import Image
     except ImportError:
         raise RuntimeMissingError("image inputs need Pillow: pip install 'edgeship[inputs]'") from None
-    spec = specs[0]
     h = hashlib.sha256()
     feeds = []
     for f in files:
@@ -284,24 +284,32 @@ def _images(folder: Path, specs: Sequence[TensorSpec], pre: Mapping[str, Any]) -
         except OSError as e:
             raise InputError(f"--inputs {f}: cannot read it ({e.strerror})") from None
         h.update(f.name.encode() + b"\0" + hashlib.sha256(data).digest())
-        feeds.append({spec.name: _pixels(f, Image, spec, pre)})
+        arr = _pixels(f, Image, channels, (width, height), pre)
+        feeds.append({spec.name: np.ascontiguousarray(arr.transpose(2, 0, 1) if pre.get("channels_first", True)
+                                                      else arr)[None].astype(spec.dtype)})
     return UserInputs(folder.name, "images", h.hexdigest(), tuple(feeds), None)
 
 
-def _pixels(f: Path, image_mod: Any, spec: TensorSpec, pre: Mapping[str, Any]) -> np.ndarray:
-    """One image as the export side's image processor made it: resized, rescaled, normalised, NCHW float."""
-    channels_first = bool(pre.get("channels_first", True))
-    dims = spec.shape[1:] if channels_first else (spec.shape[3], spec.shape[1], spec.shape[2])
-    c, hh, ww = dims if len(dims) == 3 else (None, None, None)
+def _image_size(spec: TensorSpec, pre: Mapping[str, Any]) -> tuple[int, int, int]:
+    """Channels, height and width of the model's image input (NCHW, or NHWC without ``channels_first``)."""
+    if len(spec.shape) != 4:
+        raise InputError(f"input '{spec.name}' {list(spec.shape)} is not an image batch (4-D); give a .npz")
+    c, hh, ww = spec.shape[1:] if pre.get("channels_first", True) else (spec.shape[3], *spec.shape[1:3])
     raw_size = pre.get("size")
     size: Mapping[str, Any] = raw_size if isinstance(raw_size, Mapping) else {}
-    height = hh if isinstance(hh, int) else size.get("height")
-    width = ww if isinstance(ww, int) else size.get("width")
-    if not isinstance(height, int) or not isinstance(width, int):
+    height, width = (hh if isinstance(hh, int) else size.get("height")), (ww if isinstance(ww, int) else size.get("width"))
+    if not all(isinstance(x, int) for x in (c, height, width)):
         raise InputError(f"input '{spec.name}' {list(spec.shape)}: the bundle fixes no image size; give a .npz")
+    return int(c), int(height), int(width)  # type: ignore[arg-type]
+
+
+def _pixels(f: Path, image_mod: Any, channels: int, size: tuple[int, int], pre: Mapping[str, Any]) -> np.ndarray:
+    """One image, HWC float, as a ViT-style image processor makes it: resized straight to the model's size
+    (bilinear), rescaled, normalised. Processors that resize the shortest edge and centre-crop are not
+    reproduced: the manifest records no crop."""
     try:
         with image_mod.open(f) as im:
-            im = im.convert("L" if c == 1 else "RGB").resize((width, height), image_mod.Resampling.BILINEAR)
+            im = im.convert("L" if channels == 1 else "RGB").resize(size, image_mod.Resampling.BILINEAR)
             arr: np.ndarray = np.asarray(im, dtype=np.float32)
     except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError... for a broken file
         raise InputError(f"--inputs {f}: cannot decode the image ({type(e).__name__}: {e})") from None
@@ -309,9 +317,7 @@ def _pixels(f: Path, image_mod: Any, spec: TensorSpec, pre: Mapping[str, Any]) -
     arr = arr * np.float32(pre.get("rescale_factor") or 1 / 255)
     if pre.get("mean") is not None and pre.get("std") is not None:
         arr = (arr - np.asarray(pre["mean"], np.float32)) / np.asarray(pre["std"], np.float32)
-    if channels_first:
-        arr = arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr[None]).astype(spec.dtype)
+    return arr
 
 
 # ---- latency by input length -----------------------------------------------------------------------------------
