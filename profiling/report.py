@@ -125,6 +125,10 @@ def user_inputs_lines(results: Sequence[ArtifactResult]) -> list[str]:
     names = sorted({r.user_inputs.describe() for r in results if r.user_inputs})
     lines = [f"latency by input length on {', '.join(names)}:",
              table(rows, ["artifact", "length", "inputs", "runs", "p50 ms", "p90 ms"])]
+    held = next((r.user_inputs for r in results if r.user_inputs and r.user_inputs.prepared_mb is not None), None)
+    if held is not None:
+        lines.append(f"  peak MB includes the {held.count} prepared inputs ({held.prepared_mb:.1f} MB), held in memory for "
+                     f"the round-robin{' with the tokenizer' if held.kind in ('txt', 'jsonl') else ''}")
     for r in results:
         u = r.user_inputs
         if u is None or (u.agreement is None and not u.agreement_note):

@@ -255,6 +255,9 @@ class UserInputsRun:
     agreement: Agreement | None = None
     agreement_vs: str | None = None  # the artifact compared with, e.g. "onnx/fp32"
     agreement_note: str | None = None  # why there is no agreement, or what it is
+    # the prepared inputs, all held in memory for the round-robin: part of the worker's peak RSS (an app would
+    # hold one request at a time); texts add the tokenizer
+    prepared_mb: float | None = None
 
     def describe(self) -> str:
         """'texts.jsonl (jsonl, 200 inputs, sha256 1a2b3c4d5e6f)'."""

@@ -244,10 +244,8 @@ def _measure(opened: _Opened, cfg: RunConfig, outputs_dir: str | None = None) ->
     check = _device_check(model, bundle) if bundle is not None and not cfg.shapes else None
     user_run = None
     if user is not None and bundle is not None:
-        user_run = UserInputsRun(user.name, user.kind, user.count, user.sha256, length_buckets(loop.samples, user))
-        # they are held in memory for the round-robin, like an app's batch of requests would not be
-        warnings.append(f"peak RSS includes your {user.count} prepared inputs ({user.nbytes / 2**20:.1f} MB)"
-                        + (" and the tokenizer" if user.kind in ("txt", "jsonl") else ""))
+        user_run = UserInputsRun(user.name, user.kind, user.count, user.sha256, length_buckets(loop.samples, user),
+                                 prepared_mb=user.nbytes / 2**20)
         if outputs_dir:
             _save_outputs(model, all_feeds, bundle, Path(outputs_dir) / outputs_file(opened.ident.artifact))
     return dataclasses.replace(

@@ -144,7 +144,7 @@ def test_profile_on_the_users_texts(tiny_onnx_bundle: Path, tmp_path: Path) -> N
         assert all(0 < b.p50_ms <= b.p90_ms for b in u.buckets)
         assert r.input is not None and "your inputs texts.txt" in str(r.input.source)
         assert r.device_check is not None  # the held-out check against PyTorch still runs
-        assert any("peak RSS includes your 6 prepared inputs" in w and "tokenizer" in w for w in r.warnings)
+        assert u.prepared_mb == pytest.approx(6 * 2 * 128 * 8 / 2**20)  # 6 x input_ids + attention_mask, int64
     assert fp32.user_inputs and fp32.user_inputs.agreement is None
     assert "reference" in str(fp32.user_inputs.agreement_note)
     a = int8.user_inputs.agreement if int8.user_inputs else None
@@ -161,6 +161,8 @@ def test_profile_on_the_users_texts(tiny_onnx_bundle: Path, tmp_path: Path) -> N
     text = report.render(res)
     assert "latency by input length on texts.txt (txt, 6 inputs" in text and "33-64 tokens" in text
     assert "against onnx/fp32, not against PyTorch" in text
+    assert "peak MB includes the 6 prepared inputs (0.0 MB), held in memory for the round-robin with the tokenizer" \
+        in text
 
 
 def test_without_fp32_in_the_run_there_is_no_agreement(tiny_onnx_bundle: Path, tmp_path: Path) -> None:
