@@ -26,7 +26,9 @@ def _edgeship(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
                           check=False)
 
 
-def _model(d: Path, n: int, rows: int) -> Path:
+def matmul_onnx(d: Path, n: int, rows: int = 16) -> Path:
+    """``d/mm.onnx``: two MatMuls of an n x n weight, a real model whose cost grows with n (tests/sdk/test_history.py
+    uses it too, so the verdicts the test checks are on the model this benchmark measures)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -39,6 +41,7 @@ def _model(d: Path, n: int, rows: int) -> Path:
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])], ws)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
+    d.mkdir(parents=True, exist_ok=True)
     onnx.save(m, str(d / "mm.onnx"))
     return d / "mm.onnx"
 
@@ -53,7 +56,7 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as td:
         d = Path(td)
-        model = Path(args.model) if args.model else _model(d, args.n, args.rows)
+        model = Path(args.model) if args.model else matmul_onnx(d, args.n, args.rows)
         env = {**os.environ, "EDGESHIP_HISTORY": str(d / "history.sqlite")}
         common = ["--runs", "100", "--min-seconds", args.min_seconds, "--energy", "off", "--quiet"]
         verdicts = []

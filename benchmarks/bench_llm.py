@@ -187,16 +187,6 @@ def child_main(job_path: Path) -> None:
     print(json.dumps(out))
 
 
-def _reference_argmax(hf_dir: Path, ids: list[int], out: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        np.save(out, model(torch.tensor([ids[:-1]])).logits[0].argmax(-1).numpy())
-    return out
-
-
 def _export(out: Path, formats: Sequence[str], recipes: Sequence[str]) -> Path:
     from edgeship.llm import export_llm
     from edgeship.llm_models import default_llm_gguf
@@ -206,12 +196,17 @@ def _export(out: Path, formats: Sequence[str], recipes: Sequence[str]) -> Path:
     return out
 
 
-def _hf_dir(work: Path) -> Path:
-    """The GGUF as a plain HF directory (the fidelity reference edgeship exports from)."""
+def _reference(work: Path, ids: list[int], out: Path) -> tuple[Path, Path]:
+    """The GGUF as a plain HF directory (the fidelity reference edgeship exports from) and the fp32 model's argmax
+    over ``ids`` saved to ``out``, from one load of the model."""
+    import torch
+
     from edgeship.llm_models import default_llm_gguf, load_llm
 
     llm = load_llm(default_llm_gguf(), workdir=work, log=lambda m: None)
-    return Path(llm.hf_dir)
+    with torch.inference_mode():
+        np.save(out, llm.model(torch.tensor([ids[:-1]])).logits[0].argmax(-1).numpy())
+    return Path(llm.hf_dir), out
 
 
 def _table(rows: dict[str, list[dict[str, Any]]]) -> str:
@@ -269,8 +264,7 @@ def main() -> None:
     held = json.loads((bundle / man.samples["heldout"]).read_text(encoding="utf-8"))
     text_ids = [int(i) for i in held["text_ids"]]
     prompt = (text_ids * (-(-a.prompt_len // len(text_ids))))[: a.prompt_len]
-    hf_dir = _hf_dir(work)
-    ref = _reference_argmax(hf_dir, text_ids, work / "ref_argmax.npy")
+    hf_dir, ref = _reference(work, text_ids, work / "ref_argmax.npy")
     common = {"prompt": prompt, "new_tokens": a.new_tokens, "threads": a.threads}
     jobs: dict[str, dict[str, Any]] = {
         LLAMA_CPP: {"kind": LLAMA_CPP, "gguf": str(default_llm_gguf()), "agree_ids": text_ids,

@@ -27,6 +27,7 @@ MAX_INPUTS = 10_000  # more is a data set, not a latency profile; the timed loop
 MAX_PREPARED_BYTES = 1 << 30  # every prepared input stays in memory for the round-robin (10,000 224px images: 6 GB)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TEXT_SUFFIXES = (".txt", ".jsonl")
+PREPARED_KEY = "__edgeship_inputs__"  # in a .npz of prepared inputs: the user's file it was made from (JSON bytes)
 Feeds = dict[str, np.ndarray]
 
 
@@ -39,6 +40,7 @@ class UserInputs:
     sha256: str  # of the file; of a folder, over its image names and bytes
     feeds: tuple[Feeds, ...]
     lengths: tuple[int, ...] | None  # real (non-padding) tokens per input; None where length means nothing
+    prepared_on: str = "device"  # "host": tokenized / decoded by the host of a remote run (:func:`write_prepared`)
 
     @property
     def count(self) -> int:
@@ -50,7 +52,8 @@ class UserInputs:
 
     def describe(self) -> str:
         """'texts.jsonl (jsonl, 200 inputs, sha256 1a2b3c4d5e6f)', as the result's ``user_inputs`` says it."""
-        return f"{self.name} ({self.kind}, {self.count} inputs, sha256 {self.sha256[:12]})"
+        where = ", prepared on the host" if self.prepared_on == "host" else ""
+        return f"{self.name} ({self.kind}, {self.count} inputs, sha256 {self.sha256[:12]}{where})"
 
 
 def check_usable(has_bundle: bool, shapes: Mapping[str, Any]) -> None:
@@ -211,10 +214,21 @@ def _text_feeds(specs: Sequence[TensorSpec], ids: np.ndarray, mask: np.ndarray, 
 
 
 # ---- arrays ----------------------------------------------------------------------------------------------------
+def write_prepared(user: UserInputs, path: Path) -> None:
+    """The prepared inputs as a .npz that :func:`read_inputs` reads back as the same inputs, still named after the
+    user's file. A remote run sends this: the device then needs neither tokenizers (whose wheel pulls in
+    huggingface-hub and its dependencies) nor Pillow, and times exactly the arrays the host made."""
+    arrays = {k: np.concatenate([f[k] for f in user.feeds]) for k in user.feeds[0]}
+    meta = {"name": user.name, "kind": user.kind, "sha256": user.sha256}
+    arrays[PREPARED_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+
+
 def _arrays(p: Path, specs: Sequence[TensorSpec]) -> UserInputs:
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+        meta = json.loads(arrays.pop(PREPARED_KEY).tobytes()) if PREPARED_KEY in arrays else None
     except Exception as e:  # numpy raises OSError, ValueError, BadZipFile... for a broken file
         raise InputError(f"--inputs {p}: not a readable .npz ({type(e).__name__}: {e})") from None
     want = {s.name for s in specs}
@@ -231,6 +245,8 @@ def _arrays(p: Path, specs: Sequence[TensorSpec]) -> UserInputs:
     lengths = tuple(int(x) for x in out["attention_mask"].reshape(count, -1).sum(axis=1)) \
         if "attention_mask" in out else None
     feeds = tuple({k: v[i:i + 1] for k, v in out.items()} for i in range(count))
+    if isinstance(meta, dict):  # made by write_prepared: the user's own file is what the results name
+        return UserInputs(str(meta.get("name")), str(meta.get("kind")), str(meta.get("sha256")), feeds, lengths, "host")
     return UserInputs(p.name, "npz", _sha256_file(p), feeds, lengths)
 
 

@@ -258,10 +258,12 @@ class UserInputsRun:
     # the prepared inputs, all held in memory for the round-robin: part of the worker's peak RSS (an app would
     # hold one request at a time); texts add the tokenizer
     prepared_mb: float | None = None
+    prepared_on: str = "device"  # "host": a remote run's host tokenized / decoded them and sent the arrays
 
     def describe(self) -> str:
         """'texts.jsonl (jsonl, 200 inputs, sha256 1a2b3c4d5e6f)'."""
-        return f"{self.name} ({self.kind}, {self.count} inputs, sha256 {self.sha256[:12]})"
+        where = ", prepared on the host" if self.prepared_on == "host" else ""
+        return f"{self.name} ({self.kind}, {self.count} inputs, sha256 {self.sha256[:12]}{where})"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -245,7 +245,7 @@ def _measure(opened: _Opened, cfg: RunConfig, outputs_dir: str | None = None) ->
     user_run = None
     if user is not None and bundle is not None:
         user_run = UserInputsRun(user.name, user.kind, user.count, user.sha256, length_buckets(loop.samples, user),
-                                 prepared_mb=user.nbytes / 2**20)
+                                 prepared_mb=user.nbytes / 2**20, prepared_on=user.prepared_on)
         if outputs_dir:
             _save_outputs(model, all_feeds, bundle, Path(outputs_dir) / outputs_file(opened.ident.artifact))
     return dataclasses.replace(

@@ -22,7 +22,7 @@ from edgeship.compare import (
     render,
 )
 from edgeship.errors import ConfigError
-from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult
+from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult, llm_documents
 from edgeship.profiling.results import ArtifactResult, DeviceRun, FleetResult, ProfileResult, Status
 
 EXIT_FAIL = 1
@@ -65,7 +65,7 @@ def llm_as_run(res: LLMProfileResult) -> DeviceRun:
                                    error=r.error, format=r.format, recipe=r.recipe, threads=r.threads,
                                    samples_ns=tuple(r.token_ns)) for r in res.results)
     prof = ProfileResult(res.device, None, results, res.source, res.target, res.created_utc, res.edgeship_version)
-    return DeviceRun(prof, identity={"place": res.device.hostname or "local", "kind": "llm"})
+    return DeviceRun(prof, url=res.device_url, identity={**res.device_identity, "place": res.device_name, "kind": "llm"})
 
 
 def _kind(run: DeviceRun) -> str:
@@ -89,8 +89,7 @@ def _load_keyed(path: str) -> list[tuple[DeviceRun, str]]:
     if not isinstance(d, dict) or not ("runs" in d or "results" in d):
         raise ConfigError(f"{p}: not an edgeship results file (no 'results' or 'runs')")
     if d.get("kind") == "llm":
-        res = LLMProfileResult.from_dict(d)
-        return [(llm_as_run(res), hist.llm_run_key(res))]
+        return [(llm_as_run(res), hist.llm_run_key(res)) for res in llm_documents(d)]
     return [(r, hist.run_key(r)) for r in hist.runs_of(FleetResult.from_dict(d) if "runs" in d
                                                        else DeviceRun.from_dict(d))]
 

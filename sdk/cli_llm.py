@@ -110,12 +110,14 @@ def profile_llm_cmd(a: argparse.Namespace) -> int:
     from edgeship.profiling.llm.bench import LLMRunConfig, profile_llm
     from edgeship.profiling.llm.results import render
 
-    if a.device or a.inventory:
-        raise ConfigError("remote profiling of LLM bundles is not implemented yet: copy the bundle to the device "
-                          "and run edgeship profile there")
+    if getattr(a, "farm", None):
+        raise ConfigError("--farm does not take LLM bundles yet: profile them on devices with --device ssh://... or "
+                          "--inventory FILE")
     cfg = LLMRunConfig(prompt_lengths=_lengths(a.prompt_lengths), new_tokens=a.new_tokens, threads=a.threads,
                        energy=a.energy, idle_seconds=a.idle_seconds, sample_hz=a.sample_hz, energy_csv=a.energy_csv,
                        power_target=a.target)
+    if a.device or a.inventory:
+        return _profile_llm_remote(a, cfg)
     res = profile_llm(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path)
     print(render(res))
     from edgeship.cli_history import record_llm_profile
@@ -125,12 +127,48 @@ def profile_llm_cmd(a: argparse.Namespace) -> int:
         from edgeship.profiling.llm.html import write_llm_html
 
         print(f"HTML report: {write_llm_html(res, Path(a.html_path))}")
-    for r in res.results:
-        if r.status == "ok" and r.energy.get("estimated"):
-            print("mJ/token marked (est.) is an ESTIMATE from the target power model, not a measurement "
-                  f"({r.energy.get('source')}: no real power meter here)")
-            break
+    _estimate_note([res])
     return 0 if res.ok else EXIT_FAIL
+
+
+def _profile_llm_remote(a: argparse.Namespace, cfg: Any) -> int:
+    """``--device`` / ``--inventory``: one document per device (a fleet's in one file), each device recorded."""
+    from edgeship.cli_history import record_llm_profile
+    from edgeship.profiling.llm.remote import profile_llm_remote
+    from edgeship.profiling.llm.results import fleet_to_dict, render
+    from edgeship.profiling.runner import write_json_atomic
+    from edgeship.signing import check_source
+
+    check_source(a.source, a.pubkey)  # before anything is copied to a device
+    runs = profile_llm_remote(a.source, devices=a.device, inventory=a.inventory, config=cfg, artifact=a.artifact,
+                              identity=a.identity, accept_new_host_key=a.accept_new_host_key)
+    if a.json_path:
+        text = runs[0].to_json() if len(runs) == 1 else json.dumps(fleet_to_dict(runs), indent=2)
+        write_json_atomic(Path(a.json_path), text)
+    for res in runs:
+        print(f"== {res.device_name}")
+        if res.results:  # a device that failed mid-run still shows what it measured
+            print(render(res))
+        if res.error:
+            print(f"{res.device_url}: ERROR {res.error}")
+        print()
+        record_llm_profile(a, res, a.source)
+    if getattr(a, "html_path", None):
+        from edgeship.profiling.llm.decide import merged
+        from edgeship.profiling.llm.html import write_llm_html
+
+        print(f"HTML report: {write_llm_html(merged([(r.device_name, r) for r in runs]), Path(a.html_path))}")
+    _estimate_note(runs)
+    return 0 if all(r.ok for r in runs) else EXIT_FAIL
+
+
+def _estimate_note(runs: Any) -> None:
+    for res in runs:
+        for r in res.results:
+            if r.status == "ok" and r.energy.get("estimated"):
+                print("mJ/token marked (est.) is an ESTIMATE from the target power model, not a measurement "
+                      f"({r.energy.get('source')}: no real power meter on the device that ran it)")
+                return
 
 
 def cmd_chat(a: argparse.Namespace) -> int:

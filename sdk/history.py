@@ -239,7 +239,8 @@ def llm_run_key(res: LLMProfileResult) -> str:
 
 
 def record_llm(conn: sqlite3.Connection, res: LLMProfileResult, source: str | Path | None = None) -> int:
-    """Append one LLM profile (this machine's); returns its run id (an already recorded run keeps its id)."""
+    """Append one LLM profile (this machine's or a remote device's, under its name); returns its run id (an already
+    recorded run keeps its id)."""
     key = llm_run_key(res)
     row = conn.execute("SELECT id FROM runs WHERE run_key = ?", (key,)).fetchone()
     if row is not None:
@@ -251,8 +252,9 @@ def record_llm(conn: sqlite3.Connection, res: LLMProfileResult, source: str | Pa
         cur = conn.execute(
             "INSERT INTO runs (run_key, recorded_utc, created_utc, device, source, target, edgeship_version, status,"
             " error, device_json, identity_json, config_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (key, _now(), res.created_utc, res.device.hostname or "local", str(source or res.source), res.target,
-             res.edgeship_version, status, None, json.dumps(dev), json.dumps({"kind": "llm"}), json.dumps(res.config)))
+            (key, _now(), res.created_utc, res.device_name, str(source or res.source), res.target,
+             res.edgeship_version, status, res.error, json.dumps(dev),
+             json.dumps({**res.device_identity, "kind": "llm"}, default=str), json.dumps(res.config)))
         run_id = int(cur.lastrowid or 0)
         for r in res.results:
             _insert_llm_result(conn, run_id, r, info, dev.get("runtimes") or {})

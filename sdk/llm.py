@@ -34,6 +34,7 @@ from edgeship.exporters.llm_base import (
 from edgeship.llm_fidelity import MIN_TEXT_TOKENS, LLMReference, measure, torch_reference
 from edgeship.llm_models import LoadedLLM, load_llm
 from edgeship.manifest import ArtifactRecord, Manifest, checksum_tree, tree_digest
+from edgeship.pipeline import ExportResult
 from edgeship.targets import TargetProfile, get_profile
 
 TASK = "text-generation"
@@ -44,28 +45,6 @@ GREEDY_NEW_TOKENS = 24
 _BYTES_PER_WEIGHT = {"fp32": lambda g: 4.0, "int8-dynamic": lambda g: 1.0 + 4.0 / 32, "int4-weight": lambda g: 0.5 + 4.0 / g}
 
 Log = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class LLMExportSummary:
-    bundle: Path
-    manifest: Manifest
-    seconds: float
-
-    def summary(self) -> str:
-        from edgeship.profiling.report import table
-
-        rows = []
-        for a in self.manifest.artifacts:
-            f = a.llm_fidelity
-            rows.append([a.key, f"{a.size_bytes / 2**20:.1f}", f"{f.top1_agreement:.3f}" if f else "-",
-                         f"{f.mean_kl:.4f}" if f else "-", f"{f.perplexity:.2f} / {f.perplexity_reference:.2f}" if f else "-",
-                         f"{f.greedy_identical}/{f.n_prompts}" if f else "-",
-                         f"{a.details.get('predicted_peak_memory_bytes', 0) / 2**20:.0f}", f"{a.export_seconds:.1f}"])
-        for r in (self.manifest.llm or {}).get("refused", []):
-            rows.append([f"{r['format']}/{r['recipe']}", "-", "-", "-", "-", "-", "-", f"REFUSED: {r['reason'][:60]}"])
-        return table(rows, ["artifact", "MB", "top-1", "mean KL", "ppl art/ref", "greedy same", "peak MB@ctx",
-                            "export s"])
 
 
 def _data_lines(name: str) -> list[str]:
@@ -240,7 +219,7 @@ def _bundle_llm_files(llm: LoadedLLM, writer: BundleWriter, kept: dict[str, Any]
 def export_llm(source: str | Path, *, target: str | TargetProfile = "raspberry-pi-5", out: str | Path,
                formats: Sequence[str] | None = None, recipes: Sequence[str] | None = None,
                max_context: int | None = None, adapter: str | Path | None = None, overwrite: bool = False,
-               allow_degraded: bool = False, log: Log | None = None) -> LLMExportSummary:
+               allow_degraded: bool = False, log: Log | None = None) -> ExportResult:
     """Export a causal LM for ``target`` in every (format, recipe); see the module docstring."""
     from edgeship import __version__
 
@@ -267,7 +246,7 @@ def export_llm(source: str | Path, *, target: str | TargetProfile = "raspberry-p
             raise ExportError("no artifact was written: " + "; ".join(
                 f"{r['format']}/{r['recipe']}: {r['reason']}" for r in refused))
     bundle, manifest = records
-    return LLMExportSummary(bundle, manifest, time.perf_counter() - t_start)
+    return ExportResult(bundle, manifest, time.perf_counter() - t_start)
 
 
 def _export_all(ctx: _Ctx, todo: Sequence[tuple[str, str]], out_dir: Path, overwrite: bool, kept: dict[str, Any],

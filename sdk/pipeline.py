@@ -84,8 +84,12 @@ class ExportResult:
     seconds: float
 
     def summary(self) -> str:
+        """The artifacts as a table: fidelity to the original model, size, export time (an LLM bundle its own)."""
         from edgeship.profiling.report import table
 
+        if self.manifest.llm is not None:
+            return table(_llm_rows(self.manifest), ["artifact", "MB", "top-1", "mean KL", "ppl art/ref", "greedy same",
+                                                    "peak MB@ctx", "export s"])
         rows = []
         for a in self.manifest.artifacts:
             f = a.fidelity
@@ -95,6 +99,19 @@ class ExportResult:
                          f"{f.min_cosine:.4f}" if f else "-", f"{f.max_abs_err:.2e}" if f else "-",
                          f"{a.export_seconds:.1f}", f"{len(kept)} layer(s) kept in higher precision" if kept else ""])
         return table(rows, ["artifact", "MB", "mean cos", "p5 cos", "min cos", "max abs err", "export s", "notes"])
+
+
+def _llm_rows(manifest: Manifest) -> list[list[str]]:
+    rows = []
+    for a in manifest.artifacts:
+        f = a.llm_fidelity
+        rows.append([a.key, f"{a.size_bytes / 2**20:.1f}", f"{f.top1_agreement:.3f}" if f else "-",
+                     f"{f.mean_kl:.4f}" if f else "-", f"{f.perplexity:.2f} / {f.perplexity_reference:.2f}" if f else "-",
+                     f"{f.greedy_identical}/{f.n_prompts}" if f else "-",
+                     f"{a.details.get('predicted_peak_memory_bytes', 0) / 2**20:.0f}", f"{a.export_seconds:.1f}"])
+    for r in (manifest.llm or {}).get("refused", []):
+        rows.append([f"{r['format']}/{r['recipe']}", "-", "-", "-", "-", "-", "-", f"REFUSED: {r['reason'][:60]}"])
+    return rows
 
 
 def _plan(target: TargetProfile, formats: Sequence[str] | None, recipes: Sequence[str] | None) -> list[tuple[type[Exporter], str]]:
@@ -152,11 +169,6 @@ class Evaluator:
         return (sha256_file(path), fmt, json.dumps(dict(options or {}), sort_keys=True, default=str),
                 self.target.min_mean_cosine(recipe))
 
-    def known(self, path: Path, fmt: str, options: Mapping[str, Any] | None = None,
-              recipe: str = "default") -> Fidelity | None:
-        """The fidelity already measured for a file with these bytes, format, options and floor, else None."""
-        return self._seen.get(self._key(path, fmt, options, recipe))
-
     def __call__(self, path: Path, fmt: str, options: Mapping[str, Any] | None = None,
                  recipe: str = "default") -> Fidelity:
         from edgeship.profiling import backends
@@ -177,11 +189,6 @@ class Evaluator:
                       classifier=self.model.classifier)
         self._seen[key] = fid
         return fid
-
-
-def make_evaluator(model: Any, heldout: Sequence[dict[str, np.ndarray]], reference: Sequence[dict[str, np.ndarray]],
-                   target: TargetProfile) -> Evaluator:
-    return Evaluator(model, heldout, reference, target)
 
 
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -234,9 +241,9 @@ def export(model: Any, *, target: str | TargetProfile = "raspberry-pi-5", out: s
             warnings.append(w)
             say(f"WARNING: {w}")
     reference = [lm.run_torch(f) for f in held]
-    final_check = make_evaluator(lm, held, reference, prof)
+    final_check = Evaluator(lm, held, reference, prof)
     search_ref = [lm.run_torch(f) for f in search]
-    evaluate = make_evaluator(lm, search, search_ref, prof)  # what exporters and the search score with
+    evaluate = Evaluator(lm, search, search_ref, prof)  # what exporters and the search score with
 
     records: list[ArtifactRecord] = []
     shared: dict[Any, Any] = {}  # what exporters reuse across the recipes of this export (ExportContext.shared)

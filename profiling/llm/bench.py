@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,8 @@ from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult, 
 from edgeship.profiling.llm.runtime import get_llm_runtime
 from edgeship.profiling.stats import LatencyStats
 from edgeship.profiling.worker import _peak_rss_mb, _rss_mb, block_torch
+
+ARTIFACT_TIMEOUT_S = 1800  # one artifact's fresh process, load to last token
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,13 @@ class LLMRunConfig:
         d = dataclasses.asdict(self)
         d["prompt_lengths"] = list(self.prompt_lengths)
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LLMRunConfig:
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown LLM run option(s) {', '.join(unknown)}")
+        return cls(**{**d, "prompt_lengths": tuple(int(n) for n in d.get("prompt_lengths", cls.prompt_lengths))})
 
 
 def is_llm_bundle(source: str | Path) -> bool:
@@ -143,7 +152,7 @@ def _measure(job: dict[str, Any], cfg: LLMRunConfig) -> LLMArtifactResult:
 
 
 def run_job(job: dict[str, Any]) -> LLMArtifactResult:
-    cfg = LLMRunConfig(**{**job["config"], "prompt_lengths": tuple(job["config"]["prompt_lengths"])})
+    cfg = LLMRunConfig.from_dict(job["config"])
     ident = {"artifact": job["artifact"], "format": job.get("format", "?"), "recipe": job.get("recipe", "?")}
     try:
         return _measure(job, cfg)
@@ -171,8 +180,11 @@ def _run_child(job: dict[str, Any], timeout: float) -> LLMArtifactResult:
 
 
 def profile_llm(source: str | Path, *, artifact: str | None = None, config: LLMRunConfig | None = None,
-                isolate: bool = True, json_path: str | Path | None = None) -> LLMProfileResult:
-    """Measure every artifact of an LLM bundle (or one) on this machine, each in a fresh process."""
+                isolate: bool = True, json_path: str | Path | None = None,
+                on_result: Callable[[LLMArtifactResult], None] | None = None) -> LLMProfileResult:
+    """Measure every artifact of an LLM bundle (or one) on this machine, each in a fresh process.
+
+    ``on_result`` sees each artifact's result as soon as it is measured (the remote agent streams them)."""
     from edgeship import __version__
     from edgeship.profiling.runner import write_json_atomic
 
@@ -184,7 +196,9 @@ def profile_llm(source: str | Path, *, artifact: str | None = None, config: LLMR
     for a in arts:
         job = {"bundle": str(bundle.root.resolve()), "artifact": a.key, "format": a.format, "recipe": a.recipe,
                "config": cfg.to_dict()}
-        results.append(_run_child(job, timeout=1800) if isolate else run_job(job))
+        results.append(_run_child(job, timeout=ARTIFACT_TIMEOUT_S) if isolate else run_job(job))
+        if on_result is not None:
+            on_result(results[-1])
     res = LLMProfileResult(device=sysinfo.describe(), config=cfg.to_dict(), results=tuple(results), source=str(source),
                            target=bundle.manifest.target.get("name"),
                            created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), edgeship_version=__version__)

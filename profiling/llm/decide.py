@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.errors import ConfigError
-from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult
+from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult, llm_documents
 
 # objective -> (what the pick line says, the value to maximise; None when the artifact lacks it)
 OBJECTIVES: dict[str, tuple[str, Callable[[LLMArtifactResult], float | None]]] = {
@@ -103,20 +103,20 @@ def load_llm_documents(paths: Iterable[str | Path]) -> list[tuple[str, LLMProfil
             raise ConfigError(f"{p}: cannot read it as JSON ({e})") from None
         if not is_llm_document(doc):
             raise ConfigError(f"{p}: not an LLM results file from edgeship profile --json of an LLM bundle")
-        out.append((str(p), LLMProfileResult.from_dict(doc)))
+        out += [(str(p), res) for res in llm_documents(doc)]  # a fleet's file holds one profile per device
     return out
 
 
 def labelled(docs: Sequence[tuple[str, LLMProfileResult]]) -> list[tuple[str, LLMArtifactResult]]:
     """Each artifact with a label that stays unique across files: the device when they differ, else the file."""
-    hosts = {res.device.hostname for _, res in docs}
+    hosts = {res.device_name for _, res in docs}
     rows = []
     for path, res in docs:
         for r in res.results:
             if len(docs) == 1:
                 label = r.artifact
             elif len(hosts) > 1:
-                label = f"{r.artifact} on {res.device.hostname or '?'}"
+                label = f"{r.artifact} on {res.device_name}"
             else:
                 label = f"{r.artifact} ({Path(path).stem})"
             rows.append((label, r))

@@ -21,6 +21,7 @@ GENAI_CONFIG = "genai_config.json"
 class GenAIRuntime(LLMRuntime):
     format: ClassVar[str] = "onnx"
     torch_free: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = ("onnxruntime-genai",)
 
     def __init__(self, path: Path, runtime: Mapping[str, Any], threads: int | None = None) -> None:
         try:

@@ -28,6 +28,13 @@ META_METHOD = "edgeship_llm"
 class PteLLMRuntime(LLMRuntime):
     format: ClassVar[str] = "pte"
     torch_free: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = ("executorch",)
+    # The lean C++ runner that keeps encoder .pte files torch-free (profiling/backends/pte_lean.py) does not link
+    # the LLM custom ops these programs call (llama::custom_sdpa, update_cache); the Python bindings that do
+    # import torch, and a device venv built from pushed wheels does not get torch (hundreds of MB per platform).
+    not_provisionable: ClassVar[str | None] = (
+        "the .pte LLM runner uses executorch's Python bindings, which import torch, and edgeship does not install "
+        "torch on devices")
 
     def __init__(self, path: Path, runtime: Mapping[str, Any], threads: int | None = None) -> None:
         path = Path(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +12,7 @@ from edgeship.errors import ConfigError
 from edgeship.profiling.results import DeviceInfo
 
 LLM_RESULT_SCHEMA_VERSION = 1
+_REMOTE_KEYS = ("device_url", "device_identity", "status", "error", "timings_s")
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,32 @@ class LLMProfileResult:
     edgeship_version: str
     kind: str = "llm"
     schema_version: int = LLM_RESULT_SCHEMA_VERSION
+    # A remote run (edgeship profile --device), as encoder DeviceRuns have them: which device, how the run went
+    # (a device lost mid-run keeps what it measured before), the stages' seconds. Left out of local documents.
+    device_url: str | None = None
+    device_identity: Mapping[str, Any] = field(default_factory=dict)
+    status: str = "ok"
+    error: str | None = None
+    timings_s: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return all(r.status == "ok" for r in self.results)
+        return self.status == "ok" and all(r.status == "ok" for r in self.results)
+
+    @property
+    def device_name(self) -> str:
+        """The inventory name or URL of a remote device; for a local run the machine's hostname."""
+        return str(self.device_identity.get("name") or self.device_url or self.device.hostname or "local")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["results"] = [r.to_dict() for r in self.results]
         d["device"] = self.device.to_dict()
+        if self.device_url is None:
+            for k in _REMOTE_KEYS:
+                del d[k]
+        else:
+            d["device_identity"], d["timings_s"] = dict(self.device_identity), dict(self.timings_s)
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -97,7 +115,24 @@ class LLMProfileResult:
                               f"{d.get('schema_version')!r}; expected 'llm', {LLM_RESULT_SCHEMA_VERSION})")
         return cls(device=DeviceInfo.from_dict(d["device"]), config=dict(d["config"]),
                    results=tuple(LLMArtifactResult.from_dict(r) for r in d["results"]), source=str(d["source"]),
-                   target=d.get("target"), created_utc=str(d["created_utc"]), edgeship_version=str(d["edgeship_version"]))
+                   target=d.get("target"), created_utc=str(d["created_utc"]), edgeship_version=str(d["edgeship_version"]),
+                   device_url=d.get("device_url"), device_identity=dict(d.get("device_identity") or {}),
+                   status=str(d.get("status") or "ok"), error=d.get("error"), timings_s=dict(d.get("timings_s") or {}))
+
+
+def fleet_to_dict(runs: Sequence[LLMProfileResult]) -> dict[str, Any]:
+    """Several devices' LLM profiles in one document (``edgeship profile --inventory`` of an LLM bundle)."""
+    return {"kind": "llm", "schema_version": LLM_RESULT_SCHEMA_VERSION, "runs": [r.to_dict() for r in runs]}
+
+
+def llm_documents(d: Mapping[str, Any]) -> list[LLMProfileResult]:
+    """The profiles in an LLM results document: one device's, or each of a fleet's ``runs``."""
+    if isinstance(d.get("runs"), list):
+        if d.get("kind") != "llm" or d.get("schema_version") != LLM_RESULT_SCHEMA_VERSION:
+            raise ConfigError(f"not an LLM fleet results document (kind {d.get('kind')!r}, schema_version "
+                              f"{d.get('schema_version')!r})")
+        return [LLMProfileResult.from_dict(r) for r in d["runs"]]
+    return [LLMProfileResult.from_dict(d)]
 
 
 def render(res: LLMProfileResult) -> str:

@@ -30,6 +30,10 @@ class LLMRuntime(ABC):
 
     format: ClassVar[str]
     torch_free: ClassVar[bool] = True
+    #: distributions the runtime imports beyond edgeship's plain install: what a remote device is given
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: why edgeship cannot install this runtime on a remote device (None: it can)
+    not_provisionable: ClassVar[str | None] = None
 
     max_context: int  # static KV-cache length the artifact was exported with
     vocab_size: int

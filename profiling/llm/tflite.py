@@ -23,6 +23,7 @@ from edgeship.profiling.llm.runtime import LLMRuntime
 class TfliteLLMRuntime(LLMRuntime):
     format: ClassVar[str] = "tflite"
     torch_free: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = ("ai-edge-litert",)  # part of the plain install
 
     def __init__(self, path: Path, runtime: Mapping[str, Any], threads: int | None = None) -> None:
         path = Path(path)

@@ -35,6 +35,7 @@ from typing import Any
 
 from edgeship.errors import ConfigError, DeviceError, RuntimeMissingError
 from edgeship.profiling.remote.fleet import FleetProgress
+from edgeship.profiling.remote.jobs import EncoderJob
 from edgeship.profiling.remote.session import DeviceSession
 from edgeship.profiling.remote.transport import options_for
 from edgeship.profiling.results import DeviceRun, FleetResult, RunConfig
@@ -383,7 +384,7 @@ def _place_config(place: Place, config: RunConfig) -> RunConfig:
 
 def _board_jobs(place: Place, sources: Sequence[Path], config: RunConfig, options: Any, view: FleetProgress,
                 artifact: str | None, pause_s: float, address: str, workdir: str | None,
-                sessions: list[DeviceSession], stop: threading.Event) -> list[DeviceRun]:
+                sessions: list[DeviceSession[DeviceRun]], stop: threading.Event) -> list[DeviceRun]:
     """Every bundle on one board, one after the other (a board never runs two jobs at once)."""
     runs = []
     for i, src in enumerate(sources):
@@ -393,7 +394,7 @@ def _board_jobs(place: Place, sources: Sequence[Path], config: RunConfig, option
         if stop.is_set():  # interrupted: no new job on any board
             break
         assert place.ssh_url is not None
-        s = DeviceSession(place.ssh_url, options, _place_config(place, config), view.logger(place.name),
+        s = DeviceSession(place.ssh_url, options, EncoderJob(_place_config(place, config)), view.logger(place.name),
                           workdir=workdir.replace("{place}", place.name) if workdir else None, name=place.name)
         s.identity.update(place=place.name, tags=dict(place.tags), farm=address, bundle=str(src))
         sessions.append(s)
@@ -422,7 +423,7 @@ def profile_farm(sources: Sequence[str | Path], *, address: str | None, where: M
     say = view.logger("farm")
     coord = Coordinator(address)
     holding = Holding(coord)
-    sessions: list[DeviceSession] = []
+    sessions: list[DeviceSession[DeviceRun]] = []
     stop = threading.Event()
     try:
         with _signals_raise():
@@ -444,7 +445,7 @@ def profile_farm(sources: Sequence[str | Path], *, address: str | None, where: M
     return FleetResult(tuple(runs[i] for i in range(len(srcs)) for runs in per_board if i < len(runs)))
 
 
-def _abort(sessions: Sequence[DeviceSession]) -> None:
+def _abort(sessions: Sequence[DeviceSession[DeviceRun]]) -> None:
     """Interrupted: cut every board's connection so its thread ends now, not after the measurement."""
     for s in sessions:
         if s.t is not None:

@@ -11,18 +11,23 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from edgeship.errors import BundleError, ConfigError
+from edgeship.profiling.remote.jobs import EncoderJob, RemoteJob, RunT
 from edgeship.profiling.remote.runtime import DEFAULT_RUNTIME, runtime_for
 from edgeship.profiling.remote.session import DeviceSession
 from edgeship.profiling.remote.transport import DeviceURL, option_names, options_for
 from edgeship.profiling.results import FleetResult, RunConfig
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
 _ENTRY_KEYS = ("url", "name", "target", "workdir", "runtime")  # the rest of an entry: its transport's options
 
 
@@ -116,15 +121,45 @@ def _entries(devices: Sequence[str], inventory: str | None) -> list[DeviceEntry]
     return entries
 
 
-def _config_for(entry: DeviceEntry, config: RunConfig) -> RunConfig:
-    """An inventory target supplies the power model and thread count unless the command line chose them."""
+def config_for(entry: DeviceEntry, config: ConfigT) -> ConfigT:
+    """An inventory target supplies the power model and thread count unless the command line chose them (the
+    encoder's RunConfig and the LLM's LLMRunConfig both have these two fields)."""
     if not entry.target:
         return config
     from edgeship.targets import get_profile
 
     prof = get_profile(entry.target)
-    return dataclasses.replace(config, power_target=config.power_target or entry.target,
-                               threads=config.threads or prof.threads)
+    return dataclasses.replace(config, power_target=getattr(config, "power_target", None) or entry.target,
+                               threads=getattr(config, "threads", None) or prof.threads)
+
+
+def run_fleet(source: str | Path, make_job: Callable[[DeviceEntry], RemoteJob[RunT]], *, devices: Sequence[str] = (),
+              inventory: str | None = None, artifact: str | None = None,
+              transport_options: Mapping[str, Any] | None = None, workdir: str | None = None,
+              progress: FleetProgress, max_parallel: int = 8) -> list[RunT]:
+    """Run the job ``make_job`` gives for each device on every device in parallel, one result per device."""
+    entries = _entries(devices, inventory)
+    src = Path(source)
+    if not src.exists():
+        raise BundleError(f"nothing to profile at {src}: give a bundle directory, a .zip bundle or a model file")
+    sessions = []
+    for e in entries:
+        name = e.name or str(DeviceURL.parse(e.url))
+        options = options_for(DeviceURL.parse(e.url).scheme, {**(transport_options or {}), **e.options})
+        # The device runner's own progress lines are streamed back and shown in the view.
+        sessions.append(DeviceSession(e.url, options, make_job(e), progress.logger(name),
+                                      workdir=e.workdir or workdir, name=e.name, runtime=e.runtime or DEFAULT_RUNTIME))
+    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(sessions)))) as pool:
+        return list(pool.map(lambda s: s.run(src, artifact), sessions))
+
+
+def shared_options(identity: str | None = None, accept_new_host_key: bool = False, known_hosts: str | None = None,
+                   ssh_config: str | None = None, transport_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Options for every device (an inventory entry's own keys win); ``identity``... are the ssh:// ones by name."""
+    shared = {k: v for k, v in {"identity": identity, "accept_new_host_key": accept_new_host_key or None,
+                                "known_hosts": known_hosts, "ssh_config": ssh_config}.items() if v is not None}
+    shared.update(transport_options or {})
+    return shared
 
 
 def profile_fleet(source: str | Path, *, devices: Sequence[str] = (), inventory: str | None = None,
@@ -138,22 +173,10 @@ def profile_fleet(source: str | Path, *, devices: Sequence[str] = (), inventory:
     URL, identity, status and error. ``transport_options`` apply to every device (an inventory
     entry's own keys win); ``identity``, ``known_hosts``... are the ssh:// ones by name.
     """
-    config = config or RunConfig()
-    entries = _entries(devices, inventory)
-    src = Path(source)
-    if not src.exists():
-        raise BundleError(f"nothing to profile at {src}: give a bundle directory, a .zip bundle or a model file")
-    view = progress or FleetProgress(enabled=config.progress)
-    shared = {k: v for k, v in {"identity": identity, "accept_new_host_key": accept_new_host_key or None,
-                                "known_hosts": known_hosts, "ssh_config": ssh_config}.items() if v is not None}
-    shared.update(transport_options or {})
-    sessions = []
-    for e in entries:
-        name = e.name or str(DeviceURL.parse(e.url))
-        options = options_for(DeviceURL.parse(e.url).scheme, {**shared, **e.options})
-        # The device runner's own progress lines are streamed back and shown in the view.
-        sessions.append(DeviceSession(e.url, options, _config_for(e, config), view.logger(name),
-                                      workdir=e.workdir or workdir, name=e.name, runtime=e.runtime or DEFAULT_RUNTIME))
-    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(sessions)))) as pool:
-        runs = list(pool.map(lambda s: s.run(src, artifact), sessions))
+    cfg = config or RunConfig()
+    runs = run_fleet(source, lambda e: EncoderJob(config_for(e, cfg)), devices=devices, inventory=inventory,
+                     artifact=artifact, transport_options=shared_options(identity, accept_new_host_key, known_hosts,
+                                                                         ssh_config, transport_options),
+                     workdir=workdir, progress=progress or FleetProgress(enabled=cfg.progress),
+                     max_parallel=max_parallel)
     return FleetResult(tuple(runs))

@@ -60,9 +60,6 @@ class DeviceRuntime(ABC):
         self.t = transport
         self.label = label  # the device's name in messages
         self.log = log
-        # pip extras the run needs on the device beyond the plain runtime ("inputs": tokenizers and Pillow for
-        # --inputs); set by the session before plan()
-        self.extras: tuple[str, ...] = ()
 
     def sh(self, command: str, what: str, timeout: float | None = 600) -> str:
         """Run ``command``; a non-zero exit is a one-line DeviceError naming ``what`` failed."""
@@ -77,8 +74,11 @@ class DeviceRuntime(ABC):
         """Create ``workdir`` if needed and report on the device and on ``files`` (relative to it)."""
 
     @abstractmethod
-    def plan(self, probe: Probe) -> Provision:
-        """What must be pushed and installed; raises DeviceError when the device cannot run edgeship."""
+    def plan(self, probe: Probe, requirements: Sequence[str] = ()) -> Provision:
+        """What must be pushed and installed; raises DeviceError when the device cannot run edgeship.
+
+        ``requirements``: what the job needs on top of edgeship's plain runtime (pip requirement strings, e.g.
+        onnxruntime-genai for ONNX GenAI LLM folders), from :func:`.wheels.extra_requirement`."""
 
     @abstractmethod
     def provision(self, probe: Probe, plan: Provision) -> None:

@@ -2,12 +2,14 @@
 
 How the host reaches the device is a :class:`~.transport.Transport` (``ssh://``); what edgeship
 needs there is a :class:`~.runtime.DeviceRuntime` (``python-venv``: Python >= 3.11 and runtime wheels
-pushed from the host). This module only sequences them. Everything arrives from the host: the
+pushed from the host); what the agent measures there is a :class:`~.jobs.RemoteJob` (``encoder``: the ordinary
+runner, ``llm``: the LLM bench). This module only sequences them. Everything arrives from the host: the
 bundle (only files whose sha256 differs from the copy already there) and the runtime. Layout on the
 device, under the work directory (default ``~/.cache/edgeship-device``)::
 
     bundles/<name>/   the pushed bundle, kept between runs so unchanged artifacts are not re-sent
     wheels/, venv/    the runtime's own files (python-venv), kept for the same reason
+    inputs/<sha>/     --inputs: the user's inputs as the host prepared them (.npz), kept like the bundle
     runs/<id>/        job and results of one run; removed at the end
 """
 
@@ -21,10 +23,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from edgeship.errors import DeviceError, EdgeshipError
-from edgeship.manifest import MANIFEST_NAME, load_bundle, sha256_file
+from edgeship.manifest import MANIFEST_NAME, ArtifactRecord, Bundle, load_bundle, sha256_file
+from edgeship.profiling.remote.jobs import RemoteJob, RemoteOutcome
 from edgeship.profiling.remote.runtime import DEFAULT_RUNTIME, DeviceRuntime, Probe, Provision, runtime_for
 from edgeship.profiling.remote.transport import (
     DEVICE_TAG,
@@ -34,9 +37,10 @@ from edgeship.profiling.remote.transport import (
     TransportOptions,
     transport_for,
 )
-from edgeship.profiling.results import ArtifactResult, DeviceInfo, DeviceRun, ProfileResult, RunConfig
+from edgeship.profiling.results import DeviceInfo
 
 DEFAULT_WORKDIR = "~/.cache/edgeship-device"
+RunT = TypeVar("RunT")  # what a device's run returns: the job's result type
 Log = Callable[[str], None]
 
 
@@ -48,8 +52,30 @@ class PushFile:
     size: int
 
 
-def _bundle_files(source: Path, artifact: str | None, staging: Path) -> tuple[list[PushFile], list[str], str]:
-    """Files to push for a bundle (or one model file), the artifact keys to run, and the remote source path."""
+@dataclass(frozen=True)
+class BundleFiles:
+    """What one run pushes: the files, the artifacts to run (none for a single model file), where the source lands."""
+
+    files: list[PushFile]
+    bundle: Bundle | None
+    artifacts: list[ArtifactRecord]
+    remote_source: str
+
+    @property
+    def keys(self) -> list[str]:
+        return [a.key for a in self.artifacts]
+
+
+def _artifact_files(bundle: Bundle, a: ArtifactRecord, base: str) -> list[PushFile]:
+    """One file, or every file of a folder artifact (an ONNX GenAI model), each with its manifest checksum."""
+    if not a.files:
+        return [PushFile(bundle.path_of(a), f"{base}/{a.path}", a.sha256, a.size_bytes)]
+    return [PushFile(bundle.path_of(a) / rel, f"{base}/{a.path}/{rel}", str(meta["sha256"]), int(meta["size_bytes"]))
+            for rel, meta in sorted(a.files.items())]
+
+
+def _bundle_files(source: Path, artifact: str | None, staging: Path) -> BundleFiles:
+    """Files to push for a bundle (or one model file), the artifacts to run, and the remote source path."""
     if source.suffix == ".zip" and source.is_file():
         from edgeship.bundle import unpack
 
@@ -62,12 +88,12 @@ def _bundle_files(source: Path, artifact: str | None, staging: Path) -> tuple[li
         if artifact:
             raise DeviceError("--artifact selects inside a bundle; a single model file was given")
         rel = f"files/{source.name}"
-        return [PushFile(source, rel, sha256_file(source), source.stat().st_size)], [], rel
+        return BundleFiles([PushFile(source, rel, sha256_file(source), source.stat().st_size)], None, [], rel)
     bundle = load_bundle(source, verify=True)
     m = bundle.manifest
     arts = [m.artifact(artifact)] if artifact else list(m.artifacts)
     base = f"bundles/{source.resolve().name}"
-    files = [PushFile(bundle.path_of(a), f"{base}/{a.path}", a.sha256, a.size_bytes) for a in arts]
+    files = [f for a in arts for f in _artifact_files(bundle, a, base)]
     for rel in sorted(set(m.samples.values())):
         p = source / rel
         if p.is_file():
@@ -79,60 +105,46 @@ def _bundle_files(source: Path, artifact: str | None, staging: Path) -> tuple[li
     mpath = staging / MANIFEST_NAME
     mpath.write_text(json.dumps(data, indent=2), encoding="utf-8")
     files.append(PushFile(mpath, f"{base}/{MANIFEST_NAME}", sha256_file(mpath), mpath.stat().st_size))
-    return files, [a.key for a in arts], base
+    return BundleFiles(files, bundle, arts, base)
 
 
-def _bundle_dir(source: Path, staging: Path) -> Path:
-    """The local bundle directory :func:`_bundle_files` pushed from (a .zip is unpacked in staging by then)."""
-    if source.suffix == ".zip" and source.is_file():
-        return staging / source.stem
-    return source.parent if source.name == MANIFEST_NAME else source
+def _input_files(inputs: str, bundle: Bundle | None, staging: Path) -> tuple[list[PushFile], str]:
+    """--inputs: the user's inputs prepared here (tokenized or decoded with the bundle's files, by the code the
+    device would run) as one .npz to push, and where it goes under the work directory. A bad file is one error
+    on the host before anything is sent; the device needs nothing beyond the plain runtime."""
+    from edgeship.profiling.inputs import read_inputs, write_prepared
 
-
-def _input_files(inputs: str, source: Path, base: str) -> tuple[list[PushFile], str]:
-    """--inputs: the file (or the image folder's files) and the bundle's tokenizer files to push, and where the
-    inputs go under the work directory.
-
-    Read here first, so that a bad file is one error on the host before anything is sent. Kept under a name
-    made from its content, like the bundle, so an unchanged file is not sent again."""
-    from edgeship.profiling.inputs import read_inputs
-
-    if not source.is_dir():
+    if bundle is None:
         raise DeviceError("--inputs needs a bundle: its manifest says how to tokenize or preprocess them and which "
                           "inputs the model takes (a bare model file has neither)")
-    bundle = load_bundle(source, verify=False)
     user = read_inputs(inputs, bundle.manifest.inputs, bundle.manifest.preprocessing, bundle.root)
-    p = Path(inputs)
-    rel = f"inputs/{user.sha256[:16]}/{p.name}"
-    members = [(p, rel)] if p.is_file() else [(f, f"{rel}/{f.name}") for f in sorted(p.iterdir())
-                                              if f.is_file() and not f.name.startswith(".")]
-    # the tokenizer the device tokenizes with; a run without --inputs never needs it
-    members += [(source / f, f"{base}/{f}") for f in bundle.manifest.preprocessing.get("files") or ()
-                if (source / f).is_file()]
-    return [PushFile(f, r, sha256_file(f), f.stat().st_size) for f, r in members], rel
+    local = staging / "inputs.npz"
+    write_prepared(user, local)
+    rel = f"inputs/{user.sha256[:16]}/{user.name}.npz"  # per content, so runs on other inputs do not collide
+    return [PushFile(local, rel, sha256_file(local), local.stat().st_size)], rel
 
 
-class DeviceSession:
-    """One device, one run. ``run()`` returns the device's :class:`DeviceRun`, failed or not."""
+class DeviceSession(Generic[RunT]):
+    """One device, one run of ``job``. ``run()`` returns the job's result for the device, failed or not."""
 
-    def __init__(self, url: str, options: TransportOptions, config: RunConfig, log: Log,
+    def __init__(self, url: str, options: TransportOptions, job: RemoteJob[RunT], log: Log,
                  workdir: str | None = None, name: str | None = None, runtime: str = DEFAULT_RUNTIME) -> None:
         self.url = DeviceURL.parse(url)
         self.options = options
-        self.config = config
+        self.job = job
         self.log = log
         self.workdir = self.url.workdir or workdir or DEFAULT_WORKDIR
         self.name = name or str(self.url)
         self.runtime_cls = runtime_for(runtime)
         self.identity: dict[str, Any] = {"url": str(self.url), "name": self.name}
-        self.partial: list[ArtifactResult] = []  # streamed by the agent: what survives a lost connection
+        self.partial: list[dict[str, Any]] = []  # streamed by the agent: what survives a lost connection
         self.device: DeviceInfo | None = None
         self.timings: dict[str, float] = {}
         self.t: Transport | None = None
         self.source_text = ""
         self.remote_inputs: str | None = None  # --inputs: where the pushed file is, under the work directory
 
-    def run(self, source: Path, artifact: str | None) -> DeviceRun:
+    def run(self, source: Path, artifact: str | None) -> RunT:
         """Never raises: a device that fails is a run with ``status="error"`` and what it measured before."""
         try:
             with tempfile.TemporaryDirectory(prefix="edgeship-remote-") as td:
@@ -145,34 +157,35 @@ class DeviceSession:
             if self.t is not None:
                 self.t.close()
 
-    def failed(self, error: str) -> DeviceRun:
+    def failed(self, error: str) -> RunT:
         self.log(f"FAILED: {error}")
-        partial = None
-        if self.partial or self.device:
-            # What finished before the failure, in the same schema as a complete run.
-            partial = ProfileResult.new(self.device or DeviceInfo(), self.config, self.partial, self.source_text, None)
-        return DeviceRun(partial, url=str(self.url), identity=dict(self.identity), status="error", error=error,
-                         timings_s=dict(self.timings))
+        # What finished before the failure, in the same schema as a complete run.
+        return self.job.finish(None, self.device, self.partial, self.source_text, self._outcome("error", error))
+
+    def _outcome(self, status: str = "ok", error: str | None = None) -> RemoteOutcome:
+        return RemoteOutcome(url=str(self.url), identity=dict(self.identity), status=status, error=error,
+                             timings_s=dict(self.timings))
 
     def _stage(self, name: str, t0: float) -> float:
         now = time.monotonic()
         self.timings[name] = round(now - t0, 3)
         return now
 
-    def _run(self, source: Path, artifact: str | None, staging: Path) -> DeviceRun:
+    def _run(self, source: Path, artifact: str | None, staging: Path) -> RunT:
         self.source_text = str(source)
         t0 = time.monotonic()
-        files, keys, remote_source = _bundle_files(source, artifact, staging)
-        if self.config.inputs:
-            input_files, remote_inputs = _input_files(self.config.inputs, _bundle_dir(source, staging), remote_source)
-            files += input_files
-            self.remote_inputs = remote_inputs
+        push = _bundle_files(source, artifact, staging)
+        self.job.check(push.bundle, push.artifacts)  # what the device cannot run is refused before connecting
+        files = push.files
+        inputs = self.job.inputs()
+        if inputs:
+            input_files, self.remote_inputs = _input_files(inputs, push.bundle, staging)
+            files = [*files, *input_files]
         self.log(f"connecting to {self.url}")
         self.t = transport_for(self.url, self.options)
         self.t.connect()
         self.identity.update(self.t.identity())
         rt = self.runtime_cls(self.t, self.name, self.log)
-        rt.extras = ("inputs",) if self.config.inputs else ()
         t0 = self._stage("connect", t0)
 
         probe = rt.probe(self.workdir, [f.remote for f in files])
@@ -180,9 +193,8 @@ class DeviceSession:
         self.identity.update({k: v for k, v in facts.items() if k not in ("mem_total", "has_venv", "runtime_stamp")})
         self.identity["mem_total_mb"] = round((facts.get("mem_total") or 0) / 2**20)
         to_push = [f for f in files if probe.hashes.get(f.remote) != f.sha256]
-        plan = rt.plan(probe)
-        biggest = max((f.size for f in files if f.remote.split("/")[-1] != MANIFEST_NAME), default=0)
-        self._check_room(probe, to_push, plan, biggest)
+        plan = rt.plan(probe, self.job.requirements(push.artifacts))
+        self._check_room(probe, to_push, plan, _biggest(push))
         t0 = self._stage("check", t0)
 
         self._push(rt, probe.workdir, to_push, plan)
@@ -192,12 +204,12 @@ class DeviceSession:
             rt.provision(probe, plan)
         t0 = self._stage("runtime", t0)
 
-        result = self._profile(rt, probe.workdir, remote_source, keys, staging)
+        document = self._profile(rt, probe.workdir, push.remote_source, push.keys, staging)
         self._stage("profile", t0)
-        dev = result.device
+        dev = self.device or DeviceInfo.from_dict(document.get("device") or {})
         self.identity.update(arch=dev.arch, cpu_model=dev.cpu_model, board=dev.board, runtimes=dict(dev.runtimes),
                              emulated=dev.emulated)
-        return DeviceRun(result, url=str(self.url), identity=dict(self.identity), timings_s=dict(self.timings))
+        return self.job.finish(document, dev, self.partial, self.source_text, self._outcome())
 
     def _check_room(self, probe: Probe, to_push: list[PushFile], plan: Provision, biggest_artifact: int) -> None:
         push_bytes = sum(f.size for f in to_push) + sum(p.stat().st_size for p, _ in plan.push)
@@ -221,12 +233,13 @@ class DeviceSession:
         for local, rel in pairs:
             rt.t.put(local, f"{wd}/{rel}")
 
-    def _profile(self, rt: DeviceRuntime, wd: str, remote_source: str, keys: list[str], staging: Path) -> ProfileResult:
+    def _profile(self, rt: DeviceRuntime, wd: str, remote_source: str, keys: list[str],
+                 staging: Path) -> dict[str, Any]:
         run_dir = f"{wd}/runs/{uuid.uuid4().hex[:12]}"
-        config = self.config.to_dict()
+        config = self.job.config_dict()
         if self.remote_inputs:
             config["inputs"] = f"{wd}/{self.remote_inputs}"
-        job = {"source": f"{wd}/{remote_source}", "artifacts": keys, "config": config}
+        job = {"kind": self.job.kind, "source": f"{wd}/{remote_source}", "artifacts": keys, "config": config}
         jpath = staging / "job.json"
         jpath.write_text(json.dumps(job))
         rt.sh(f"mkdir -p {shlex.quote(run_dir)}", "creating the run directory")
@@ -237,19 +250,26 @@ class DeviceSession:
             if stream == "stdout" and line.startswith(DEVICE_TAG):
                 self.device = DeviceInfo.from_dict(json.loads(line[len(DEVICE_TAG):]))
             elif stream == "stdout" and line.startswith(RESULT_TAG):
-                r = ArtifactResult.from_dict(json.loads(line[len(RESULT_TAG):]))
+                r = json.loads(line[len(RESULT_TAG):])
                 self.partial.append(r)
-                self.log(f"{r.artifact}: {r.status}")
+                self.log(f"{r.get('artifact')}: {r.get('status')}")
             elif stream == "stderr" and line.strip():
                 self.log(line.strip())
 
         try:
-            rt.run_agent(wd, run_dir, on_line, timeout=self.config.max_seconds * 3 * max(1, len(keys)) + 900)
+            rt.run_agent(wd, run_dir, on_line, timeout=self.job.timeout_s(len(keys)))
             local = staging / "result.json"
             rt.collect(run_dir, local)
-            return ProfileResult.from_dict(json.loads(local.read_text()))
+            return dict(json.loads(local.read_text()))
         finally:
             try:
                 rt.t.run(f"rm -rf {shlex.quote(run_dir)}", timeout=60)
             except DeviceError:
                 pass  # the connection is gone; the next run's directory is a new one anyway
+
+
+def _biggest(push: BundleFiles) -> int:
+    """The largest artifact's bytes (all files of a folder artifact): what must fit in RAM at once."""
+    if not push.artifacts:
+        return max((f.size for f in push.files), default=0)
+    return max(a.size_bytes for a in push.artifacts)  # a folder's size_bytes is the sum of its files

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from edgeship.errors import DeviceError
 from edgeship.manifest import sha256_file
 from edgeship.profiling.remote.runtime import RUNTIMES, DeviceRuntime, Probe, Provision
-from edgeship.profiling.remote.wheels import Platform, RuntimeWheels, runtime_wheels
+from edgeship.profiling.remote.wheels import Platform, RuntimeWheels, dist_name, extra_wheels, runtime_wheels
 
 MIN_PYTHON = (3, 11)
 _FACTS = ("hostname", "machine", "os", "kernel", "python", "glibc", "cpus", "mem_total")
@@ -77,48 +76,64 @@ class PythonVenvRuntime(DeviceRuntime):
         return Probe(workdir=str(info["workdir"]), hashes=dict(info["hashes"]), free_disk=int(info["free_disk"]),
                      mem_available=info.get("mem_available"), facts=facts)
 
-    def plan(self, probe: Probe) -> Provision:
+    def plan(self, probe: Probe, requirements: Sequence[str] = ()) -> Provision:
         f = probe.facts
         py = tuple(int(x) for x in str(f["python"]).split(".")[:2])
         if py < MIN_PYTHON:
             raise DeviceError(f"{self.label}: Python {f['python']} on the device; edgeship's runtime needs "
                               f">= {'.'.join(map(str, MIN_PYTHON))} (Raspberry Pi OS bookworm ships 3.11)")
         plat = Platform(machine=str(f["machine"]), python=".".join(str(f["python"]).split(".")[:2]), glibc=f["glibc"])
+        wheels = runtime_wheels(plat, self.log)
         stamp = f["runtime_stamp"]
-        # an extra once installed stays: a later run without --inputs must not rebuild the venv without it
-        extras = tuple(sorted({*self.extras, *((stamp.get("wheels") or {}).get("extras") or ())}))
-        wheels = runtime_wheels(plat, self.log, extras)
         deps_ok = stamp.get("deps_stamp") == wheels.deps_stamp
-        if deps_ok and stamp.get("edgeship_stamp") == wheels.edgeship_stamp:
+        edgeship_ok = deps_ok and stamp.get("edgeship_stamp") == wheels.edgeship_stamp
+        # Extras (what one kind of job needs, e.g. onnxruntime-genai) are added to the venv and kept, so encoder
+        # and LLM runs on one device do not rebuild it in turn.
+        have_extras = sorted(stamp.get("extras") or []) if deps_ok else []
+        need_extras = [r for r in dict.fromkeys(requirements) if r not in have_extras]
+        if edgeship_ok and not need_extras:
             return Provision()
-        missing: list[Path] = []
-        if not deps_ok:
-            have = self._probe(probe.workdir, [f"wheels/{p.name}" for p in wheels.deps])["hashes"]
-            missing = [p for p in wheels.deps if have.get(f"wheels/{p.name}") != sha256_file(p)]
-            if not f["has_venv"]:
-                raise DeviceError(f"{self.label}: the device's python3 has no venv/ensurepip; apt install python3-venv")
-        missing.append(wheels.edgeship)
-        install = [wheels.edgeship] if deps_ok else [*wheels.deps, wheels.edgeship]
+        try:
+            extras = extra_wheels(plat, need_extras, self.log) if need_extras else ()
+        except DeviceError as e:
+            raise DeviceError(f"{self.label}: {e}") from None
+        candidates = [*(wheels.deps if not deps_ok else ()), *extras]
+        have = self._probe(probe.workdir, [f"wheels/{p.name}" for p in candidates])["hashes"] if candidates else {}
+        missing = [p for p in candidates if have.get(f"wheels/{p.name}") != sha256_file(p)]
+        if not deps_ok and not f["has_venv"]:
+            raise DeviceError(f"{self.label}: the device's python3 has no venv/ensurepip; apt install python3-venv")
+        if not edgeship_ok:
+            missing.append(wheels.edgeship)
+        install = [*(wheels.deps if not deps_ok else ()), *extras, *(() if edgeship_ok else (wheels.edgeship,))]
         # An installed wheel takes about three times its compressed size.
         return Provision(push=tuple((p, f"wheels/{p.name}") for p in missing),
                          install_bytes=3 * sum(p.stat().st_size for p in install),
-                         state={"wheels": wheels, "deps_ok": deps_ok})
+                         state={"wheels": wheels, "deps_ok": deps_ok, "edgeship_ok": edgeship_ok,
+                                "extras": need_extras,
+                                # one entry per distribution: a new pin replaces the one installed before
+                                "all_extras": sorted({dist_name(r): r for r in [*have_extras, *need_extras]}.values())})
 
     def provision(self, probe: Probe, plan: Provision) -> None:
         wheels: RuntimeWheels = plan.state["wheels"]
         venv, whl = f"{probe.workdir}/venv", f"{probe.workdir}/wheels"
         pip = f"PIP_CONFIG_FILE=/dev/null {shlex.quote(venv)}/bin/python -m pip install -q --no-index " \
               f"--disable-pip-version-check --find-links {shlex.quote(whl)}"
-        ew = shlex.quote(f"{whl}/{wheels.edgeship.name}" + (f"[{','.join(wheels.extras)}]" if wheels.extras else ""))
-        if plan.state["deps_ok"]:
-            self.log("updating edgeship in the device venv")
-            self.sh(f"{pip} --no-deps --force-reinstall {ew}", "reinstalling edgeship on the device")
-        else:
+        ew = shlex.quote(f"{whl}/{wheels.edgeship.name}")
+        extras = " ".join(shlex.quote(r) for r in plan.state["extras"])
+        if not plan.state["deps_ok"]:
             self.log("creating the device venv from pushed wheels (no internet needed on the device)")
-            self.sh(f"rm -rf {shlex.quote(venv)} && python3 -m venv {shlex.quote(venv)} && {pip} {ew}",
+            self.sh(f"rm -rf {shlex.quote(venv)} && python3 -m venv {shlex.quote(venv)} && {pip} {ew} {extras}",
                     "installing the runtime into the device venv", timeout=1800)
+        else:
+            if not plan.state["edgeship_ok"]:
+                self.log("updating edgeship in the device venv")
+                self.sh(f"{pip} --no-deps --force-reinstall {ew}", "reinstalling edgeship on the device")
+            if extras:
+                self.log(f"adding {', '.join(plan.state['extras'])} to the device venv")
+                self.sh(f"{pip} {extras}", f"installing {', '.join(plan.state['extras'])} on the device",
+                        timeout=1800)
         stamp = json.dumps({"deps_stamp": wheels.deps_stamp, "edgeship_stamp": wheels.edgeship_stamp,
-                            "wheels": wheels.to_dict()})
+                            "extras": plan.state["all_extras"], "wheels": wheels.to_dict()})
         self.sh(f"printf %s {shlex.quote(stamp)} > {shlex.quote(venv)}/edgeship-runtime.json", "writing the venv stamp")
 
     def agent_command(self, workdir: str, run_dir: str) -> str:

@@ -65,25 +65,20 @@ class RuntimeWheels:
     edgeship: Path
     deps_stamp: str
     edgeship_stamp: str
-    extras: tuple[str, ...] = ()  # edgeship's pip extras whose dependencies are among ``deps``
 
     def to_dict(self) -> dict[str, object]:
         return {"deps": [p.name for p in self.deps], "edgeship": self.edgeship.name,
-                "deps_stamp": self.deps_stamp, "edgeship_stamp": self.edgeship_stamp, "extras": list(self.extras)}
+                "deps_stamp": self.deps_stamp, "edgeship_stamp": self.edgeship_stamp}
 
 
-def runtime_requirements(extras: tuple[str, ...] = ()) -> list[str]:
-    """edgeship's plain dependencies (the device runtime) and those of ``extras``, pinned to this host's versions
-    where installed."""
+def runtime_requirements() -> list[str]:
+    """edgeship's plain dependencies (the device runtime), pinned to this host's versions where installed."""
     reqs = []
     for req in metadata.requires("edgeship") or []:
-        marker = req.partition(";")[2].strip()
-        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
-        if extra is not None:
-            if extra.group(1) not in extras:
-                continue
-            marker = ""  # the extras edgeship declares for the device carry no other marker
+        if "extra ==" in req:
+            continue
         name = re.split(r"[\s;<>=!~\[]", req, maxsplit=1)[0]
+        marker = req.partition(";")[2].strip()
         try:
             spec = f"{name}=={metadata.version(name)}"
         except metadata.PackageNotFoundError:
@@ -99,11 +94,35 @@ def _pip(args: list[str], what: str) -> None:
         raise DeviceError(f"{what} failed: {tail or proc.stderr.strip()[-400:]}")
 
 
-def download_deps(plat: Platform, log: Log = print, extras: tuple[str, ...] = ()) -> tuple[tuple[Path, ...], str]:
-    """Wheels of the runtime dependencies (and ``extras``') for ``plat``; downloaded once, then from the cache."""
-    reqs = runtime_requirements(extras)
+def dist_name(req: str) -> str:
+    """The normalised distribution name of a requirement string ("ai_edge_litert==2.3.0" -> "ai-edge-litert")."""
+    return re.split(r"[\s;<>=!~\[]", req, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def extra_requirement(dist: str) -> str:
+    """A distribution a job needs beyond the plain runtime (onnxruntime-genai for ONNX GenAI LLM folders), pinned
+    to this host's version like :func:`runtime_requirements`, else as edgeship's extras declare it. The extra's
+    environment marker is left out: it describes the host, and pip says itself when the device has no wheel."""
+    try:
+        return f"{dist}=={metadata.version(dist)}"
+    except metadata.PackageNotFoundError:
+        pass
+    for req in metadata.requires("edgeship") or []:
+        if dist_name(req) == dist_name(dist):
+            return req.partition(";")[0].strip()
+    return dist
+
+
+def download_deps(plat: Platform, log: Log = print, reqs: list[str] | None = None,
+                  extras: bool = False) -> tuple[tuple[Path, ...], str]:
+    """Wheels of the runtime dependencies for ``plat``; downloaded once, then from the cache.
+
+    ``extras``: ``reqs`` are additions to the runtime (:func:`extra_wheels`): only their own wheels (the device
+    resolves their dependencies against the runtime it has) and only the versions asked for, so the device runs the
+    host's release or says it cannot."""
+    reqs = reqs if reqs is not None else runtime_requirements()
     dest = cache_root() / plat.key
-    stamp = hashlib.sha256("\n".join(reqs).encode()).hexdigest()[:16]
+    stamp = hashlib.sha256("\n".join([*reqs, "--no-deps"] if extras else reqs).encode()).hexdigest()[:16]
     done = dest / f"complete-{stamp}.json"
     if done.is_file():
         names = json.loads(done.read_text())
@@ -115,9 +134,12 @@ def download_deps(plat: Platform, log: Log = print, extras: tuple[str, ...] = ()
     with tempfile.TemporaryDirectory(prefix="edgeship-dl-") as td:
         rfile = Path(td, "requirements.txt")
         rfile.write_text("\n".join(reqs) + "\n")
+        only = ["--no-deps"] if extras else []
         try:
-            _pip(["download", "-q", *plat.pip_args(), "-d", td, "-r", str(rfile)], f"pip download for {plat.key}")
+            _pip(["download", "-q", *only, *plat.pip_args(), "-d", td, "-r", str(rfile)], f"pip download for {plat.key}")
         except DeviceError:
+            if extras:
+                raise
             # The host's exact versions may have no wheel for this platform: let pip pick the newest that has one.
             loose = [re.sub(r"==[^;]+", "", r) for r in reqs]
             rfile.write_text("\n".join(loose) + "\n")
@@ -189,12 +211,22 @@ def edgeship_wheel(log: Log = print) -> tuple[Path, str]:
     return dest / built[0].name, stamp
 
 
-def runtime_wheels(plat: Platform, log: Log = print, extras: tuple[str, ...] = ()) -> RuntimeWheels:
+def runtime_wheels(plat: Platform, log: Log = print) -> RuntimeWheels:
     with _LOCK:  # fleet threads share one cache: one download per platform
-        return _runtime_wheels(plat, log, extras)
+        return _runtime_wheels(plat, log)
 
 
-def _runtime_wheels(plat: Platform, log: Log, extras: tuple[str, ...]) -> RuntimeWheels:
-    deps, deps_stamp = download_deps(plat, log, extras)
+def extra_wheels(plat: Platform, reqs: list[str], log: Log = print) -> tuple[Path, ...]:
+    """The wheels of ``reqs`` (additions to the runtime) for ``plat``, from the same cache; a one-line DeviceError
+    naming them when the device's platform has none."""
+    with _LOCK:
+        try:
+            return download_deps(plat, log, reqs, extras=True)[0]
+        except DeviceError as e:
+            raise DeviceError(f"{', '.join(reqs)} cannot be installed on this device ({plat.key}): {e}") from None
+
+
+def _runtime_wheels(plat: Platform, log: Log) -> RuntimeWheels:
+    deps, deps_stamp = download_deps(plat, log)
     wheel, stamp = edgeship_wheel(log)
-    return RuntimeWheels(deps=deps, edgeship=wheel, deps_stamp=deps_stamp, edgeship_stamp=stamp, extras=extras)
+    return RuntimeWheels(deps=deps, edgeship=wheel, deps_stamp=deps_stamp, edgeship_stamp=stamp)

@@ -1,45 +1,12 @@
-"""Headless Chromium (Debian's ``chromium``) for the report tests, and real results files to render."""
+"""Real results files for the report tests to render (the ``browser`` fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from edgeship.profiling.results import ProfileResult
-
-ARTIFACTS_DIR = Path(os.environ.get("EDGESHIP_TEST_ARTIFACTS", Path(__file__).parents[2] / "test-artifacts"))
-
-
-def cdp_module() -> Any:
-    spec = importlib.util.spec_from_file_location("edgeship_tests_cdp", Path(__file__).with_name("cdp.py"))
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="session")
-def browser(unavailable: Callable[[str, str], None]) -> Iterator[Any]:
-    cdp = cdp_module()
-    exe = cdp.find_chromium()
-    if exe is None:
-        unavailable("browser", "needs headless Chromium: apt-get install chromium")
-    b = cdp.Browser(str(exe))
-    yield b
-    b.close()
-
-
-@pytest.fixture(scope="session")
-def shots_dir() -> Path:
-    """Screenshots are kept as test artifacts (gitignored) for a person to look at."""
-    d = ARTIFACTS_DIR / "browser"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from a real profile of the tiny Llama, at phone and desktop widths, nothing fetc
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +23,16 @@ def _load(name: str) -> Any:
     return mod
 
 
-@pytest.fixture(scope="module")
-def llm_browser(unavailable: Callable[[str, str], None]) -> Iterator[Any]:
-    cdp = _load("cdp")
-    exe = cdp.find_chromium()
-    if exe is None:
-        unavailable("browser", "needs headless Chromium: apt-get install chromium")
-    b = cdp.Browser(str(exe))
-    yield b
-    b.close()
-
-
-def test_llm_report_in_the_browser(tiny_llama_bundle: Path, llm_browser: Any, tmp_path: Path,
+def test_llm_report_in_the_browser(tiny_llama_bundle: Path, browser: Any, tmp_path: Path, shots_dir: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     page = tmp_path / "llm.html"
     rc = main(["profile", str(tiny_llama_bundle), "--artifact", "onnx/int4-weight", "--prompt-lengths", "16,64",
                "--new-tokens", "32", "--energy", "estimate", "--idle-seconds", "0", "--html", str(page)])
     assert rc == 0 and f"HTML report: {page}" in capsys.readouterr().out
     checks = _load("test_report_browser")
-    shots = Path(_load("conftest").ARTIFACTS_DIR) / "browser"
     for width in (390, 1300):
-        got = checks._check_page(llm_browser, page, width, shots, "llm")
+        got = checks._check_page(browser, page, width, shots_dir, "llm")
         text = got["text"]
         assert "onnx/int4-weight" in text and "@ 16" in text and "@ 64" in text and "decode tok/s" in text.lower()
         assert "(est.)" in text and "ESTIMATE" in text
-        assert llm_browser.eval("document.querySelectorAll('svg polyline').length") >= 2  # token CDF + TTFT curve
+        assert browser.eval("document.querySelectorAll('svg polyline').length") >= 2  # token CDF + TTFT curve

@@ -344,3 +344,17 @@ def test_texts_on_litert_and_executorch(tiny_bert_dir: Path, tmp_path_factory: p
         if r.artifact != "onnx/fp32":
             a = r.user_inputs.agreement
             assert a is not None and r.user_inputs.agreement_vs == "onnx/fp32" and a.min_cosine > 0.999  # all fp32
+
+
+def test_prepared_inputs_read_back_as_the_users_file(tiny_onnx_bundle: Path, tmp_path: Path) -> None:
+    """What a remote run sends: the host's prepared arrays, still named after the user's file."""
+    from edgeship.profiling.inputs import write_prepared
+
+    user = _read(_texts(tmp_path, [*SHORT, *LONG]), tiny_onnx_bundle)
+    write_prepared(user, tmp_path / "prepared.npz")
+    back = _read(tmp_path / "prepared.npz", tiny_onnx_bundle)
+    assert (back.name, back.kind, back.sha256, back.lengths) == (user.name, user.kind, user.sha256, user.lengths)
+    assert back.prepared_on == "host" and user.prepared_on == "device"
+    assert "prepared on the host" in back.describe() and "prepared" not in user.describe()
+    for a, b in zip(user.feeds, back.feeds, strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

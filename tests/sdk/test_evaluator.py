@@ -19,21 +19,21 @@ def test_measures_each_file_once(tiny_bert_dir: Path, tiny_onnx_bundle: Path, tm
     held = lm.sample_inputs(3, seed=1, seq_len=16, image_size=224, corpus=split_corpus()[1])
     ev = Evaluator(lm, held, [lm.run_torch(f) for f in held], get_profile("raspberry-pi-5"))
     art = tiny_onnx_bundle / "onnx/int8-dynamic.onnx"
-    assert ev.known(art, "onnx") is None
     first = ev(art, "onnx", {}, "int8-dynamic")
     assert ev.runs == 1 and first.n_samples == 3
     copy = tmp_path / "moved.onnx"  # the search's attempt file moved into the bundle: same bytes, another path
     shutil.copyfile(art, copy)
-    assert ev.known(copy, "onnx", {}, "int8-dynamic") == first and ev(copy, "onnx", {}, "int8-dynamic") == first
+    assert ev(copy, "onnx", {}, "int8-dynamic") == first
     assert ev.runs == 1
-    assert ev.known(copy, "onnx", {"graph_optimization": "basic"}, "int8-dynamic") is None  # other options: run it
-    ev(copy, "onnx", {"graph_optimization": "basic"}, "int8-dynamic")
+    ev(copy, "onnx", {"graph_optimization": "basic"}, "int8-dynamic")  # other options: run it
     assert ev.runs == 2
-    assert ev.known(copy, "onnx", {}, "int4-weight") is None  # another floor (0.97): a different verdict
+    ev(copy, "onnx", {}, "int4-weight")  # another floor (0.97): a different verdict
+    assert ev.runs == 3
     data = bytearray(copy.read_bytes())
     data[-1] ^= 1  # other bytes, other file
     copy.write_bytes(bytes(data))
-    assert ev.known(copy, "onnx", {}, "int8-dynamic") is None
+    ev(copy, "onnx", {}, "int8-dynamic")
+    assert ev.runs == 4
 
 
 def test_the_final_check_and_the_search_score_on_separate_inputs(tiny_bert_dir: Path, tmp_path: Path) -> None:

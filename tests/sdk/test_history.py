@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,32 +18,26 @@ from edgeship.compare import compare_samples, mann_whitney_p, median_ratio_inter
 FAST = ["--runs", "30", "--min-seconds", "0.3", "--warmup", "2", "--energy", "off", "--quiet"]
 
 
-def matmul_onnx(path: Path, n: int, rows: int = 16) -> Path:
-    """Two MatMuls of an n x n weight: a real model file whose cost grows with n."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+def _bench_compare() -> Any:
+    spec = importlib.util.spec_from_file_location("edgeship_bench_compare",
+                                                  Path(__file__).parents[2] / "benchmarks" / "bench_compare.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
-    rng = np.random.default_rng(n)
-    ws = [numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), f"w{i}") for i in (1, 2)]
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-                           helper.make_node("MatMul", ["r", "w2"], ["y"])], "mm",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, n])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])], ws)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(m, str(path))
-    return path
+
+matmul_onnx = _bench_compare().matmul_onnx  # the benchmark's 2-MatMul model: d/mm.onnx, cost grows with n
 
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return matmul_onnx(tmp_path_factory.mktemp("small") / "mm.onnx", 64)
+    return matmul_onnx(tmp_path_factory.mktemp("small"), 64)
 
 
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return matmul_onnx(tmp_path_factory.mktemp("big") / "mm.onnx", 768, rows=128)  # same name: same artifact key
+    return matmul_onnx(tmp_path_factory.mktemp("big"), 768, rows=128)  # same name: same artifact key
 
 
 def _profile(model: Path, db: Path, out: Path, *extra: str) -> None:
