@@ -32,7 +32,7 @@ case "$cmd" in
     exec "$VENV/bin/edgeship" quickstart "$@"
     ;;
   test)
-    setup "export,models,remote,farm,npu,llm,dev"
+    setup "export,models,remote,farm,npu,llm,inputs,dev"
     if [ -x scripts/test-services.sh ]; then scripts/test-services.sh; fi
     set +e
     "$VENV/bin/python" -m pytest "$@"

@@ -42,7 +42,7 @@ justify-content:space-between}table.cards td::before,table.cards th::before{cont
 font-weight:600;text-align:left;flex:0 0 38%;overflow-wrap:anywhere}table.cards td{white-space:normal;text-align:right}.scroll{overflow-x:visible}}"""
 
 
-_TEXT_COLUMNS = {"device", "notes", "fit error", "target"}  # may wrap; numbers never break across lines
+_TEXT_COLUMNS = {"device", "notes", "fit error", "target", "mean / min cosine on your inputs"}  # may wrap; numbers never break across lines
 
 
 @dataclass(frozen=True)
@@ -296,6 +296,30 @@ def _intervals(es: Sequence[Entry]) -> str:
                                                          "p50 std dev", "p99 range ms"], body))
 
 
+def _user_inputs(runs: Sequence[DeviceRun]) -> str:
+    """--inputs: latency by input length per artifact, and agreement on those inputs with the run's fp32 artifact."""
+    many = len(runs) > 1
+    body, names = [], set()
+    for run in runs:
+        for r in run.profile.results if run.profile else ():
+            u = r.user_inputs
+            if u is None:
+                continue
+            names.add(u.describe())
+            a = u.agreement
+            agree = f"{a.mean_cosine:.4f} / {a.min_cosine:.4f} vs {u.agreement_vs}" if a else (u.agreement_note or "-")
+            for b in u.buckets:
+                body.append(("", [esc(f"{run.name}: {r.artifact}" if many else r.artifact), esc(b.label),
+                                  str(b.inputs), str(b.runs), f"{b.p50_ms:.3g}", f"{b.p90_ms:.3g}", esc(agree)]))
+    if not body:
+        return ""
+    return ("<h2>Your inputs</h2><p class=wrap>Timed round-robin on " + esc(", ".join(sorted(names))) + ". Agreement "
+            "is with another artifact of this run on your inputs, not with PyTorch (there is no PyTorch on the "
+            "device); the checks against PyTorch are those on the bundle's held-out samples.</p>"
+            + _table("latency by input length", ["artifact", "length", "inputs", "runs", "p50 ms", "p90 ms",
+                                                 "mean / min cosine on your inputs"], body))
+
+
 def _telemetry_text(results: Sequence[ArtifactResult]) -> tuple[str, str]:
     temps, gov = [], set()
     for r in results:
@@ -369,6 +393,7 @@ def render_html(runs: Sequence[DeviceRun], decision: Decision | None = None, ext
     if many:
         parts.append(_side_by_side(groups))
     parts.append(_intervals(es))
+    parts.append(_user_inputs(runs))
     parts.append(_environment(runs))
     parts.append("<p>Latencies come from raw perf_counter_ns samples after warm-up. Energy marked (est.) is a model "
                  "(power model x CPU time), not a measurement.</p></main></html>")

@@ -113,7 +113,33 @@ def render(result: ProfileResult) -> str:
     lines += [f"  {r.artifact}{f' [{r.setting}]' if r.setting else ''}: {r.soak.describe()}"
               for r in result.results if r.soak is not None]
     lines += [f"  {r.artifact}: {per_op_line(p)}" for r in result.results if (p := r.per_op_trace) is not None]
-    return "\n".join(lines)
+    return "\n".join(lines + user_inputs_lines(result.results))
+
+
+def user_inputs_lines(results: Sequence[ArtifactResult]) -> list[str]:
+    """--inputs: latency by input length per artifact, and the artifacts' agreement on those inputs."""
+    rows = [[f"{r.artifact}{f' [{r.setting}]' if r.setting else ''}", b.label, str(b.inputs), str(b.runs),
+             f"{b.p50_ms:.2f}", f"{b.p90_ms:.2f}"] for r in results if r.user_inputs for b in r.user_inputs.buckets]
+    if not rows:
+        return []
+    names = sorted({r.user_inputs.describe() for r in results if r.user_inputs})
+    lines = [f"latency by input length on {', '.join(names)}:",
+             table(rows, ["artifact", "length", "inputs", "runs", "p50 ms", "p90 ms"])]
+    held = next((r.user_inputs for r in results if r.user_inputs and r.user_inputs.prepared_mb is not None), None)
+    if held is not None:
+        lines.append(f"  peak MB includes the {held.count} prepared inputs ({held.prepared_mb:.1f} MB), held in memory for "
+                     f"the round-robin{' with the tokenizer' if held.kind in ('txt', 'jsonl') else ''}")
+    for r in results:
+        u = r.user_inputs
+        if u is None or (u.agreement is None and not u.agreement_note):
+            continue
+        a = u.agreement
+        text = u.agreement_note or ""
+        if a is not None:
+            top1 = f", top-1 agreement {a.top1_agreement:.1%}" if a.top1_agreement is not None else ""
+            text = f"mean cosine {a.mean_cosine:.4f}, min {a.min_cosine:.4f}{top1} ({text})"
+        lines.append(f"  {r.artifact}: {text}")
+    return lines
 
 
 def npu_line(r: ArtifactResult) -> str:

@@ -73,6 +73,7 @@ class RunConfig:
     core_set: str | None = None  # the name of that CPU set in a sweep: "big", "little", "all"
     repeat: int = 1  # fresh worker processes per artifact, interleaved across artifacts (rounds)
     soak: int | None = None  # --soak N: after the timed loop, N more inferences with RSS sampled along the way
+    inputs: str | None = None  # --inputs FILE: the user's texts / arrays / image folder, timed round-robin
 
     def __post_init__(self) -> None:
         if self.runs < 1:
@@ -224,6 +225,57 @@ class Soak:
         return f"{text}, {self.growth_mb_per_1k:+.3f} MB per 1,000 after warm-up ({self.method})"
 
 
+@dataclass(frozen=True)
+class LengthBucket:
+    """Latency of the timed runs whose input fell in one length bucket (``lo``-``hi`` real tokens; None: all)."""
+
+    label: str  # "17-32 tokens" or "all inputs"
+    lo: int | None
+    hi: int | None
+    inputs: int  # distinct inputs in the bucket
+    runs: int  # timed runs on them
+    p50_ms: float
+    p90_ms: float
+
+
+@dataclass(frozen=True)
+class UserInputsRun:
+    """--inputs FILE: which inputs were timed (round-robin: timed run ``i`` ran input ``i % count``), the latency by
+    input length, and how this artifact's outputs on them agree with the run's reference artifact.
+
+    There is no PyTorch on the device and no reference output for the user's inputs: ``agreement`` compares with
+    another artifact of the same run (``agreement_vs``, an fp32 one), never with PyTorch. The check against
+    PyTorch is ``ArtifactResult.device_check``, on the bundle's held-out samples."""
+
+    name: str
+    kind: str  # "txt", "jsonl", "npz", "images"
+    count: int
+    sha256: str
+    buckets: tuple[LengthBucket, ...]
+    agreement: Agreement | None = None
+    agreement_vs: str | None = None  # the artifact compared with, e.g. "onnx/fp32"
+    agreement_note: str | None = None  # why there is no agreement, or what it is
+    # the prepared inputs, all held in memory for the round-robin: part of the worker's peak RSS (an app would
+    # hold one request at a time); texts add the tokenizer
+    prepared_mb: float | None = None
+    prepared_on: str = "device"  # "host": a remote run's host tokenized / decoded them and sent the arrays
+
+    def describe(self) -> str:
+        """'texts.jsonl (jsonl, 200 inputs, sha256 1a2b3c4d5e6f)'."""
+        where = ", prepared on the host" if self.prepared_on == "host" else ""
+        return f"{self.name} ({self.kind}, {self.count} inputs, sha256 {self.sha256[:12]}{where})"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["buckets"] = [dataclasses.asdict(b) for b in self.buckets]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> UserInputsRun:
+        return _build(cls, d, buckets=tuple(_build(LengthBucket, b) for b in d.get("buckets") or ()),
+                      agreement=_build(Agreement, d["agreement"]) if d.get("agreement") else None)  # type: ignore[no-any-return]
+
+
 NpuMode = Literal["device", "simulate", "absent"]
 
 
@@ -258,6 +310,7 @@ _BLOCKS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "device_check": (lambda d: _build(Agreement, d), dataclasses.asdict),
     "fidelity": (lambda d: _build(Fidelity, d), Fidelity.to_dict),
     "soak": (Soak.from_dict, Soak.to_dict),
+    "user_inputs": (UserInputsRun.from_dict, UserInputsRun.to_dict),
     "npu": (lambda d: _build(NpuRun, d, simulated_seconds_per_inference=tuple(d.get("simulated_seconds_per_inference")
                                                                               or ())), dataclasses.asdict),
 }
@@ -300,6 +353,7 @@ class ArtifactResult:
     setting: str | None = None  # a sweep's configuration of this measurement: "threads=2 cores=big"
     repeat_index: int | None = None  # under --repeat K: which round (0..K-1) this fresh process was
     soak: Soak | None = None  # --soak N: RSS over N more inferences and its growth after warm-up
+    user_inputs: UserInputsRun | None = None  # --inputs FILE: what was timed, latency by length, agreement
 
     @property
     def ok(self) -> bool:

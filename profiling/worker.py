@@ -26,6 +26,7 @@ import numpy as np
 from edgeship.errors import ConfigError, EdgeshipError, InputError
 from edgeship.manifest import Bundle
 from edgeship.profiling import backends, energy, sysinfo, telemetry
+from edgeship.profiling.inputs import UserInputs, check_usable, length_buckets, read_inputs
 from edgeship.profiling.progress import Progress, bar
 from edgeship.profiling.results import (
     Agreement,
@@ -36,6 +37,7 @@ from edgeship.profiling.results import (
     RunConfig,
     Status,
     TelemetrySummary,
+    UserInputsRun,
 )
 from edgeship.profiling.soak import run_soak
 from edgeship.profiling.stats import LatencyStats
@@ -43,6 +45,7 @@ from edgeship.spec import fill_dims, resolve_dims
 
 _BLOCKED = ("torch", "transformers", "executorch", "litert_torch", "torchao")
 Feeds = dict[str, np.ndarray]
+AGREEMENT_INPUTS = 256  # the user's inputs whose outputs the artifacts of a run are compared on (a second pass)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class Job:
     """One artifact to measure: ``artifact`` of the bundle at ``bundle``, or the model ``file``.
 
     ``npu`` set: the artifact's compiled NPU model instead of its file (see :class:`~.results.NpuRun`).
+    ``outputs_dir`` set (with --inputs): the outputs on the user's first inputs are saved there, for the runner
+    to compare the artifacts of the run with each other.
     """
 
     config: RunConfig
@@ -57,6 +62,7 @@ class Job:
     artifact: str | None = None
     file: str | None = None
     npu: NpuMode | None = None
+    outputs_dir: str | None = None
 
     @property
     def label(self) -> str:
@@ -65,13 +71,14 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "bundle": self.bundle, "artifact": self.artifact, "file": self.file,
-                "npu": self.npu}
+                "npu": self.npu, "outputs_dir": self.outputs_dir}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Job:
         if d.get("npu") not in (None, *get_args(NpuMode)):
             raise ConfigError(f"job: npu mode {d['npu']!r} is not one of {', '.join(get_args(NpuMode))}")
-        return cls(RunConfig.from_dict(d["config"]), d.get("bundle"), d.get("artifact"), d.get("file"), d.get("npu"))
+        return cls(RunConfig.from_dict(d["config"]), d.get("bundle"), d.get("artifact"), d.get("file"), d.get("npu"),
+                   d.get("outputs_dir"))
 
 
 def block_torch() -> None:
@@ -165,7 +172,7 @@ def run_job(job: Job) -> ArtifactResult:
             return run_without_npu(job)
         opened = _open(job)
         base = opened.ident
-        return _measure(opened, job.config)
+        return _measure(opened, job.config, job.outputs_dir)
     except EdgeshipError as e:
         return dataclasses.replace(base, status=Status.ERROR, error=str(e))
     except Exception as e:  # a runtime failing mid-run must not lose the other measurements
@@ -203,7 +210,7 @@ def _run_options(opened: _Opened, cfg: RunConfig) -> tuple[dict[str, Any], dict[
     return run_opts, per_op, warnings
 
 
-def _measure(opened: _Opened, cfg: RunConfig) -> ArtifactResult:
+def _measure(opened: _Opened, cfg: RunConfig, outputs_dir: str | None = None) -> ArtifactResult:
     fmt, bundle = str(opened.ident.format), opened.bundle
     run_opts, per_op, warnings = _run_options(opened, cfg)
     if backends.is_torch_free(fmt, run_opts):
@@ -220,18 +227,27 @@ def _measure(opened: _Opened, cfg: RunConfig) -> ArtifactResult:
     load_s = (time.perf_counter_ns() - t0) / 1e9
     rss_load = _rss_mb()
 
-    feeds, inp = _resolve_input(model, bundle, cfg)
+    user = _read_user_inputs(bundle, cfg)
+    all_feeds, inp = ([model.adapt_feeds(f) for f in user.feeds], _user_input_info(user)) if user \
+        else _resolve_input(model, bundle, cfg)
+    feeds = all_feeds[0]
     t0 = time.perf_counter_ns()
     first = model.run(feeds)
     first_ms = (time.perf_counter_ns() - t0) / 1e6
     prog = Progress(opened.ident.artifact, enabled=cfg.progress)
     for i in range(cfg.warmup):
-        model.run_timed(feeds)
+        model.run_timed(all_feeds[i % len(all_feeds)])
         prog.update(f"{bar((i + 1) / cfg.warmup)} warm-up {i + 1}/{cfg.warmup}")
-    loop = _timed_loop(model, feeds, cfg, recorder, prog)
+    loop = _timed_loop(model, all_feeds, cfg, recorder, prog)
     # after the timed loop, so the latency and energy figures are the same with or without a soak
     soak = run_soak(model, feeds, cfg.soak, _rss_mb, prog) if cfg.soak else None
     check = _device_check(model, bundle) if bundle is not None and not cfg.shapes else None
+    user_run = None
+    if user is not None and bundle is not None:
+        user_run = UserInputsRun(user.name, user.kind, user.count, user.sha256, length_buckets(loop.samples, user),
+                                 prepared_mb=user.nbytes / 2**20, prepared_on=user.prepared_on)
+        if outputs_dir:
+            _save_outputs(model, all_feeds, bundle, Path(outputs_dir) / outputs_file(opened.ident.artifact))
     return dataclasses.replace(
         opened.ident, status=Status.OK, torch_free="torch" in sys.modules and sys.modules["torch"] is None, input=inp,
         load_seconds=load_s, first_inference_ms=first_ms, warmup_runs=cfg.warmup, measured_seconds=loop.wall_s,
@@ -240,10 +256,42 @@ def _measure(opened: _Opened, cfg: RunConfig) -> ArtifactResult:
         cpus=tuple(sorted(os.sched_getaffinity(0))) if cfg.cpus else (),
         output_shapes={k: tuple(np.shape(v)) for k, v in first.items()},
         energy=recorder.result(len(loop.samples)), telemetry=loop.telemetry, device_check=check, per_op=per_op,
-        warnings=(*warnings, *loop.warnings), soak=soak)
+        warnings=(*warnings, *loop.warnings), soak=soak, user_inputs=user_run)
 
 
-def _resolve_input(model: Any, bundle: Bundle | None, cfg: RunConfig) -> tuple[Feeds, InputInfo]:
+def _read_user_inputs(bundle: Bundle | None, cfg: RunConfig) -> UserInputs | None:
+    if not cfg.inputs:
+        return None
+    check_usable(bundle is not None, cfg.shapes)
+    assert bundle is not None  # for mypy: check_usable refused a bare model file
+    return read_inputs(cfg.inputs, bundle.manifest.inputs, bundle.manifest.preprocessing, bundle.root)
+
+
+def _user_input_info(user: UserInputs) -> InputInfo:
+    """Input 0's shapes stand for all (texts are padded to one length; arrays share their trailing shape)."""
+    f = user.feeds[0]
+    return InputInfo(f"your inputs {user.describe()}, round-robin", {k: tuple(v.shape) for k, v in f.items()},
+                     {k: str(v.dtype) for k, v in f.items()})
+
+
+def outputs_file(artifact: str) -> str:
+    """Where an artifact's outputs on the user's inputs are saved: 'onnx/int8@htp' -> 'onnx__int8@htp.npz'."""
+    return artifact.replace("/", "__") + ".npz"
+
+
+def _save_outputs(model: Any, all_feeds: list[Feeds], bundle: Bundle, path: Path) -> None:
+    """The first output on the first AGREEMENT_INPUTS inputs (as floats), one array per input."""
+    name = bundle.manifest.outputs[0].name
+    out = {}
+    for i, f in enumerate(all_feeds[:AGREEMENT_INPUTS]):
+        res = model.float_outputs(model.run(f))
+        if name not in res:
+            raise InputError(f"artifact has no output '{name}' (it has {', '.join(res)})")
+        out[str(i)] = np.asarray(res[name])
+    np.savez(path, **out)  # type: ignore[arg-type]
+
+
+def _resolve_input(model: Any, bundle: Bundle | None, cfg: RunConfig) -> tuple[list[Feeds], InputInfo]:
     """The bundle's held-out sample 0 when there is one (and no --shape), else synthesized inputs."""
     if bundle is not None and not cfg.shapes and bundle.manifest.samples.get("inputs"):
         with np.load(bundle.root / bundle.manifest.samples["inputs"]) as z:
@@ -259,7 +307,7 @@ def _resolve_input(model: Any, bundle: Bundle | None, cfg: RunConfig) -> tuple[F
     # what a text model really computes on (ONNX graphs drop trailing padding)
     real = int(np.count_nonzero(feeds["attention_mask"])) if "attention_mask" in feeds else None
     feeds = model.adapt_feeds(feeds)
-    return feeds, InputInfo(source, {k: tuple(v.shape) for k, v in feeds.items()},
+    return [feeds], InputInfo(source, {k: tuple(v.shape) for k, v in feeds.items()},
                             {k: str(v.dtype) for k, v in feeds.items()}, real)
 
 
@@ -271,8 +319,10 @@ class _Loop:
     warnings: list[str]
 
 
-def _timed_loop(model: Any, feeds: Feeds, cfg: RunConfig, recorder: energy.Recorder, prog: Progress) -> _Loop:
-    """Run until both ``cfg.runs`` and the minimum time are reached (or ``max_seconds``), meters around it."""
+def _timed_loop(model: Any, all_feeds: list[Feeds], cfg: RunConfig, recorder: energy.Recorder, prog: Progress
+                ) -> _Loop:
+    """Run until both ``cfg.runs`` and the minimum time are reached (or ``max_seconds``), meters around it. Run ``i``
+    is on input ``i % len(all_feeds)``, round-robin, in whole rounds: every input is timed equally often."""
     samples: list[int] = []
     warnings: list[str] = []
     tele = telemetry.Telemetry()
@@ -285,19 +335,23 @@ def _timed_loop(model: Any, feeds: Feeds, cfg: RunConfig, recorder: energy.Recor
     tele.start()
     start = time.perf_counter_ns()
     min_ns, max_ns = int(min_s * 1e9), int(cfg.max_seconds * 1e9)
+    # whole rounds of the inputs, so that each input weighs the same in the percentiles (one input: cfg.runs)
+    n_inputs = len(all_feeds)
+    runs = -(-max(cfg.runs, n_inputs) // n_inputs) * n_inputs
     while True:
+        feeds = all_feeds[len(samples) % n_inputs]
         t = time.perf_counter_ns()
         model.run_timed(feeds)
         samples.append(time.perf_counter_ns() - t)
         elapsed = time.perf_counter_ns() - start
         if prog.due():  # the median is only worth computing when it will be printed
             # the run ends when both the count and the time are reached: the lagging one is the progress
-            frac = min(len(samples) / max(cfg.runs, 1), elapsed / min_ns if min_ns else 1.0)
+            frac = min(len(samples) / runs, elapsed / min_ns if min_ns else 1.0)
             prog.update(f"{bar(frac)} run {len(samples)} ({elapsed / 1e9:.1f} s) p50 {np.median(samples) / 1e6:.2f} ms")
-        if len(samples) >= cfg.runs and elapsed >= min_ns:
+        if len(samples) >= runs and elapsed >= min_ns and len(samples) % n_inputs == 0:
             break
         if elapsed >= max_ns:
-            warnings.append(f"stopped at --max-seconds {cfg.max_seconds:g} after {len(samples)} of {cfg.runs} runs")
+            warnings.append(f"stopped at --max-seconds {cfg.max_seconds:g} after {len(samples)} of {runs} runs")
             break
     wall_s = (time.perf_counter_ns() - start) / 1e9
     tele_out = tele.stop()

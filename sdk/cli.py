@@ -33,6 +33,9 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
                         "its 95%% bootstrap interval, and `report` says when a pick is indistinguishable")
     p.add_argument("--soak", type=int, metavar="N", help="then N more inferences per artifact, sampling RSS 50 times; "
                    "reports the RSS growth after warm-up per 1,000 inferences (a leak check)")
+    p.add_argument("--inputs", metavar="FILE", help="time your own inputs, round-robin: texts (.txt one per line, "
+                   ".jsonl with a \"text\" field), arrays (.npz keyed by input name) or an image folder; reports "
+                   "latency by input length and how the artifacts agree on them")
     p.add_argument("--threads", type=int, help="runtime threads (default: the bundle's target profile)")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=DxD",
                    help="size of dynamic dims for synthesised inputs, e.g. input_ids=1x128 (repeatable)")
@@ -129,7 +132,7 @@ def _run_config(a: argparse.Namespace) -> Any:
                      idle_seconds=a.idle_seconds, sample_hz=a.sample_hz, cooldown_to_c=a.cooldown_to,
                      energy_csv=a.energy_csv, power_target=a.target, options={**_kv(a.option, "--option"), **({"delegate": a.delegate} if a.delegate else {})},
                      per_op=a.per_op, progress=not a.quiet, simulate_npu=a.simulate_npu, method=a.method,
-                     repeat=getattr(a, "repeat", 1), soak=getattr(a, "soak", None))
+                     repeat=getattr(a, "repeat", 1), soak=getattr(a, "soak", None), inputs=getattr(a, "inputs", None))
 
 
 def cmd_profile(a: argparse.Namespace) -> int:
@@ -140,6 +143,9 @@ def cmd_profile(a: argparse.Namespace) -> int:
 
     cli_farm.check_profile_args(a)
     if is_llm_bundle(a.source):
+        if getattr(a, "inputs", None):
+            raise ConfigError("--inputs times an encoder or classifier bundle on your inputs; an LLM bundle is timed "
+                              "by --prompt-lengths and --new-tokens")
         return cli_llm.profile_llm_cmd(a)
     cfg = _run_config(a)
     if a.farm:

@@ -45,6 +45,11 @@ class RemoteJob(ABC, Generic[RunT]):
         """Distributions the device needs on top of edgeship's plain runtime (pip requirement strings)."""
         return ()
 
+    def inputs(self) -> str | None:
+        """The user's inputs (a file or an image folder, --inputs) to push with the bundle; the agent's config
+        then names the device's copy (default: none)."""
+        return None
+
     @abstractmethod
     def config_dict(self) -> dict[str, Any]:
         """The run config as the agent's job file carries it."""
@@ -66,6 +71,9 @@ class EncoderJob(RemoteJob[DeviceRun]):
 
     config: RunConfig
     kind: ClassVar[str] = "encoder"
+
+    def inputs(self) -> str | None:
+        return self.config.inputs
 
     def config_dict(self) -> dict[str, Any]:
         return self.config.to_dict()

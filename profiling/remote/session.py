@@ -9,6 +9,7 @@ device, under the work directory (default ``~/.cache/edgeship-device``)::
 
     bundles/<name>/   the pushed bundle, kept between runs so unchanged artifacts are not re-sent
     wheels/, venv/    the runtime's own files (python-venv), kept for the same reason
+    inputs/<sha>/     --inputs: the user's inputs as the host prepared them (.npz), kept like the bundle
     runs/<id>/        job and results of one run; removed at the end
 """
 
@@ -107,6 +108,22 @@ def _bundle_files(source: Path, artifact: str | None, staging: Path) -> BundleFi
     return BundleFiles(files, bundle, arts, base)
 
 
+def _input_files(inputs: str, bundle: Bundle | None, staging: Path) -> tuple[list[PushFile], str]:
+    """--inputs: the user's inputs prepared here (tokenized or decoded with the bundle's files, by the code the
+    device would run) as one .npz to push, and where it goes under the work directory. A bad file is one error
+    on the host before anything is sent; the device needs nothing beyond the plain runtime."""
+    from edgeship.profiling.inputs import read_inputs, write_prepared
+
+    if bundle is None:
+        raise DeviceError("--inputs needs a bundle: its manifest says how to tokenize or preprocess them and which "
+                          "inputs the model takes (a bare model file has neither)")
+    user = read_inputs(inputs, bundle.manifest.inputs, bundle.manifest.preprocessing, bundle.root)
+    local = staging / "inputs.npz"
+    write_prepared(user, local)
+    rel = f"inputs/{user.sha256[:16]}/{user.name}.npz"  # per content, so runs on other inputs do not collide
+    return [PushFile(local, rel, sha256_file(local), local.stat().st_size)], rel
+
+
 class DeviceSession(Generic[RunT]):
     """One device, one run of ``job``. ``run()`` returns the job's result for the device, failed or not."""
 
@@ -125,6 +142,7 @@ class DeviceSession(Generic[RunT]):
         self.timings: dict[str, float] = {}
         self.t: Transport | None = None
         self.source_text = ""
+        self.remote_inputs: str | None = None  # --inputs: where the pushed file is, under the work directory
 
     def run(self, source: Path, artifact: str | None) -> RunT:
         """Never raises: a device that fails is a run with ``status="error"`` and what it measured before."""
@@ -159,6 +177,10 @@ class DeviceSession(Generic[RunT]):
         push = _bundle_files(source, artifact, staging)
         self.job.check(push.bundle, push.artifacts)  # what the device cannot run is refused before connecting
         files = push.files
+        inputs = self.job.inputs()
+        if inputs:
+            input_files, self.remote_inputs = _input_files(inputs, push.bundle, staging)
+            files = [*files, *input_files]
         self.log(f"connecting to {self.url}")
         self.t = transport_for(self.url, self.options)
         self.t.connect()
@@ -214,8 +236,10 @@ class DeviceSession(Generic[RunT]):
     def _profile(self, rt: DeviceRuntime, wd: str, remote_source: str, keys: list[str],
                  staging: Path) -> dict[str, Any]:
         run_dir = f"{wd}/runs/{uuid.uuid4().hex[:12]}"
-        job = {"kind": self.job.kind, "source": f"{wd}/{remote_source}", "artifacts": keys,
-               "config": self.job.config_dict()}
+        config = self.job.config_dict()
+        if self.remote_inputs:
+            config["inputs"] = f"{wd}/{self.remote_inputs}"
+        job = {"kind": self.job.kind, "source": f"{wd}/{remote_source}", "artifacts": keys, "config": config}
         jpath = staging / "job.json"
         jpath.write_text(json.dumps(job))
         rt.sh(f"mkdir -p {shlex.quote(run_dir)}", "creating the run directory")
