@@ -10,7 +10,6 @@ Torch-free: this runs on the device.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 TEXT_SUFFIXES = (".txt", ".jsonl")
 PREPARED_KEY = "__edgeship_inputs__"  # in a .npz of prepared inputs: the user's file it was made from (JSON bytes)
 Feeds = dict[str, np.ndarray]
+
+
+def _sha256(data: bytes = b"") -> Any:
+    import hashlib  # only with --inputs: OpenSSL is 3.5 MB of every other worker's RSS
+
+    return hashlib.sha256(data)
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,7 @@ def _read_texts(p: Path) -> tuple[list[str], str]:
             text = _jsonl_text(p, i, text)
         texts.append(text)
     _count(p, len(texts))
-    return texts, hashlib.sha256(raw).hexdigest()
+    return texts, _sha256(raw).hexdigest()
 
 
 def _jsonl_text(p: Path, line_no: int, line: str) -> str:
@@ -266,7 +271,7 @@ def _checked(p: Path, s: TensorSpec, a: np.ndarray) -> np.ndarray:
 
 
 def _sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
+    h = _sha256()
     with p.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -292,14 +297,14 @@ def _images(folder: Path, specs: Sequence[TensorSpec], pre: Mapping[str, Any]) -
         from PIL import Image
     except ImportError:
         raise RuntimeMissingError("image inputs need Pillow: pip install 'edgeship[inputs]'") from None
-    h = hashlib.sha256()
+    h = _sha256()
     feeds = []
     for f in files:
         try:
             data = f.read_bytes()
         except OSError as e:
             raise InputError(f"--inputs {f}: cannot read it ({e.strerror})") from None
-        h.update(f.name.encode() + b"\0" + hashlib.sha256(data).digest())
+        h.update(f.name.encode() + b"\0" + _sha256(data).digest())
         arr = _pixels(f, Image, channels, (width, height), pre)
         feeds.append({spec.name: np.ascontiguousarray(arr.transpose(2, 0, 1) if pre.get("channels_first", True)
                                                       else arr)[None].astype(spec.dtype)})

@@ -3,6 +3,7 @@ timed round-robin, latency by input length, and the artifacts' agreement on them
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -155,7 +156,7 @@ def test_profile_on_the_users_texts(tiny_onnx_bundle: Path, tmp_path: Path) -> N
     back = ProfileResult.from_dict(json.loads((tmp_path / "r.json").read_text()))
     assert back.results == res.results
     assert json.loads((tmp_path / "r.json").read_text())["results"][0]["user_inputs"]["sha256"] == \
-        inputs_mod.hashlib.sha256(texts.read_bytes()).hexdigest()
+        hashlib.sha256(texts.read_bytes()).hexdigest()
     old = {k: v for k, v in int8.to_dict().items() if k != "user_inputs"}  # a results file from before --inputs
     assert ArtifactResult.from_dict(old).user_inputs is None
     text = report.render(res)
