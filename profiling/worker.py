@@ -333,11 +333,29 @@ def _timed_loop(model: Any, all_feeds: list[Feeds], cfg: RunConfig, recorder: en
         warnings.append(f"run extended to {min_s:.2f} s so the {recorder.meter.name if recorder.meter else ''} "
                         "meter can resolve it")
     tele.start()
-    start = time.perf_counter_ns()
     min_ns, max_ns = int(min_s * 1e9), int(cfg.max_seconds * 1e9)
     # whole rounds of the inputs, so that each input weighs the same in the percentiles (one input: cfg.runs)
     n_inputs = len(all_feeds)
     runs = -(-max(cfg.runs, n_inputs) // n_inputs) * n_inputs
+    start = time.perf_counter_ns()
+    with model.float_mode():  # once around the loop, not per inference
+        _run_rounds(model, all_feeds, runs, min_ns, max_ns, samples, warnings, prog)
+    wall_s = (time.perf_counter_ns() - start) / 1e9
+    tele_out = tele.stop()
+    recorder.stop()  # and the idle window after the run
+    if cooldown is not None:
+        tele_out["cooldown"] = cooldown
+    stats = LatencyStats.from_ns(samples)
+    prog.done(f"{len(samples)} runs, p50 {stats.p50_ms:.2f} ms, p99 {stats.p99_ms:.2f} ms")
+    return _Loop(samples, wall_s, TelemetrySummary.from_dict(tele_out), warnings)
+
+
+def _run_rounds(model: Any, all_feeds: list[Feeds], runs: int, min_ns: int, max_ns: int, samples: list[int],
+                warnings: list[str], prog: Progress) -> None:
+    """The timed inferences: until both ``runs`` (whole rounds of the inputs) and ``min_ns`` are reached, or
+    ``max_ns``; each inference's nanoseconds appended to ``samples``."""
+    n_inputs = len(all_feeds)
+    start = time.perf_counter_ns()
     while True:
         feeds = all_feeds[len(samples) % n_inputs]
         t = time.perf_counter_ns()
@@ -349,18 +367,10 @@ def _timed_loop(model: Any, all_feeds: list[Feeds], cfg: RunConfig, recorder: en
             frac = min(len(samples) / runs, elapsed / min_ns if min_ns else 1.0)
             prog.update(f"{bar(frac)} run {len(samples)} ({elapsed / 1e9:.1f} s) p50 {np.median(samples) / 1e6:.2f} ms")
         if len(samples) >= runs and elapsed >= min_ns and len(samples) % n_inputs == 0:
-            break
+            return
         if elapsed >= max_ns:
-            warnings.append(f"stopped at --max-seconds {cfg.max_seconds:g} after {len(samples)} of {runs} runs")
-            break
-    wall_s = (time.perf_counter_ns() - start) / 1e9
-    tele_out = tele.stop()
-    recorder.stop()  # and the idle window after the run
-    if cooldown is not None:
-        tele_out["cooldown"] = cooldown
-    stats = LatencyStats.from_ns(samples)
-    prog.done(f"{len(samples)} runs, p50 {stats.p50_ms:.2f} ms, p99 {stats.p99_ms:.2f} ms")
-    return _Loop(samples, wall_s, TelemetrySummary.from_dict(tele_out), warnings)
+            warnings.append(f"stopped at --max-seconds {max_ns / 1e9:g} after {len(samples)} of {runs} runs")
+            return
 
 
 def _device_check(model: Any, bundle: Bundle) -> Agreement | None:

@@ -8,6 +8,7 @@ torch-free formats never pull torch in. Add a format with :func:`register_backen
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,11 @@ class Backend(ABC):
     @abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once on feeds already adapted by :meth:`adapt_feeds`."""
+
+    def float_mode(self) -> contextlib.AbstractContextManager[None]:
+        """The runtime's floating-point mode, entered once around a timed loop, so :meth:`run` need not switch it
+        per inference (the ONNX backend's flush-to-zero: fpenv.py)."""
+        return contextlib.nullcontext()
 
     def run_timed(self, feeds: Mapping[str, np.ndarray]) -> None:
         """One inference of the warm-up and timed loops: :meth:`run` unless a backend can skip converting the

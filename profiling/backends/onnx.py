@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -73,6 +74,7 @@ class OnnxBackend(Backend):
             raise ArtifactLoadError(f"{path}: onnxruntime cannot load it; the file is corrupt, truncated or not "
                                     f"ONNX ({first[:300]}); re-export or re-copy it") from None
         self._run_env = fpenv.flush_to_zero() if self.denormal_as_zero else None
+        self._mode_on = False
         self.path = path
         self.threads = threads
         self.level = level
@@ -105,7 +107,19 @@ class OnnxBackend(Backend):
         return ort.InferenceSession(str(path), sess_options=so, providers=providers,
                                     disabled_optimizers=list(disabled) or None)
 
+    @contextlib.contextmanager
+    def float_mode(self) -> Iterator[None]:
+        with fpenv.applied(self._run_env):
+            self._mode_on = True
+            try:
+                yield
+            finally:
+                self._mode_on = False
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._mode_on:  # inside float_mode(): the mode is already on (fegetenv/fesetenv cost 2-4 us a call)
+            res = self.session.run(None, dict(feeds))
+            return {n: np.asarray(v) for n, v in zip(self.outputs, res, strict=True)}
         with fpenv.applied(self._run_env):
             res = self.session.run(None, dict(feeds))
         return {n: np.asarray(v) for n, v in zip(self.outputs, res, strict=True)}

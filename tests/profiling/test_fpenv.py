@@ -39,6 +39,18 @@ def test_flush_to_zero_applies_to_runs_only(tmp_path: Path, ftz: bool) -> None:
     assert _subnormals_survive(), "a run left flush-to-zero on"
 
 
+def test_float_mode_is_entered_once_around_a_timed_loop(tmp_path: Path) -> None:
+    """The worker enters float_mode() around its timed loop: runs inside keep the session's mode without
+    switching it per inference, and the caller's mode is back afterwards."""
+    b = OnnxBackend(_times_one(tmp_path / "m.onnx"), threads=1, options={"denormal_as_zero": True})
+    x = {"x": np.array([TINY], dtype=np.float32)}
+    with b.float_mode():
+        assert not _subnormals_survive()  # the mode is on for the loop
+        assert all(b.run(x)["y"][0] == 0 for _ in range(3))
+    assert _subnormals_survive()
+    assert b.run(x)["y"][0] == 0  # outside the loop, run() still applies it itself
+
+
 def test_a_later_session_also_flushes(tmp_path: Path) -> None:
     """ORT sets the calling thread's mode once per process, from the first session: a plain session first must
     not cost a later flush-to-zero session its mode (it did: the second session ran with subnormals)."""
