@@ -3,6 +3,7 @@
     python benchmarks/bench_export.py                      # quickstart's plan: 3 formats x (fp32 + int8-dynamic)
     python benchmarks/bench_export.py --formats pte --recipes fp32 int8-dynamic int8-static
     python benchmarks/bench_export.py --json export.json
+    python benchmarks/bench_export.py --jobs 1                # one process (the CLI default is auto)
 
 Runs ``edgeship.export`` of the embedded all-MiniLM-L6-v2 for ``raspberry-pi-5`` (what
 ``edgeship quickstart`` exports) in this process and prints wall and CPU seconds (user + system,
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", nargs="+", default=None, help="default: the target's formats (quickstart's)")
     ap.add_argument("--recipes", nargs="+", default=None, help="default: fp32 + the target's first quantized recipe")
     ap.add_argument("--target", default="raspberry-pi-5")
+    ap.add_argument("--jobs", default="auto", help="processes making artifacts (N or auto, as `edgeship export`)")
     ap.add_argument("--json", help="write the numbers here")
     a = ap.parse_args(argv)
 
@@ -54,11 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgeship-bench-export-") as tmp:
         t0, c0 = time.perf_counter(), _cpu()
         res = export(default_model_dir(), target=a.target, out=Path(tmp) / "b", formats=a.formats,
-                     recipes=a.recipes, log=log)
+                     recipes=a.recipes, log=log, jobs=None if a.jobs == "auto" else int(a.jobs))
         wall, cpu = time.perf_counter() - t0, _cpu() - c0
     rows = []
-    print(f"export of all-MiniLM-L6-v2 for {a.target}: {wall:.1f} s wall, {cpu:.1f} s CPU (imports before it: "
-          f"{imported:.1f} s); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"export of all-MiniLM-L6-v2 for {a.target}, --jobs {a.jobs}: {wall:.1f} s wall, {cpu:.1f} s CPU (this "
+          f"process and its lanes; imports before it: {imported:.1f} s); {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f} at the end")
     print(f"{'artifact':22s} {'s':>6s}  stages (s) and how many times each started")
     for art in res.manifest.artifacts:
         counts = {stage: n for (key, stage), n in starts.items() if key == art.key}
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         totals[stage] += n
     print("stage starts in total: " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items())))
     if a.json:
-        Path(a.json).write_text(json.dumps({"wall_s": wall, "cpu_s": cpu, "import_s": imported, "artifacts": rows,
+        Path(a.json).write_text(json.dumps({"jobs": a.jobs, "wall_s": wall, "cpu_s": cpu, "import_s": imported, "artifacts": rows,
                                             "stage_starts": dict(totals), "load_average": os.getloadavg()[0]},
                                            indent=2))
     return 0
