@@ -144,9 +144,9 @@ def export_tflite(req: LLMExportRequest) -> LLMExportResult:
     tmp = req.out / (FILE + ".part")
     tmp.write_bytes(data)
     tmp.replace(req.out / FILE)
-    warnings.append("no .litertlm: LiteRT-LM's engine expects litert-torch's stock signatures (the whole KV cache in "
-                    "and out of every call), which this export replaces with KV slices and last-token logits for "
-                    "edgeship's own decode loop; the plain .tflite runs on the LiteRT interpreter")
+    warnings.append("plain .tflite for edgeship's own decode loop on the LiteRT interpreter (KV slices, last-token "
+                    "logits); LiteRT-LM's engine needs litert-torch's stock signatures instead: export "
+                    "--format litertlm for a .litertlm run by litert-lm-api")
     layers = int(hf.num_hidden_layers)
     kv_shape = [1, req.max_context, mcfg.block_config(0).attn_config.num_query_groups,
                 mcfg.block_config(0).attn_config.head_dim]
