@@ -22,7 +22,7 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -201,13 +201,21 @@ class LiteRTLMRuntime(LLMRuntime):
             decode_tokens=int(info.last_decode_token_count), decode_seconds=(stamps[-1] - stamps[0]) / 1e9,
             text="".join(chunks))
 
+    def stream_text(self, ids: Sequence[int], new_tokens: int) -> Iterator[str]:
+        """Greedy reply to the prompt ``ids`` (already chat-templated), streamed as the engine emits text."""
+        yield from self._stream(self.prompt_text(ids), new_tokens)
+
     def generate_text(self, prompt: str, new_tokens: int) -> str:
         """Greedy reply to ``prompt`` as given (no chat template applied here)."""
+        return "".join(self._stream(prompt, new_tokens))
+
+    def _stream(self, prompt: str, new_tokens: int) -> Iterator[str]:
         session = self._engine.create_session(apply_prompt_template=False, max_output_tokens=int(new_tokens),
                                               sampler_config=self._lm.SamplerConfig(top_k=1, temperature=0.0, seed=0))
         try:
             session.run_prefill([prompt])
-            return "".join(t for r in session.run_decode_async() for t in r.texts)
+            for r in session.run_decode_async():
+                yield "".join(r.texts)
         finally:
             session.close()
 

@@ -194,3 +194,15 @@ def test_bad_requests_are_refused_before_converting(tiny_llama_dir: Path, tmp_pa
     with pytest.raises(ExportError, match="no tokenizer.json"):
         export_litertlm(req(no_tok, "fp32"))
     assert not (tmp_path / "out").exists()
+
+
+def test_chat_streams_the_engines_greedy_reply(bundle: Path, tiny_llama_dir: Path) -> None:
+    from edgeship.manifest import load_bundle
+    from edgeship.profiling.llm.chat import ChatTokenizer, chat
+
+    pieces: list[str] = []
+    reply = chat(bundle, "litertlm/fp32", "What is the capital of France?", NEW, 1, pieces.append)
+    ids = ChatTokenizer(load_bundle(bundle)).encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    assert reply == "".join(pieces) == tok.decode(_torch_greedy(tiny_llama_dir, ids, NEW, {2}))
+    assert len(pieces) > 1  # streamed, not one block
