@@ -132,14 +132,26 @@ def _post_processor_adds(hf_dir: Path, bos: Any) -> bool:
     return any(int(bos) in (specials.get(n, {}).get("ids") or []) for n in names)
 
 
+#: (model dir, weights fingerprint, max_context, prefill lengths) -> converted stock float graph: the recipes of one
+#: model in one process differ only after conversion (kept in llm_tflite's per-process directory, removed at exit)
+_STOCK_GRAPHS: dict[tuple[str, str, int, tuple[int, ...]], Path] = {}
+
+
 def _stock_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int]) -> Path:
     import torch
 
+    key = (str(req.hf_dir.resolve()), lt._fingerprint(req.hf_dir), req.max_context, tuple(lengths))
+    hit = _STOCK_GRAPHS.get(key)
+    if hit is not None and hit.is_file():
+        return hit
+    work = lt._graph_dir() / f"stock-{len(_STOCK_GRAPHS)}"
+    work.mkdir()
     with lt._quiet(), torch.no_grad():
         t0 = time.perf_counter()
         decoder = _load_stock(mcfg, req.hf_dir, req.max_context)
-        path = _convert_stock(decoder, mcfg, req.max_context, lengths, req.workdir)
+        path = _convert_stock(decoder, mcfg, req.max_context, lengths, work)
         lt.log.info("litertlm: converted the float decoder in %.1f s", time.perf_counter() - t0)
+    _STOCK_GRAPHS[key] = path
     return path
 
 
