@@ -148,32 +148,11 @@ def _stock_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int]) -> Path:
     work.mkdir()
     with lt._quiet(), torch.no_grad():
         t0 = time.perf_counter()
-        decoder = _load_stock(mcfg, req.hf_dir, req.max_context)
+        decoder = lt._load(mcfg, req.hf_dir, mask_cache_size=req.max_context, fmt="litertlm")
         path = _convert_stock(decoder, mcfg, req.max_context, lengths, work)
         lt.log.info("litertlm: converted the float decoder in %.1f s", time.perf_counter() - t0)
     _STOCK_GRAPHS[key] = path
     return path
-
-
-def _load_stock(mcfg: Any, hf_dir: Path, max_context: int) -> nn.Module:
-    """The same weights mapping as ``--format tflite``, with litert-torch's own causal mask cache (stock forward)."""
-    with lt._tf_schema_alias():
-        from litert_torch.generative.utilities import loader as loading
-        from litert_torch.generative.utilities import model_builder
-
-    names = loading.ModelLoader.TensorNames(**{**vars(model_builder.TENSOR_NAMES)})
-    if not mcfg.lm_head_share_weight_with_embedding:
-        names.lm_head = "lm_head"
-    if mcfg.block_config(0).attn_config.query_norm_config.type.name != "NONE":
-        names.attn_query_norm = "model.layers.{}.self_attn.q_norm"
-        names.attn_key_norm = "model.layers.{}.self_attn.k_norm"
-    model = model_builder.DecoderOnlyModel(mcfg, mask_cache_size=max_context)
-    try:
-        loading.ModelLoader(str(hf_dir), names).load(model, strict=not mcfg.lm_head_share_weight_with_embedding)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise ExportError(f"litertlm: the weights in {hf_dir} do not fit the mapped decoder "
-                          f"({str(e).splitlines()[0]})") from None
-    return model.eval()
 
 
 def _convert_stock(decoder: nn.Module, mcfg: Any, max_context: int, lengths: list[int], workdir: Path) -> Path:

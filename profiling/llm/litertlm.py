@@ -32,7 +32,7 @@ import numpy as np
 
 from edgeship.errors import ArtifactLoadError, InputError, RuntimeMissingError
 from edgeship.profiling.backends.tflite import runtime_module
-from edgeship.profiling.llm.runtime import LLMRuntime
+from edgeship.profiling.llm.runtime import ContextOverflowError, LLMRuntime
 
 MAGIC = b"LITERTLM"  # litert-lm-builder's header magic (8 bytes), then major/minor/patch uint32
 TFLITE_SECTION = "TFLiteModel"
@@ -174,6 +174,10 @@ class LiteRTLMRuntime(LLMRuntime):
 
     def generate_timed(self, ids: Sequence[int], new_tokens: int) -> GenerationTiming:
         """Greedy generation of up to ``new_tokens`` after the prompt ``ids`` (detokenized, then prefilled as text)."""
+        if len(ids) + new_tokens > self.max_context:
+            raise ContextOverflowError(f"{len(ids)} prompt tokens plus {new_tokens} new ones do not fit this "
+                                       f"artifact's max context {self.max_context}: shorten the prompt or "
+                                       "--new-tokens, or re-export with a larger --max-context")
         text = self.prompt_text(ids)
         lm = self._lm
         session = self._engine.create_session(apply_prompt_template=False, max_output_tokens=int(new_tokens),

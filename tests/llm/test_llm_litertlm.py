@@ -206,3 +206,17 @@ def test_chat_streams_the_engines_greedy_reply(bundle: Path, tiny_llama_dir: Pat
     tok = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
     assert reply == "".join(pieces) == tok.decode(_torch_greedy(tiny_llama_dir, ids, NEW, {2}))
     assert len(pieces) > 1  # streamed, not one block
+
+
+def test_generation_past_the_context_is_refused_before_running(bundle: Path) -> None:
+    from edgeship.profiling.llm.runtime import ContextOverflowError, open_llm
+
+    b, art = _art(bundle)
+    rt = open_llm("litertlm", b.path_of(art), art.runtime, threads=1)
+    try:
+        with pytest.raises(ContextOverflowError, match=f"max context {CTX}"):
+            rt.generate_timed([5] * (CTX - 8), 16)
+        with pytest.raises(ContextOverflowError, match=str(CTX)):
+            rt.append([5] * (CTX + 1))
+    finally:
+        rt.close()
