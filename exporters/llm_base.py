@@ -60,6 +60,7 @@ LLM_EXPORTER_MODULES = {
     "onnx": "edgeship.exporters.llm_onnx",
     "pte": "edgeship.exporters.llm_pte",
     "tflite": "edgeship.exporters.llm_tflite",
+    "litertlm": "edgeship.exporters.llm_litertlm",
 }
 
 

@@ -144,9 +144,9 @@ def export_tflite(req: LLMExportRequest) -> LLMExportResult:
     tmp = req.out / (FILE + ".part")
     tmp.write_bytes(data)
     tmp.replace(req.out / FILE)
-    warnings.append("no .litertlm: LiteRT-LM's engine expects litert-torch's stock signatures (the whole KV cache in "
-                    "and out of every call), which this export replaces with KV slices and last-token logits for "
-                    "edgeship's own decode loop; the plain .tflite runs on the LiteRT interpreter")
+    warnings.append("plain .tflite for edgeship's own decode loop on the LiteRT interpreter (KV slices, last-token "
+                    "logits); LiteRT-LM's engine needs litert-torch's stock signatures instead: export "
+                    "--format litertlm for a .litertlm run by litert-lm-api")
     layers = int(hf.num_hidden_layers)
     kv_shape = [1, req.max_context, mcfg.block_config(0).attn_config.num_query_groups,
                 mcfg.block_config(0).attn_config.head_dim]
@@ -308,7 +308,9 @@ def _tf_schema_alias() -> Iterator[None]:
             sys.modules.pop(n, None)
 
 
-def _load(mcfg: Any, hf_dir: Path) -> nn.Module:
+def _load(mcfg: Any, hf_dir: Path, mask_cache_size: int = 0, fmt: str = "tflite") -> nn.Module:
+    """The decoder with the HF weights; ``mask_cache_size`` > 0 keeps litert-torch's own causal-mask cache (its stock
+    forward, as ``--format litertlm`` converts it); 0 for this module's forward, which builds the mask itself."""
     with _tf_schema_alias():
         from litert_torch.generative.utilities import loader as loading
         from litert_torch.generative.utilities import model_builder
@@ -319,11 +321,11 @@ def _load(mcfg: Any, hf_dir: Path) -> nn.Module:
     if mcfg.block_config(0).attn_config.query_norm_config.type.name != "NONE":
         names.attn_query_norm = "model.layers.{}.self_attn.q_norm"
         names.attn_key_norm = "model.layers.{}.self_attn.k_norm"
-    model = model_builder.DecoderOnlyModel(mcfg, mask_cache_size=0)
+    model = model_builder.DecoderOnlyModel(mcfg, mask_cache_size=mask_cache_size)
     try:
         loading.ModelLoader(str(hf_dir), names).load(model, strict=not mcfg.lm_head_share_weight_with_embedding)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise ExportError(f"tflite: the weights in {hf_dir} do not fit the mapped decoder ({str(e).splitlines()[0]})"
+        raise ExportError(f"{fmt}: the weights in {hf_dir} do not fit the mapped decoder ({str(e).splitlines()[0]})"
                           "; is the config.json the one the safetensors were saved with?") from None
     return model.eval()
 

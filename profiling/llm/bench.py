@@ -115,6 +115,8 @@ def _measure(job: dict[str, Any], cfg: LLMRunConfig) -> LLMArtifactResult:
     rt = cls(bundle.path_of(art), art.runtime, threads=threads)
     load_s = (time.perf_counter_ns() - t0) / 1e9
     rss_load = _rss_mb()
+    if getattr(rt, "timed_generation", False):  # an engine that only generates (LiteRT-LM): no per-step logits
+        return _measure_generation(rt, art, cfg, text_ids, recorder, load_s, rss_load, torch_free, threads)
     rt.append(_prompt(text_ids, min(16, rt.max_context)))  # warm-up: first-call allocations stay out of TTFT
     for _ in range(4):
         rt.append([text_ids[0]])
@@ -149,6 +151,45 @@ def _measure(job: dict[str, Any], cfg: LLMRunConfig) -> LLMArtifactResult:
         max_context=rt.max_context, kv_cache_bytes_per_token=art.details.get("kv_cache_bytes_per_token"),
         predicted_peak_memory_mb=peak_pred / 2**20 if peak_pred else None, energy=en,
         joules_per_token=en.get("joules_per_inference_net") or en.get("joules_per_inference_gross"))
+
+
+def _measure_generation(rt: Any, art: Any, cfg: LLMRunConfig, text_ids: list[int], recorder: Any, load_s: float,
+                        rss_load: float | None, torch_free: bool, threads: int | None) -> LLMArtifactResult:
+    """The same figures from an engine that takes a prompt and streams a greedy reply (``generate_timed``).
+
+    TTFT is prefill start to the first streamed token; the decode figures come from the chunks streamed after it
+    (one per token, except where one character's bytes span tokens); the token counts are the engine's own."""
+    rt.generate_timed(_prompt(text_ids, min(16, rt.max_context)), 4)  # warm-up, as for the step runtimes
+    timings = []
+    for n in cfg.prompt_lengths:
+        g = rt.generate_timed(_prompt(text_ids, n), 1)
+        timings.append(PromptTiming(g.prompt_tokens, g.ttft_ns / 1e6, g.prompt_tokens / (g.ttft_ns / 1e9)))
+    recorder.start()
+    g = rt.generate_timed(_prompt(text_ids, max(cfg.prompt_lengths)), cfg.new_tokens + 1)
+    recorder.stop()
+    rt.close()
+    token_ns = list(g.chunk_ns)
+    warnings = ["energy window covers the prefill of the longest prompt too (the engine runs prefill and decode "
+                "in one call)", f"timed through the LiteRT-LM engine; prompts are the held-out ids detokenized and "
+                f"re-tokenized by the engine ({', '.join(str(t.prompt_tokens) for t in timings)} tokens)"]
+    if g.decode_tokens < cfg.new_tokens + 1:
+        warnings.append(f"the engine stopped at a stop token after {g.decode_tokens} tokens")
+    if not token_ns:
+        raise InputError("the LiteRT-LM engine streamed a single chunk: no decode steps to time")
+    stats = LatencyStats.from_ns(token_ns)
+    tenth = max(1, len(token_ns) // 10)
+    en = recorder.result(max(1, g.decode_tokens - 1)).to_dict()
+    peak_pred = art.details.get("predicted_peak_memory_bytes")
+    return LLMArtifactResult(
+        artifact=art.key, format=art.format, recipe=art.recipe, status="ok", torch_free=torch_free, threads=threads,
+        runtime=rt.info(), load_seconds=load_s, prompts=tuple(timings), decode_tokens=g.decode_tokens - 1,
+        decode_tokens_per_s=(g.decode_tokens - 1) / g.decode_seconds if g.decode_seconds > 0 else None,
+        decode_token_ms=stats.to_dict(), decode_retained=float(np.sum(token_ns[:tenth]) / np.sum(token_ns[-tenth:])),
+        token_ns=tuple(token_ns), rss_after_load_mb=rss_load, peak_rss_mb=_peak_rss_mb(), max_context=rt.max_context,
+        kv_cache_bytes_per_token=art.details.get("kv_cache_bytes_per_token"),
+        predicted_peak_memory_mb=peak_pred / 2**20 if peak_pred else None, energy=en,
+        joules_per_token=en.get("joules_per_inference_net") or en.get("joules_per_inference_gross"),
+        warnings=tuple(warnings))
 
 
 def run_job(job: dict[str, Any]) -> LLMArtifactResult:

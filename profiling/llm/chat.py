@@ -59,6 +59,9 @@ def stream_reply(runtime: Any, tok: ChatTokenizer, prompt_ids: list[int], max_ne
                  eos: set[int]) -> Iterator[str]:
     """Greedy decode, yielding the text each new token adds (decoding the whole reply keeps multi-byte glyphs whole)."""
     runtime.check_room(len(prompt_ids) + max_new)
+    if getattr(runtime, "timed_generation", False):  # an engine that generates by itself (LiteRT-LM), stop tokens too
+        yield from runtime.stream_text(prompt_ids, max_new)
+        return
     logits = runtime.append(prompt_ids)
     out: list[int] = []
     shown = ""

@@ -73,6 +73,7 @@ _RUNTIMES: dict[str, str] = {
     "onnx": "edgeship.profiling.llm.onnx:GenAIRuntime",
     "pte": "edgeship.profiling.llm.pte:PteLLMRuntime",
     "tflite": "edgeship.profiling.llm.tflite:TfliteLLMRuntime",
+    "litertlm": "edgeship.profiling.llm.litertlm:LiteRTLMRuntime",
 }
 
 
