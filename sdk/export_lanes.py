@@ -124,7 +124,8 @@ class _Lanes:
     def run(self) -> list[ArtifactRecord]:
         needs_calibration = any(e.spec(r).needs_calibration for e, r in self.plan)
         ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-state
-        with ctx.Pool(self.lanes, _lane_init, (self.req, needs_calibration)) as self.pool:  # exit terminates lanes
+        self.pool = ctx.Pool(self.lanes, _lane_init, (self.req, needs_calibration))
+        try:
             first = self.pending.popleft()  # this process is ready now: it takes the costliest item
             with self.cond:
                 self._submit()
@@ -137,6 +138,9 @@ class _Lanes:
                 self._here(i)
             with self.cond:
                 self.cond.wait_for(lambda: self.busy == 0 or self.failure is not None)
+        finally:  # a failure or Ctrl-C here leaves no lane running (and none still writing into the staging dir)
+            self.pool.terminate()
+            self.pool.join()
         if self.failure is not None:
             _raise(self.failure)
         return [self.records[i] for i in range(len(self.plan))]
