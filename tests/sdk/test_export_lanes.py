@@ -75,3 +75,17 @@ def test_jobs_flag_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         from edgeship.pipeline import export
 
         export(tmp_path, out=tmp_path / "B", jobs=0)
+
+
+def test_auto_starts_a_lane_per_slow_recipe_up_to_the_idle_cpus() -> None:
+    import os
+
+    from edgeship.export_lanes import auto_jobs, idle_cpus
+    from edgeship.exporters import EXPORTERS, load_builtin
+
+    load_builtin()
+    onnx, pte = EXPORTERS.get("onnx"), EXPORTERS.get("pte")
+    assert 0.0 <= idle_cpus(0.05) <= (os.cpu_count() or 1) + 1e-9
+    assert auto_jobs([(onnx, "fp32"), (onnx, "int8-dynamic")]) == 1  # nothing slow: no lane pays its start-up
+    assert auto_jobs([(pte, "fp32"), (onnx, "fp32")]) == 1  # one slow item: nothing to overlap it with
+    assert 1 <= auto_jobs([(pte, "fp32"), (pte, "int8-dynamic"), (onnx, "fp32")]) <= 2
