@@ -22,6 +22,13 @@ from edgeship.spec import TensorSpec, check_feeds, synthesize
 from edgeship.vocab import DEVICE_FORMATS, FORMATS
 
 
+def option_flag(v: Any) -> bool:
+    """An on/off runtime option that defaults to on: ``--option xnnpack=false`` (or 0, no, off) turns it off."""
+    if isinstance(v, str):
+        return v.strip().lower() not in ("0", "false", "no", "off")
+    return bool(v)
+
+
 class Backend(ABC):
     """A loaded model that the runner can feed and time."""
 

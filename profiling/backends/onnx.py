@@ -11,7 +11,7 @@ import numpy as np
 
 from edgeship.errors import ArtifactLoadError, RuntimeMissingError
 from edgeship.profiling import fpenv
-from edgeship.profiling.backends import Backend
+from edgeship.profiling.backends import Backend, option_flag
 from edgeship.profiling.backends.onnx_mapped import mapped_graph
 from edgeship.spec import TensorSpec, dim_name
 
@@ -63,7 +63,7 @@ class OnnxBackend(Backend):
         if isinstance(disabled, str):
             disabled = [d for d in disabled.split(",") if d]
         self.weights = "loaded"
-        mapped = mapped_graph(path) if _flag(opts.get("map_weights", True)) else None
+        mapped = mapped_graph(path) if option_flag(opts.get("map_weights", True)) else None
         try:
             # ORT leaves flush-to-zero on this thread after the first session (or never sets it for later
             # ones): undo that, and apply the mode around run() only (fpenv.py)
@@ -137,7 +137,3 @@ class OnnxBackend(Backend):
             "notes": self.provider_notes,
             "weights": self.weights,
         }
-
-
-def _flag(v: Any) -> bool:
-    return str(v).lower() not in ("0", "false", "no", "off")

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgeship.errors import ArtifactLoadError, InputError, RuntimeMissingError
-from edgeship.profiling.backends import Backend
+from edgeship.profiling.backends import Backend, option_flag
 from edgeship.spec import TensorSpec, dim_name, shown, synthesize
 from edgeship.vocab import TFLITE_SIGNATURE
 
@@ -150,7 +150,7 @@ class TfliteBackend(Backend):
         mod, self.runtime, self._version = runtime_module()
         self.path = path
         self.threads = threads
-        self.xnnpack = _flag(opts.get("xnnpack", True))
+        self.xnnpack = option_flag(opts.get("xnnpack", True))
         self.notes: list[str] = []
         self.delegate_report: dict[str, Any] | None = None
         delegates = []
@@ -362,12 +362,6 @@ def _by_index(details: Sequence[Mapping[str, Any]], kind: str) -> list[tuple[str
     names = [str(d.get("name") or "") for d in details]
     return [(n if n and names.count(n) == 1 else f"{kind}_{i}", d) for i, (n, d) in enumerate(zip(names, details,
                                                                                                   strict=True))]
-
-
-def _flag(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() not in ("0", "false", "no", "off")
-    return bool(v)
 
 
 def _first(e: BaseException) -> str:
