@@ -38,12 +38,13 @@ _Outcome = tuple[int, ArtifactRecord | None, list[str], tuple[str, str] | None] 
 _LANE: dict[str, Any] = {}  # in a lane process: its request and prepared inputs
 
 
-def _lane_init(req: ExportRequest, needs_calibration: bool) -> None:
+def _lane_init(req: ExportRequest) -> None:
     # never raise here: a Pool restarts a lane whose initializer fails, forever; the first item reports it instead
     try:
         load_builtin()
         _LANE["req"] = req
-        _LANE["prep"] = prepare(req, needs_calibration, lambda m: None)  # the parent already said all of this
+        # False: the missing-calibration warning is the parent's to give (it already did); the data is the same
+        _LANE["prep"] = prepare(req, False, lambda m: None)
     except Exception as e:
         _LANE["error"] = (type(e).__name__ if isinstance(e, EdgeshipError) else "ExportError",
                           f"an export lane could not load the model again: {type(e).__name__}: {e}")
@@ -84,6 +85,8 @@ def auto_jobs(plan: Sequence[tuple[type[Exporter], str]]) -> int:
     in one process, 51 s in two at load 3.5 on 2 CPUs)."""
     top = max((e.relative_cost for e, _ in plan), default=1)
     slow = sum(1 for e, _ in plan if e.relative_cost == top) if top > 1 else 1
+    if slow < 2:  # nothing to overlap: no need to spend the quarter second measuring idle CPUs
+        return 1
     return max(1, min(slow, round(idle_cpus())))
 
 
@@ -142,9 +145,8 @@ class _Lanes:
         self.pool: Any = None
 
     def run(self) -> list[ArtifactRecord]:
-        needs_calibration = any(e.spec(r).needs_calibration for e, r in self.plan)
         ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-state
-        self.pool = ctx.Pool(self.lanes, _lane_init, (self.req, needs_calibration))
+        self.pool = ctx.Pool(self.lanes, _lane_init, (self.req,))
         try:
             first = self.pending.popleft()  # this process is ready now: it takes the costliest item
             with self.cond:
