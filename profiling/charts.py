@@ -194,6 +194,18 @@ class Point:
     front: bool = True  # on the Pareto front: filled; dominated: hollow
 
 
+def _labels(points: Sequence[tuple[float, float, str]], bounds: Box, avoid: Sequence[Box]) -> list[str]:
+    """Each point's label where :func:`place_labels` puts it, with a leader line when moved away; hidden ones left out."""
+    out = []
+    for (px, py, lab), (lx, ly, anchor, leader) in zip(points, place_labels(points, bounds, avoid), strict=True):
+        if anchor == "hidden":
+            continue
+        if leader:
+            out.append(f'<line x1="{px:.1f}" y1="{py:.1f}" x2="{lx:.1f}" y2="{ly - 4:.1f}" stroke="#999"/>')
+        out.append(f'<text class="label" x="{lx:.1f}" y="{ly:.1f}" text-anchor="{anchor}">{esc(lab)}</text>')
+    return out
+
+
 def scatter(title: str, desc: str, pts: Sequence[Point], xlab: str, ylab: str, front_line: bool = False) -> str:
     """A labelled scatter; ``front_line`` joins the front points in x order (a step line for a Pareto front)."""
     if not pts:
@@ -211,18 +223,11 @@ def scatter(title: str, desc: str, pts: Sequence[Point], xlab: str, ylab: str, f
     dots = [(x(p.x), y(p.y), p) for p in pts]
     avoid = [(px - p.radius, py - p.radius, px + p.radius, py + p.radius) for px, py, p in dots]
     order = sorted(range(len(dots)), key=lambda i: (dots[i][1], dots[i][0]))
-    spots = place_labels([(dots[i][0], dots[i][1], dots[i][2].label) for i in order], (left, top, right, bottom), avoid)
     for i, (px, py, p) in enumerate(dots):
         fill = color(i) if p.front else "#fff"
         out.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="{p.radius:.1f}" fill="{fill}" fill-opacity="0.8" '
                    f'stroke="{color(i)}" stroke-width="2"><title>{esc(p.label)}</title></circle>')
-    for i, (lx, ly, anchor, leader) in zip(order, spots, strict=True):
-        px, py, p = dots[i]
-        if anchor == "hidden":
-            continue
-        if leader:
-            out.append(f'<line x1="{px:.1f}" y1="{py:.1f}" x2="{lx:.1f}" y2="{ly - 4:.1f}" stroke="#999"/>')
-        out.append(f'<text class="label" x="{lx:.1f}" y="{ly:.1f}" text-anchor="{anchor}">{esc(p.label)}</text>')
+    out += _labels([(dots[i][0], dots[i][1], dots[i][2].label) for i in order], (left, top, right, bottom), avoid)
     out.append("</svg>")
     return "".join(out)
 
@@ -304,13 +309,6 @@ def curve(title: str, desc: str, lines: Sequence[tuple[str, Sequence[tuple[float
         for a, b, lab in pts:
             out.append(f'<circle cx="{x(a):.1f}" cy="{y(b):.1f}" r="4" fill="{color(i)}"/>')
             labels.append((x(a), y(b), lab))
-    avoid = [(px - 4, py - 4, px + 4, py + 4) for px, py, _ in labels]
-    for (px, py, lab), (lx, ly, anchor, leader) in zip(labels, place_labels(labels, (left, top, right, bottom), avoid),
-                                                       strict=True):
-        if anchor == "hidden":
-            continue
-        if leader:
-            out.append(f'<line x1="{px:.1f}" y1="{py:.1f}" x2="{lx:.1f}" y2="{ly - 4:.1f}" stroke="#999"/>')
-        out.append(f'<text class="label" x="{lx:.1f}" y="{ly:.1f}" text-anchor="{anchor}">{esc(lab)}</text>')
+    out += _labels(labels, (left, top, right, bottom), [(px - 4, py - 4, px + 4, py + 4) for px, py, _ in labels])
     out.append("</svg>")
     return "".join(out)
