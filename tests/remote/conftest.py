@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +116,27 @@ def sshd_fresh(tmp_path: Path, unavailable: Callable[[str, str], None]) -> Itera
     server = start_sshd(tmp_path / "sshd")
     yield server
     server.kill()
+
+
+class KillAfterFirst(io.StringIO):
+    """A progress stream that kills its server when the first artifact's record ("onnx/fp32: ok") is written:
+    the connection is lost mid-run, with one artifact finished."""
+
+    def __init__(self, server: Sshd) -> None:
+        super().__init__()
+        self.server = server
+        self.killed = threading.Event()
+
+    def write(self, s: str) -> int:
+        if "onnx/fp32: ok" in s and not self.killed.is_set():
+            self.killed.set()
+            self.server.kill()
+        return super().write(s)
+
+
+@pytest.fixture
+def kill_after_first(sshd_fresh: Sshd) -> KillAfterFirst:
+    return KillAfterFirst(sshd_fresh)
 
 
 @pytest.fixture(scope="session")

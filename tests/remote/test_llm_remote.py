@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import io
 import json
 import re
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -187,21 +185,12 @@ def test_device_without_room_for_the_bundle(llm_bundle: Path, sshd: Any, tmp_pat
 
 
 def test_connection_lost_mid_run_keeps_the_finished_artifacts(llm_bundle: Path, sshd_fresh: Any,
-                                                              device_workdir: str) -> None:
-    killed = threading.Event()
-
-    class KillAfterFirst(io.StringIO):
-        def write(self, s: str) -> int:
-            if "onnx/fp32: ok" in s and not killed.is_set():
-                killed.set()
-                sshd_fresh.kill()
-            return super().write(s)
-
-    lines = KillAfterFirst()
+                                                              device_workdir: str, kill_after_first: Any) -> None:
+    lines = kill_after_first
     # a long decode on the second artifact keeps it running when the first one's record arrives
     cfg = dataclasses.replace(FAST, new_tokens=100, prompt_lengths=(16,))
     [res] = _remote(llm_bundle, sshd_fresh, device_workdir, config=cfg, progress=FleetProgress(stream=lines))
-    assert killed.is_set(), lines.getvalue()[-2000:]
+    assert lines.killed.is_set(), lines.getvalue()[-2000:]
     assert res.status == "error" and res.error is not None
     assert res.error.startswith(f"connection to root@127.0.0.1:{sshd_fresh.port} lost while running a command")
     assert [r.artifact for r in res.results] == ["onnx/fp32"] and res.results[0].decode_tokens == 100

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -147,21 +145,13 @@ def test_ssh_config_alias(sshd: Any, tmp_path: Path) -> None:
         assert t.identity()["port"] == sshd.port and t.run("echo $USER")[1] == "root"
 
 
-def test_server_killed_mid_run_keeps_partial_results(tiny_onnx_bundle: Path, sshd_fresh: Any, device_workdir: str) -> None:
-    killed = threading.Event()
-
-    class KillAfterFirst(io.StringIO):
-        def write(self, s: str) -> int:
-            if "onnx/fp32: ok" in s and not killed.is_set():
-                killed.set()
-                sshd_fresh.kill()
-            return super().write(s)
-
-    lines = KillAfterFirst()
+def test_server_killed_mid_run_keeps_partial_results(tiny_onnx_bundle: Path, sshd_fresh: Any, device_workdir: str,
+                                                     kill_after_first: Any) -> None:
+    lines = kill_after_first
     cfg = RunConfig(runs=3, min_seconds=5, warmup=1, energy="off", progress=True)
     doc = _fleet(tiny_onnx_bundle, sshd_fresh, device_workdir, config=cfg, progress=FleetProgress(stream=lines))
     run = doc["runs"][0]
-    assert killed.is_set(), lines.getvalue()[-2000:]
+    assert lines.killed.is_set(), lines.getvalue()[-2000:]
     assert run["status"] == "error"
     assert run["error"].startswith(f"connection to root@127.0.0.1:{sshd_fresh.port} lost while running a command")
     assert [r["artifact"] for r in run["results"]] == ["onnx/fp32"]  # what finished before the kill is kept
