@@ -30,11 +30,14 @@ def test_plain():
 '''
 
 
-def _run(tmp_path: Path, require: str | None) -> subprocess.CompletedProcess[str]:
+def _run(tmp_path: Path, require: str | None, probe: str = PROBE, *,
+         plain: bool = False) -> subprocess.CompletedProcess[str]:
     d = tmp_path / "probe"
     d.mkdir(exist_ok=True)
     shutil.copy(Path(__file__).parents[1] / "conftest.py", d / "conftest.py")
-    (d / "test_probe.py").write_text(PROBE)
+    (d / "test_probe.py").write_text(probe)
+    if plain:  # another file whose test passes, as in a real run
+        (d / "test_plain.py").write_text("def test_plain():\n    pass\n")
     (d / "pytest.ini").write_text("[pytest]\nmarkers =\n    remote: r\n    arm64: a\n    slow: s\n    needs_export: e\n"
                                   "    farm: f\n")
     env = {k: v for k, v in os.environ.items() if k != "EDGESHIP_REQUIRE"}
@@ -62,6 +65,28 @@ def test_farm_is_a_tier(tmp_path: Path) -> None:
     r = _run(tmp_path, "farm")
     assert r.returncode == 1, r.stdout
     assert "required tier 'farm' (EDGESHIP_REQUIRE) cannot run: needs labgrid" in r.stdout
+
+
+MODULE_SKIP = '''
+import pytest
+
+pytest.importorskip("edgeship_no_such_module_for_the_probe")
+
+
+def test_never_collected():
+    pass
+'''
+
+
+def test_a_module_skipped_at_collection_fails_a_required_export_tier(tmp_path: Path) -> None:
+    """A module-level importorskip skips before the file's markers exist; it counts as needs_export."""
+    r = _run(tmp_path, "needs_export", MODULE_SKIP, plain=True)
+    assert r.returncode == 1, r.stdout
+    assert "FAILED (skipped in required tier needs_export): test_probe.py: could not import " \
+           "'edgeship_no_such_module_for_the_probe'" in r.stdout
+    r = _run(tmp_path, None, MODULE_SKIP, plain=True)
+    assert r.returncode == 0, r.stdout
+    assert "skipped on this machine; CI sets EDGESHIP_REQUIRE" in r.stdout
 
 
 def test_ci_requires_every_tier() -> None:
