@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -77,7 +78,22 @@ def dist_version(dist: str) -> str | None:
     the email parser it brings) added 3.3 MB to a profiling worker's RSS, measured. Installs without a dist-info
     directory (eggs, some editable installs) fall back to importlib.metadata.
     """
-    want = _normalize(dist)
+    version = _dist_infos().get(_normalize(dist))
+    if version is not None:
+        return version
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def _dist_infos() -> dict[str, str]:
+    """Normalized distribution name -> version, from the dist-info directories on ``sys.path`` (first one wins, as
+    for imports); listed once per process, not once per package asked for."""
+    found: dict[str, str] = {}
     for entry in sys.path:
         try:
             names = os.listdir(entry or ".")
@@ -86,14 +102,9 @@ def dist_version(dist: str) -> str | None:
         for n in names:
             if n.endswith(".dist-info"):
                 name, _, version = n[: -len(".dist-info")].partition("-")
-                if version and _normalize(name) == want:
-                    return version
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
+                if version:
+                    found.setdefault(_normalize(name), version)
+    return found
 
 
 def _normalize(name: str) -> str:
