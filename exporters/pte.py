@@ -234,6 +234,49 @@ def xnnpack_layer_norms(module: nn.Module) -> tuple[nn.Module, int]:
     return out, len(targets)
 
 
+BMM_ATTENTION = "edgeship_xnnpack_bmm"  # name registered in transformers' AttentionInterface
+
+
+def _bmm_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                   **_: Any) -> tuple[torch.Tensor, None]:
+    """Eager attention written on 3-D ``bmm`` with batch and heads merged (batch 1, as the ``.pte`` is exported).
+
+    transformers' eager attention multiplies 4-D tensors; ``to_edge`` turns each ``matmul`` into view -> bmm ->
+    view, and the view of the [1, heads, seq, seq] scores has two symbolic sizes, which XNNPACK cannot reshape:
+    every layer's softmax became its own delegate blob between two portable views. Here the scores stay
+    [heads, seq, seq] from the first bmm to the second, and every view has one symbolic size.
+    """
+    import torch
+
+    b, h, s, d = query.shape
+    scale = float(scaling if scaling is not None else d ** -0.5)
+    q, k, v = (t.reshape(b * h, -1, d) for t in (query, key, value))
+    w = torch.bmm(q, k.transpose(1, 2)) * scale
+    if attention_mask is not None:  # [b, 1 or h, 1 or seq, seq]
+        w = w + attention_mask.view(attention_mask.shape[1:]) if b == 1 else \
+            (w.view(b, h, s, -1) + attention_mask).view(b * h, s, -1)
+    w = torch.nn.functional.softmax(w, dim=-1)
+    if dropout and module.training:
+        w = torch.nn.functional.dropout(w, p=dropout)
+    return torch.bmm(w, v).view(b, h, s, d).transpose(1, 2).contiguous(), None
+
+
+def xnnpack_attention(module: nn.Module) -> int:
+    """Switch the (copied) model's transformers eager attention to :func:`_bmm_attention`; how many configs."""
+    from transformers import PretrainedConfig
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(BMM_ATTENTION, _bmm_attention)
+    configs = {id(c): c for m in module.modules() if isinstance(c := getattr(m, "config", None), PretrainedConfig)}
+    n = 0
+    for c in configs.values():
+        if getattr(c, "_attn_implementation", None) == "eager":
+            c._attn_implementation = BMM_ATTENTION
+            n += 1
+    return n
+
+
 def _captured(ctx: ExportContext, args: tuple[torch.Tensor, ...]) -> tuple[nn.Module, int, Any, dict[str, Any]]:
     """(module with XNNPACK-friendly norms, norms rewritten, torch.export program, shapes info), captured once per
     export and shared by its recipes: the capture does not depend on the recipe (2-3 s of MiniLM's each time)."""
@@ -242,8 +285,13 @@ def _captured(ctx: ExportContext, args: tuple[torch.Tensor, ...]) -> tuple[nn.Mo
     key = ("pte", "capture")
     if key not in ctx.shared:
         module, swapped = xnnpack_layer_norms(ctx.model.module)
+        if module is ctx.model.module:
+            module = copy.deepcopy(module)  # the attention switch below edits the model's config
+        attention = xnnpack_attention(module)
         with ctx.stage(Stage.CAPTURE), torch.no_grad():
             ep, shapes_info = _capture(module, args, ctx.model)
+        shapes_info["attention"] = (f"{BMM_ATTENTION}: 3-D bmm with heads merged ({attention} model config(s)), so "
+                                    "XNNPACK keeps each layer's softmax in the delegate") if attention else "as loaded"
         ctx.shared[key] = (module, swapped, ep, shapes_info)
     else:
         ctx.log(f"[pte/{ctx.recipe}] capture: reusing this export's torch.export program")
@@ -317,7 +365,7 @@ def _lower(ep: Any, out: Path, io: dict[str, Any], example_shapes: dict[str, lis
 
     part = XnnpackPartitioner()
     with pte_delegation.capture_rejections() as why:
-        edge = to_edge_transform_and_lower(ep, transform_passes=[_drop_noop_expands], partitioner=[part],
+        edge = to_edge_transform_and_lower(ep, transform_passes=[_drop_noop_expands, _infer_symbolic_views], partitioner=[part],
                                            constant_methods={IO_METHOD: json.dumps(io)})
     # quant fusion turns dequantize + embedding into the int8 embedding_byte kernel
     prog = edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True))
@@ -351,6 +399,35 @@ def _drop_noop_expands(gm: torch.fx.GraphModule) -> Any:
         gm.graph.erase_node(node)
         changed = True
     if changed:
+        gm.recompile()
+    return PassResult(gm, changed)
+
+
+def _infer_symbolic_views(gm: torch.fx.GraphModule) -> Any:
+    """Write a view's one symbolic size as ``-1`` (inferred), so that XNNPACK takes the reshape.
+
+    With a dynamic sequence dim every ``view_copy`` of attention (heads split and merged) carries the
+    sequence length as a SymInt node; XNNPACK's partitioner refuses symbolic reshape sizes but accepts one
+    inferred dim, so each such view cut the graph into another delegate blob (39 for MiniLM): the lowering ran
+    XNNPACK's passes once per blob and the runtime re-planned each blob on every call. A view with exactly one
+    non-constant size has the same result with that size inferred from the element count.
+    """
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    from edgeship.exporters.pte_delegation import op_name
+
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or op_name(node) != "view_copy.default" or "val" not in node.meta:
+            continue
+        shape = node.meta["val"].shape
+        symbolic = [i for i, d in enumerate(shape) if not isinstance(d, int)]
+        if len(symbolic) != 1 or all(isinstance(d, int) for d in node.args[1]):
+            continue
+        node.args = (node.args[0], [-1 if i == symbolic[0] else int(d) for i, d in enumerate(shape)], *node.args[2:])
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()  # the sym_size nodes only those views read
         gm.recompile()
     return PassResult(gm, changed)
 

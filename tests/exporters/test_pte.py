@@ -250,3 +250,34 @@ def test_int8_quantizes_once_for_proxy_and_artifact(tiny_bert_dir: Path, tmp_pat
     export(tiny_bert_dir, target="galaxy-s24", out=tmp_path / "b", formats=["pte"], recipes=["int8-dynamic"], **QUIET)
     # the proxy scored "nothing kept" on the quantized PyTorch graph and the artifact was lowered from that same graph
     assert calls == [()]
+
+
+def test_attention_stays_in_one_delegate(tiny_pte_bundle: Path) -> None:
+    """Each layer's scores used to leave XNNPACK through a view with two symbolic sizes ([1, heads, seq, seq]):
+    MiniLM lowered to 39 blobs, this 2-layer model to 15. In 3-D form with one inferred size per view the cuts left
+    are the mask and pooling ops (fp32: 4 blobs here and 4 for MiniLM's 6 layers; int8-dynamic 5 and 9, the
+    partitioner splitting the quantized encoder into adjacent blobs with nothing portable between them)."""
+    from edgeship.exporters.pte import BMM_ATTENTION
+
+    for a in load_bundle(tiny_pte_bundle).manifest.artifacts:
+        assert a.details["shapes"]["attention"].startswith(BMM_ATTENTION)
+        d = a.details["delegation"]
+        assert d["delegate_blobs"] <= (4 if a.recipe == "fp32" else 5), d["summary"]
+        assert "view_copy" not in str(d["portable_by_op"])
+
+
+@pytest.mark.parametrize(("batch", "mask_rows"), [(1, 1), (1, 7), (2, 1), (1, 0)])
+def test_bmm_attention_matches_transformers_eager(batch: int, mask_rows: int) -> None:
+    import torch
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    from edgeship.exporters.pte import _bmm_attention
+
+    torch.manual_seed(0)
+    heads, seq, dim = 4, 7, 8
+    q, k, v = (torch.randn(batch, heads, seq, dim) for _ in range(3))
+    mask = torch.randn(batch, 1, mask_rows, seq) if mask_rows else None
+    module = torch.nn.Module().eval()
+    want, _ = eager_attention_forward(module, q, k, v, mask, scaling=dim ** -0.5)
+    got, _ = _bmm_attention(module, q, k, v, mask, scaling=dim ** -0.5)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
