@@ -37,6 +37,7 @@ from edgeship.exporters.llm_base import (
     LLMExportResult,
     kv_cache_bytes_per_token,
 )
+from edgeship.exporters.tflite import litert_progress_off, quantize
 
 if TYPE_CHECKING:
     from torch import nn
@@ -64,8 +65,7 @@ def export_litertlm(req: LLMExportRequest) -> LLMExportResult:
     quant: dict[str, Any] = {"recipe": req.recipe}
     configure = recipe.configure
     if configure is not None:
-        data, applied = lt._quantize(float_path.read_bytes(), lambda q: configure(q, req.group_size))
-        quant.update(applied)
+        data = quantize(float_path.read_bytes(), lambda q: quant.update(configure(q, req.group_size)))
         model_path = req.workdir / "quantized.tflite"
         model_path.write_bytes(data)
     else:
@@ -140,15 +140,15 @@ _STOCK_GRAPHS: dict[tuple[str, str, int, tuple[int, ...]], Path] = {}
 def _stock_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int]) -> Path:
     import torch
 
-    key = (str(req.hf_dir.resolve()), lt._fingerprint(req.hf_dir), req.max_context, tuple(lengths))
+    key = (str(req.hf_dir.resolve()), lt.fingerprint(req.hf_dir), req.max_context, tuple(lengths))
     hit = _STOCK_GRAPHS.get(key)
     if hit is not None and hit.is_file():
         return hit
-    work = lt._graph_dir() / f"stock-{len(_STOCK_GRAPHS)}"
+    work = lt.graph_dir() / f"stock-{len(_STOCK_GRAPHS)}"
     work.mkdir()
-    with lt._quiet(), torch.no_grad():
+    with litert_progress_off(), torch.no_grad():
         t0 = time.perf_counter()
-        decoder = lt._load(mcfg, req.hf_dir, mask_cache_size=req.max_context, fmt="litertlm")
+        decoder = lt.load_decoder(mcfg, req.hf_dir, mask_cache_size=req.max_context, fmt="litertlm")
         path = _convert_stock(decoder, mcfg, req.max_context, lengths, work)
         lt.log.info("litertlm: converted the float decoder in %.1f s", time.perf_counter() - t0)
     _STOCK_GRAPHS[key] = path

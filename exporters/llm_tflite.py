@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from edgeship.exporters.llm_base import (
     LLMExportResult,
     kv_cache_bytes_per_token,
 )
+from edgeship.exporters.tflite import litert_progress_off, quantize
 
 if TYPE_CHECKING:
     import torch
@@ -136,8 +136,7 @@ def export_tflite(req: LLMExportRequest) -> LLMExportResult:
     data = fp32.read_bytes()
     configure = recipe.configure
     if configure is not None:
-        data, applied = _quantize(data, lambda q: configure(q, req.group_size))
-        quant.update(applied)
+        data = quantize(data, lambda q: quant.update(configure(q, req.group_size)))
     else:
         quant.update(weights="float32", activations="float32", embeddings="float32")
     req.out.mkdir(parents=True, exist_ok=True)
@@ -172,27 +171,27 @@ _FP32_GRAPHS: dict[tuple[str, str, int, tuple[int, ...]], Path] = {}
 def _fp32_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int]) -> Path:
     import torch
 
-    key = (str(req.hf_dir.resolve()), _fingerprint(req.hf_dir), req.max_context, tuple(lengths))
+    key = (str(req.hf_dir.resolve()), fingerprint(req.hf_dir), req.max_context, tuple(lengths))
     hit = _FP32_GRAPHS.get(key)
     if hit is not None and hit.is_file():
         return hit
-    path = _graph_dir() / f"fp32-{len(_FP32_GRAPHS)}.tflite"
-    with _quiet(), torch.no_grad():
+    path = graph_dir() / f"fp32-{len(_FP32_GRAPHS)}.tflite"
+    with litert_progress_off(), torch.no_grad():
         t0 = time.perf_counter()
-        decoder = _load(mcfg, req.hf_dir)
+        decoder = load_decoder(mcfg, req.hf_dir)
         _convert(decoder, mcfg, req.max_context, lengths, path)
         log.info("tflite: converted the float decoder in %.1f s", time.perf_counter() - t0)
     _FP32_GRAPHS[key] = path
     return path
 
 
-def _fingerprint(hf_dir: Path) -> str:
+def fingerprint(hf_dir: Path) -> str:
     files = sorted([*hf_dir.glob("*.safetensors"), hf_dir / "config.json"])
     return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
 
 
 @functools.cache
-def _graph_dir() -> Path:
+def graph_dir() -> Path:
     import atexit
     import shutil
     import tempfile
@@ -308,7 +307,7 @@ def _tf_schema_alias() -> Iterator[None]:
             sys.modules.pop(n, None)
 
 
-def _load(mcfg: Any, hf_dir: Path, mask_cache_size: int = 0, fmt: str = "tflite") -> nn.Module:
+def load_decoder(mcfg: Any, hf_dir: Path, mask_cache_size: int = 0, fmt: str = "tflite") -> nn.Module:
     """The decoder with the HF weights; ``mask_cache_size`` > 0 keeps litert-torch's own causal-mask cache (its stock
     forward, as ``--format litertlm`` converts it); 0 for this module's forward, which builds the mask itself."""
     with _tf_schema_alias():
@@ -397,31 +396,6 @@ def _convert(decoder: nn.Module, mcfg: Any, max_context: int, lengths: list[int]
         raise ExportError(f"tflite: litert-torch could not convert the decoder ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from e
     edge.export(str(out))
-
-
-def _quantize(buf: bytes, configure: Callable[[Any], dict[str, Any]]) -> tuple[bytes, dict[str, Any]]:
-    from ai_edge_quantizer import quantizer
-
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    q = quantizer.Quantizer(buf)
-    applied = configure(q)
-    res = q.quantize(None, enable_progress_bar=False, enable_progress_report=False)
-    return bytes(res.quantized_model), applied
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """litert-torch prints a progress tree to stdout; our stage lines go to the log instead."""
-    key = "LITERT_TORCH_SHOW_PROGRESS"
-    before = os.environ.get(key)
-    if before is None:
-        os.environ[key] = "n"
-    logging.getLogger("litert_torch").setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
 
 
 def _tools() -> dict[str, str]:

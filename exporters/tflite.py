@@ -88,7 +88,7 @@ class TfliteExporter(Exporter):
         lm = ctx.model
         wrapper = _signature_module(lm)
         sample = {s.name: torch.from_numpy(_int32(ctx.heldout[0][s.name])) for s in lm.inputs}
-        with ctx.stage(Stage.LOWER), torch.no_grad(), _litert_progress_off():
+        with ctx.stage(Stage.LOWER), torch.no_grad(), litert_progress_off():
             try:
                 edge = _convert(wrapper, sample)
             except Exception as e:
@@ -96,7 +96,7 @@ class TfliteExporter(Exporter):
                 if why:
                     raise ExportError(f"tflite/{recipe}: stage 'lower' failed: {why}") from e
                 raise
-        with ctx.stage(Stage.SERIALIZE), _litert_progress_off():
+        with ctx.stage(Stage.SERIALIZE), litert_progress_off():
             edge.export(str(base))
         info = {"layers": fc_layers(base, lm.module, lm.linear_layers()),
                 "shapes": {s.name: list(sample[s.name].shape) for s in lm.inputs}}
@@ -142,12 +142,12 @@ class TfliteExporter(Exporter):
     # ---- recipes: make(exporter, ctx, fp32 flatbuffer, base info) -> (bytes, quantization entries) ----------
     def _fp16(self, ctx: ExportContext, buf: bytes, info: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         with ctx.stage(Stage.QUANTIZE):
-            data = _quantize(buf, _fp16_config)
+            data = quantize(buf, _fp16_config)
         return data, {"weights": "float16", "activations": "float32 (fp16 on GPU delegates)"}
 
     def _dynamic(self, ctx: ExportContext, buf: bytes, info: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         with ctx.stage(Stage.QUANTIZE):
-            data = _quantize(buf, _dynamic_config)
+            data = quantize(buf, _dynamic_config)
         return data, {"weights": "int8 symmetric per-channel (FULLY_CONNECTED, CONV) and embedding tables",
                       "activations": "int8 dynamic (per inference)", "quantizer": "ai-edge-quantizer dynamic_wi8_afp32"}
 
@@ -162,7 +162,7 @@ class TfliteExporter(Exporter):
             ranges = q.calibrate(calib)
 
         def build(keep: Sequence[str]) -> bytes:
-            return _quantize(buf, lambda q: _static_config(q, keep), ranges)
+            return quantize(buf, lambda q: _static_config(q, keep), ranges)
 
         data, extra = self._searched(ctx, info, build)
         extra.update(weights="int8 symmetric per-channel", activations="int8 per-tensor, MinMax calibrated",
@@ -177,7 +177,7 @@ class TfliteExporter(Exporter):
             raise UnsupportedRecipeError(f"tflite/int4-weight: block size {block} (target {ctx.target.name}) is not one "
                                          f"ai-edge-quantizer offers ({', '.join(map(str, BLOCKS))}); use a profile "
                                          "with int4_group_size 32, or the int8-dynamic recipe")
-        data, extra = self._searched(ctx, info, lambda keep: _quantize(buf, lambda q: _int4_config(q, block, keep)))
+        data, extra = self._searched(ctx, info, lambda keep: quantize(buf, lambda q: _int4_config(q, block, keep)))
         extra.update(weights=f"int4 symmetric, block {block} (FULLY_CONNECTED)",
                      activations="int8 dynamic", embeddings="int8 per-channel")
         return data, extra
@@ -232,13 +232,16 @@ def _signature_module(lm: LoadedModel) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _litert_progress_off() -> Iterator[None]:
+def litert_progress_off() -> Iterator[None]:
     """litert-torch prints its task tree to *stdout* (rich console), which breaks piping our output;
     our own stage lines already go to the log. LITERT_TORCH_SHOW_PROGRESS=y set by the user wins."""
+    import logging
+
     key = "LITERT_TORCH_SHOW_PROGRESS"
     before = os.environ.get(key)
     if before is None:
         os.environ[key] = "n"
+    logging.getLogger("litert_torch").setLevel(logging.WARNING)
     try:
         yield
     finally:
@@ -361,7 +364,7 @@ def _scope(root: nn.Module, layer: str) -> str | None:
 
 
 # ---- quantization configs (ai-edge-quantizer) ----------------------------------------------------------
-def _quantize(buf: bytes, configure: Callable[[Any], None], calibration: Any = None) -> bytes:
+def quantize(buf: bytes, configure: Callable[[Any], None], calibration: Any = None) -> bytes:
     import logging
 
     from ai_edge_quantizer import quantizer
