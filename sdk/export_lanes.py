@@ -81,13 +81,28 @@ def _raise(error: tuple[str, str]) -> None:
 
 def auto_jobs(plan: Sequence[tuple[type[Exporter], str]]) -> int:
     """One process per slow item (the costliest kind in the plan, when there are several), up to the CPUs idle
-    now: on a busy machine a lane only adds its start-up cost (measured: a tiny model's onnx + pte export took 37 s
+    now and the copies of this process that fit in memory (:func:`lanes_that_fit`): on a busy machine a lane only adds its start-up cost (measured: a tiny model's onnx + pte export took 37 s
     in one process, 51 s in two at load 3.5 on 2 CPUs)."""
     top = max((e.relative_cost for e, _ in plan), default=1)
     slow = sum(1 for e, _ in plan if e.relative_cost == top) if top > 1 else 1
     if slow < 2:  # nothing to overlap: no need to spend the quarter second measuring idle CPUs
         return 1
-    return max(1, min(slow, round(idle_cpus())))
+    return max(1, min(slow, round(idle_cpus()), 1 + lanes_that_fit()))
+
+
+def lanes_that_fit(status: str = "/proc/self/status", meminfo: str = "/proc/meminfo") -> int:
+    """How many more processes the size of this one (its peak RSS so far: torch, the exporters and the loaded model)
+    fit in 80% of the memory available now; a lane that swaps costs more than it saves. Linux; elsewhere no limit."""
+
+    def kib(path: str, key: str) -> int:
+        with open(path) as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+    try:
+        peak, avail = kib(status, "VmHWM:"), kib(meminfo, "MemAvailable:")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return 1 << 16
+    return int(avail * 0.8) // peak if peak > 0 else 1 << 16
 
 
 def idle_cpus(window_s: float = 0.25) -> float:

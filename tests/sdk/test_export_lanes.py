@@ -89,3 +89,18 @@ def test_auto_starts_a_lane_per_slow_recipe_up_to_the_idle_cpus() -> None:
     assert auto_jobs([(onnx, "fp32"), (onnx, "int8-dynamic")]) == 1  # nothing slow: no lane pays its start-up
     assert auto_jobs([(pte, "fp32"), (onnx, "fp32")]) == 1  # one slow item: nothing to overlap it with
     assert 1 <= auto_jobs([(pte, "fp32"), (pte, "int8-dynamic"), (onnx, "fp32")]) <= 2
+
+
+def test_auto_counts_the_lanes_that_fit_in_memory(tmp_path: Path) -> None:
+    """A lane loads torch, the exporters and the model again: on a small board with a big model a second process
+    would swap. Files in /proc's own format (a Pi 4 with 1 GB free and a 700 MB export process)."""
+    from edgeship.export_lanes import lanes_that_fit
+
+    status, meminfo = tmp_path / "status", tmp_path / "meminfo"
+    status.write_text("Name:\tpython\nVmPeak:\t 2100000 kB\nVmHWM:\t  716800 kB\nVmRSS:\t  650000 kB\n")
+    meminfo.write_text("MemTotal:        3884200 kB\nMemFree:          512000 kB\nMemAvailable:    1048576 kB\n")
+    assert lanes_that_fit(str(status), str(meminfo)) == 1  # 0.8 * 1024 MB / 700 MB
+    meminfo.write_text("MemTotal:        3884200 kB\nMemAvailable:     524288 kB\n")
+    assert lanes_that_fit(str(status), str(meminfo)) == 0
+    assert lanes_that_fit(str(tmp_path / "missing"), str(meminfo)) > 8  # no /proc: no limit from memory
+    assert lanes_that_fit() >= 0  # this machine's real files parse
