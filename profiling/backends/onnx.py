@@ -104,6 +104,9 @@ class OnnxBackend(Backend):
             except Exception as e:  # fall back: the artifact's own load reports a real problem on the file
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 self.weights = f"loaded (mapping them failed: {first[:200]})"
+                self.provider_notes.append(f"weights not memory-mapped, so peak RSS holds a copy of each: onnxruntime "
+                                           f"refused the mapped graph ({first[:200]}); --option map_weights=false "
+                                           "skips the attempt")
         return ort.InferenceSession(str(path), sess_options=so, providers=providers,
                                     disabled_optimizers=list(disabled) or None)
 

@@ -73,3 +73,19 @@ def test_empty_and_garbage_files(tmp_path: Path) -> None:
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(bytes(range(256)) * 8)
     assert mapped_graph(empty) is None and mapped_graph(junk) is None
+
+
+def test_a_mapped_graph_onnxruntime_refuses_falls_back_and_says_so(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An onnxruntime that rejects the rewritten graph (an older one without the external-data folder key, say)
+    loads the file as it is, and the result says the RSS now holds a copy of the weights."""
+    import edgeship.profiling.backends.onnx as onnx_backend
+
+    path = _mlp(tmp_path / "m.onnx")
+    monkeypatch.setattr(onnx_backend, "mapped_graph", lambda p: (b"\x0a\x03bad graph", 2))
+    b = backends.load(path, "onnx", threads=1)
+    info = b.info()
+    assert info["weights"].startswith("loaded (mapping them failed: ")
+    assert any("weights not memory-mapped" in n and "map_weights=false" in n for n in info["notes"])
+    x = {"x": np.ones((1, 64), np.float32)}
+    assert b.run(x)["y"].shape == (1, 8)
