@@ -263,12 +263,13 @@ class OnnxExporter(Exporter):
         named = dict(ctx.model.module.named_modules())
         node_of = onnx_static.fused_linear_nodes(base, {n: named[n].weight.detach().float().numpy()
                                                         for n in ctx.model.linear_layers()})
-        typed = onnx_static.typed_for_calibration(base, ctx.workdir / "onnx-fp32-fused-typed.onnx")
+        with ctx.stage(Stage.CALIBRATE):
+            typed = onnx_static.typed_for_calibration(base, ctx.workdir / "onnx-fp32-fused-typed.onnx")
         every = ctx.workdir / "onnx-int8-static-fused-all-dynamic.onnx"
 
         def quantize_all(ranges: Any, path: Path) -> None:
             if not every.is_file():
-                onnx_static.quantize_fused(base, every, [])
+                _dynamic_int8(base, every, fused=True)
             onnx_static.make_static(every, path, ranges)
 
         method, ranges, tried = self._calibrate(ctx, typed, ctx.recipe, quantize_all)
@@ -276,7 +277,7 @@ class OnnxExporter(Exporter):
 
         def quantize(src: Path, dst: Path, nodes: list[str]) -> None:
             dyn = dst.with_name(dst.stem + "-dynamic.onnx")
-            onnx_static.quantize_fused(src, dyn, sorted(all_nodes - set(nodes)))
+            _dynamic_int8(src, dyn, fused=True, exclude=sorted(all_nodes - set(nodes)))
             onnx_static.make_static(dyn, dst, ranges)
             dyn.unlink()
 
@@ -481,14 +482,15 @@ def _qdq(base: Path, out: Path, ranges: Any, nodes: Sequence[str]) -> None:
     q.model.save_model_to_file(str(out), False)
 
 
-def _dynamic_int8(base: Path, out: Path, fused: bool) -> None:
+def _dynamic_int8(base: Path, out: Path, fused: bool, exclude: Sequence[str] = ()) -> None:
+    """int8-dynamic's quantization (also the first step of int8-static on a fused graph); ``exclude``: nodes kept float."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # a fused graph also quantizes its Attention / EmbedLayerNormalization ops (QAttention: int8 QKV)
     ops = None if fused else ["MatMul", "Gather", "Conv"]
     quantize_dynamic(str(base), str(out), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                     nodes_to_exclude=list(exclude), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def _int4(base: Path, out: Path, block: int, nodes: Sequence[str]) -> None:

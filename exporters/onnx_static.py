@@ -8,7 +8,7 @@ accuracy, plus the unfused attention's matmuls), 63 ``Add`` 1.2 ms, 44 ``Dequant
 ``QAttention`` or ``BiasGelu``, so QDQ cannot reach the fused graph int8-dynamic runs.
 
 So the fused graph is quantized the way int8-dynamic is (``QAttention``, ``QEmbedLayerNormalization``,
-``MatMulInteger``) and then every ``DynamicQuantizeLinear`` whose input has a calibrated range becomes a
+``MatMulInteger``; the exporter's ``_dynamic_int8``) and then every ``DynamicQuantizeLinear`` whose input has a calibrated range becomes a
 ``QuantizeLinear`` with a constant scale and zero point (:func:`make_static`). Same kernels, minus the
 run-time min/max; activations are quantized only where a linear layer reads them, never a layer's output.
 
@@ -25,7 +25,7 @@ Second trap: ONNX's own shape inference does not type the outputs of contrib ops
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +78,6 @@ def fused_linear_nodes(path: Path, weights: Mapping[str, np.ndarray]) -> dict[st
             if name is not None:
                 out.setdefault(name, node.name)
     return out
-
-
-def quantize_fused(base: Path, out: Path, exclude: Sequence[str]) -> None:
-    """int8-dynamic's quantization of the fused graph (QAttention, MatMulInteger, int8 embeddings), ``exclude`` kept float."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(base), str(out), per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def _uint8_params(lo: float, hi: float) -> tuple[float, int]:
@@ -188,4 +179,4 @@ def _only_user(users: Mapping[str, list[Any]], tensor: str, op_type: str) -> Any
     return found[0] if len(found) == 1 and found[0].op_type == op_type else None
 
 
-__all__ = ["fused_linear_nodes", "make_static", "quantize_fused", "typed_for_calibration"]
+__all__ = ["fused_linear_nodes", "make_static", "typed_for_calibration"]
