@@ -34,7 +34,6 @@ import numpy as np
 from edgeship.errors import ExportError
 
 FUSED_LINEAR_OPS = ("MatMul", "Attention")  # what a torch nn.Linear becomes in the fused graph
-DYNAMIC_ONLY_OPS = ("DynamicQuantizeLinear", "DynamicQuantizeMatMul")  # must not survive in a static artifact
 
 
 def typed_for_calibration(base: Path, out: Path) -> Path:
@@ -51,7 +50,7 @@ def typed_for_calibration(base: Path, out: Path) -> Path:
 
 def _digest(a: np.ndarray) -> str:
     a = np.ascontiguousarray(a, dtype=np.float32)
-    return hashlib.sha1(str(a.shape).encode() + a.tobytes()).hexdigest()
+    return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()
 
 
 def fused_linear_nodes(path: Path, weights: Mapping[str, np.ndarray]) -> dict[str, str]:
