@@ -6,10 +6,12 @@ Recipes (the support matrix below is the one source of truth):
 * ``fp16``: float16 weights and compute, float32 I/O (for GPU/NPU execution providers;
   ORT's CPU EP has few fp16 kernels and inserts casts).
 * ``int8-dynamic``: per-channel int8 weights, activations quantized at run time (MatMulInteger).
-* ``int8-static``: QDQ int8 (linear layers and embedding tables) calibrated on the user's data,
-  MinMax or entropy ranges, whichever tracks PyTorch better. Layers are ranked by sensitivity
-  and the fewest needed are kept in float to meet the profile's floor. QDQ is also the form
-  NPU execution providers (QNN, NNAPI) consume.
+* ``int8-static``: int8 linear layers and embedding tables with activation ranges calibrated on the
+  user's data, MinMax or entropy, whichever tracks PyTorch better. Layers are ranked by sensitivity
+  and the fewest needed are kept in float to meet the profile's floor. BERT-family encoders get
+  int8-dynamic's fused kernels (``QAttention``, ``MatMulIntegerToFloat``) with constant scales
+  (:mod:`edgeship.exporters.onnx_static`: QDQ ran 1.9x slower than int8-dynamic there); other
+  models get QDQ, the form NPU execution providers (QNN, NNAPI) consume.
 * ``int4-weight``: block-wise 4-bit weights (ORT ``MatMulNBits``), block size from the profile.
 * ``npu``: static-shape QDQ compiled offline into a QNN HTP context binary for the profile's
   Snapdragon Hexagon NPU (:mod:`edgeship.exporters.onnx_npu`; needs the ``[npu]`` extra).
@@ -177,20 +179,21 @@ class OnnxExporter(Exporter):
         quant = {"recipe": recipe, **spec.make(self, ctx, base, fused is not None, out)}
         return ExportOutput(path=out, runtime=runtime, quantization=quant, warnings=list(spec.warnings))
 
-    def _calibrate(self, ctx: ExportContext, base: Path, recipe: str) -> tuple[str, Any, dict[str, float]]:
-        """Calibrate with each method; keep the one whose fully-quantized graph tracks PyTorch best.
+    def _calibrate(self, ctx: ExportContext, base: Path, recipe: str,
+                   quantize_all: Callable[[Any, Path], None]) -> tuple[str, Any, dict[str, float]]:
+        """Calibrate ``base`` with each method; keep the one whose fully-quantized graph tracks PyTorch best.
 
         MinMax keeps every outlier in range; entropy (KL) clips rare ones for finer steps. Which wins
         depends on the model (on MiniLM entropy needed 6 float layers where MinMax needed 15 for 0.99).
+        ``quantize_all(ranges, path)`` writes the graph with every layer quantized.
         """
         tried: dict[str, float] = {}
         best: tuple[float, str, Any] | None = None
-        every = linear_nodes(base, ctx.model.linear_layers())
         for method in CALIBRATION_METHODS:
             with ctx.stage(Stage.CALIBRATE):
                 ranges = _calibration_ranges(base, ctx.calibration, ctx.workdir, method)
                 probe = ctx.workdir / f"onnx-{recipe}-{method}-all.onnx"
-                _qdq(base, probe, ranges, list(every.values()))
+                quantize_all(ranges, probe)
                 tried[method] = ctx.evaluate(probe, "onnx", RUNTIME_OPTIONS).mean_cosine
             if best is None or tried[method] > best[0]:
                 best = (tried[method], method, ranges)
@@ -200,22 +203,28 @@ class OnnxExporter(Exporter):
         return best[1], best[2], tried
 
     # ---- recipes that keep their most sensitive layers in float ------------------------------
-    def _searched(self, ctx: ExportContext, base: Path, out: Path,
-                  quantize: Callable[[Path, Path, list[str]], None]) -> dict[str, Any]:
-        """Quantize every linear layer except the fewest most-sensitive ones needed to meet the floor."""
+    def _searched(self, ctx: ExportContext, base: Path, out: Path, quantize: Callable[[Path, Path, list[str]], None],
+                  node_of: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Quantize every linear layer except the fewest most-sensitive ones needed to meet the floor.
+
+        ``node_of``: torch module name -> ONNX node (default: the dynamo graph's MatMul of each layer). Several
+        layers may share a node (a fused Attention holds q, k and v): keeping one keeps the node.
+        """
         from edgeship.exporters.sensitivity import KeepSearch, keep_search
 
-        node_of = linear_nodes(base, ctx.model.linear_layers())  # torch module name -> ONNX MatMul node name
+        if node_of is None:
+            node_of = linear_nodes(base, ctx.model.linear_layers())
         if not node_of:
             raise ExportError(f"onnx/{ctx.recipe}: found no MatMul nodes with weight initializers to quantize")
         candidates = [n for n in ctx.model.linear_layers() if n in node_of]
 
         def build(kept: Sequence[str], _fallback: bool, path: Path) -> None:
-            quantize(base, path, [node_of[n] for n in candidates if n not in kept])
+            float_nodes = {node_of[n] for n in kept}
+            quantize(base, path, [m for m in dict.fromkeys(node_of[n] for n in candidates) if m not in float_nodes])
 
         res = keep_search(ctx, KeepSearch(candidates, build, self.suffix, "onnxruntime", RUNTIME_OPTIONS))
         shutil.copyfile(res.artifact, out)
-        return {**res.record, "kept_onnx_nodes": [node_of[n] for n in res.kept]}
+        return {**res.record, "kept_onnx_nodes": list(dict.fromkeys(node_of[n] for n in res.kept))}
 
 
     # ---- the support table: one row per recipe, the dispatch of export() ---------------------------
@@ -236,12 +245,48 @@ class OnnxExporter(Exporter):
                 "ops": "MatMul, Gather"}
 
     def _make_int8_static(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:
-        method, ranges, tried = self._calibrate(ctx, base, ctx.recipe)
+        calibration = {"calibration": ctx.calibration_source, "calibration_samples": len(ctx.calibration)}
+        if fused:
+            return {**calibration, **self._static_fused(ctx, base, out)}
+        every = list(linear_nodes(base, ctx.model.linear_layers()).values())
+        method, ranges, tried = self._calibrate(ctx, base, ctx.recipe, lambda r, p: _qdq(base, p, r, every))
         return {"weights": "int8 symmetric per-channel; embedding tables uint8 per-tensor",
-                "activations": f"uint8 asymmetric per-tensor, {method} calibrated", "format": "QDQ",
-                "calibration": ctx.calibration_source, "calibration_samples": len(ctx.calibration),
-                "calibration_method": method, "calibration_methods_tried": tried,
+                "activations": f"uint8 asymmetric per-tensor at each quantized layer's input, {method} calibrated; "
+                               "layer outputs stay float", "format": "QDQ", "npu_note": QDQ_NPU_NOTE,
+                **calibration, "calibration_method": method, "calibration_methods_tried": tried,
                 **self._searched(ctx, base, out, lambda src, dst, nodes: _qdq(src, dst, ranges, nodes))}
+
+    def _static_fused(self, ctx: ExportContext, base: Path, out: Path) -> dict[str, Any]:
+        """int8-static on the attention-fused graph: int8-dynamic's fused kernels with calibrated activation scales."""
+        from edgeship.exporters import onnx_static
+
+        named = dict(ctx.model.module.named_modules())
+        node_of = onnx_static.fused_linear_nodes(base, {n: named[n].weight.detach().float().numpy()
+                                                        for n in ctx.model.linear_layers()})
+        with ctx.stage(Stage.CALIBRATE):
+            typed = onnx_static.typed_for_calibration(base, ctx.workdir / "onnx-fp32-fused-typed.onnx")
+        every = ctx.workdir / "onnx-int8-static-fused-all-dynamic.onnx"
+
+        def quantize_all(ranges: Any, path: Path) -> None:
+            if not every.is_file():
+                _dynamic_int8(base, every, fused=True)
+            onnx_static.make_static(every, path, ranges)
+
+        method, ranges, tried = self._calibrate(ctx, typed, ctx.recipe, quantize_all)
+        all_nodes = set(node_of.values())
+
+        def quantize(src: Path, dst: Path, nodes: list[str]) -> None:
+            dyn = dst.with_name(dst.stem + "-dynamic.onnx")
+            _dynamic_int8(src, dyn, fused=True, exclude=sorted(all_nodes - set(nodes)))
+            onnx_static.make_static(dyn, dst, ranges)
+            dyn.unlink()
+
+        return {"weights": "int8 symmetric per-channel (MatMul) / per-tensor (Attention QKV, embeddings)",
+                "activations": f"uint8 asymmetric per-tensor at each quantized layer's input, {method} calibrated "
+                               "(constant QuantizeLinear scales); layer outputs stay float",
+                "format": "QOperator (ORT QAttention, MatMulIntegerToFloat, QEmbedLayerNormalization)",
+                "calibration_method": method, "calibration_methods_tried": tried,
+                **self._searched(ctx, base, out, quantize, node_of)}
 
     def _make_int4_weight(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:
         block = ctx.target.int4_group_size
@@ -260,10 +305,9 @@ class OnnxExporter(Exporter):
                    warnings=("fp16 targets GPU/NPU execution providers; ORT's CPU provider runs it through casts",)),
         OnnxRecipe(Recipe.INT8_DYNAMIC, "ORT quantize_dynamic, per-channel int8 weights incl. embeddings",
                    make=_make_int8_dynamic, fusable=True),
-        OnnxRecipe(Recipe.INT8_STATIC, "ORT QDQ, calibrated, sensitivity-ranked layers kept in float", True,
-                   make=_make_int8_static, runtime={
-                       "qdq": True, "npu_note": "QDQ int8 is the form the QNN and NNAPI execution providers take; on "
-                                               "a device with onnxruntime-qnn pass providers=QNNExecutionProvider"}),
+        OnnxRecipe(Recipe.INT8_STATIC, "calibrated int8: ORT's fused QAttention/MatMulIntegerToFloat kernels with "
+                                       "static scales (BERT family), QDQ otherwise; sensitivity-ranked layers kept "
+                                       "in float", True, make=_make_int8_static, fusable=True),
         OnnxRecipe(Recipe.INT4_WEIGHT, "ORT MatMulNBits, block-wise symmetric 4-bit weights", make=_make_int4_weight),
         OnnxRecipe(Recipe.NPU, "static-shape QDQ (QNN config, A8W8 or A16W8) compiled to a QNN HTP context binary "
                                "for the profile's Hexagon NPU, plus the QDQ model as portable fallback", True,
@@ -271,6 +315,8 @@ class OnnxExporter(Exporter):
     )
 
 
+QDQ_NPU_NOTE = ("QDQ int8 is the form the QNN and NNAPI execution providers take; on a device with onnxruntime-qnn "
+                "pass providers=QNNExecutionProvider (or export the npu recipe)")
 PADDING_NOTE = ("trailing columns that are padding in every row are sliced off inside the graph before the encoder "
                 "runs; exact for this task (padded positions are masked keys and never reach the output)")
 
@@ -425,21 +471,26 @@ def _qdq(base: Path, out: Path, ranges: Any, nodes: Sequence[str]) -> None:
     if not todo:
         onnx.save(model, str(out))
         return
+    # Layer outputs stay float: quantizing them too cost MiniLM its accuracy (every layer quantized: mean cosine
+    # 0.951 vs 0.991 without) and time (QLinearMatMul + DequantizeLinear before every bias Add). Conv keeps its
+    # output quantized, the only way ORT runs it as QLinearConv.
     q = QDQQuantizer(model, True, False, QuantType.QInt8, QuantType.QUInt8, ranges, todo, [],
                      ["MatMul", "Gemm", "Conv", "Gather"],
-                     {"DefaultTensorType": onnx.TensorProto.FLOAT})
+                     {"DefaultTensorType": onnx.TensorProto.FLOAT,
+                      "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm", "Gather"]})
     q.quantize_model()
     q.model.save_model_to_file(str(out), False)
 
 
-def _dynamic_int8(base: Path, out: Path, fused: bool) -> None:
+def _dynamic_int8(base: Path, out: Path, fused: bool, exclude: Sequence[str] = ()) -> None:
+    """int8-dynamic's quantization (also the first step of int8-static on a fused graph); ``exclude``: nodes kept float."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # a fused graph also quantizes its Attention / EmbedLayerNormalization ops (QAttention: int8 QKV)
     ops = None if fused else ["MatMul", "Gather", "Conv"]
     quantize_dynamic(str(base), str(out), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                     nodes_to_exclude=list(exclude), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def _int4(base: Path, out: Path, block: int, nodes: Sequence[str]) -> None:

@@ -60,18 +60,36 @@ def test_other_recipes(tiny_bert_dir: Path, tmp_path: Path, recipe: str) -> None
     r = export(tiny_bert_dir, target="raspberry-pi-5", out=tmp_path / "b", formats=["onnx"], recipes=[recipe], **QUIET)
     (a,) = r.manifest.artifacts
     assert a.fidelity is not None and a.fidelity.mean_cosine >= a.fidelity.floor_mean_cosine
-    if recipe == "int8-static":
-        _assert_qdq_runs_as_int8(r.bundle / a.path, a.runtime["options"], tmp_path)
+    if recipe == "int8-static":  # a BERT encoder: the attention-fused graph with static scales
+        _assert_static_fused_kernels(r.bundle / a.path, a.runtime["options"], tmp_path)
         q = a.quantization
-        assert q["format"] == "QDQ" and "built-in" in q["calibration"]
-        assert set(q["calibration_methods_tried"]) == {"minmax", "entropy"}
-        assert q["calibration_method"] == max(q["calibration_methods_tried"], key=q["calibration_methods_tried"].get)
-        _assert_embeddings_are_int8(r.bundle / a.path)
-        # 2 layers x (q, k, v, o, up, down); the unused pooler is pruned by torch.export
-        assert len(q["sensitivity"]) == 2 * 6
-        assert q["quantized_layers"] + len(q["kept_in_float"]) == len(q["sensitivity"])
-        assert a.runtime["qdq"] is True
+        assert q["format"].startswith("QOperator") and a.runtime["graph"]["graph"] == "fused"
+        _assert_calibrated_search(q)
         assert any("calibrat" in w for w in r.manifest.model["export_host"]["warnings"])
+
+
+def _assert_calibrated_search(q: dict[str, object]) -> None:
+    tried = q["calibration_methods_tried"]
+    assert isinstance(tried, dict) and set(tried) == {"minmax", "entropy"} and "built-in" in str(q["calibration"])
+    assert q["calibration_method"] == max(tried, key=tried.get)
+    sensitivity, kept = q["sensitivity"], q["kept_in_float"]
+    assert isinstance(sensitivity, list) and isinstance(kept, list)
+    # 2 layers x (q, k, v, o, up, down); the unused pooler is not in the graph
+    assert len(sensitivity) == 2 * 6
+    assert q["quantized_layers"] + len(kept) == len(sensitivity)
+
+
+def test_int8_static_qdq_without_fusion(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Models without an attention-fused graph get QDQ int8, whose layer outputs stay float."""
+    r = export(tiny_bert_dir, target="raspberry-pi-5", out=tmp_path / "b", formats=["onnx"], recipes=["int8-static"],
+               options={"onnx_graph": "dynamo"}, **QUIET)
+    (a,) = r.manifest.artifacts
+    assert a.fidelity is not None and a.fidelity.passed and a.runtime["graph"]["graph"] == "dynamo"
+    q = a.quantization
+    assert q["format"] == "QDQ" and "QNN" in q["npu_note"]
+    _assert_calibrated_search(q)
+    _assert_qdq_runs_as_int8(r.bundle / a.path, a.runtime["options"], tmp_path)
+    _assert_embeddings_are_int8(r.bundle / a.path)
 
 
 def test_classifiers(tiny_bert_cls_dir: Path, tiny_vit_dir: Path, tmp_path: Path) -> None:
@@ -328,6 +346,32 @@ def _assert_qdq_runs_as_int8(path: Path, options: dict[str, object], tmp_path: P
     ops = {n.op_type for n in onnx.load(str(tmp_path / "qdq-optimized.onnx")).graph.node}
     assert "QLinearMatMul" in ops or "MatMulIntegerToFloat" in ops, sorted(ops)
     assert OnnxBackend(path, options=options).info()["graph_optimization"] == options["graph_optimization"]
+
+
+def _assert_static_fused_kernels(path: Path, options: dict[str, object], tmp_path: Path) -> None:
+    """int8-static on a fused graph runs int8-dynamic's fused kernels with constant activation scales: no
+    run-time range computation left once ORT has optimized it, and no Q/DQ pair on any layer's output."""
+    import onnx
+
+    art = onnx.load(str(path))
+    ops = [n.op_type for n in art.graph.node]
+    inits = {i.name for i in art.graph.initializer}
+    assert "QEmbedLayerNormalization" in ops and "Gather" not in ops  # embedding tables in int8
+    assert "MatMulInteger" not in ops, sorted(set(ops))
+    for n in art.graph.node:
+        if n.op_type == "DequantizeLinear":  # only weights (QEmbedLayerNormalization's LayerNorm gamma/beta)
+            assert n.input[0] in inits, n.name
+        if n.op_type == "QAttention":  # input_scale and input_zero_point are calibrated constants
+            assert n.input[3] in inits and n.input[6] in inits, n.name
+        if n.op_type in ("QuantizeLinear", "MatMulIntegerToFloat"):
+            assert n.input[1 if n.op_type == "QuantizeLinear" else 2] in inits, n.name
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "static-optimized.onnx")
+    ort.InferenceSession(str(path), so, disabled_optimizers=list(options["disabled_optimizers"]))  # type: ignore[call-overload]
+    run = [n.op_type for n in onnx.load(str(tmp_path / "static-optimized.onnx")).graph.node]
+    assert run.count("QAttention") == 2 and run.count("MatMulIntegerToFloat") == 2 * 3, sorted(set(run))
+    assert not {"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMul", "Attention"} & set(run), sorted(set(run))
 
 
 def _assert_embeddings_are_int8(path: Path) -> None:
