@@ -33,7 +33,7 @@ from edgeship.exporters.llm_base import (
 )
 from edgeship.llm_fidelity import MIN_TEXT_TOKENS, LLMReference, measure, torch_reference
 from edgeship.llm_models import LoadedLLM, load_llm
-from edgeship.manifest import ArtifactRecord, Manifest, checksum_tree, tree_digest
+from edgeship.manifest import ArtifactRecord, LLMFidelity, Manifest, checksum_tree, tree_digest
 from edgeship.pipeline import ExportResult
 from edgeship.targets import TargetProfile, get_profile
 
@@ -162,19 +162,25 @@ def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -
     stage = writer.staging / f".stage-{fmt}-{recipe}"
     work = ctx.workdir / f"{fmt}-{recipe}"
     work.mkdir()
+    floor = ctx.prof.llm.top1_floor(recipe)
+
+    def score(path: Path, runtime: dict[str, Any]) -> LLMFidelity:
+        rt = open_llm(fmt, path, runtime, threads=ctx.threads)
+        try:
+            return measure(rt, ctx.ref, floor)
+        finally:
+            rt.close()
+
     req = LLMExportRequest(model=ctx.llm.model, hf_dir=ctx.llm.hf_dir, recipe=recipe, max_context=ctx.max_context,
                            group_size=ctx.prof.llm.int4_group_size, out=stage, workdir=work,
-                           options={"target": ctx.prof.name, "target_arch": ctx.prof.arch})
+                           options={"target": ctx.prof.name, "target_arch": ctx.prof.arch}, score=score,
+                           reference=ctx.ref)
     t0 = time.perf_counter()
     res = _export_one(fn, req, dest)
     export_s = time.perf_counter() - t0
     files = checksum_tree(dest)
     size = sum(int(v["size_bytes"]) for v in files.values())
-    rt = open_llm(fmt, dest, res.runtime, threads=ctx.threads)
-    try:
-        fid = measure(rt, ctx.ref, ctx.prof.llm.top1_floor(recipe))
-    finally:
-        rt.close()
+    fid = score(dest, res.runtime)
     warnings = list(res.warnings)
     if not fid.passed:
         msg = (f"{rel}: teacher-forced top-1 agreement {fid.top1_agreement:.3f} with PyTorch fp32 is below the "
