@@ -4,7 +4,8 @@ The builder re-authors the HF model as one ONNX graph with GroupQueryAttention a
 runtime keeps in a buffer of ``search.max_length`` tokens (``past_present_share_buffer``): we set that to the
 request's max context, so the cache is static and its size known at export. Quantized recipes become
 ``MatMulNBits`` (block-wise weights; ``accuracy_level=4`` makes the CPU kernel quantize activations to int8 at run
-time, i.e. dynamic 8-bit activations). Embedding tables stay fp32 (MatMuls only are quantized; a tied lm_head gets
+time, i.e. dynamic 8-bit activations; matmuls whose int8 activations change a greedy answer get ``accuracy_level=1``,
+see ``llm_keep``). Embedding tables stay fp32 (MatMuls only are quantized; a tied lm_head gets
 its own quantized copy). The quantized recipes are not the builder's int4/int8: the builder writes fp32 and our
 own pass (``onnx_affine4``) quantizes each MatMul to affine blocks with an exact per-block offset, which keeps a
 4-bit source (a GGUF) on its own grid (SmolLM2 int4 top-1 agreement: builder 0.648, ours: see the README).
@@ -52,11 +53,13 @@ RECIPES: dict[str, BuilderRecipe] = {
                                   "an exact per-block offset correction, int8 activations at run time; embeddings "
                                   "fp32", affine_bits=8),
     # accuracy_level 4 (int8 activations, as llama.cpp's Q8 activations): SmolLM2 top-1 0.965 at 1.07x llama.cpp's
-    # decode speed. accuracy_level 1 (fp32 activations) reached 0.996 and answers "Paris", but onnxruntime's fp32
-    # path with 4-bit zero points decoded at 8 tok/s (0.1x): measured with benchmarks/bench_llm.py, see README
+    # decode speed, but a near-tie flips the France answer. When a greedy answer changes, llm_keep gives fp32
+    # activations (accuracy_level 1) to the fewest 4-bit matmuls that restore it: onnxruntime has a fast fp32 kernel
+    # for 4-bit weights. Not for 8-bit ones: the 8-bit head at level 1 alone decoded at 10 tok/s (see README)
     "int4-weight": BuilderRecipe("fp32", 4, "4-bit block-wise affine weights (MatMulNBits uint4 + zero point) with "
-                                 "an exact per-block offset correction, 8-bit LM head, int8 activations at run time; "
-                                 "the embedding reads the head's blocks", affine_bits=4),
+                                 "an exact per-block offset correction, 8-bit LM head, int8 activations at run time "
+                                 "except fp32 on the 4-bit matmuls the greedy check keeps; the embedding reads the "
+                                 "head's blocks", affine_bits=4),
 }
 
 
