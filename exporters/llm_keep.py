@@ -205,8 +205,14 @@ def keep_fp32_activations(req: LLMExportRequest, build: Callable[[Sequence[str]]
     from edgeship.exporters.sensitivity import search
 
     base = build(())
+    groups = _candidates(graph_path, block, eight_bit)
+    nodes = [n for _, ns, _ in groups for n in ns]
+    if not nodes:
+        return KeepResult(base, {"matmuls": [], "candidates": 0,
+                                 "note": "no candidate: fp32 activations are fast in onnxruntime for 4-bit weights only"})
     if req.score is None or req.reference is None:
-        return KeepResult(base, {"matmuls": [], "note": "not searched (no fidelity scorer)"})
+        return KeepResult(base, {"matmuls": [], "candidates": len(nodes),
+                                 "note": "not searched: greedy_search=False (--no-greedy-search)"})
     scores: dict[Path, LLMFidelity] = {}
 
     def score(p: Path) -> LLMFidelity:
@@ -216,12 +222,9 @@ def keep_fp32_activations(req: LLMExportRequest, build: Callable[[Sequence[str]]
         return scores[p]
 
     f0 = score(base)
-    groups = _candidates(graph_path, block, eight_bit)
-    nodes = [n for _, ns, _ in groups for n in ns]
     rec: dict[str, Any] = {"matmuls": [], "candidates": len(nodes), "search": [{"kept": 0, **_describe(f0)}]}
-    if f0.greedy_identical == f0.n_prompts or not nodes:
-        rec["note"] = ("int8 activations already reproduce every greedy continuation" if nodes else
-                       "no candidate: fp32 activations are fast in onnxruntime for 4-bit weights only")
+    if f0.greedy_identical == f0.n_prompts:
+        rec["note"] = "int8 activations already reproduce every greedy continuation"
         return KeepResult(base, rec)
     ceiling = build(nodes)
     fc = score(ceiling)

@@ -152,6 +152,7 @@ class _Ctx:
     allow_degraded: bool
     workdir: Path
     say: Log
+    greedy_search: bool = True  # hand the exporters the scorer their keep-in-higher-precision search needs
 
 
 def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -> ArtifactRecord:
@@ -173,8 +174,8 @@ def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -
 
     req = LLMExportRequest(model=ctx.llm.model, hf_dir=ctx.llm.hf_dir, recipe=recipe, max_context=ctx.max_context,
                            group_size=ctx.prof.llm.int4_group_size, out=stage, workdir=work,
-                           options={"target": ctx.prof.name, "target_arch": ctx.prof.arch}, score=score,
-                           reference=ctx.ref)
+                           options={"target": ctx.prof.name, "target_arch": ctx.prof.arch},
+                           score=score if ctx.greedy_search else None, reference=ctx.ref)
     t0 = time.perf_counter()
     res = _export_one(fn, req, dest)
     export_s = time.perf_counter() - t0
@@ -225,8 +226,11 @@ def _bundle_llm_files(llm: LoadedLLM, writer: BundleWriter, kept: dict[str, Any]
 def export_llm(source: str | Path, *, target: str | TargetProfile = "raspberry-pi-5", out: str | Path,
                formats: Sequence[str] | None = None, recipes: Sequence[str] | None = None,
                max_context: int | None = None, adapter: str | Path | None = None, overwrite: bool = False,
-               allow_degraded: bool = False, log: Log | None = None) -> ExportResult:
-    """Export a causal LM for ``target`` in every (format, recipe); see the module docstring."""
+               allow_degraded: bool = False, greedy_search: bool = True, log: Log | None = None) -> ExportResult:
+    """Export a causal LM for ``target`` in every (format, recipe); see the module docstring.
+
+    ``greedy_search``: a format that can keep some matmuls at higher precision (ONNX int4: fp32 activations) does
+    so for the fewest that keep the greedy answers int8 activations change; False keeps the fastest kernels."""
     from edgeship import __version__
 
     t_start = time.perf_counter()
@@ -246,7 +250,8 @@ def export_llm(source: str | Path, *, target: str | TargetProfile = "raspberry-p
             raise ConfigError(f"--max-context {ctx_len} exceeds the model's max_position_embeddings {limit}")
         check_memory(llm, todo, prof, ctx_len)
         ref, kept = build_reference(llm, ctx_len, say)
-        ctx = _Ctx(llm, prof, ctx_len, ref, min(prof.threads, os.cpu_count() or 1), allow_degraded, Path(tmp), say)
+        ctx = _Ctx(llm, prof, ctx_len, ref, min(prof.threads, os.cpu_count() or 1), allow_degraded, Path(tmp), say,
+                   greedy_search)
         records, refused = _export_all(ctx, todo, out_dir, overwrite, kept, __version__)
         if records is None:
             raise ExportError("no artifact was written: " + "; ".join(

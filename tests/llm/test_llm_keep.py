@@ -138,13 +138,25 @@ def test_int8_weights_have_no_candidates(tiny: Any, tmp_path: Path) -> None:
                            group_size=32, out=tmp_path / "out", workdir=tmp_path, score=score, reference=ref)
     rec = export_onnx(req).quantization["affine_pass"]["fp32_activations"]
     assert rec["matmuls"] == [] and rec["candidates"] == 0 and "4-bit weights only" in rec["note"]
-    assert len(calls) == 1 and set(_levels(req.out / "model.onnx").values()) == {4}
+    assert calls == [] and set(_levels(req.out / "model.onnx").values()) == {4}  # nothing to search: no scoring
 
 
-def test_no_scorer_no_search(tiny_llama_bundle: Path) -> None:
+def test_the_tiny_bundle_records_its_search(tiny_llama_bundle: Path) -> None:
     from edgeship.manifest import load_bundle
 
     a = load_bundle(tiny_llama_bundle).manifest.artifact("onnx/int4-weight")
     rec = a.quantization["affine_pass"]["fp32_activations"]
-    assert rec["search"][0]["kept"] == 0 and isinstance(rec["matmuls"], list)
-    assert np.isfinite(rec["search"][0]["top1_agreement"])
+    assert rec["search"][0]["kept"] == 0 and rec["candidates"] == 10  # 2 layers x (qkv, o, gate, up, down); not the 8-bit head
+    assert np.isfinite(rec["search"][0]["top1_agreement"]) and isinstance(rec["matmuls"], list)
+
+
+def test_greedy_search_can_be_turned_off(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from edgeship.llm import export_llm
+    from edgeship.manifest import load_bundle
+
+    export_llm(tiny_llama_dir, target="x86-64-laptop", out=tmp_path / "b", formats=["onnx"], recipes=["int4-weight"],
+               max_context=128, allow_degraded=True, greedy_search=False, log=lambda m: None)
+    a = load_bundle(tmp_path / "b").manifest.artifact("onnx/int4-weight")
+    rec = a.quantization["affine_pass"]["fp32_activations"]
+    assert rec["matmuls"] == [] and "--no-greedy-search" in rec["note"] and "search" not in rec
+    assert set(_levels(tmp_path / "b" / a.path / "model.onnx").values()) == {4}
