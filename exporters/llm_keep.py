@@ -2,19 +2,21 @@
 
 Why: with exact weights (a 4-bit GGUF on its own grid), what is left between an artifact and PyTorch fp32 is the
 int8 activations the CPU kernel computes at run time (onnxruntime's ``MatMulNBits`` ``accuracy_level=4``, like
-llama.cpp's Q8 activations). On SmolLM2 that is enough to flip a near-tie in the first greedy token of "What is the
-capital of France?" ("L'Étoile ..." instead of "The capital of France is Paris."), while fp32 activations on every
-matmul answer Paris. Most of that cost in speed is avoidable: only a few matmuls are sensitive.
+llama.cpp's Q8 activations). On SmolLM2 that is enough to flip a near-tie (0.08 nats) in the first greedy token of
+"What is the capital of France?" ("L'Étoile ..." instead of "The capital of France is Paris."), while fp32
+activations on the matmuls answer Paris. The search keeps fp32 activations only where a greedy answer needs them,
+so a model whose error sits in a few layers pays for those only (SmolLM2's is spread over all of them: README).
 
 1. **Rank** (here, in PyTorch): every linear's input is fake-quantized as the kernel does it (symmetric int8, one
    scale per block of ``block`` input values); for each *activation* (the tensor q/k/v, or gate/up, read together)
-   we measure how much the KL(fp32 || proxy) over the prompts' reference continuations drops when only that one
-   stays fp32. One batched forward per activation.
-2. **Confirm** (the format's exporter): real artifacts with the ``k`` best-ranked activations in fp32, scored by
-   the core's device-runtime fidelity, ``k`` grown geometrically then bisected by
-   :func:`edgeship.exporters.sensitivity.search`.
+   a first-order estimate of how much KL(fp32 || proxy) over the prompts' reference continuations drops when only
+   that one stays fp32. One forward and backward in all.
+2. **Confirm** (:func:`keep_fp32_activations`, called by the format's exporter): real artifacts with the ``k``
+   best-ranked activations in fp32, scored by the core's device-runtime fidelity (``LLMExportRequest.score``),
+   ``k`` grown geometrically then bisected by :func:`edgeship.exporters.sensitivity.search` until the greedy
+   continuations that fp32 activations on every candidate reproduce are reproduced.
 
-Export side only: imports torch inside functions.
+Export side only: imports torch and onnx inside functions.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from edgeship.exporters.llm_base import LLMExportRequest
     from edgeship.manifest import LLMFidelity
-
 
 
 @dataclass(frozen=True)

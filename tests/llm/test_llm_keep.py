@@ -151,11 +151,12 @@ def test_the_tiny_bundle_records_its_search(tiny_llama_bundle: Path) -> None:
 
 
 def test_greedy_search_can_be_turned_off(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    from edgeship.llm import export_llm
+    from edgeship.cli import main
     from edgeship.manifest import load_bundle
 
-    export_llm(tiny_llama_dir, target="x86-64-laptop", out=tmp_path / "b", formats=["onnx"], recipes=["int4-weight"],
-               max_context=128, allow_degraded=True, greedy_search=False, log=lambda m: None)
+    rc = main(["export", str(tiny_llama_dir), "--target", "x86-64-laptop", "-o", str(tmp_path / "b"), "--format", "onnx",
+               "--quant", "int4-weight", "--max-context", "128", "--allow-degraded", "--no-greedy-search", "--quiet"])
+    assert rc == 0
     a = load_bundle(tmp_path / "b").manifest.artifact("onnx/int4-weight")
     rec = a.quantization["affine_pass"]["fp32_activations"]
     assert rec["matmuls"] == [] and "--no-greedy-search" in rec["note"] and "search" not in rec
