@@ -35,7 +35,6 @@ from edgeship.exporters.llm_base import (
 GENAI_CONFIG = "genai_config.json"
 KV_BYTES_PER_ELEMENT = 4  # the CPU build keeps the KV cache in the fp32 I/O dtype
 FP32_ACTIVATIONS = 1  # MatMulNBits accuracy_level with fp32 activations (MLAS has a fast kernel for 4-bit weights)
-LM_HEAD = "/lm_head/MatMul"  # the builder's name for it; onnx_affine4 gives it 8-bit blocks
 
 
 @dataclass(frozen=True)
@@ -132,6 +131,7 @@ def _quantize(req: LLMExportRequest, spec: BuilderRecipe, name: str, runtime: di
     """The block pass; with a scorer, and when int8 activations change a greedy answer, the fewest matmuls with
     fp32 activations that agree on the prompts fp32 activations everywhere agree on (see llm_keep)."""
     from edgeship.exporters.llm_keep import keep_fp32_activations
+    from edgeship.exporters.onnx_affine4 import LM_HEAD  # it gets 8-bit blocks
 
     builds = _Builds(req, spec, name)
     # 8-bit weights have no fast fp32-activation kernel: every matmul of the int8 recipe counts as "left 8-bit"

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 BITS = 4
+LM_HEAD = "/lm_head/MatMul"  # the GenAI builder's name for the LM head's MatMul
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def unpack_zero_points(packed: np.ndarray, n: int, nb: int) -> np.ndarray:
 
 
 def convert(model: Any, block: int = 32, accuracy_level: int = 4, skip: Iterable[str] = (),
-            eight_bit: Iterable[str] = ("/lm_head/MatMul",), bits: int = BITS,
+            eight_bit: Iterable[str] = (LM_HEAD,), bits: int = BITS,
             node_accuracy: Mapping[str, int] | None = None) -> PassReport:
     """Rewrite every MatMul whose second input is a 2-D float32 initializer with K % block == 0, in place; a
     tied embedding (``Transpose(W) -> Gather``, as the GenAI builder writes it) reads W's quantized blocks.
