@@ -21,6 +21,9 @@ from edgeship.registry import Registry
 if TYPE_CHECKING:
     from torch import nn
 
+    from edgeship.llm_fidelity import LLMReference
+    from edgeship.manifest import LLMFidelity
+
 LLM_RECIPES = ("fp32", "int8-dynamic", "int4-weight")
 
 
@@ -36,6 +39,10 @@ class LLMExportRequest:
     out: Path  # a directory the exporter creates and fills (the core stages and renames it atomically)
     workdir: Path  # scratch space, deleted after the export
     options: dict[str, Any] = field(default_factory=dict)
+    #: the core's fidelity check on a candidate folder (path, runtime dict), through the device runtime against the
+    #: PyTorch fp32 reference; an exporter that searches for what to keep in higher precision scores builds with it
+    score: Callable[[Path, dict[str, Any]], LLMFidelity] | None = None
+    reference: LLMReference | None = None  # the prompts and PyTorch's greedy continuations that score() uses
 
 
 @dataclass

@@ -4,7 +4,8 @@ The builder re-authors the HF model as one ONNX graph with GroupQueryAttention a
 runtime keeps in a buffer of ``search.max_length`` tokens (``past_present_share_buffer``): we set that to the
 request's max context, so the cache is static and its size known at export. Quantized recipes become
 ``MatMulNBits`` (block-wise weights; ``accuracy_level=4`` makes the CPU kernel quantize activations to int8 at run
-time, i.e. dynamic 8-bit activations). Embedding tables stay fp32 (MatMuls only are quantized; a tied lm_head gets
+time, i.e. dynamic 8-bit activations; matmuls whose int8 activations change a greedy answer get ``accuracy_level=1``,
+see ``llm_keep``). Embedding tables stay fp32 (MatMuls only are quantized; a tied lm_head gets
 its own quantized copy). The quantized recipes are not the builder's int4/int8: the builder writes fp32 and our
 own pass (``onnx_affine4``) quantizes each MatMul to affine blocks with an exact per-block offset, which keeps a
 4-bit source (a GGUF) on its own grid (SmolLM2 int4 top-1 agreement: builder 0.648, ours: see the README).
@@ -15,9 +16,12 @@ The builder runs in a child process: it prints a progress line per tensor and ho
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgeship.errors import ExportError, RuntimeMissingError, UnsupportedRecipeError
@@ -30,6 +34,7 @@ from edgeship.exporters.llm_base import (
 
 GENAI_CONFIG = "genai_config.json"
 KV_BYTES_PER_ELEMENT = 4  # the CPU build keeps the KV cache in the fp32 I/O dtype
+FP32_ACTIVATIONS = 1  # MatMulNBits accuracy_level with fp32 activations (MLAS has a fast kernel for 4-bit weights)
 
 
 @dataclass(frozen=True)
@@ -47,11 +52,13 @@ RECIPES: dict[str, BuilderRecipe] = {
                                   "an exact per-block offset correction, int8 activations at run time; embeddings "
                                   "fp32", affine_bits=8),
     # accuracy_level 4 (int8 activations, as llama.cpp's Q8 activations): SmolLM2 top-1 0.965 at 1.07x llama.cpp's
-    # decode speed. accuracy_level 1 (fp32 activations) reached 0.996 and answers "Paris", but onnxruntime's fp32
-    # path with 4-bit zero points decoded at 8 tok/s (0.1x): measured with benchmarks/bench_llm.py, see README
+    # decode speed, but a near-tie flips the France answer. When a greedy answer changes, llm_keep gives fp32
+    # activations (accuracy_level 1) to the fewest 4-bit matmuls that restore it: onnxruntime has a fast fp32 kernel
+    # for 4-bit weights. Not for 8-bit ones: the 8-bit head at level 1 alone decoded at 10 tok/s (see README)
     "int4-weight": BuilderRecipe("fp32", 4, "4-bit block-wise affine weights (MatMulNBits uint4 + zero point) with "
-                                 "an exact per-block offset correction, 8-bit LM head, int8 activations at run time; "
-                                 "the embedding reads the head's blocks", affine_bits=4),
+                                 "an exact per-block offset correction, 8-bit LM head, int8 activations at run time "
+                                 "except fp32 on the 4-bit matmuls the greedy check keeps; the embedding reads the "
+                                 "head's blocks", affine_bits=4),
 }
 
 
@@ -83,23 +90,56 @@ def _last_error_line(log: str) -> str:
     return lines[-1][:300] if lines else "(no output)"
 
 
-def _affine(req: LLMExportRequest, cfg: dict[str, Any], bits: int, accuracy_level: int) -> dict[str, Any]:
-    """Quantize the builder's fp32 graph in place with onnx_affine4 (same file names, so genai_config holds)."""
-    from edgeship.exporters.onnx_affine4 import convert_file
+class _Builds:
+    """Quantized variants of the builder's fp32 graph, each a complete GenAI folder in the workdir, memoised."""
 
-    name = cfg["model"]["decoder"]["filename"]
-    src, data = req.out / name, req.out / f"{name}.data"
-    staged = req.workdir / "affine4"
-    staged.mkdir(exist_ok=True)
-    try:
-        report = convert_file(src, staged / name, f"{name}.data", block=req.group_size if bits == 4 else 32,
-                              accuracy_level=accuracy_level, bits=bits)
-    except (ValueError, OSError) as e:
-        raise ExportError(f"onnx/{req.recipe}: the 4-bit pass failed on the builder's graph: {e}") from None
-    data.unlink(missing_ok=True)
-    for f in staged.iterdir():
-        f.replace(req.out / f.name)
-    return report.to_dict()
+    def __init__(self, req: LLMExportRequest, spec: BuilderRecipe, name: str) -> None:
+        self.req, self.spec, self.name = req, spec, name
+        self.fp32 = req.workdir / "builder-fp32"
+        req.out.rename(self.fp32)  # the builder's folder: every variant is made from it, the chosen one moved back
+        self.block = req.group_size if spec.affine_bits == 4 else 32
+        self.reports: dict[tuple[str, ...], tuple[Path, dict[str, Any]]] = {}
+
+    def build(self, fp32_activations: Sequence[str]) -> Path:
+        from edgeship.exporters.onnx_affine4 import convert_file
+
+        key = tuple(sorted(fp32_activations))
+        if key not in self.reports:
+            d = self.req.workdir / "tries" / f"fp32act{len(key)}-{len(self.reports)}"
+            d.mkdir(parents=True)
+            for f in self.fp32.iterdir():
+                if not f.name.startswith(self.name):
+                    shutil.copy2(f, d / f.name)
+            try:
+                report = convert_file(self.fp32 / self.name, d / self.name, f"{self.name}.data", block=self.block,
+                                      accuracy_level=self.spec.accuracy_level or 4, bits=self.spec.affine_bits or 4,
+                                      node_accuracy=dict.fromkeys(key, FP32_ACTIVATIONS))
+            except (ValueError, OSError) as e:
+                raise ExportError(f"onnx/{self.req.recipe}: the block pass failed on the builder's graph: {e}") from None
+            self.reports[key] = (d, report.to_dict())
+        return self.reports[key][0]
+
+    def finish(self, chosen: Path) -> dict[str, Any]:
+        report = next(r for d, r in self.reports.values() if d == chosen)
+        chosen.rename(self.req.out)
+        shutil.rmtree(self.req.workdir / "tries", ignore_errors=True)  # the others: ~150 MB each
+        shutil.rmtree(self.fp32, ignore_errors=True)
+        return report
+
+
+def _quantize(req: LLMExportRequest, spec: BuilderRecipe, name: str, runtime: dict[str, Any]) -> dict[str, Any]:
+    """The block pass; with a scorer, and when int8 activations change a greedy answer, the fewest matmuls with
+    fp32 activations that agree on the prompts fp32 activations everywhere agree on (see llm_keep)."""
+    from edgeship.exporters.llm_keep import keep_fp32_activations
+    from edgeship.exporters.onnx_affine4 import LM_HEAD  # it gets 8-bit blocks
+
+    builds = _Builds(req, spec, name)
+    # 8-bit weights have no fast fp32-activation kernel: every matmul of the int8 recipe counts as "left 8-bit"
+    keep = keep_fp32_activations(req, builds.build, builds.fp32 / name, runtime, builds.block,
+                                 {LM_HEAD} if spec.affine_bits == 4 else None)
+    report = builds.finish(keep.artifact)
+    report["fp32_activations"] = keep.record
+    return report
 
 
 @LLM_EXPORTERS.register("onnx")
@@ -117,17 +157,22 @@ def export_onnx(req: LLMExportRequest) -> LLMExportResult:
                           f"{_last_error_line(log_path.read_text(encoding='utf-8', errors='replace'))}")
     cfg_path = req.out / GENAI_CONFIG
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    affine = _affine(req, cfg, spec.affine_bits, spec.accuracy_level or 4) if spec.affine_bits else None
     # the runtime sizes its shared KV buffer by search.max_length: that is the static cache
     cfg["search"]["max_length"] = req.max_context
     cfg["model"]["context_length"] = min(int(cfg["model"].get("context_length", req.max_context)), req.max_context)
     cfg_path.write_text(json.dumps(cfg, indent=4), encoding="utf-8")
+    runtime = {"kind": "onnxruntime-genai", "entry": GENAI_CONFIG, "execution_provider": "cpu",
+               "max_context": req.max_context, "kv_cache": "shared buffer of search.max_length tokens (fp32)"}
+    affine = _quantize(req, spec, cfg["model"]["decoder"]["filename"], runtime) if spec.affine_bits else None
     files = sorted(p.relative_to(req.out) for p in req.out.rglob("*") if p.is_file())
     bits = spec.affine_bits or {"fp32": 32, "int8": 8, "int4": 4}[spec.precision]
+    kept = affine["fp32_activations"]["matmuls"] if affine else []
     quant = {"scheme": spec.how, "builder_precision": spec.precision, "weights_bits": bits,
              "block_size": (req.group_size if bits == 4 else 32) if bits < 32 else None,
              "accuracy_level": spec.accuracy_level,
-             "activations": "int8 dynamic" if spec.accuracy_level == 4 and bits < 32 else "fp32", "embeddings": "fp32"}
+             "activations": ("int8 dynamic" + (f", fp32 on {len(kept)} matmuls (accuracy_level {FP32_ACTIVATIONS})"
+                                               if kept else "")) if spec.accuracy_level == 4 and bits < 32 else "fp32",
+             "embeddings": "fp32"}
     if affine is not None:
         quant["affine_pass"] = affine
         if affine.get("tied_embedding_quantized"):
@@ -135,7 +180,6 @@ def export_onnx(req: LLMExportRequest) -> LLMExportResult:
     warnings: list[str] = []
     return LLMExportResult(
         files=files,
-        runtime={"kind": "onnxruntime-genai", "entry": GENAI_CONFIG, "execution_provider": "cpu",
-                 "max_context": req.max_context, "kv_cache": "shared buffer of search.max_length tokens (fp32)"},
+        runtime=runtime,
         quantization=quant, kv_cache_bytes_per_token=kv_cache_bytes_per_token(req.model.config, KV_BYTES_PER_ELEMENT),
         tool={"onnxruntime-genai model builder": version}, warnings=warnings)

@@ -22,7 +22,7 @@ with its Q8 activations.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 BITS = 4
+LM_HEAD = "/lm_head/MatMul"  # the GenAI builder's name for the LM head's MatMul
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class _Pass:
     def release(self, name: str) -> None:
         self.uses[name] -= 1
 
-    def matmul(self, node: Any, w: Any, bits: int) -> list[Any]:
+    def matmul(self, node: Any, w: Any, bits: int, accuracy_level: int) -> list[Any]:
         from onnx import helper, numpy_helper
 
         arr = numpy_helper.to_array(w)
@@ -138,7 +139,7 @@ class _Pass:
         main, corr = f"{base}.nbits_out", f"{base}.offset_out"
         out += [
             helper.make_node("MatMulNBits", [x, q, sc, zp], [main], name=f"{base}/MatMulNBits", domain="com.microsoft",
-                             K=k, N=n, bits=a.bits, block_size=self.block, accuracy_level=self.accuracy_level),
+                             K=k, N=n, bits=a.bits, block_size=self.block, accuracy_level=accuracy_level),
             helper.make_node("MatMul", [self.sums[(x, k)], res], [corr], name=f"{base}/BlockOffsets"),
             helper.make_node("Add", [main, corr], list(node.output), name=f"{base}/AddOffsets"),
         ]
@@ -195,7 +196,8 @@ def unpack_zero_points(packed: np.ndarray, n: int, nb: int) -> np.ndarray:
 
 
 def convert(model: Any, block: int = 32, accuracy_level: int = 4, skip: Iterable[str] = (),
-            eight_bit: Iterable[str] = ("/lm_head/MatMul",), bits: int = BITS) -> PassReport:
+            eight_bit: Iterable[str] = (LM_HEAD,), bits: int = BITS,
+            node_accuracy: Mapping[str, int] | None = None) -> PassReport:
     """Rewrite every MatMul whose second input is a 2-D float32 initializer with K % block == 0, in place; a
     tied embedding (``Transpose(W) -> Gather``, as the GenAI builder writes it) reads W's quantized blocks.
 
@@ -216,7 +218,8 @@ def convert(model: Any, block: int = 32, accuracy_level: int = 4, skip: Iterable
             st.report.skipped += node.op_type == "MatMul"
             new_nodes.append(node)
             continue
-        new_nodes += st.matmul(node, w, 8 if node.name in wide else bits)
+        level = (node_accuracy or {}).get(node.name, accuracy_level)
+        new_nodes += st.matmul(node, w, 8 if node.name in wide else bits, level)
         if node.name in wide and bits == 4:
             st.report.eight_bit.append(node.name)
     final: list[Any] = []
@@ -244,12 +247,12 @@ def convert(model: Any, block: int = 32, accuracy_level: int = 4, skip: Iterable
 
 
 def convert_file(src: Path, dst: Path, data_name: str, block: int = 32, accuracy_level: int = 4,
-                 bits: int = BITS) -> PassReport:
+                 bits: int = BITS, node_accuracy: Mapping[str, int] | None = None) -> PassReport:
     """Load ``src`` (with its external data), convert, save to ``dst`` with the weights in ``data_name`` beside it."""
     import onnx
 
     model = onnx.load(str(src), load_external_data=True)
-    report = convert(model, block=block, accuracy_level=accuracy_level, bits=bits)
+    report = convert(model, block=block, accuracy_level=accuracy_level, bits=bits, node_accuracy=node_accuracy)
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
                     size_threshold=1024)
     return report

@@ -130,38 +130,44 @@ def rank_layers(model: LoadedModel, calibration: Sequence[dict[str, np.ndarray]]
 
 @dataclass(frozen=True)
 class SearchResult:
-    kept: tuple[str, ...]
-    fidelity: Fidelity
+    kept: tuple[Any, ...]
+    fidelity: Any  # what score() returned for the chosen k (encoders: a Fidelity)
     attempts: tuple[dict[str, Any], ...]
     artifact: Any  # whatever build() returned for the chosen k
 
 
-def search(ranked: Sequence[str], build: Callable[[Sequence[str]], Any], score: Callable[[Any], Fidelity],
-           floor: float, max_builds: int = 10) -> SearchResult:
+def _cosines(f: Any) -> dict[str, Any]:
+    return {"mean_cosine": f.mean_cosine, "min_cosine": f.min_cosine}
+
+
+def search(ranked: Sequence[Any], build: Callable[[Sequence[Any]], Any], score: Callable[[Any], Any],
+           floor: float, max_builds: int = 10, value: Callable[[Any], float] = lambda f: f.mean_cosine,
+           describe: Callable[[Any], dict[str, Any]] = _cosines) -> SearchResult:
     """Smallest k such that keeping ``ranked[:k]`` in float meets ``floor``; geometric growth then bisection.
 
-    Returns the best attempt found; ``fidelity.passed`` is False when no k within the
-    build budget met the floor (the caller decides: fail, or keep with --allow-degraded).
+    ``value`` reads the number compared with ``floor`` from a score (encoders: the mean cosine; LLMs pass their
+    own) and ``describe`` what each attempt records. Returns the best attempt found; ``fidelity.passed`` is False
+    when no k within the build budget met the floor (the caller decides: fail, or keep with --allow-degraded).
     """
     attempts: list[dict[str, Any]] = []
-    cache: dict[int, tuple[Any, Fidelity]] = {}
+    cache: dict[int, tuple[Any, Any]] = {}
 
-    def attempt(k: int) -> Fidelity:
+    def attempt(k: int) -> float:
         if k not in cache:
             art = build(ranked[:k])
             fid = score(art)
             cache[k] = (art, fid)
-            attempts.append({"kept": k, "mean_cosine": fid.mean_cosine, "min_cosine": fid.min_cosine})
-        return cache[k][1]
+            attempts.append({"kept": k, **describe(fid)})
+        return value(cache[k][1])
 
     n = len(ranked)
     lo, hi = 0, None  # lo: largest k known to fail; hi: smallest k known to pass
-    if attempt(0).mean_cosine >= floor:
+    if attempt(0) >= floor:
         hi = 0
     else:
         k = 1
         while k <= n and len(cache) < max_builds:
-            if attempt(k).mean_cosine >= floor:
+            if attempt(k) >= floor:
                 hi = k
                 break
             lo = k
@@ -170,11 +176,11 @@ def search(ranked: Sequence[str], build: Callable[[Sequence[str]], Any], score: 
             k = min(n, k * 2)
         while hi is not None and hi - lo > 1 and len(cache) < max_builds:
             mid = (lo + hi) // 2
-            if attempt(mid).mean_cosine >= floor:
+            if attempt(mid) >= floor:
                 hi = mid
             else:
                 lo = mid
-    best_k = hi if hi is not None else max(cache, key=lambda k: cache[k][1].mean_cosine)
+    best_k = hi if hi is not None else max(cache, key=lambda k: value(cache[k][1]))
     art, fid = cache[best_k]
     return SearchResult(tuple(ranked[:best_k]), fid, tuple(attempts), art)
 

@@ -17,6 +17,9 @@ EXIT_FAIL = 1
 def add_export_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--adapter", help="LLMs: a PEFT LoRA adapter directory merged into the model before export")
     e.add_argument("--max-context", type=int, help="LLMs: static KV-cache length in tokens (default: the profile's)")
+    e.add_argument("--no-greedy-search", dest="greedy_search", action="store_false",
+                   help="LLMs: keep int8 activations everywhere even when they change a greedy answer (faster decode; "
+                        "by default the matmuls that change one get fp32 activations where the format can)")
 
 
 def add_profile_args(p: argparse.ArgumentParser) -> None:
@@ -100,7 +103,8 @@ def export_llm_cmd(a: argparse.Namespace) -> int:
 
     res = export_llm(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
                      max_context=a.max_context, adapter=a.adapter, overwrite=a.overwrite,
-                     allow_degraded=a.allow_degraded, log=None if not a.quiet else (lambda m: None))
+                     allow_degraded=a.allow_degraded, greedy_search=getattr(a, "greedy_search", True),
+                     log=None if not a.quiet else (lambda m: None))
     print(res.summary())
     print(f"bundle: {res.bundle}  ({res.seconds:.1f} s)")
     return 0

@@ -33,7 +33,7 @@ from edgeship.exporters.llm_base import (
 )
 from edgeship.llm_fidelity import MIN_TEXT_TOKENS, LLMReference, measure, torch_reference
 from edgeship.llm_models import LoadedLLM, load_llm
-from edgeship.manifest import ArtifactRecord, Manifest, checksum_tree, tree_digest
+from edgeship.manifest import ArtifactRecord, LLMFidelity, Manifest, checksum_tree, tree_digest
 from edgeship.pipeline import ExportResult
 from edgeship.targets import TargetProfile, get_profile
 
@@ -152,6 +152,7 @@ class _Ctx:
     allow_degraded: bool
     workdir: Path
     say: Log
+    greedy_search: bool = True  # hand the exporters the scorer their keep-in-higher-precision search needs
 
 
 def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -> ArtifactRecord:
@@ -162,19 +163,25 @@ def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -
     stage = writer.staging / f".stage-{fmt}-{recipe}"
     work = ctx.workdir / f"{fmt}-{recipe}"
     work.mkdir()
+    floor = ctx.prof.llm.top1_floor(recipe)
+
+    def score(path: Path, runtime: dict[str, Any]) -> LLMFidelity:
+        rt = open_llm(fmt, path, runtime, threads=ctx.threads)
+        try:
+            return measure(rt, ctx.ref, floor)
+        finally:
+            rt.close()
+
     req = LLMExportRequest(model=ctx.llm.model, hf_dir=ctx.llm.hf_dir, recipe=recipe, max_context=ctx.max_context,
                            group_size=ctx.prof.llm.int4_group_size, out=stage, workdir=work,
-                           options={"target": ctx.prof.name, "target_arch": ctx.prof.arch})
+                           options={"target": ctx.prof.name, "target_arch": ctx.prof.arch},
+                           score=score if ctx.greedy_search else None, reference=ctx.ref)
     t0 = time.perf_counter()
     res = _export_one(fn, req, dest)
     export_s = time.perf_counter() - t0
     files = checksum_tree(dest)
     size = sum(int(v["size_bytes"]) for v in files.values())
-    rt = open_llm(fmt, dest, res.runtime, threads=ctx.threads)
-    try:
-        fid = measure(rt, ctx.ref, ctx.prof.llm.top1_floor(recipe))
-    finally:
-        rt.close()
+    fid = score(dest, res.runtime)
     warnings = list(res.warnings)
     if not fid.passed:
         msg = (f"{rel}: teacher-forced top-1 agreement {fid.top1_agreement:.3f} with PyTorch fp32 is below the "
@@ -219,8 +226,11 @@ def _bundle_llm_files(llm: LoadedLLM, writer: BundleWriter, kept: dict[str, Any]
 def export_llm(source: str | Path, *, target: str | TargetProfile = "raspberry-pi-5", out: str | Path,
                formats: Sequence[str] | None = None, recipes: Sequence[str] | None = None,
                max_context: int | None = None, adapter: str | Path | None = None, overwrite: bool = False,
-               allow_degraded: bool = False, log: Log | None = None) -> ExportResult:
-    """Export a causal LM for ``target`` in every (format, recipe); see the module docstring."""
+               allow_degraded: bool = False, greedy_search: bool = True, log: Log | None = None) -> ExportResult:
+    """Export a causal LM for ``target`` in every (format, recipe); see the module docstring.
+
+    ``greedy_search``: a format that can keep some matmuls at higher precision (ONNX int4: fp32 activations) does
+    so for the fewest that keep the greedy answers int8 activations change; False keeps the fastest kernels."""
     from edgeship import __version__
 
     t_start = time.perf_counter()
@@ -240,7 +250,8 @@ def export_llm(source: str | Path, *, target: str | TargetProfile = "raspberry-p
             raise ConfigError(f"--max-context {ctx_len} exceeds the model's max_position_embeddings {limit}")
         check_memory(llm, todo, prof, ctx_len)
         ref, kept = build_reference(llm, ctx_len, say)
-        ctx = _Ctx(llm, prof, ctx_len, ref, min(prof.threads, os.cpu_count() or 1), allow_degraded, Path(tmp), say)
+        ctx = _Ctx(llm, prof, ctx_len, ref, min(prof.threads, os.cpu_count() or 1), allow_degraded, Path(tmp), say,
+                   greedy_search)
         records, refused = _export_all(ctx, todo, out_dir, overwrite, kept, __version__)
         if records is None:
             raise ExportError("no artifact was written: " + "; ".join(

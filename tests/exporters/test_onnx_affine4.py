@@ -156,3 +156,25 @@ def test_a_tied_embedding_reads_the_quantized_head(head_name: str, exact: bool) 
     err = np.abs(emb[0] - w.T[ids[0]]).max() / np.abs(w).max()
     assert err < (1e-5 if exact else 1e-2)  # on its 4-bit grid: exact; as 8-bit blocks of a 4-bit grid: also close
     assert logits.shape == (1, 2, 50)
+
+
+def test_accuracy_level_can_be_set_per_node() -> None:
+    """The LLM search gives fp32 activations (accuracy_level 1) to some matmuls and leaves the rest at the default."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    w1, w2 = q4_1_weight(rng), q4_1_weight(rng)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["y1"], name="/a/MatMul"),
+             helper.make_node("MatMul", ["x", "w2"], ["y2"], name="/b/MatMul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, K])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in ("y1", "y2")],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    convert(model, block=BLOCK, accuracy_level=4, node_accuracy={"/b/MatMul": 1})
+    levels = {n.name: next(a.i for a in n.attribute if a.name == "accuracy_level") for n in model.graph.node
+              if n.op_type == "MatMulNBits"}
+    assert levels == {"a_MatMul/MatMulNBits": 4, "b_MatMul/MatMulNBits": 1}
+    x = rng.standard_normal((2, 3, K)).astype(np.float32)
+    y1, y2 = run(model, x)
+    assert np.abs(y2 - x @ w2).max() < 1e-4 * np.abs(x @ w2).max()  # fp32 activations: exact up to rounding
+    assert np.abs(y1 - x @ w1).max() < 0.05 * np.abs(x @ w1).max()

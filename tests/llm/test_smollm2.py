@@ -36,26 +36,45 @@ def _check_fidelity(bundle: Path, key: str, floor: float) -> None:
 
 def test_int4_meets_the_pi_floor(smollm2_bundle: Path) -> None:
     """The builder's own int4 kept 0.648 (Q4_1 weights moved onto another grid); the affine pass keeps them exact:
-    measured 0.965 top-1, KL 0.0032, and the GGUF's blocks are reproduced exactly (only the 8-bit head is not)."""
+    measured 0.965 top-1 with int8 activations everywhere, 0.984 with the fp32 activations the search keeps, and the
+    GGUF's blocks are reproduced exactly (only the 8-bit head is not)."""
     _check_fidelity(smollm2_bundle, "onnx/int4-weight", 0.90)
     q = load_bundle(smollm2_bundle).manifest.artifact("onnx/int4-weight").quantization
     assert q["affine_pass"]["matmuls_exact"] == q["affine_pass"]["matmuls_converted"] - 1  # all but the LM head
     assert q["affine_pass"]["matmuls_8bit"] == ["/lm_head/MatMul"]
 
 
-def test_int8_meets_the_pi_floor(smollm2_bundle: Path) -> None:
-    """Builder int8 (symmetric, its own grid) measured 0.949; the affine 8-bit pass is exact on a 4-bit source."""
-    _check_fidelity(smollm2_bundle, "onnx/int8-dynamic", 0.95)
+def test_int4_keeps_fp32_activations_where_greedy_needs_them(smollm2_bundle: Path) -> None:
+    """int8 activations everywhere reproduce 2 of the 8 greedy continuations; the search records every build and
+    keeps fp32 activations on the fewest ranked 4-bit matmuls that reproduce what all of them in fp32 do (measured:
+    all 150, the error is spread over every layer), never on the 8-bit head (no fast fp32 kernel for it)."""
+    a = load_bundle(smollm2_bundle).manifest.artifact("onnx/int4-weight")
+    rec = a.quantization["affine_pass"]["fp32_activations"]
+    fid = a.llm_fidelity
+    assert fid is not None and rec["met"] is True and "/lm_head/MatMul" not in rec["matmuls"]
+    assert rec["search"][0]["kept"] == 0 and rec["search"][0]["greedy_identical"] < fid.greedy_identical
+    assert fid.greedy_identical == max(s["greedy_identical"] for s in rec["search"])
+    assert len(rec["matmuls"]) == min(s["kept"] for s in rec["search"]
+                                      if s["greedy_identical"] == fid.greedy_identical
+                                      and s["first_divergence"] == list(fid.first_divergence))
 
 
+def test_int8_weights_keep_int8_activations(smollm2_bundle: Path) -> None:
+    """8-bit MatMulNBits has no fast fp32-activation kernel (the body at accuracy_level 1 decoded at 2.6 tok/s):
+    nothing is searched, and the reason is recorded."""
+    rec = load_bundle(smollm2_bundle).manifest.artifact("onnx/int8-dynamic").quantization["affine_pass"][
+        "fp32_activations"]
+    assert rec["matmuls"] == [] and rec["candidates"] == 0 and "4-bit weights only" in rec["note"]
+
+
+# Strict: the day the int8 export keeps Paris, this xfail fails and should be removed.
 _INT8_ACTIVATIONS = pytest.mark.xfail(
-    reason="measured: with int8 activations (accuracy_level=4) the first greedy token is a near-tie that flips "
-           "(\"L'Étoile, la Cité, ...\", no Paris), although the weights are exact; fp32 activations answer "
-           "\"The capital of France is Paris.\" but decode at 0.1x (see README)", strict=False)
+    reason="measured: with int8 activations (accuracy_level=4) the first greedy token is a near-tie (0.08 nats in "
+           "PyTorch fp32) that flips (\"L'Étoile, la Cité, ...\", no Paris), although the weights are exact; 8-bit "
+           "weights have no fast fp32-activation kernel to keep (see README)", strict=True)
 
 
-@pytest.mark.parametrize("artifact", [pytest.param("onnx/int8-dynamic", marks=_INT8_ACTIVATIONS),
-                                      pytest.param("onnx/int4-weight", marks=_INT8_ACTIVATIONS)])
+@pytest.mark.parametrize("artifact", [pytest.param("onnx/int8-dynamic", marks=_INT8_ACTIVATIONS), "onnx/int4-weight"])
 def test_answers_the_france_question(smollm2_bundle: Path, artifact: str) -> None:
     from edgeship.profiling.llm.chat import chat
 
