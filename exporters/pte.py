@@ -239,17 +239,22 @@ BMM_ATTENTION = "edgeship_xnnpack_bmm"  # name registered in transformers' Atten
 
 def _bmm_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                   **_: Any) -> tuple[torch.Tensor, None]:
+                   **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """Eager attention written on 3-D ``bmm`` with batch and heads merged (batch 1, as the ``.pte`` is exported).
 
     transformers' eager attention multiplies 4-D tensors; ``to_edge`` turns each ``matmul`` into view -> bmm ->
     view, and the view of the [1, heads, seq, seq] scores has two symbolic sizes, which XNNPACK cannot reshape:
     every layer's softmax became its own delegate blob between two portable views. Here the scores stay
-    [heads, seq, seq] from the first bmm to the second, and every view has one symbolic size.
+    [heads, seq, seq] from the first bmm to the second, and every view has one symbolic size. Anything this
+    plain form does not cover (grouped key/value heads, a sliding window, soft-capping or any other extra argument
+    a model family passes) runs the family's own eager function instead.
     """
     import torch
 
     b, h, s, d = query.shape
+    if key.shape[1] != h or value.shape[1] != h or any(v is not None for v in kwargs.values()):
+        return _family_eager(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                     **kwargs)
     scale = float(scaling if scaling is not None else d ** -0.5)
     q, k, v = (t.reshape(b * h, -1, d) for t in (query, key, value))
     w = torch.bmm(q, k.transpose(1, 2)) * scale
@@ -260,6 +265,15 @@ def _bmm_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     if dropout and module.training:
         w = torch.nn.functional.dropout(w, p=dropout)
     return torch.bmm(w, v).view(b, h, s, d).transpose(1, 2).contiguous(), None
+
+
+def _family_eager(module: nn.Module) -> Any:
+    """The ``eager_attention_forward`` of the module's own modeling file (BERT's when it has none)."""
+    import sys
+
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", eager_attention_forward)
 
 
 def xnnpack_attention(module: nn.Module) -> int:

@@ -6,6 +6,7 @@ import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -281,3 +282,36 @@ def test_bmm_attention_matches_transformers_eager(batch: int, mask_rows: int) ->
     want, _ = eager_attention_forward(module, q, k, v, mask, scaling=dim ** -0.5)
     got, _ = _bmm_attention(module, q, k, v, mask, scaling=dim ** -0.5)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def eager_attention_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                            **kwargs: Any) -> tuple[Any, Any]:
+    """This file's stand-in for a model family's own eager attention (found through the module's ``__module__``)."""
+    return "family eager", kwargs
+
+
+def test_bmm_attention_leaves_what_it_does_not_cover_to_the_family_eager() -> None:
+    """Grouped key/value heads (Llama-style GQA) or an extra argument (a sliding window) must not be computed by the
+    plain 3-D form: reshaping 2 key heads as if they were 4 would mix positions silently."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaConfig
+    from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager
+
+    from edgeship.exporters.pte import _bmm_attention
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    attn = LlamaAttention(cfg, layer_idx=0).eval()
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    want, _ = llama_eager(attn, q, k, v, None, scaling=8 ** -0.5)
+    got, _ = _bmm_attention(attn, q, k, v, None, scaling=8 ** -0.5)
+    torch.testing.assert_close(got, want)
+
+    class Attention(torch.nn.Module):  # defined here: its family eager is this file's
+        pass
+
+    q = k = v = torch.randn(1, 4, 5, 8)
+    assert _bmm_attention(Attention(), q, k, v, None, sliding_window=2) == ("family eager",
+                                                                            {"scaling": None, "dropout": 0.0,
+                                                                             "sliding_window": 2})
+    assert isinstance(_bmm_attention(Attention(), q, k, v, None, sliding_window=None)[0], torch.Tensor)
