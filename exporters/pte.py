@@ -422,10 +422,11 @@ def _infer_symbolic_views(gm: torch.fx.GraphModule) -> Any:
 
     With a dynamic sequence dim every ``view_copy`` of attention (heads split and merged) carries the
     sequence length as a SymInt node; XNNPACK's partitioner refuses symbolic reshape sizes but accepts one
-    inferred dim, so each such view cut the graph into another delegate blob (39 for MiniLM): the lowering ran
-    XNNPACK's passes once per blob and the runtime re-planned each blob on every call. A view with exactly one
-    non-constant size has the same result with that size inferred from the element count.
+    inferred dim, so each such view cut the graph into another delegate blob (39 for MiniLM), and the lowering ran
+    XNNPACK's passes once per blob. A view with exactly one non-constant size has the same result with that size
+    inferred from the element count.
     """
+    import torch
     from torch.fx.passes.infra.pass_base import PassResult
 
     from edgeship.exporters.pte_delegation import op_name
@@ -438,10 +439,13 @@ def _infer_symbolic_views(gm: torch.fx.GraphModule) -> Any:
         symbolic = [i for i, d in enumerate(shape) if not isinstance(d, int)]
         if len(symbolic) != 1 or all(isinstance(d, int) for d in node.args[1]):
             continue
+        old = [a for a in node.args[1] if isinstance(a, torch.fx.Node)]
         node.args = (node.args[0], [-1 if i == symbolic[0] else int(d) for i, d in enumerate(shape)], *node.args[2:])
+        for a in old:  # the sym_size nodes only this view read; nothing else is touched
+            if not a.users and "sym_size" in str(a.target):
+                gm.graph.erase_node(a)
         changed = True
     if changed:
-        gm.graph.eliminate_dead_code()  # the sym_size nodes only those views read
         gm.recompile()
     return PassResult(gm, changed)
 
