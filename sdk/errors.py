@@ -28,7 +28,6 @@ Messages say what went wrong, where, and how to fix it.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 
 
@@ -43,6 +42,8 @@ class UnknownKeyError(EdgeshipError, KeyError):
         self.kind = kind
         self.key = key
         self.valid = sorted(valid)
+        import difflib
+
         close = difflib.get_close_matches(key, self.valid, n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         super().__init__(f"unknown {kind} '{key}'.{hint} Valid: {', '.join(self.valid) or '(none)'}")

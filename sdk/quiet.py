@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,6 +88,8 @@ class Diversion:
 
 def default_log_path(command: str) -> Path:
     """``$TMPDIR/edgeship-logs/COMMAND-YYYYmmdd-HHMMSS-PID.log``: outside the bundle, so it is never packed or signed."""
+    import tempfile
+
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path(tempfile.gettempdir()) / "edgeship-logs" / f"{command}-{stamp}-{os.getpid()}.log"
 

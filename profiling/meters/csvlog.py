@@ -7,11 +7,9 @@ Unix seconds or ISO 8601 (naive ISO times are taken as this machine's local time
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import itertools
 import re
-import statistics
 import time
 from pathlib import Path
 
@@ -50,6 +48,8 @@ def _timestamp(text: str, where: str) -> float:
 
 def read_power_log(path: Path) -> list[tuple[float, float]]:
     """(unix seconds, watts) rows of a power-meter CSV, sorted by time."""
+    import csv  # here, not at the top: the profiling worker imports this module and rarely reads a CSV
+
     try:
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -89,6 +89,8 @@ def window_energy(log: list[tuple[float, float]], t0: float, t1: float, where: s
     """Joules over [t0, t1] from a power log (linear interpolation at the edges) and the rows used."""
     if len(log) < 2:
         raise MeterError(f"{where}: fewer than 2 readings in the log")
+    import statistics
+
     first, last = log[0][0], log[-1][0]
     step = statistics.median(b[0] - a[0] for a, b in itertools.pairwise(log))
     if last < t0 or first > t1:
@@ -134,6 +136,8 @@ class CsvMeter(Meter):
         except MeterError as e:
             return Availability(False, str(e))
         if len(log) >= 2:
+            import statistics
+
             self._step = statistics.median(b[0] - a[0] for a, b in itertools.pairwise(log))
         return Availability(True, f"external power meter log {path} ({len(log)} rows so far; wall power)")
 

@@ -28,3 +28,15 @@ def test_dist_version_agrees_with_importlib_metadata(dist: str) -> None:
 
 def test_dist_version_of_an_absent_package_is_none() -> None:
     assert dist_version("no-such-distribution-edgeship-test") is None
+
+
+def test_the_worker_imports_its_rarely_used_helpers_when_used() -> None:
+    """subprocess (through ctypes.util too), tempfile, statistics, difflib and csv were ~2.5 MB of the worker before
+    it loads anything, measured; each is imported where it is used (a meter's tool, a log path, a CSV power log,
+    a "did you mean")."""
+    code = ("import sys, edgeship.profiling.worker, edgeship.profiling.backends.onnx as o; "
+            "from edgeship.profiling import fpenv; fpenv.get_env(); "
+            "print(sorted(m for m in ('subprocess', 'ctypes.util', 'tempfile', 'statistics', 'difflib', 'csv') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
