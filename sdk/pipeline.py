@@ -164,6 +164,7 @@ class Evaluator:
         self.model, self.heldout, self.reference, self.target = model, heldout, reference, target
         self._seen: dict[tuple[str, str, str, float], Fidelity] = {}
         self.runs = 0  # files actually run (not answered from memory)
+        self.threads: int | None = None  # the runtime's threads (None: its default); export lanes share the CPUs
 
     def _key(self, path: Path, fmt: str, options: Mapping[str, Any] | None, recipe: str) -> tuple[str, str, str, float]:
         return (sha256_file(path), fmt, json.dumps(dict(options or {}), sort_keys=True, default=str),
@@ -177,7 +178,7 @@ class Evaluator:
         if key in self._seen:
             return self._seen[key]
         out_name = self.model.outputs[0].name
-        b = backends.load(path, fmt, threads=None, options=options or {})
+        b = backends.load(path, fmt, threads=self.threads, options=options or {})
         got = []
         for f in self.heldout:
             res = b.run(b.adapt_feeds(f))

@@ -25,11 +25,15 @@ def test_a_lane_makes_the_same_artifacts_in_the_same_order(tiny_bert_dir: Path, 
                                                            tmp_path: Path) -> None:
     from edgeship.pipeline import export
 
+    import torch
+
     said: list[str] = []
+    threads = torch.get_num_threads()
     res = export(tiny_bert_dir, target="raspberry-pi-5", out=tmp_path / "B", formats=["onnx"],
                  recipes=["fp32", "int8-dynamic"], jobs=2, log=said.append)
     assert _artifacts(res.bundle) == _artifacts(tiny_onnx_bundle)  # same bytes, same numbers, plan order
     assert any(m.startswith("[2/2] onnx/int8-dynamic: ") for m in said)  # the lane's lines reach our log
+    assert torch.get_num_threads() == threads  # the lanes' share of the CPUs is given back
 
 
 def test_a_failing_lane_fails_the_export_with_its_error_and_publishes_nothing(tiny_bert_dir: Path,
