@@ -180,9 +180,9 @@ class _Lanes:
     def run(self) -> list[ArtifactRecord]:
         ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-state
         threads = max(1, (os.cpu_count() or 1) // (self.lanes + 1))
-        self.pool = ctx.Pool(self.lanes, _lane_init, (self.req, threads))
         torch_threads = share_cpus(self.prep, threads)
         try:
+            self.pool = ctx.Pool(self.lanes, _lane_init, (self.req, threads))
             first = self.pending.popleft()  # this process is ready now: it takes the costliest item
             with self.cond:
                 self._submit()
@@ -196,8 +196,9 @@ class _Lanes:
             with self.cond:
                 self.cond.wait_for(lambda: self.busy == 0 or self.failure is not None)
         finally:  # a failure or Ctrl-C here leaves no lane running (and none still writing into the staging dir)
-            self.pool.terminate()
-            self.pool.join()
+            if self.pool is not None:
+                self.pool.terminate()
+                self.pool.join()
             share_cpus(self.prep, torch_threads)
             self.prep.final_check.threads = self.prep.evaluate.threads = None
         if self.failure is not None:
