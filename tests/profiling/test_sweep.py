@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,7 +97,14 @@ def test_sweep_pick_and_record(tiny_onnx_bundle: Path, tmp_path: Path, capsys: p
     assert rc == 0 and "Pick: onnx/" in out and "cores=all]" in out
     (run,) = load_documents([res_path])
     assert run.profile is not None
-    best = min((r for r in run.profile.results), key=lambda r: r.energy.joules_per_inference_net or 0 if r.energy else 0)
+    def mj(r: Any) -> float:
+        e = r.energy
+        return e.joules_per_inference_net if e.joules_per_inference_net is not None else e.joules_per_inference_gross
+
+    # 20 runs of a tiny model are a few ms: the estimate's net energy comes in steps of its 10 Hz samples and
+    # several settings tie (two at 0.0 in one CI run); `report` breaks a tie by fidelity, then by order
+    low = min(mj(r) for r in run.profile.results)
+    best = max((r for r in run.profile.results if mj(r) == low), key=lambda r: r.fidelity.mean_cosine or 0)
     rec = load_bundle(bundle, verify=True).manifest.target["recommended"]  # the bundle still verifies
     assert rec["artifact"] == best.artifact and rec["setting"] == best.setting and rec["cores"] == "all"
     assert rec["threads"] == best.threads and rec["objective"] == "energy" and rec["energy_estimated"] is True
