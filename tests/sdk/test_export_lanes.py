@@ -23,9 +23,9 @@ def _artifacts(bundle: Path) -> list[tuple[str, str, float]]:
 
 def test_a_lane_makes_the_same_artifacts_in_the_same_order(tiny_bert_dir: Path, tiny_onnx_bundle: Path,
                                                            tmp_path: Path) -> None:
-    from edgeship.pipeline import export
-
     import torch
+
+    from edgeship.pipeline import export
 
     said: list[str] = []
     threads = torch.get_num_threads()
