@@ -15,6 +15,7 @@ builds the mode ourselves instead of trusting what creation left behind. ORT flu
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import platform
 import sys
@@ -32,22 +33,20 @@ _MXCSR_FTZ_DAZ = (1 << 15) | (1 << 6)
 def _libm() -> ctypes.CDLL | None:
     """The C library's fenv functions: from this process's own symbols first (Python links libm), the found libm
     second (``ctypes.util`` imports subprocess, 0.7 MB of the device runner's peak RSS, so only when needed)."""
-    for attempt in ("process", "libm"):
-        try:
-            if attempt == "process":
-                lib = ctypes.CDLL(None)
-            else:
-                from ctypes.util import find_library
+    with contextlib.suppress(OSError, AttributeError):
+        return _with_fenv(ctypes.CDLL(None))
+    from ctypes.util import find_library
 
-                found = find_library("m")
-                if not found:
-                    return None
-                lib = ctypes.CDLL(found)
-            lib.fegetenv.argtypes = lib.fesetenv.argtypes = [ctypes.c_void_p]
-            return lib
-        except (OSError, AttributeError):  # no C99 fenv there (e.g. a static musl build): try the next, or nothing
-            continue
-    return None
+    name = find_library("m")
+    try:
+        return _with_fenv(ctypes.CDLL(name)) if name else None
+    except (OSError, AttributeError):  # no C99 fenv in this libc (e.g. a static musl build): nothing to guard
+        return None
+
+
+def _with_fenv(lib: ctypes.CDLL) -> ctypes.CDLL:
+    lib.fegetenv.argtypes = lib.fesetenv.argtypes = [ctypes.c_void_p]
+    return lib
 
 
 def get_env() -> ctypes.Array[ctypes.c_char] | None:
