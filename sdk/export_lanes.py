@@ -19,11 +19,12 @@ in Python exists in this process only: its artifacts are made one after another.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +42,30 @@ _Outcome = tuple[int, ArtifactRecord | None, list[str], tuple[str, str] | None] 
 _LANE: dict[str, Any] = {}  # in a lane process: its request and prepared inputs
 
 
-def share_cpus(prep: Prepared, threads: int) -> int:
-    """Give torch and the validating runtimes ``threads`` threads in this process; the old torch count.
+def share_cpus(prep: Prepared, threads: int) -> None:
+    """Give torch and the validating runtimes ``threads`` threads in this process.
 
     Every process of an export would otherwise run torch (calibration, the search's PyTorch side) and each
     runtime (validation) on all CPUs: on 2 CPUs two lanes ran 4 threads, and pte/int8-dynamic's quantize stage
     took 9-13 s in a lane against 1.8 s alone."""
     import torch
 
-    before = torch.get_num_threads()
     torch.set_num_threads(threads)
     prep.final_check.threads = prep.evaluate.threads = threads
-    return before
+
+
+@contextlib.contextmanager
+def cpus_shared(prep: Prepared, threads: int) -> Iterator[None]:
+    """:func:`share_cpus` in this process for the block, then torch's count and the runtimes' default back."""
+    import torch
+
+    before = torch.get_num_threads()
+    share_cpus(prep, threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        prep.final_check.threads = prep.evaluate.threads = None
 
 
 def _lane_init(req: ExportRequest, threads: int) -> None:
@@ -99,8 +112,9 @@ def _raise(error: tuple[str, str]) -> None:
 
 def auto_jobs(plan: Sequence[tuple[type[Exporter], str]]) -> int:
     """One process per slow item (the costliest kind in the plan, when there are several), up to the CPUs idle
-    now and the copies of this process that fit in memory (:func:`lanes_that_fit`): on a busy machine a lane only adds its start-up cost (measured: a tiny model's onnx + pte export took 37 s
-    in one process, 51 s in two at load 3.5 on 2 CPUs)."""
+    now and the copies of this process that fit in memory (:func:`lanes_that_fit`): on a busy machine a lane only
+    adds its start-up cost (measured: a tiny model's onnx + pte export took 37 s in one process, 51 s in two at load
+    3.5 on 2 CPUs)."""
     top = max((e.relative_cost for e, _ in plan), default=1)
     slow = sum(1 for e, _ in plan if e.relative_cost == top) if top > 1 else 1
     if slow < 2:  # nothing to overlap: no need to spend the quarter second measuring idle CPUs
@@ -180,7 +194,13 @@ class _Lanes:
     def run(self) -> list[ArtifactRecord]:
         ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-state
         threads = max(1, (os.cpu_count() or 1) // (self.lanes + 1))
-        torch_threads = share_cpus(self.prep, threads)
+        with cpus_shared(self.prep, threads):
+            self._run_lanes(ctx, threads)
+        if self.failure is not None:
+            _raise(self.failure)
+        return [self.records[i] for i in range(len(self.plan))]
+
+    def _run_lanes(self, ctx: Any, threads: int) -> None:
         try:
             self.pool = ctx.Pool(self.lanes, _lane_init, (self.req, threads))
             first = self.pending.popleft()  # this process is ready now: it takes the costliest item
@@ -199,11 +219,6 @@ class _Lanes:
             if self.pool is not None:
                 self.pool.terminate()
                 self.pool.join()
-            share_cpus(self.prep, torch_threads)
-            self.prep.final_check.threads = self.prep.evaluate.threads = None
-        if self.failure is not None:
-            _raise(self.failure)
-        return [self.records[i] for i in range(len(self.plan))]
 
     def _here(self, i: int) -> None:
         exp, recipe = self.plan[i]
