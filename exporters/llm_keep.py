@@ -5,7 +5,8 @@ int8 activations the CPU kernel computes at run time (onnxruntime's ``MatMulNBit
 llama.cpp's Q8 activations). On SmolLM2 that is enough to flip a near-tie (0.08 nats) in the first greedy token of
 "What is the capital of France?" ("L'Étoile ..." instead of "The capital of France is Paris."), while fp32
 activations on the matmuls answer Paris. The search keeps fp32 activations only where a greedy answer needs them,
-so a model whose error sits in a few layers pays for those only (SmolLM2's is spread over all of them: README).
+within a budget (:data:`MAX_FP32_SHARE` of the weights), so a model whose error sits in a few layers pays for those
+only, and one whose error is spread over all of them (SmolLM2: README) does not turn into an fp32 model.
 
 1. **Rank** (here, in PyTorch): every linear's input is fake-quantized as the kernel does it (symmetric int8, one
    scale per block of ``block`` input values); for each *activation* (the tensor q/k/v, or gate/up, read together)
@@ -13,8 +14,11 @@ so a model whose error sits in a few layers pays for those only (SmolLM2's is sp
    that one stays fp32. One forward and backward in all.
 2. **Confirm** (:func:`keep_fp32_activations`, called by the format's exporter): real artifacts with the ``k``
    best-ranked activations in fp32, scored by the core's device-runtime fidelity (``LLMExportRequest.score``),
-   ``k`` grown geometrically then bisected by :func:`edgeship.exporters.sensitivity.search` until the greedy
-   continuations that fp32 activations on every candidate reproduce are reproduced.
+   ``k`` grown geometrically within the budget, then bisected, by :func:`edgeship.exporters.sensitivity.search`
+   until the greedy continuations that fp32 activations on every candidate reproduce are reproduced; if the budget
+   cannot, the build that reproduces the most of them. A 4-bit matmul keeps its blocks and runs onnxruntime's fast
+   fp32-activation kernel; an 8-bit one has none (it would dequantize its matrix on every call), so the format keeps
+   it as a plain fp32 matmul.
 
 Export side only: imports torch and onnx inside functions.
 """
@@ -156,6 +160,10 @@ def onnx_activation_groups(graph: Any, weights: Mapping[str, int]) -> list[tuple
     return [(x, nodes, k) for x, (nodes, k) in order.items()]
 
 
+#: the most of the candidates' weights that may keep fp32 activations (see keep_fp32_activations)
+MAX_FP32_SHARE = 0.125
+
+
 @dataclass(frozen=True)
 class KeepResult:
     artifact: Path  # the chosen build
@@ -167,15 +175,31 @@ def _describe(f: LLMFidelity) -> dict[str, Any]:
             "first_divergence": list(f.first_divergence)}
 
 
-def _candidates(graph_path: Path, block: int, eight_bit: set[str] | None) -> list[tuple[str, list[str], int]]:
-    """The graph's activation groups (as onnx_affine4 converts them), without the matmuls left 8-bit (None: all)."""
+def _candidates(graph_path: Path, block: int,
+                exclude: set[str]) -> tuple[list[tuple[str, list[str], int]], dict[str, int]]:
+    """The graph's activation groups (as onnx_affine4 converts them) without the ``exclude``d matmuls, and each
+    candidate matmul's weight count."""
     import onnx
 
     g = onnx.load(str(graph_path), load_external_data=False).graph
-    weights = {t.name: int(t.dims[0]) for t in g.initializer
-               if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT and t.dims[0] % block == 0}
-    return [(x, [n for n in nodes if eight_bit is not None and n not in eight_bit], k)
-            for x, nodes, k in onnx_activation_groups(g, weights)]
+    dims = {t.name: (int(t.dims[0]), int(t.dims[1])) for t in g.initializer
+            if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT and t.dims[0] % block == 0}
+    groups = [(x, [n for n in nodes if n not in exclude], k)
+              for x, nodes, k in onnx_activation_groups(g, {w: d[0] for w, d in dims.items()})]
+    sizes = {n.name: dims[n.input[1]][0] * dims[n.input[1]][1] for n in g.node
+             if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in dims}
+    return groups, sizes
+
+
+def within_budget(order: Sequence[tuple[str, ...]], sizes: Mapping[str, int], budget: int) -> list[tuple[str, ...]]:
+    """The longest prefix of ``order`` whose matmuls hold at most ``budget`` weights."""
+    total, out = 0, []
+    for group in order:
+        total += sum(sizes[n] for n in group)
+        if total > budget:
+            break
+        out.append(group)
+    return out
 
 
 def _ranked(req: LLMExportRequest, groups: list[tuple[str, list[str], int]],
@@ -193,24 +217,25 @@ def _ranked(req: LLMExportRequest, groups: list[tuple[str, list[str], int]],
 
 
 def keep_fp32_activations(req: LLMExportRequest, build: Callable[[Sequence[str]], Path], graph_path: Path,
-                          runtime: dict[str, Any], block: int, eight_bit: set[str] | None,
-                          max_builds: int = 10) -> KeepResult:
+                          runtime: dict[str, Any], block: int, exclude: set[str], max_builds: int = 10,
+                          max_share: float = MAX_FP32_SHARE) -> KeepResult:
     """Every matmul with int8 activations unless that changes a greedy answer that fp32 activations keep.
 
     Target (measured, not assumed): the prompts whose greedy continuation the build with fp32 activations on every
     candidate reproduces exactly; some prompts diverge even then (ties the fp32 kernels order differently), so
-    asking for all of them could not be met. Candidates are the 4-bit matmuls: onnxruntime has a fast
-    fp32-activation kernel for 4-bit weights only (an 8-bit matmul with ``accuracy_level=1`` dequantizes its
-    matrix on every call: the 8-bit LM head alone took SmolLM2 from 111 to 10 tok/s).
+    asking for all of them could not be met. Budget: the kept matmuls hold at most ``max_share`` of the candidates'
+    weights, since every one costs speed (int4) or size (int8, kept as plain fp32 matmuls); within it the
+    search keeps the build that reproduces the most target prompts (fewest kept on a tie), and says whether the
+    target was met. Greedy agreement is not monotone in the kept set (near-ties flip both ways), so a budget
+    is also what keeps the search from ending at "everything fp32".
     """
     from edgeship.exporters.sensitivity import search
 
     base = build(())
-    groups = _candidates(graph_path, block, eight_bit)
+    groups, sizes = _candidates(graph_path, block, exclude)
     nodes = [n for _, ns, _ in groups for n in ns]
     if not nodes:
-        return KeepResult(base, {"matmuls": [], "candidates": 0,
-                                 "note": "no candidate: fp32 activations are fast in onnxruntime for 4-bit weights only"})
+        return KeepResult(base, {"matmuls": [], "candidates": 0, "note": "no candidate matmul in the graph"})
     if req.score is None or req.reference is None:
         return KeepResult(base, {"matmuls": [], "candidates": len(nodes),
                                  "note": "not searched: greedy_search=False (--no-greedy-search)"})
@@ -241,13 +266,16 @@ def keep_fp32_activations(req: LLMExportRequest, build: Callable[[Sequence[str]]
         return KeepResult(base, rec)
     ranked = _ranked(req, groups, block)
     if ranked is None:
-        rec["note"] = "the graph's activations do not line up with the model's linears: kept on every candidate"
-        rec["matmuls"] = nodes
-        return KeepResult(ceiling, rec)
-    order, rec["ranking"] = ranked
+        rec["note"] = "the graph's activations do not line up with the model's linears: nothing to rank, none kept"
+        return KeepResult(base, rec)
+    full, rec["ranking"] = ranked
+    budget = int(max_share * sum(sizes[n] for n in nodes))
+    order = within_budget(full, sizes, budget)
+    rec["budget"] = {"max_share": max_share, "weights": budget, "groups": f"{len(order)} of {len(full)}"}
     res = search(order, lambda gs: build([n for g in gs for n in g]), score, float(len(good)), max_builds=max_builds,
                  value=value, describe=_describe)
     rec["search"] += [{**a, "kept": sum(len(g) for g in order[: a["kept"]])} for a in res.attempts if a["kept"]]
     rec["matmuls"] = sorted(n for g in res.kept for n in g)
+    rec["budget"]["kept_weights"] = sum(sizes[n] for n in rec["matmuls"])
     rec["met"] = value(res.fidelity) >= len(good)
     return KeepResult(res.artifact, rec)

@@ -4,9 +4,9 @@ The builder re-authors the HF model as one ONNX graph with GroupQueryAttention a
 runtime keeps in a buffer of ``search.max_length`` tokens (``past_present_share_buffer``): we set that to the
 request's max context, so the cache is static and its size known at export. Quantized recipes become
 ``MatMulNBits`` (block-wise weights; ``accuracy_level=4`` makes the CPU kernel quantize activations to int8 at run
-time, i.e. dynamic 8-bit activations; matmuls whose int8 activations change a greedy answer get ``accuracy_level=1``,
-see ``llm_keep``). Embedding tables stay fp32 (MatMuls only are quantized; a tied lm_head gets
-its own quantized copy). The quantized recipes are not the builder's int4/int8: the builder writes fp32 and our
+time, i.e. dynamic 8-bit activations; matmuls whose int8 activations change a greedy answer get ``accuracy_level=1``
+in 4-bit or stay fp32 MatMuls in 8-bit, within a budget, see ``llm_keep``). Embedding tables stay fp32 (MatMuls
+only are quantized; a tied lm_head gets its own quantized copy). The quantized recipes are not the builder's int4/int8: the builder writes fp32 and our
 own pass (``onnx_affine4``) quantizes each MatMul to affine blocks with an exact per-block offset, which keeps a
 4-bit source (a GGUF) on its own grid (SmolLM2 int4 top-1 agreement: builder 0.648, ours: see the README).
 
@@ -49,12 +49,13 @@ class BuilderRecipe:
 RECIPES: dict[str, BuilderRecipe] = {
     "fp32": BuilderRecipe("fp32", None, "fp32 weights and activations"),
     "int8-dynamic": BuilderRecipe("fp32", 4, "8-bit block-wise affine weights (MatMulNBits uint8 + zero point) with "
-                                  "an exact per-block offset correction, int8 activations at run time; embeddings "
-                                  "fp32", affine_bits=8),
+                                  "an exact per-block offset correction, int8 activations at run time except the "
+                                  "matmuls the greedy check keeps as fp32 MatMuls; embeddings fp32", affine_bits=8),
     # accuracy_level 4 (int8 activations, as llama.cpp's Q8 activations): SmolLM2 top-1 0.965 at 1.07x llama.cpp's
     # decode speed, but a near-tie flips the France answer. When a greedy answer changes, llm_keep gives fp32
-    # activations (accuracy_level 1) to the fewest 4-bit matmuls that restore it: onnxruntime has a fast fp32 kernel
-    # for 4-bit weights. Not for 8-bit ones: the 8-bit head at level 1 alone decoded at 10 tok/s (see README)
+    # activations (accuracy_level 1) to the fewest 4-bit matmuls that restore it, within a budget: onnxruntime has
+    # a fast fp32 kernel for 4-bit weights. Not for 8-bit ones (the 8-bit head at level 1 alone decoded at 10
+    # tok/s: README), so int8 keeps those as plain fp32 MatMuls and the head is never a candidate
     "int4-weight": BuilderRecipe("fp32", 4, "4-bit block-wise affine weights (MatMulNBits uint4 + zero point) with "
                                  "an exact per-block offset correction, 8-bit LM head, int8 activations at run time "
                                  "except fp32 on the 4-bit matmuls the greedy check keeps; the embedding reads the "
@@ -110,10 +111,14 @@ class _Builds:
             for f in self.fp32.iterdir():
                 if not f.name.startswith(self.name):
                     shutil.copy2(f, d / f.name)
+            # fp32 activations: a 4-bit matmul keeps its blocks at accuracy_level 1 (MLAS has a fast kernel for it);
+            # an 8-bit one has none (it dequantizes its matrix on every call), so it stays a plain fp32 MatMul
+            four = self.spec.affine_bits == 4
             try:
                 report = convert_file(self.fp32 / self.name, d / self.name, f"{self.name}.data", block=self.block,
                                       accuracy_level=self.spec.accuracy_level or 4, bits=self.spec.affine_bits or 4,
-                                      node_accuracy=dict.fromkeys(key, FP32_ACTIVATIONS))
+                                      node_accuracy=dict.fromkeys(key if four else (), FP32_ACTIVATIONS),
+                                      skip=() if four else key)
             except (ValueError, OSError) as e:
                 raise ExportError(f"onnx/{self.req.recipe}: the block pass failed on the builder's graph: {e}") from None
             self.reports[key] = (d, report.to_dict())
@@ -130,13 +135,13 @@ class _Builds:
 def _quantize(req: LLMExportRequest, spec: BuilderRecipe, name: str, runtime: dict[str, Any]) -> dict[str, Any]:
     """The block pass; with a scorer, and when int8 activations change a greedy answer, the fewest matmuls with
     fp32 activations that agree on the prompts fp32 activations everywhere agree on (see llm_keep)."""
-    from edgeship.exporters.llm_keep import keep_fp32_activations
+    from edgeship.exporters.llm_keep import MAX_FP32_SHARE, keep_fp32_activations
     from edgeship.exporters.onnx_affine4 import LM_HEAD  # it gets 8-bit blocks
 
     builds = _Builds(req, spec, name)
-    # 8-bit weights have no fast fp32-activation kernel: every matmul of the int8 recipe counts as "left 8-bit"
-    keep = keep_fp32_activations(req, builds.build, builds.fp32 / name, runtime, builds.block,
-                                 {LM_HEAD} if spec.affine_bits == 4 else None)
+    # the LM head is never a candidate: fp32 activations there cost the most (it is the largest matmul)
+    keep = keep_fp32_activations(req, builds.build, builds.fp32 / name, runtime, builds.block, {LM_HEAD},
+                                 max_share=float(req.options.get("max_fp32_share", MAX_FP32_SHARE)))
     report = builds.finish(keep.artifact)
     report["fp32_activations"] = keep.record
     return report
@@ -167,17 +172,23 @@ def export_onnx(req: LLMExportRequest) -> LLMExportResult:
     files = sorted(p.relative_to(req.out) for p in req.out.rglob("*") if p.is_file())
     bits = spec.affine_bits or {"fp32": 32, "int8": 8, "int4": 4}[spec.precision]
     kept = affine["fp32_activations"]["matmuls"] if affine else []
+    how_kept = f"accuracy_level {FP32_ACTIVATIONS}" if bits == 4 else "plain fp32 MatMul, fp32 weights"
     quant = {"scheme": spec.how, "builder_precision": spec.precision, "weights_bits": bits,
              "block_size": (req.group_size if bits == 4 else 32) if bits < 32 else None,
              "accuracy_level": spec.accuracy_level,
-             "activations": ("int8 dynamic" + (f", fp32 on {len(kept)} matmuls (accuracy_level {FP32_ACTIVATIONS})"
-                                               if kept else "")) if spec.accuracy_level == 4 and bits < 32 else "fp32",
+             "activations": ("int8 dynamic" + (f", fp32 on {len(kept)} matmuls ({how_kept})" if kept else ""))
+             if spec.accuracy_level == 4 and bits < 32 else "fp32",
              "embeddings": "fp32"}
     if affine is not None:
         quant["affine_pass"] = affine
         if affine.get("tied_embedding_quantized"):
             quant["embeddings"] = "the LM head's quantized blocks (tied)"
     warnings: list[str] = []
+    search = affine["fp32_activations"] if affine else {}
+    if search.get("met") is False:
+        warnings.append(f"greedy search: within its budget ({search['budget']['max_share']:.1%} of the weights) no "
+                        f"kept set reproduces every prompt that fp32 activations do ({search['target']}); kept the "
+                        f"{len(kept)} matmuls that reproduce the most")
     return LLMExportResult(
         files=files,
         runtime=runtime,

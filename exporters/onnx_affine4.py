@@ -247,12 +247,14 @@ def convert(model: Any, block: int = 32, accuracy_level: int = 4, skip: Iterable
 
 
 def convert_file(src: Path, dst: Path, data_name: str, block: int = 32, accuracy_level: int = 4,
-                 bits: int = BITS, node_accuracy: Mapping[str, int] | None = None) -> PassReport:
+                 bits: int = BITS, node_accuracy: Mapping[str, int] | None = None,
+                 skip: Iterable[str] = ()) -> PassReport:
     """Load ``src`` (with its external data), convert, save to ``dst`` with the weights in ``data_name`` beside it."""
     import onnx
 
     model = onnx.load(str(src), load_external_data=True)
-    report = convert(model, block=block, accuracy_level=accuracy_level, bits=bits, node_accuracy=node_accuracy)
+    report = convert(model, block=block, accuracy_level=accuracy_level, bits=bits, node_accuracy=node_accuracy,
+                     skip=skip)
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
                     size_threshold=1024)
     return report

@@ -104,7 +104,8 @@ def test_search_keeps_the_matmul_the_scorer_needs(tiny: Any, tmp_path: Path) -> 
                            floor_top1_agreement=0.9, passed=True)
 
     req = LLMExportRequest(model=tiny.model, hf_dir=tiny.hf_dir, recipe="int4-weight", max_context=128, group_size=32,
-                           out=tmp_path / "out", workdir=tmp_path, score=score, reference=ref)
+                           out=tmp_path / "out", workdir=tmp_path, score=score, reference=ref,
+                           options={"max_fp32_share": 1.0})  # no budget: the tiny model's ranking is arbitrary
     res = export_onnx(req)
     rec = res.quantization["affine_pass"]["fp32_activations"]
     shipped = _levels(req.out / "model.onnx")
@@ -119,26 +120,47 @@ def test_search_keeps_the_matmul_the_scorer_needs(tiny: Any, tmp_path: Path) -> 
     assert not (tmp_path / "tries").exists()
 
 
-def test_int8_weights_have_no_candidates(tiny: Any, tmp_path: Path) -> None:
+def _scorer(need: str, calls: list[Path]) -> Any:
+    """Reproduces prompt 0 only when the matmul ``need`` is a plain fp32 MatMul (int8 recipe: how it is kept)."""
+
+    def score(path: Path, runtime: dict[str, Any]) -> LLMFidelity:
+        calls.append(path)
+        g = onnx.load(str(path / "model.onnx"), load_external_data=False).graph
+        ok = any(n.op_type == "MatMul" and n.name == need for n in g.node)
+        return LLMFidelity(n_tokens=8, top1_agreement=1.0, mean_kl=0.0, perplexity=2.0, perplexity_reference=2.0,
+                           n_prompts=2, new_tokens=4, greedy_identical=1 + ok, first_divergence=(None if ok else 0, None),
+                           floor_top1_agreement=0.9, passed=True)
+    return score
+
+
+@pytest.mark.parametrize("share", [1.0, 0.0])
+def test_int8_keeps_plain_fp32_matmuls_within_the_budget(tiny: Any, tmp_path: Path, share: float) -> None:
+    """8-bit weights have no fast fp32-activation kernel: a kept matmul stays a plain fp32 MatMul. With no budget
+    the search finds the one the scorer needs; with a zero budget it builds nothing past the ceiling, ships the
+    all-int8 build and says the target was not met."""
     from edgeship.exporters.llm_base import LLMExportRequest
     from edgeship.exporters.llm_onnx import export_onnx
     from edgeship.llm_fidelity import torch_reference
 
     prompts = _prompts(tiny)
     ref = torch_reference(tiny.model, prompts[0] + prompts[1], prompts, 4)
-    calls = []
-
-    def score(path: Path, runtime: dict[str, Any]) -> LLMFidelity:
-        calls.append(path)
-        return LLMFidelity(n_tokens=8, top1_agreement=1.0, mean_kl=0.0, perplexity=2.0, perplexity_reference=2.0,
-                           n_prompts=2, new_tokens=4, greedy_identical=1, first_divergence=(0, None),
-                           floor_top1_agreement=0.9, passed=True)
-
+    need, calls = "/model/layers.0/mlp/up_proj/MatMul", []
     req = LLMExportRequest(model=tiny.model, hf_dir=tiny.hf_dir, recipe="int8-dynamic", max_context=128,
-                           group_size=32, out=tmp_path / "out", workdir=tmp_path, score=score, reference=ref)
-    rec = export_onnx(req).quantization["affine_pass"]["fp32_activations"]
-    assert rec["matmuls"] == [] and rec["candidates"] == 0 and "4-bit weights only" in rec["note"]
-    assert calls == [] and set(_levels(req.out / "model.onnx").values()) == {4}  # nothing to search: no scoring
+                           group_size=32, out=tmp_path / "out", workdir=tmp_path, score=_scorer(need, calls),
+                           reference=ref, options={"max_fp32_share": share})
+    res = export_onnx(req)
+    rec = res.quantization["affine_pass"]["fp32_activations"]
+    shipped = onnx.load(str(req.out / "model.onnx"), load_external_data=False).graph
+    plain = {n.name for n in shipped.node if n.op_type == "MatMul"} & set(rec["matmuls"] + [need])
+    assert rec["candidates"] == 10 and rec["budget"]["max_share"] == share
+    if share:
+        assert need in rec["matmuls"] and plain == set(rec["matmuls"]) and rec["met"] is True and not res.warnings
+        assert "plain fp32 MatMul" in res.quantization["activations"]
+    else:
+        assert rec["matmuls"] == [] and not plain and rec["met"] is False and rec["budget"]["groups"].startswith("0 ")
+        assert len(res.warnings) == 1 and "within its budget (0.0% of the weights)" in res.warnings[0]
+        assert len(calls) == 2  # the all-int8 build and the ceiling; nothing within a zero budget
+    assert set(_levels(req.out / "model.onnx").values()) == {4}  # what stays 8-bit keeps int8 activations
 
 
 def test_the_tiny_bundle_records_its_search(tiny_llama_bundle: Path) -> None:

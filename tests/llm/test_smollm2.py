@@ -4,10 +4,11 @@ Raspberry Pi 5 profile (whose floors apply), answered, and profiled. ``slow``: o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from edgeship.manifest import load_bundle
+from edgeship.manifest import LLMFidelity, load_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_export]
 
@@ -44,37 +45,48 @@ def test_int4_meets_the_pi_floor(smollm2_bundle: Path) -> None:
     assert q["affine_pass"]["matmuls_8bit"] == ["/lm_head/MatMul"]
 
 
-def test_int4_keeps_fp32_activations_where_greedy_needs_them(smollm2_bundle: Path) -> None:
-    """int8 activations everywhere reproduce 2 of the 8 greedy continuations; the search records every build and
-    keeps fp32 activations on the fewest ranked 4-bit matmuls that reproduce what all of them in fp32 do (measured:
-    all 150, the error is spread over every layer), never on the 8-bit head (no fast fp32 kernel for it)."""
-    a = load_bundle(smollm2_bundle).manifest.artifact("onnx/int4-weight")
+def _describe(f: LLMFidelity) -> dict[str, Any]:
+    return {"first_divergence": list(f.first_divergence)}
+
+
+@pytest.mark.parametrize("artifact", ["onnx/int8-dynamic", "onnx/int4-weight"])
+def test_fp32_activations_are_kept_where_greedy_needs_them_within_the_budget(smollm2_bundle: Path,
+                                                                             artifact: str) -> None:
+    """int8 activations everywhere reproduce 1 (int8) / 2 (int4) of the 8 greedy continuations; the search records
+    every build and keeps, within 1/8 of the weights, the ranked set that reproduces the most of what fp32
+    activations on all 150 matmuls reproduce (SmolLM2's error is spread over every layer, so "all of it" would
+    need all 150: measured), never the LM head."""
+    a = load_bundle(smollm2_bundle).manifest.artifact(artifact)
     rec = a.quantization["affine_pass"]["fp32_activations"]
     fid = a.llm_fidelity
-    assert fid is not None and rec["met"] is True and "/lm_head/MatMul" not in rec["matmuls"]
-    assert rec["search"][0]["kept"] == 0 and rec["search"][0]["greedy_identical"] < fid.greedy_identical
-    assert fid.greedy_identical == max(s["greedy_identical"] for s in rec["search"])
-    assert len(rec["matmuls"]) == min(s["kept"] for s in rec["search"]
-                                      if s["greedy_identical"] == fid.greedy_identical
-                                      and s["first_divergence"] == list(fid.first_divergence))
+    assert fid is not None and rec["candidates"] == 150 and "/lm_head/MatMul" not in rec["matmuls"]
+    assert rec["budget"]["max_share"] == 0.125 and 0 < rec["budget"]["kept_weights"] <= rec["budget"]["weights"]
+    first, ceiling, *tried = rec["search"]
+    assert first["kept"] == 0 and first["greedy_identical"] < fid.greedy_identical and ceiling["kept"] == 150
+    good = [i for i, d in enumerate(ceiling["first_divergence"]) if d is None]
+
+    def value(t: dict[str, Any]) -> int:  # the target prompts a build reproduces
+        return sum(t["first_divergence"][i] is None for i in good)
+
+    assert all(t["kept"] < 150 for t in tried) and value(_describe(fid)) == max(value(t) for t in tried)
+    assert len(rec["matmuls"]) == min(t["kept"] for t in tried if value(t) == value(_describe(fid)))
 
 
-def test_int8_weights_keep_int8_activations(smollm2_bundle: Path) -> None:
-    """8-bit MatMulNBits has no fast fp32-activation kernel (the body at accuracy_level 1 decoded at 2.6 tok/s):
-    nothing is searched, and the reason is recorded."""
-    rec = load_bundle(smollm2_bundle).manifest.artifact("onnx/int8-dynamic").quantization["affine_pass"][
-        "fp32_activations"]
-    assert rec["matmuls"] == [] and rec["candidates"] == 0 and "4-bit weights only" in rec["note"]
+def test_int8_keeps_its_fp32_matmuls_as_plain_matmuls(smollm2_bundle: Path) -> None:
+    """8-bit MatMulNBits has no fast fp32-activation kernel (the body at accuracy_level 1 decoded at 2.6 tok/s): the
+    int8 recipe keeps a chosen matmul as an fp32 MatMul, which costs size (recorded) instead of speed."""
+    import onnx
+
+    b = load_bundle(smollm2_bundle)
+    a = b.manifest.artifact("onnx/int8-dynamic")
+    kept = set(a.quantization["affine_pass"]["fp32_activations"]["matmuls"])
+    g = onnx.load(str(smollm2_bundle / a.path / "model.onnx"), load_external_data=False).graph
+    assert kept and kept <= {n.name for n in g.node if n.op_type == "MatMul"}
+    levels = {a_.i for n in g.node if n.op_type == "MatMulNBits" for a_ in n.attribute if a_.name == "accuracy_level"}
+    assert levels == {4}
 
 
-# Strict: the day the int8 export keeps Paris, this xfail fails and should be removed.
-_INT8_ACTIVATIONS = pytest.mark.xfail(
-    reason="measured: with int8 activations (accuracy_level=4) the first greedy token is a near-tie (0.08 nats in "
-           "PyTorch fp32) that flips (\"L'Étoile, la Cité, ...\", no Paris), although the weights are exact; 8-bit "
-           "weights have no fast fp32-activation kernel to keep (see README)", strict=True)
-
-
-@pytest.mark.parametrize("artifact", [pytest.param("onnx/int8-dynamic", marks=_INT8_ACTIVATIONS), "onnx/int4-weight"])
+@pytest.mark.parametrize("artifact", ["onnx/int8-dynamic", "onnx/int4-weight"])
 def test_answers_the_france_question(smollm2_bundle: Path, artifact: str) -> None:
     from edgeship.profiling.llm.chat import chat
 
