@@ -150,6 +150,7 @@ def test_truncated_or_foreign_file_is_one_line_error(bundle: Path, tmp_path: Pat
 
 # ---- slow tier: the real SmolLM2-135M-Instruct -----------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.paris_near_tie
 def test_smollm2_int8_answers_paris_through_the_engine(smollm2_dir: Path, tmp_path: Path) -> None:
     from edgeship.llm import export_llm
     from edgeship.manifest import load_bundle
