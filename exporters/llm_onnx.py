@@ -6,9 +6,10 @@ request's max context, so the cache is static and its size known at export. Quan
 ``MatMulNBits`` (block-wise weights; ``accuracy_level=4`` makes the CPU kernel quantize activations to int8 at run
 time, i.e. dynamic 8-bit activations; matmuls whose int8 activations change a greedy answer get ``accuracy_level=1``
 in 4-bit or stay fp32 MatMuls in 8-bit, within a budget, see ``llm_keep``). Embedding tables stay fp32 (MatMuls
-only are quantized; a tied lm_head gets its own quantized copy). The quantized recipes are not the builder's int4/int8: the builder writes fp32 and our
-own pass (``onnx_affine4``) quantizes each MatMul to affine blocks with an exact per-block offset, which keeps a
-4-bit source (a GGUF) on its own grid (SmolLM2 int4 top-1 agreement: builder 0.648, ours: see the README).
+only are quantized; a tied lm_head gets its own quantized copy). The quantized recipes are not the builder's
+int4/int8: the builder writes fp32 and our own pass (``onnx_affine4``) quantizes each MatMul to affine blocks with an
+exact per-block offset, which keeps a 4-bit source (a GGUF) on its own grid (SmolLM2 int4 top-1 agreement: builder
+0.648, ours: see the README).
 
 The builder runs in a child process: it prints a progress line per tensor and holds a second copy of the weights.
 """
@@ -135,22 +136,38 @@ class _Builds:
 def _quantize(req: LLMExportRequest, spec: BuilderRecipe, name: str, runtime: dict[str, Any]) -> dict[str, Any]:
     """The block pass; with a scorer, and when int8 activations change a greedy answer, the fewest matmuls with
     fp32 activations that agree on the prompts fp32 activations everywhere agree on (see llm_keep)."""
-    from edgeship.exporters.llm_keep import MAX_FP32_SHARE, keep_fp32_activations
+    from edgeship.exporters.llm_keep import keep_fp32_activations
     from edgeship.exporters.onnx_affine4 import LM_HEAD  # it gets 8-bit blocks
 
     builds = _Builds(req, spec, name)
     # the LM head is never a candidate: fp32 activations there cost the most (it is the largest matmul)
     keep = keep_fp32_activations(req, builds.build, builds.fp32 / name, runtime, builds.block, {LM_HEAD},
-                                 max_share=float(req.options.get("max_fp32_share", MAX_FP32_SHARE)))
+                                 max_share=_max_share(req))
     report = builds.finish(keep.artifact)
     report["fp32_activations"] = keep.record
     return report
+
+
+def _max_share(req: LLMExportRequest) -> float:
+    """The ``max_fp32_share`` option (default llm_keep's), checked before minutes of work."""
+    from edgeship.exporters.llm_keep import MAX_FP32_SHARE
+
+    raw = req.options.get("max_fp32_share", MAX_FP32_SHARE)
+    try:
+        share = float(raw)
+    except (TypeError, ValueError):
+        share = -1.0
+    if not 0.0 <= share <= 1.0:
+        raise ExportError(f"onnx: option max_fp32_share must be a number from 0 to 1 (the most of the weights that "
+                          f"may keep fp32 activations), got {raw!r}")
+    return share
 
 
 @LLM_EXPORTERS.register("onnx")
 def export_onnx(req: LLMExportRequest) -> LLMExportResult:
     if req.recipe not in RECIPES:
         raise UnsupportedRecipeError(f"onnx has no LLM recipe '{req.recipe}' (it offers: {', '.join(RECIPES)})")
+    _max_share(req)
     version = builder_version()
     spec = RECIPES[req.recipe]
     log_path = req.workdir / f"onnx-builder-{req.recipe}.log"

@@ -183,3 +183,16 @@ def test_greedy_search_can_be_turned_off(tiny_llama_dir: Path, tmp_path: Path) -
     rec = a.quantization["affine_pass"]["fp32_activations"]
     assert rec["matmuls"] == [] and "--no-greedy-search" in rec["note"] and "search" not in rec
     assert set(_levels(tmp_path / "b" / a.path / "model.onnx").values()) == {4}
+
+
+@pytest.mark.parametrize("share", [1.5, -0.1, "lots", None])
+def test_a_bad_budget_is_refused_before_the_builder_runs(tiny: Any, tmp_path: Path, share: Any) -> None:
+    from edgeship.errors import ExportError
+    from edgeship.exporters.llm_base import LLMExportRequest
+    from edgeship.exporters.llm_onnx import export_onnx
+
+    req = LLMExportRequest(model=tiny.model, hf_dir=tiny.hf_dir, recipe="int4-weight", max_context=128, group_size=32,
+                           out=tmp_path / "out", workdir=tmp_path, options={"max_fp32_share": share})
+    with pytest.raises(ExportError, match="max_fp32_share must be a number from 0 to 1") as e:
+        export_onnx(req)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
