@@ -25,7 +25,7 @@ Export side only: imports torch and onnx inside functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,12 +151,12 @@ def rank_activations(model: Any, prompts: Sequence[Sequence[int]], continuations
     return sorted(result, key=lambda s: s.kl_this_fp32)
 
 
-def onnx_activation_groups(graph: Any, weights: Mapping[str, int]) -> list[tuple[str, list[str], int]]:
-    """(activation, the MatMul nodes reading it with a weight named in ``weights``, K), in graph order."""
+def onnx_activation_groups(matmuls: Iterable[Any],
+                           dims: Mapping[str, tuple[int, int]]) -> list[tuple[str, list[str], int]]:
+    """(activation, the ``matmuls`` reading it, K), in the given (graph) order; ``dims`` holds each weight's [K, N]."""
     order: dict[str, tuple[list[str], int]] = {}
-    for node in graph.node:
-        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in weights:
-            order.setdefault(node.input[0], ([], weights[node.input[1]]))[0].append(node.name)
+    for node in matmuls:
+        order.setdefault(node.input[0], ([], dims[node.input[1]][0]))[0].append(node.name)
     return [(x, nodes, k) for x, (nodes, k) in order.items()]
 
 
@@ -184,10 +184,9 @@ def _candidates(graph_path: Path, block: int,
     g = onnx.load(str(graph_path), load_external_data=False).graph
     dims = {t.name: (int(t.dims[0]), int(t.dims[1])) for t in g.initializer
             if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT and t.dims[0] % block == 0}
-    groups = [(x, [n for n in nodes if n not in exclude], k)
-              for x, nodes, k in onnx_activation_groups(g, {w: d[0] for w, d in dims.items()})]
-    sizes = {n.name: dims[n.input[1]][0] * dims[n.input[1]][1] for n in g.node
-             if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in dims}
+    matmuls = [n for n in g.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in dims]
+    groups = [(x, [n for n in nodes if n not in exclude], k) for x, nodes, k in onnx_activation_groups(matmuls, dims)]
+    sizes = {n.name: dims[n.input[1]][0] * dims[n.input[1]][1] for n in matmuls}
     return groups, sizes
 
 
