@@ -133,7 +133,8 @@ class _Builds:
         return report
 
 
-def _quantize(req: LLMExportRequest, spec: BuilderRecipe, name: str, runtime: dict[str, Any]) -> dict[str, Any]:
+def _quantize(req: LLMExportRequest, spec: BuilderRecipe, name: str, runtime: dict[str, Any],
+              max_share: float) -> dict[str, Any]:
     """The block pass; with a scorer, and when int8 activations change a greedy answer, the fewest matmuls with
     fp32 activations that agree on the prompts fp32 activations everywhere agree on (see llm_keep)."""
     from edgeship.exporters.llm_keep import keep_fp32_activations
@@ -142,7 +143,7 @@ def _quantize(req: LLMExportRequest, spec: BuilderRecipe, name: str, runtime: di
     builds = _Builds(req, spec, name)
     # the LM head is never a candidate: fp32 activations there cost the most (it is the largest matmul)
     keep = keep_fp32_activations(req, builds.build, builds.fp32 / name, runtime, builds.block, {LM_HEAD},
-                                 max_share=_max_share(req))
+                                 max_share=max_share)
     report = builds.finish(keep.artifact)
     report["fp32_activations"] = keep.record
     return report
@@ -167,7 +168,7 @@ def _max_share(req: LLMExportRequest) -> float:
 def export_onnx(req: LLMExportRequest) -> LLMExportResult:
     if req.recipe not in RECIPES:
         raise UnsupportedRecipeError(f"onnx has no LLM recipe '{req.recipe}' (it offers: {', '.join(RECIPES)})")
-    _max_share(req)
+    max_share = _max_share(req)
     version = builder_version()
     spec = RECIPES[req.recipe]
     log_path = req.workdir / f"onnx-builder-{req.recipe}.log"
@@ -185,7 +186,7 @@ def export_onnx(req: LLMExportRequest) -> LLMExportResult:
     cfg_path.write_text(json.dumps(cfg, indent=4), encoding="utf-8")
     runtime = {"kind": "onnxruntime-genai", "entry": GENAI_CONFIG, "execution_provider": "cpu",
                "max_context": req.max_context, "kv_cache": "shared buffer of search.max_length tokens (fp32)"}
-    affine = _quantize(req, spec, cfg["model"]["decoder"]["filename"], runtime) if spec.affine_bits else None
+    affine = _quantize(req, spec, cfg["model"]["decoder"]["filename"], runtime, max_share) if spec.affine_bits else None
     files = sorted(p.relative_to(req.out) for p in req.out.rglob("*") if p.is_file())
     bits = spec.affine_bits or {"fp32": 32, "int8": 8, "int4": 4}[spec.precision]
     kept = affine["fp32_activations"]["matmuls"] if affine else []
