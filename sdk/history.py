@@ -347,11 +347,6 @@ def query(conn: sqlite3.Connection, *, model: str | None = None, device: str | N
     return [entry_from_row(row) for row in conn.execute(sql, args)]
 
 
-def run_id_of(conn: sqlite3.Connection, run: DeviceRun) -> int | None:
-    row = conn.execute("SELECT id FROM runs WHERE run_key = ?", (run_key(run),)).fetchone()
-    return int(row[0]) if row else None
-
-
 def check_run(conn: sqlite3.Connection, run_id: int) -> None:
     if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
         last = conn.execute("SELECT max(id) FROM runs").fetchone()[0]

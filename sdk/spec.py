@@ -26,10 +26,6 @@ class TensorSpec:
         if self.dtype not in _DTYPES:
             raise InputError(f"tensor '{self.name}': dtype '{self.dtype}' is not one of {', '.join(_DTYPES)}")
 
-    @property
-    def dynamic_dims(self) -> tuple[str, ...]:
-        return tuple(d for d in self.shape if isinstance(d, str))
-
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "description": self.description}
 
