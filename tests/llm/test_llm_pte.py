@@ -93,8 +93,11 @@ def _teacher_forced(rt: Any, ids: list[int], prompt: int) -> np.ndarray:
 def _eager_quantized(model: Any, recipe: str, ids: list[int], prompt: int) -> np.ndarray:
     import copy
 
-    from edgeship.exporters.llm_pte import quantize, static_cache_lm
+    from edgeship.exporters.llm_pte import PLANS, quantize, static_cache_lm
+    from edgeship.exporters.llm_rotate import rotated
 
+    if PLANS[recipe].rotate:  # the export rotates the hidden states first (seed 0: the same weights)
+        model = rotated(model)[0]
     m = static_cache_lm(copy.deepcopy(model).eval(), MAX_CONTEXT)
     quantize(m.model, recipe, GROUP)
     with torch.no_grad():
@@ -214,6 +217,7 @@ def test_fp32_keeps_float_and_int8_quantizes(export_tiny: Any) -> None:
     q_path, q = export_tiny("llama", "int8-dynamic")
     assert fp.quantization["weights"] == "float32"
     assert q.quantization["weights"].startswith("int8") and q.quantization["int8_layers"] == 2 * 7 + 1
+    assert q.quantization["rotation"]["applied"] is True and "rotation" not in fp.quantization
     assert (q_path / "model.pte").stat().st_size < 0.5 * (fp_path / "model.pte").stat().st_size
 
 
@@ -247,16 +251,18 @@ def test_truncated_pte_is_a_one_line_error(export_tiny: Any, tmp_path: Path) -> 
 def test_unknown_recipe_and_sliding_window_refused_before_work(tiny_llama_model: Any, tmp_path: Path) -> None:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from edgeship.errors import UnsupportedRecipeError
+    from edgeship.errors import ExportError, UnsupportedRecipeError
     from edgeship.exporters.llm_base import LLMExportRequest
     from edgeship.exporters.llm_pte import export_pte
 
-    def req(model: Any, recipe: str) -> LLMExportRequest:
+    def req(model: Any, recipe: str, **options: Any) -> LLMExportRequest:
         return LLMExportRequest(model=model, hf_dir=tmp_path, recipe=recipe, max_context=MAX_CONTEXT,
-                                group_size=GROUP, out=tmp_path / "out", workdir=tmp_path)
+                                group_size=GROUP, out=tmp_path / "out", workdir=tmp_path, options=options)
 
     with pytest.raises(UnsupportedRecipeError, match="int8-dynamic"):
         export_pte(req(tiny_llama_model, "int2"))
+    with pytest.raises(ExportError, match=r"^pte: option rotate must be true or false \(got 'no'\)$"):
+        export_pte(req(tiny_llama_model, "int8-dynamic", rotate="no"))
     gemma = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                                                sliding_window=16))

@@ -23,15 +23,13 @@ pytest.importorskip("gguf")
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RECIPES = ("int8-dynamic",)
-# Measured in CI on 2026-12-02: 0.891 teacher-forced top-1 over these 256 tokens (the ONNX GenAI int8 artifact with
-# the same scheme, 8-bit dynamic activations + int8 weights, measured 0.949; LiteRT's weight-only int8 0.967).
-# FLOORS is a regression floor under that; TARGETS is issue 10's, a strict xfail until the export reaches it.
-FLOORS = {"int8-dynamic": 0.85}
-TARGETS = {"int8-dynamic": 0.95}
-# Measured 2026-12-02: 8-bit dynamic activations turn SmolLM2's greedy answer into "L'Étoile de la Cité, la Cité de
-# la France, is the capital" (.pte) and "L'Étoile, la Cité..." (ONNX GenAI int8 with int8 activations), while LiteRT's
-# weight-only int8 and PyTorch fp32 say "Paris". Strict: the day the export keeps Paris, this xfail fails.
-FRANCE_XFAIL = pytest.mark.xfail(strict=True, reason="8-bit dynamic activations lose Paris on SmolLM2 (measured)")
+# Measured on 2026-12-03 over these 256 tokens, max context 512: top-1 0.949 and mean KL 0.0068 with llm_rotate's
+# rotation (0.953 / 0.0058 over 512 tokens); 0.910 / 0.0230 and "L'Étoile de la Cité, ..." for the France question
+# without it (0.891 in CI on 2026-12-02). Issue 10's int8 target is top-1 >= 0.95: this artifact sits on it, within
+# a token or two of 256 whichever way a CPU's int8 kernels round, so the tests hold regression floors under the
+# measured figures (top-1 and the steadier KL) rather than a coin-flip xfail on the target.
+FLOORS = {"int8-dynamic": 0.93}
+KL_CEILINGS = {"int8-dynamic": 0.012}
 AGREEMENT_TOKENS = 256
 
 
@@ -72,7 +70,7 @@ def artifacts(smollm2: tuple[Any, Any, Path], tmp_path_factory: pytest.TempPathF
     return out
 
 
-@pytest.mark.parametrize("recipe", [pytest.param(r, marks=FRANCE_XFAIL) for r in RECIPES])
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_answers_the_france_question(artifacts: dict[str, Any], smollm2: tuple[Any, Any, Path], recipe: str) -> None:
     _, tok, _ = smollm2
     rt = artifacts[recipe]
@@ -89,8 +87,8 @@ def test_answers_the_france_question(artifacts: dict[str, Any], smollm2: tuple[A
 
 
 @pytest.fixture(scope="module")
-def agreement(artifacts: dict[str, Any], smollm2: tuple[Any, Any, Path]) -> dict[str, float]:
-    """Teacher-forced top-1 agreement with PyTorch fp32 over AGREEMENT_TOKENS tokens of the built-in corpus."""
+def agreement(artifacts: dict[str, Any], smollm2: tuple[Any, Any, Path]) -> dict[str, tuple[float, float]]:
+    """Teacher-forced (top-1 agreement, mean KL) against PyTorch fp32 over AGREEMENT_TOKENS tokens of the corpus."""
     import edgeship
 
     model, tok, _ = smollm2
@@ -103,19 +101,27 @@ def agreement(artifacts: dict[str, Any], smollm2: tuple[Any, Any, Path]) -> dict
     for recipe, rt in artifacts.items():
         rt.reset()
         got = np.stack([rt.append([i]) for i in ids[:AGREEMENT_TOKENS]])
-        out[recipe] = float((got.argmax(-1) == ref.argmax(-1)).mean())
-        print(f"pte/{recipe}: teacher-forced top-1 agreement with PyTorch fp32 {out[recipe]:.3f} "
-              f"over {AGREEMENT_TOKENS} tokens")
+        lp, lq = _log_softmax(ref), _log_softmax(got)
+        out[recipe] = float((got.argmax(-1) == ref.argmax(-1)).mean()), float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+        print(f"pte/{recipe}: teacher-forced top-1 agreement with PyTorch fp32 {out[recipe][0]:.3f}, mean KL "
+              f"{out[recipe][1]:.4f} over {AGREEMENT_TOKENS} tokens")
     return out
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
-def test_teacher_forced_agreement_stays_above_its_floor(agreement: dict[str, float], recipe: str) -> None:
-    assert agreement[recipe] >= FLOORS[recipe], f"{recipe}: top-1 agreement {agreement[recipe]:.3f}"
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))  # type: ignore[no-any-return]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10's int8 target (top-1 >= 0.95) is not met: measured 0.891 with "
-                   "8-bit dynamic activations")
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_teacher_forced_agreement_meets_the_issue_target(agreement: dict[str, float], recipe: str) -> None:
-    assert agreement[recipe] >= TARGETS[recipe], f"{recipe}: top-1 agreement {agreement[recipe]:.3f}"
+def test_teacher_forced_agreement_stays_above_its_floor(agreement: dict[str, tuple[float, float]], recipe: str) -> None:
+    top1, kl = agreement[recipe]
+    assert top1 >= FLOORS[recipe], f"{recipe}: top-1 agreement {top1:.3f}"
+    assert kl <= KL_CEILINGS[recipe], f"{recipe}: mean KL {kl:.4f}"
+
+
+def test_int8_is_rotated(artifacts: dict[str, Any]) -> None:
+    """The rotation is what keeps Paris and halves the KL: the program must carry R3's op (an fp32 matmul by the
+    block Hadamard matrix before each down_proj) inside XNNPACK, not on a portable kernel."""
+    outside = artifacts["int8-dynamic"].meta["delegation"]["outside_delegate"]
+    assert not any("mm" in op or "matmul" in op for op in outside), outside
