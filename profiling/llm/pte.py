@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgeship.errors import ArtifactLoadError, RuntimeMissingError
-from edgeship.profiling.backends.pte import check_header
+from edgeship.profiling.backends.pte import check_header, limit_threads
 from edgeship.profiling.llm.runtime import LLMRuntime
 
 ENTRY = "model.pte"
@@ -124,9 +124,7 @@ def _load_program(file: Path, threads: int | None) -> tuple[Any, Any, str]:
     except ImportError as e:
         raise RuntimeMissingError(f"the executorch runtime is not installed ({e}); pip install 'edgeship[export]' "
                                   "(or executorch) to run .pte LLMs") from None
-    if threads:
-        # XNNPACK runs on executorch's shared threadpool; its default is one thread per core
-        portable_lib._unsafe_reset_threadpool(int(threads))
+    limit_threads(portable_lib, torch, threads)
     try:
         program = Runtime.get().load_program(file, verification=Verification.Minimal)
     except Exception as e:

@@ -221,6 +221,20 @@ def test_fp32_keeps_float_and_int8_quantizes(export_tiny: Any) -> None:
     assert (q_path / "model.pte").stat().st_size < 0.5 * (fp_path / "model.pte").stat().st_size
 
 
+def test_threads_hold_both_pools_the_bindings_use(export_tiny: Any) -> None:
+    """XNNPACK's threadpool and ATen's OpenMP pool (ExecuTorch's custom SDPA runs there) both get ``threads``: with
+    the first only, a 1-thread SmolLM2 run kept a second core spinning (CPU / wall time 1.99)."""
+    from edgeship.profiling.llm.pte import PteLLMRuntime
+
+    path, result = export_tiny("llama", "fp32")
+    before = torch.get_num_threads()
+    try:
+        rt = PteLLMRuntime(path, result.runtime, threads=1)
+        assert torch.get_num_threads() == 1 and rt.info()["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bare_pte_describes_itself(export_tiny: Any) -> None:
     from edgeship.profiling.llm.pte import PteLLMRuntime
 
