@@ -112,15 +112,16 @@ def rotated(model: nn.Module, seed: int = 0) -> tuple[nn.Module | None, dict[str
         heads = int(config.num_attention_heads)
         r2, how2 = rotation(int(getattr(config, "head_dim", None) or config.hidden_size // heads), seed + 1)
         _fold_and_rotate(out, r1, r2)
-        block = math.gcd(int(config.intermediate_size), DOWN_BLOCK)
-        for layer in out.model.layers:
+        block = math.gcd(int(config.intermediate_size), DOWN_BLOCK)  # 1 for an odd width: no R3
+        for layer in out.model.layers if block > 1 else ():
             layer.mlp.down_proj = block_rotated(layer.mlp.down_proj, block)
         diff = float((out(input_ids=probe).logits - want).abs().max())
     if not diff <= MAX_LOGIT_DIFF:
         return None, {"applied": False, "why": f"the rotated copy's fp32 logits moved by {diff:.3g} (more than "
                                                f"{MAX_LOGIT_DIFF}): this model's layers do not fold"}
     return out, {"applied": True, "residual": how1, "per_head_value": how2, "seed": seed,
-                 "down_proj_input": f"Hadamard over blocks of {block} at run time (fp32)",
+                 "down_proj_input": f"Hadamard over blocks of {block} at run time (fp32)" if block > 1 else
+                 f"not rotated (MLP width {config.intermediate_size} is odd)",
                  "folded": "RMSNorm weights into the linears after them", "fp32_max_logit_diff": float(f"{diff:.3g}")}
 
 

@@ -21,9 +21,9 @@ VOCAB = 256
 
 def _tiny(kind: str, **extra: Any) -> Any:
     torch.manual_seed(0)
-    common: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                  initializer_range=0.08, **extra)
+    common: dict[str, Any] = {**dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     initializer_range=0.08), **extra}
     cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
            "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[kind]
@@ -78,6 +78,15 @@ def test_the_rotated_copy_computes_the_same_function(kind: str, extra: dict[str,
     assert not torch.allclose(out.model.embed_tokens.weight, model.model.embed_tokens.weight)
     assert all(bool((n.weight == 1).all()) for n in out.modules() if type(n).__name__.endswith("RMSNorm")
                and n.weight.shape[0] == model.config.hidden_size)
+
+
+def test_an_odd_mlp_width_gets_no_block_rotation() -> None:
+    model = _tiny("llama", intermediate_size=95)
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    out, record = rotated(model)
+    assert out is not None and record["down_proj_input"] == "not rotated (MLP width 95 is odd)"
+    assert all(isinstance(layer.mlp.down_proj, torch.nn.Linear) for layer in out.model.layers)
+    assert torch.allclose(_logits(out, ids), _logits(model, ids), atol=1e-4)
 
 
 def test_families_it_cannot_fold_are_left_alone_with_the_reason() -> None:
