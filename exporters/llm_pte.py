@@ -51,7 +51,7 @@ from edgeship.exporters.llm_base import (
     LLMExportResult,
     kv_cache_bytes_per_token,
 )
-from edgeship.exporters.llm_rotate import rotated
+from edgeship.exporters.llm_rotate import rotated, untie_output_embedding
 
 if TYPE_CHECKING:
     import torch
@@ -101,7 +101,7 @@ def export_pte(req: LLMExportRequest) -> LLMExportResult:
         module = static_cache_lm(_without_padding_idx(model), req.max_context)
     with _stage("quantize", req, timings):
         quant = quantize(module.model, req.recipe, req.group_size)
-    if plan.rotate:
+    if rotation is not None:
         quant["rotation"] = rotation
     runtime = _runtime_entry(req, config, max_prefill)
     with _stage("capture", req, timings):
@@ -137,20 +137,21 @@ def _stage(name: str, req: LLMExportRequest, timings: dict[str, float]) -> Itera
     timings[name] = time.perf_counter() - t0
 
 
-def _prepared(req: LLMExportRequest, plan: Plan) -> tuple[Any, dict[str, Any]]:
+def _prepared(req: LLMExportRequest, plan: Plan) -> tuple[Any, dict[str, Any] | None]:
     """Our own copy of the model (its config is changed later), rotated where the plan says so and the option
-    ``rotate`` (default True) does not turn it off; and the record of the rotation."""
+    ``rotate`` (default True) does not turn it off; and the record of the rotation (None: the plan has none)."""
     rotate = req.options.get("rotate", True)
     if not isinstance(rotate, bool):
         raise ExportError(f"pte: option rotate must be true or false (got {rotate!r})")
-    if plan.rotate and rotate:
-        model, record = rotated(req.model)
-        if model is not None:
-            return model, record
+    if not plan.rotate:
+        return copy.deepcopy(req.model).eval(), None
+    if not rotate:
+        return copy.deepcopy(req.model).eval(), {"applied": False, "why": "turned off (option rotate=False)"}
+    model, record = rotated(req.model)
+    if model is None:
         log.warning("pte/%s: not rotated: %s", req.recipe, record["why"])
-    else:
-        record = {"applied": False, "why": "turned off (option rotate=False)"}
-    return copy.deepcopy(req.model).eval(), record
+        model = copy.deepcopy(req.model).eval()
+    return model, record
 
 
 def _check_shape(req: LLMExportRequest, config: Any) -> None:
@@ -301,7 +302,7 @@ def quantize(model: Any, recipe: str, group_size: int) -> dict[str, Any]:
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
-    _untie_output_embedding(model)
+    untie_output_embedding(model)  # each copy gets its own scheme: an int8 table and a quantized linear
     quant: dict[str, Any] = {"quantizer": "torchao quantize_", "activations": "int8 asymmetric per-token, dynamic"}
     if plan.embedding_bits:
         emb = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
@@ -329,17 +330,6 @@ def quantize(model: Any, recipe: str, group_size: int) -> dict[str, Any]:
     quant["int8_layers"] = len(rest)
     quant["summary"] = plan.summary
     return quant
-
-
-def _untie_output_embedding(model: Any) -> None:
-    """Give the output projection its own weight: the embedding becomes an int8 table, the projection a quantized
-    linear, and a shared Parameter would hand the second quantize_ call the first one's tensor subclass."""
-    from torch import nn
-
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if out is not None and inp is not None and out.weight is inp.weight:
-        out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=False)
-        model.config.tie_word_embeddings = False
 
 
 # ---- capture, lower, write ----------------------------------------------------------------------------------

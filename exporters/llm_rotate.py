@@ -159,17 +159,20 @@ def block_rotated(linear: nn.Linear, block: int) -> nn.Module:
     return _block_rotated()(linear, block)  # type: ignore[no-any-return]
 
 
-def _untie(model: Any) -> None:
+def untie_output_embedding(model: Any) -> None:
+    """Give the output projection its own weight where it shares the input embedding's: the two are changed apart
+    (here the final norm folds into the head only; in llm_pte the table becomes int8 and the head a quantized
+    linear, and a shared Parameter would hand the second quantize_ call the first one's tensor subclass)."""
     from torch import nn
 
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is not None and head.weight is emb.weight:
-        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is not None and inp is not None and out.weight is inp.weight:
+        out.weight = nn.Parameter(inp.weight.detach().clone(), requires_grad=False)
         model.config.tie_word_embeddings = False
 
 
 def _fold_and_rotate(model: Any, r1: torch.Tensor, r2: torch.Tensor) -> None:
-    _untie(model)  # the final norm folds into the head only
+    untie_output_embedding(model)
     body, head = model.model, model.get_output_embeddings()
     layers = list(body.layers)
     for layer in layers:
@@ -205,4 +208,4 @@ def _fold(norm: Any, linears: tuple[Any, ...]) -> None:
     norm.weight.fill_(1.0)
 
 
-__all__ = ["FAMILIES", "block_rotated", "hadamard", "rotated", "rotation"]
+__all__ = ["FAMILIES", "block_rotated", "hadamard", "rotated", "rotation", "untie_output_embedding"]
