@@ -20,8 +20,9 @@ Recipes (the table :data:`PLANS` drives the dispatch):
 
 * ``fp32``: float weights, XNNPACK fp32 kernels.
 * ``int8-dynamic``: torchao ``Int8DynamicActivationIntxWeightConfig`` with int8 per-channel weights (8da8w).
-* ``int4-weight``: the same config with 4-bit weights in blocks of ``group_size`` along the input (8da4w); a
-  layer whose input width is not a multiple of the group keeps 8-bit weights (reported).
+* ``int4-weight``: 4-bit weights in blocks of ``group_size`` along the input (8da4w), each block's offset kept
+  exact by two small extra linears (:func:`offset_int4`: SmolLM2 top-1 0.605 -> see the README); the output head
+  and a layer whose input width is not a multiple of the group keep 8-bit weights (reported).
 
 ``int8-dynamic`` first rotates the hidden states of Llama/Mistral/Qwen2/Qwen3 models (:mod:`llm_rotate`: SmolLM2
 top-1 0.910 -> 0.949, KL 0.023 -> 0.0068, and its France answer back). Both quantized recipes store the token
@@ -33,6 +34,7 @@ copy gets the scheme its op needs.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import logging
@@ -81,7 +83,8 @@ PLANS: dict[str, Plan] = {
     "int8-dynamic": Plan(8, 8, "8-bit dynamic per-token activations, int8 per-channel weights (8da8w), int8 embeddings",
                          rotate=True),
     # not rotated: on SmolLM2 (a 4-bit GGUF) rotating moved the weights off their 4-bit grid, top-1 0.605 -> 0.516
-    "int4-weight": Plan(4, 8, "8-bit dynamic per-token activations, 4-bit block-wise weights (8da4w), int8 embeddings"),
+    "int4-weight": Plan(4, 8, "8-bit dynamic per-token activations, 4-bit block-wise weights with exact per-block "
+                              "offsets (8da4w), int8 head and embeddings"),
 }
 
 
@@ -300,7 +303,7 @@ def quantize(model: Any, recipe: str, group_size: int) -> dict[str, Any]:
     import torch
     from torch import nn
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.granularity import PerAxis
 
     untie_output_embedding(model)  # each copy gets its own scheme: an int8 table and a quantized linear
     quant: dict[str, Any] = {"quantizer": "torchao quantize_", "activations": "int8 asymmetric per-token, dynamic"}
@@ -310,26 +313,85 @@ def quantize(model: Any, recipe: str, group_size: int) -> dict[str, Any]:
                   filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
         quant["embeddings"] = f"int8 per-row ({len(emb)} table(s))"
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    rest = set(linears)
     if plan.linear_bits == 4:
-        four = {n for n, m in linears.items() if m.in_features % group_size == 0}
-        odd = sorted(set(linears) - four)
-        int4 = torch.int4  # type: ignore[attr-defined]  # torch's stubs lack the sub-byte dtypes
-        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=int4, weight_granularity=PerGroup(group_size)),
-                  filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in four)
-        quant.update(weights=f"int4 symmetric, block-wise, group {group_size}", group_size=group_size,
+        head = next((n for n, m in linears.items() if m is model.get_output_embeddings()), None)
+        four = {n for n, m in linears.items() if m.in_features % group_size == 0 and n != head}
+        for name in sorted(four):
+            rest |= offset_int4(model, name, group_size)  # the two small offset linears: 8da8w as well
+        rest -= four
+        quant.update(weights=f"int4 block-wise, group {group_size}, with an exact per-block offset", group_size=group_size,
                      int4_layers=len(four))
-        if odd:
+        if head is not None:
+            quant["head"] = "int8 per-channel (the most sensitive layer; GGUF files keep it 8-bit too)"
+        if odd := sorted(set(linears) - four - {head}):
             quant["int8_weights_by_shape"] = odd
-        rest = set(odd)
     else:
         quant["weights"] = "int8 symmetric per-channel"
-        rest = set(linears)
-    if rest:
-        quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-                  filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in rest)
-    quant["int8_layers"] = len(rest)
+    config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in rest)
+    quant["int8_layers"] = len(rest) - 2 * quant.get("int4_layers", 0)
     quant["summary"] = plan.summary
     return quant
+
+
+def offset_int4(model: Any, name: str, block: int) -> set[str]:
+    """Quantize linear ``name`` to 4-bit blocks whose offsets are exact, and return the names of the two small
+    linears that carry the offsets.
+
+    XNNPACK's 4-bit blocks are symmetric (``w = scale * q``, q in -8..7), so each block's midpoint is lost:
+    most 4-bit checkpoints people ship (GGUF ``Q4_1``, GPTQ, AWQ) sit on an affine grid ``w = d * q + m``, and
+    re-quantizing that symmetrically moves every weight (SmolLM2, a ``Q4_1`` GGUF: top-1 0.605). Here each block
+    gets its min/max affine fit (exactly the ``Q4_1`` grid when the weights were on one), the grid part goes to
+    the 4-bit kernel and the offset ``o`` [out, blocks] is added back as ``(S x) @ o.T``: ``S`` sums each block
+    of the input. The two extra linears are 1/32 of the main one's size each. XNNPACK keeps block scales as bf16,
+    so the offsets are fitted (least squares) to the rounded scales.
+    """
+    import torch
+    from torch import nn
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+    )
+
+    lin = model.get_submodule(name)
+    w = lin.weight.detach().float()
+    n, k = w.shape
+    blocks = w.view(n, k // block, block)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    step = (hi - lo) / 15
+    step = torch.where(step > 0, step, torch.ones_like(step))  # a constant block: q = -8, all in the offset
+    q = torch.clamp(torch.round((blocks - lo[..., None]) / step[..., None]), 0, 15) - 8
+    step = step.to(torch.bfloat16).float()
+    offset = (blocks - q * step[..., None]).mean(-1)
+    lin.weight = nn.Parameter(IntxUnpackedToInt8Tensor.from_hp(
+        (q * step[..., None]).view(n, k), (1, block), torch.int4,  # type: ignore[attr-defined]
+        activation_quantization="int8_asym_per_token", intx_choose_qparams_algorithm=None, custom_scale=step,
+        custom_zero_point=torch.zeros_like(step, dtype=torch.int8)), requires_grad=False)
+    sums = nn.Linear(k, k // block, bias=False)
+    sums.weight = nn.Parameter((torch.arange(k) // block == torch.arange(k // block)[:, None]).float(),
+                               requires_grad=False)
+    offsets = nn.Linear(k // block, n, bias=False)
+    offsets.weight = nn.Parameter(offset, requires_grad=False)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, _offset_linear()(lin, sums, offsets))
+    return {f"{name}.sums", f"{name}.offsets"}
+
+
+@functools.cache
+def _offset_linear() -> type:
+    from torch import nn
+
+    class OffsetLinear(nn.Module):
+        """``linear(x) + offsets(sums(x))``: a 4-bit linear plus its per-block offsets (:func:`offset_int4`)."""
+
+        def __init__(self, linear: nn.Linear, sums: nn.Linear, offsets: nn.Linear) -> None:
+            super().__init__()
+            self.linear, self.sums, self.offsets = linear, sums, offsets
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) + self.offsets(self.sums(x))  # type: ignore[no-any-return]
+
+    return OffsetLinear
 
 
 # ---- capture, lower, write ----------------------------------------------------------------------------------

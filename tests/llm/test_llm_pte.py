@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -204,12 +204,47 @@ def test_result_describes_the_artifact(export_tiny: Any, tiny_llama_model: Any) 
     assert result.kv_cache_bytes_per_token == kv_cache_bytes_per_token(tiny_llama_model.config, 4) == 2 * 2 * 2 * 16 * 4
     q = result.quantization
     assert q["group_size"] == GROUP and "int4" in q["weights"] and q["embeddings"].startswith("int8")
-    assert q["int4_layers"] == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head (all widths divide 32)
+    assert q["int4_layers"] == 2 * 7  # q, k, v, o, gate, up, down per layer (all widths divide 32)
+    assert q["int8_layers"] == 1 and q["head"].startswith("int8")  # lm_head
     rt = result.runtime
     assert rt["max_context"] == MAX_CONTEXT and rt["vocab_size"] == VOCAB and rt["takes_input_pos"] is True
     assert rt["delegation"]["xnnpack_blobs"] > 0
     assert {"executorch", "torch", "torchao"} <= set(result.tool)
     json.dumps(rt)  # the manifest stores it as JSON
+
+
+def test_int4_blocks_keep_their_offsets_exactly() -> None:
+    """Weights on a 4-bit affine grid (GGUF ``Q4_1``: ``w = d * q + m`` per block of 32) come back from the
+    symmetric 4-bit kernel plus the offset linears to within the bf16 rounding of the block scales; torchao's own
+    symmetric fit of the same weights is off by a third of a step or more (SmolLM2 top-1 0.605 from that)."""
+    from torch import nn
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    from edgeship.exporters.llm_pte import offset_int4
+
+    gen = torch.Generator().manual_seed(0)
+    n, k, block = 24, 96, 32
+    d = torch.rand(n, k // block, 1, generator=gen) * 0.02 + 1e-3
+    m = torch.randn(n, k // block, 1, generator=gen) * 0.05
+    q = torch.randint(0, 16, (n, k // block, block), generator=gen)
+    q[..., 0], q[..., 1] = 0, 15  # as llama.cpp's Q4_1 fit: the block's min and max are on the grid's ends
+    w = (d * q + m).view(n, k)
+    model = nn.Sequential(nn.Linear(k, n, bias=False))
+    model[0].weight.data = w.clone()
+    assert offset_int4(model, "0", block) == {"0.sums", "0.offsets"}
+    layer: Any = model[0]
+    got = layer.linear.weight.dequantize() + layer.offsets.weight @ layer.sums.weight
+    step = d.expand(n, k // block, block).reshape(n, k)
+    assert float(((got - w).abs() / step).max()) < 0.04  # bf16 scales: 8 significant bits, q within 8 of 0
+    sym = nn.Sequential(nn.Linear(k, n, bias=False))
+    sym[0].weight.data = w.clone()
+    quantize_(sym, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(block)))
+    assert float(((cast(Any, sym[0].weight).dequantize() - w).abs() / step).max()) > 0.3
+    x = torch.randn(16, k, generator=gen)
+    with torch.no_grad():  # the forward, with its int8 activations, too
+        err, sym_err = (float((f(x) - x @ w.T).norm() / (x @ w.T).norm()) for f in (model, sym))
+    assert err < 0.01 and sym_err > 3 * err, (err, sym_err)
 
 
 def test_fp32_keeps_float_and_int8_quantizes(export_tiny: Any) -> None:
