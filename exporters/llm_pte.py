@@ -102,13 +102,13 @@ def export_pte(req: LLMExportRequest) -> LLMExportResult:
     timings: dict[str, float] = {}
     with _stage("prepare", req, timings):
         model, rotation = _prepared(req, plan)
-        outliers = req.options.get("outliers", 0)
-        if isinstance(outliers, bool) or not isinstance(outliers, int) or outliers < 0:
-            raise ExportError(f"pte: option outliers must be a whole number of channels >= 0 (got {outliers!r})")
-        ranges = input_ranges(model) if plan.linear_bits == 4 and outliers else None
+        count = req.options.get("outliers", 0)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ExportError(f"pte: option outliers must be a whole number of channels >= 0 (got {count!r})")
+        outliers = outlier_channels(model, count) if plan.linear_bits == 4 and count else None
         module = static_cache_lm(_without_padding_idx(model), req.max_context)
     with _stage("quantize", req, timings):
-        quant = quantize(module.model, req.recipe, req.group_size, ranges, outliers)
+        quant = quantize(module.model, req.recipe, req.group_size, outliers)
     if rotation is not None:
         quant["rotation"] = rotation
     runtime = _runtime_entry(req, config, max_prefill)
@@ -299,11 +299,11 @@ def static_cache_lm(model: nn.Module, max_context: int) -> Any:
 
 
 # ---- quantize -----------------------------------------------------------------------------------------------
-def quantize(model: Any, recipe: str, group_size: int, ranges: dict[str, torch.Tensor] | None = None,
-             outliers: int = 0) -> dict[str, Any]:
+def quantize(model: Any, recipe: str, group_size: int, outliers: dict[str, torch.Tensor] | None = None
+             ) -> dict[str, Any]:
     """Apply the recipe's plan in place with torchao; return what was actually applied (per layer kind, counts).
-    With ``ranges`` (from :func:`input_ranges`) each 4-bit linear's ``outliers`` input channels of largest range
-    skip the int8 activations (:func:`offset_int4`)."""
+    ``outliers`` (from :func:`outlier_channels`): per linear, the input channels that skip the int8 activations
+    of a 4-bit linear (:func:`offset_int4`)."""
     plan = PLANS[recipe]
     if plan.linear_bits is None:
         return {"recipe": "fp32", "weights": "float32", "activations": "float32", "embeddings": "float32",
@@ -326,16 +326,17 @@ def quantize(model: Any, recipe: str, group_size: int, ranges: dict[str, torch.T
         head = next((n for n, m in linears.items() if m is model.get_output_embeddings()), None)
         four = {n for n, m in linears.items() if m.in_features % group_size == 0 and n != head}
         for name in sorted(four):
-            seen = (ranges or {}).get(name) if outliers else None
-            offset_int4(model, name, group_size, None if seen is None else seen.topk(min(outliers, len(seen))).indices)
-            if seen is None:  # offsets only: the side path goes 8da8w too (measured: 194 tok/s, fp32 outliers 184)
+            channels = (outliers or {}).get(name)
+            offset_int4(model, name, group_size, channels)
+            if channels is None:  # offsets only: the side path goes 8da8w too (measured: 194 tok/s, fp32 outliers 184)
                 rest |= {f"{name}.select", f"{name}.side"}
         rest -= four
         quant.update(weights=f"int4 block-wise, group {group_size}, with an exact per-block offset", group_size=group_size,
                      int4_layers=len(four))
-        if ranges is not None and outliers:
-            quant["outliers"] = (f"the {outliers} input channels of largest range per 4-bit linear (calibrated on "
-                                 f"{CALIBRATION_TOKENS} random tokens) bypass the int8 activations in fp32")
+        if outliers:
+            quant["outliers"] = (f"the {max(map(len, outliers.values()))} input channels of largest range per 4-bit "
+                                 f"linear (calibrated on {CALIBRATION_TOKENS} random tokens) bypass the int8 "
+                                 "activations in fp32")
         if head is not None:
             quant["head"] = "int8 per-channel (the most sensitive layer; GGUF files keep it 8-bit too)"
         if odd := sorted(set(linears) - four - {head}):
@@ -377,6 +378,11 @@ def input_ranges(model: Any, tokens: int = 0) -> dict[str, torch.Tensor]:
     return ranges
 
 
+def outlier_channels(model: Any, count: int) -> dict[str, torch.Tensor]:
+    """Each linear's ``count`` input channels of largest range (:func:`input_ranges`)."""
+    return {name: r.topk(min(count, len(r))).indices for name, r in input_ranges(model).items()}
+
+
 def offset_int4(model: Any, name: str, block: int, outliers: torch.Tensor | None = None) -> None:
     """Replace linear ``name`` by 4-bit blocks whose offsets are exact, and route its ``outliers`` input channels
     around the int8 activations.
@@ -404,24 +410,22 @@ def offset_int4(model: Any, name: str, block: int, outliers: torch.Tensor | None
         IntxUnpackedToInt8Tensor,
     )
 
+    from edgeship.exporters.onnx_affine4 import affine_blocks, block_sum_matrix
+
     lin = model.get_submodule(name)
     w = lin.weight.detach().float()
     n, k = w.shape
-    blocks = w.view(n, k // block, block)
-    lo, hi = blocks.amin(-1), blocks.amax(-1)
-    step = (hi - lo) / 15
-    step = torch.where(step > 0, step, torch.ones_like(step))  # a constant block: q = -8, all in the offset
-    q = torch.clamp(torch.round((blocks - lo[..., None]) / step[..., None]), 0, 15) - 8
-    step = step.to(torch.bfloat16).float()
-    offset = (blocks - q * step[..., None]).mean(-1)
+    q_u, step_np, _ = affine_blocks(w.numpy(), block, bits=4)
+    q = torch.from_numpy(q_u).float() - 8  # signed: -8 .. 7
+    step = torch.from_numpy(step_np).to(torch.bfloat16).float()
+    offset = (w.view(n, k // block, block) - q * step[..., None]).mean(-1)
     sym = (q * step[..., None]).view(n, k)
     lin.weight = nn.Parameter(IntxUnpackedToInt8Tensor.from_hp(
         sym, (1, block), torch.int4,  # type: ignore[attr-defined]
         activation_quantization="int8_asym_per_token", intx_choose_qparams_algorithm=None, custom_scale=step,
         custom_zero_point=torch.zeros_like(step, dtype=torch.int8)), requires_grad=False)
     idx = torch.zeros(0, dtype=torch.long) if outliers is None else outliers.sort().values
-    rows = [(torch.arange(k) // block == torch.arange(k // block)[:, None]).float(),
-            (torch.arange(k) == idx[:, None]).float()]
+    rows = [torch.from_numpy(block_sum_matrix(k, block).T), (torch.arange(k) == idx[:, None]).float()]
     select = nn.Linear(k, k // block + len(idx), bias=False)
     select.weight = nn.Parameter(torch.cat(rows), requires_grad=False)
     side = nn.Linear(k // block + len(idx), n, bias=False)

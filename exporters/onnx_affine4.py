@@ -45,18 +45,29 @@ class Affine4:
     grid_error: float  # max |dequantized - original| / max |original|: ~1e-7 when the weights were on the grid
 
 
-def quantize(w_kn: np.ndarray, block: int, bits: int = BITS) -> Affine4:
-    """Block-wise affine fit (4 or 8 bits) of a MatMul weight ``w_kn`` [K, N], blocks of ``block`` along K."""
+def affine_blocks(w_nk: np.ndarray, block: int, bits: int = BITS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The min/max affine fit of a weight ``w_nk`` [N, K] in blocks of ``block`` along K: ``w ~ q * step + lo``.
+    Returns ``q`` uint8 [N, K/block, block] in 0 .. 2**bits - 1, ``step`` and ``lo`` float32 [N, K/block]. On a
+    ``Q4_1`` grid this is the grid itself (llama.cpp's fit puts each block's min and max on its ends)."""
     levels = 2**bits - 1
-    k, n = w_kn.shape
+    n, k = w_nk.shape
     if k % block:
         raise ValueError(f"K={k} is not a multiple of the block size {block}")
-    nb = k // block
-    blocks = np.ascontiguousarray(w_kn.T, dtype=np.float32).reshape(n, nb, block)
+    blocks = np.ascontiguousarray(w_nk, dtype=np.float32).reshape(n, k // block, block)
     lo, hi = blocks.min(-1), blocks.max(-1)
     step = (hi - lo) / levels
     step = np.where(step > 0, step, np.float32(1.0)).astype(np.float32)  # a constant block: q = 0, all in lo
     q = np.clip(np.rint((blocks - lo[..., None]) / step[..., None]), 0, levels).astype(np.uint8)
+    return q, step, lo
+
+
+def quantize(w_kn: np.ndarray, block: int, bits: int = BITS) -> Affine4:
+    """Block-wise affine fit (4 or 8 bits) of a MatMul weight ``w_kn`` [K, N], blocks of ``block`` along K."""
+    levels = 2**bits - 1
+    k, n = w_kn.shape
+    nb = k // block
+    q, step, lo = affine_blocks(w_kn.T, block, bits)
+    blocks = np.ascontiguousarray(w_kn.T, dtype=np.float32).reshape(n, nb, block)
     zp = np.clip(np.rint(-lo / step), 0, levels).astype(np.uint8)
     residual = (lo + zp.astype(np.float32) * step).astype(np.float32)
     deq = (q.astype(np.float32) - zp[..., None]) * step[..., None] + residual[..., None]
