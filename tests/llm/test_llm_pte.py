@@ -204,7 +204,8 @@ def test_result_describes_the_artifact(export_tiny: Any, tiny_llama_model: Any) 
     assert result.kv_cache_bytes_per_token == kv_cache_bytes_per_token(tiny_llama_model.config, 4) == 2 * 2 * 2 * 16 * 4
     q = result.quantization
     assert q["group_size"] == GROUP and "int4" in q["weights"] and q["embeddings"].startswith("int8")
-    assert q["int4_layers"] == 2 * 7  # q, k, v, o, gate, up, down per layer (all widths divide 32)
+    assert q["int4_layers"] == 2 * 4  # qkv, o, gate+up, down per layer (fused; all widths divide 32)
+    assert q["fused_projections"] == {"q_proj+k_proj+v_proj": 2, "gate_proj+up_proj": 2}
     assert q["int8_layers"] == 1 and q["head"].startswith("int8")  # lm_head
     assert "outliers" not in q  # off by default: the fp32 side path costs decode speed (offset_int4)
     rt = result.runtime
@@ -255,6 +256,36 @@ def test_int4_blocks_keep_their_offsets_exactly() -> None:
     assert errors[False] < errors[True] / 5 and errors[True] < sym_err / 2, (errors, sym_err)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_projections_compute_what_their_members_did(arch: str) -> None:
+    """q/k/v and gate/up become one linear each (Qwen2: with their biases); the logits do not move, the group
+    keeps no tensor after a forward, and members called on different tensors still get their own answer."""
+    import copy
+
+    from torch import nn
+
+    from edgeship.exporters.llm_pte import fuse_projections
+
+    model = _tiny(arch)
+    fused = copy.deepcopy(model)
+    assert fuse_projections(fused) == {"q_proj+k_proj+v_proj": 2, "gate_proj+up_proj": 2}
+    linears = [n for n, m in fused.named_modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 2 * 4 + 1 and "model.layers.0.self_attn.qkv_proj.linear" in linears
+    assert (fused.model.layers[0].self_attn.qkv_proj.linear.bias is not None) == (arch == "qwen2")
+    ids = torch.tensor([_ids(24)])
+    with torch.no_grad():
+        assert torch.allclose(fused(ids).logits, model(ids).logits, atol=1e-5)  # one GEMM's blocking for three
+    group = fused.model.layers[1].mlp.gate_up_proj
+    assert group._output is None and group._input is None  # nothing outlives the forward
+    attn, ref = fused.model.layers[0].self_attn, model.model.layers[0].self_attn
+    x, y = torch.randn(3, 64), torch.randn(3, 64)
+    with torch.no_grad():  # q on x, k on y, v on x: each recomputes, none reads another input's columns
+        got = [attn.q_proj(x), attn.k_proj(y), attn.v_proj(x)]
+        want = [ref.q_proj(x), ref.k_proj(y), ref.v_proj(x)]
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want, strict=True))
+    assert fuse_projections(fused) == {"q_proj+k_proj+v_proj": 0, "gate_proj+up_proj": 0}  # idempotent
+
+
 def test_outlier_channels_are_found_without_data(tiny_llama_model: Any) -> None:
     """input_ranges runs random token ids (no held-out text leaks into the export) and sees every linear."""
     from torch import nn
@@ -272,7 +303,7 @@ def test_fp32_keeps_float_and_int8_quantizes(export_tiny: Any) -> None:
     fp_path, fp = export_tiny("llama", "fp32")
     q_path, q = export_tiny("llama", "int8-dynamic")
     assert fp.quantization["weights"] == "float32"
-    assert q.quantization["weights"].startswith("int8") and q.quantization["int8_layers"] == 2 * 7 + 1
+    assert q.quantization["weights"].startswith("int8") and q.quantization["int8_layers"] == 2 * 4 + 1
     assert q.quantization["rotation"]["applied"] is True and "rotation" not in fp.quantization
     assert (q_path / "model.pte").stat().st_size < 0.5 * (fp_path / "model.pte").stat().st_size
 
