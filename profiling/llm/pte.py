@@ -1,11 +1,16 @@
-"""ExecuTorch ``.pte`` decoder LLMs on the device, through the executorch Python runtime.
+"""ExecuTorch ``.pte`` decoder LLMs on the device.
 
 The program (see :mod:`edgeship.exporters.llm_pte`) has one method, ``forward(tokens[1, T], input_pos[1])``, that
 returns the logits of the last of the ``T`` tokens and keeps the KV cache inside the program as mutable buffers. A
 prompt is one call (or chunks of ``max_prefill`` tokens), a decode step is a call with one token.
 
-Not torch-free: ``executorch.runtime`` imports torch and torchao (~3 s and ~350 MB RSS before the model loads; a
-C++ app on a phone pays neither). Every executorch/torch import happens inside :class:`PteLLMRuntime`.
+It runs on ExecuTorch's C++ runtime through edgeship's shim (:mod:`edgeship.profiling.backends.pte_lean`), with the
+wheel's LLM kernels (``llama::custom_sdpa``, ``update_cache``) loaded next to it. Those kernels are built against
+ATen, so torch's shared libraries are mapped (about 110 MB RSS), but the torch package is not imported: the
+Python bindings, which import it, cost about 350 MB and 3 s before the model loads (SmolLM2 int4: peak RSS see the
+README). Not torch-free, then: the device needs the torch wheel installed. Where the shim cannot be built, the
+runtime falls back to the Python bindings and says so in :meth:`PteLLMRuntime.info`; ``EDGESHIP_PTE_RUNTIME=lean``
+makes that an error, ``=pybindings`` forces the bindings.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgeship.errors import ArtifactLoadError, RuntimeMissingError
-from edgeship.profiling.backends.pte import check_header, limit_threads
+from edgeship.profiling.backends.pte import _executorch_version, check_header
 from edgeship.profiling.llm.runtime import LLMRuntime
 
 ENTRY = "model.pte"
@@ -29,12 +34,12 @@ class PteLLMRuntime(LLMRuntime):
     format: ClassVar[str] = "pte"
     torch_free: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ("executorch",)
-    # The lean C++ runner that keeps encoder .pte files torch-free (profiling/backends/pte_lean.py) does not link
-    # the LLM custom ops these programs call (llama::custom_sdpa, update_cache); the Python bindings that do
-    # import torch, and a device venv built from pushed wheels does not get torch (hundreds of MB per platform).
+    # Not torch-free: the wheel's LLM kernels these programs call (llama::custom_sdpa, update_cache) link torch's
+    # shared libraries (the C++ path maps them without importing torch; the Python bindings import it), and a device
+    # venv built from pushed wheels does not get torch (hundreds of MB per platform).
     not_provisionable: ClassVar[str | None] = (
-        "the .pte LLM runner uses executorch's Python bindings, which import torch, and edgeship does not install "
-        "torch on devices")
+        "the .pte LLM runner needs executorch's LLM kernels, which link torch's libraries, and edgeship does not "
+        "install torch on devices")
 
     def __init__(self, path: Path, runtime: Mapping[str, Any], threads: int | None = None) -> None:
         path = Path(path)
@@ -42,7 +47,8 @@ class PteLLMRuntime(LLMRuntime):
         if not file.is_file():
             raise ArtifactLoadError(f"{file}: no such ExecuTorch program; re-export it with edgeship export --format pte")
         check_header(file)
-        self._torch, program, self._version = _load_program(file, threads)
+        program, self.notes = _open_program(file, threads)
+        self._version = _executorch_version()
         meta = {**_embedded_meta(program), **dict(runtime)}
         self.method_name = str(meta.get("method") or "forward")
         if self.method_name not in program.method_names:
@@ -53,13 +59,13 @@ class PteLLMRuntime(LLMRuntime):
             raise ArtifactLoadError(f"{file}: the manifest entry and the program both lack {', '.join(missing)}; "
                                     "re-export it with edgeship export --format pte")
         try:
-            self._method = program.load_method(self.method_name)
+            program.load_method(self.method_name)
         except Exception as e:  # the C++ loader reports a missing kernel or delegate as an error code
             raise ArtifactLoadError(f"{file}: cannot load method '{self.method_name}' ({_first(e)}); a kernel it needs "
                                     "is missing from this executorch runtime, or the file is damaged") from None
         self.path = file
         self.threads = threads
-        self.program = program
+        self.program: Any = program
         self.max_context = int(meta["max_context"])
         self.vocab_size = int(meta["vocab_size"])
         self.max_prefill = max(1, int(meta.get("max_prefill") or 1))
@@ -84,53 +90,83 @@ class PteLLMRuntime(LLMRuntime):
             from edgeship.errors import InputError
 
             raise InputError(f"token id {bad[0]} is outside this model's vocabulary of {self.vocab_size}")
-        torch = self._torch
         logits: Any = None
         for lo in range(0, len(ids), self.max_prefill):
             chunk = ids[lo:lo + self.max_prefill]
-            tokens = torch.tensor([chunk], dtype=torch.long)
-            pos = torch.tensor([self.position], dtype=torch.long)
-            logits = self._method.execute([tokens, pos])[0]
+            tokens = np.array([chunk], dtype=np.int64)
+            pos = np.array([self.position], dtype=np.int64)
+            self.program.execute(self.method_name, [tokens, pos])
+            logits = self.program.outputs(self.method_name, 1)[0]
             self.position += len(chunk)
-        # copy: the runtime reuses the output buffer on the next call
-        return np.array(logits.numpy().reshape(-1)[-self.vocab_size:], dtype=np.float32, copy=True)
+        # copy: the bindings reuse the output buffer on the next call (the shim's outputs are copies already)
+        return np.array(np.asarray(logits).reshape(-1)[-self.vocab_size:], dtype=np.float32, copy=True)
 
     def info(self) -> dict[str, Any]:
-        from executorch.extension.pybindings import portable_lib
-
+        lean = self.program.kind == "lean"
         return {
             "runtime": "executorch", "version": self._version,
-            "threads": int(portable_lib._threadpool_get_thread_count()), "threads_requested": self.threads,
-            "executes": "XNNPACK delegate + ExecuTorch portable/quantized/LLM custom kernels (Python bindings)",
+            "threads": int(self.program.threads()), "threads_requested": self.threads,
+            "runtime_path": ("C++ runtime through edgeship's ctypes shim, with the wheel's LLM kernels (torch's "
+                             "shared libraries mapped, the torch package not imported)") if lean
+                            else "executorch Python bindings (import torch)",
+            "executes": "XNNPACK delegate + ExecuTorch portable/quantized/LLM custom kernels",
             "kv_cache": f"static, inside the program ({self.max_context} positions), llama::update_cache",
             "method": self.method_name, "max_prefill": self.max_prefill,
-            "backends": list(portable_lib._get_registered_backend_names()),
-            "notes": ["the executorch Python runtime imports torch: load time and RSS include it"],
+            "backends": list(self.program.backend_names()),
+            "notes": [*self.notes] + ([] if lean else
+                                      ["the executorch Python runtime imports torch: load time and RSS include it"]),
         }
 
     def close(self) -> None:
-        self._method = None
-        self.program = None
+        program, self.program = self.program, None
+        if program is not None and hasattr(program, "close"):
+            program.close()
 
 
-def _load_program(file: Path, threads: int | None) -> tuple[Any, Any, str]:
+def _open_program(file: Path, threads: int | None) -> tuple[Any, list[str]]:
+    """The shim with the LLM kernels where it builds here, else the Python bindings; notes say which and why."""
+    from edgeship.profiling.backends import pte_lean
+    from edgeship.profiling.backends.pte import _lean_program
+
     try:
-        import executorch.kernels.quantized  # noqa: F401  # registers the int8 embedding kernels before a load
-        import torch
+        mode = pte_lean.mode()
+    except pte_lean.LeanUnavailable as e:
+        raise ArtifactLoadError(str(e)) from None
+    notes: list[str] = []
+    if mode == "pybindings":
+        notes.append(f"{pte_lean.ENV}=pybindings: ran through the executorch Python bindings (they import torch)")
+    else:
+        try:
+            pte_lean.load_llm_kernels(threads)
+            return _lean_program(file, threads), notes
+        except pte_lean.LeanUnavailable as e:
+            if mode == "lean":
+                raise RuntimeMissingError(f"{pte_lean.ENV}=lean: the C++ ExecuTorch runtime is unavailable ({e})"
+                                          ) from None
+            notes.append(f"C++ runtime unavailable ({e}): ran through the executorch Python bindings, so load time "
+                         "and RSS include torch (~350 MB)")
+        except RuntimeError as e:
+            raise ArtifactLoadError(f"{file}: the executorch runtime cannot load it ({_first(e)}); the file is "
+                                    "corrupt, truncated or from an incompatible executorch version; re-export it"
+                                    ) from None
+    return _pybindings(file, threads), notes
+
+
+def _pybindings(file: Path, threads: int | None) -> Any:
+    from edgeship.profiling.backends.pte import _PybindProgram
+
+    try:
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  # llama::custom_sdpa, update_cache
-        from executorch.extension.pybindings import portable_lib
-        from executorch.runtime import Runtime, Verification
-        from executorch.version import __version__
     except ImportError as e:
         raise RuntimeMissingError(f"the executorch runtime is not installed ({e}); pip install 'edgeship[export]' "
                                   "(or executorch) to run .pte LLMs") from None
-    limit_threads(portable_lib, torch, threads)
     try:
-        program = Runtime.get().load_program(file, verification=Verification.Minimal)
+        return _PybindProgram(file, threads)
+    except RuntimeMissingError:
+        raise
     except Exception as e:
         raise ArtifactLoadError(f"{file}: the executorch runtime cannot load it ({_first(e)}); the file is corrupt, "
                                 "truncated or from an incompatible executorch version; re-export it") from None
-    return torch, program, str(__version__)
 
 
 def _embedded_meta(program: Any) -> dict[str, Any]:
@@ -138,8 +174,9 @@ def _embedded_meta(program: Any) -> dict[str, Any]:
     if META_METHOD not in program.method_names:
         return {}
     try:
-        raw = program.load_method(META_METHOD).execute([])[0]
-        doc = json.loads(raw)
+        program.load_method(META_METHOD)
+        program.execute(META_METHOD, [])
+        doc = json.loads(program.outputs(META_METHOD, 1)[0])
     except (ValueError, RuntimeError, IndexError, TypeError):
         return {}
     return doc if isinstance(doc, dict) else {}

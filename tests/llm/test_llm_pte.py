@@ -308,9 +308,10 @@ def test_fp32_keeps_float_and_int8_quantizes(export_tiny: Any) -> None:
     assert (q_path / "model.pte").stat().st_size < 0.5 * (fp_path / "model.pte").stat().st_size
 
 
-def test_threads_hold_both_pools_the_bindings_use(export_tiny: Any) -> None:
+def test_threads_hold_both_pools_the_runtime_uses(export_tiny: Any) -> None:
     """XNNPACK's threadpool and ATen's OpenMP pool (ExecuTorch's custom SDPA runs there) both get ``threads``: with
-    the first only, a 1-thread SmolLM2 run kept a second core spinning (CPU / wall time 1.99)."""
+    the first only, a 1-thread SmolLM2 run kept a second core spinning (CPU / wall time 1.99). The C++ runtime's
+    path sets ATen's pool through libtorch_cpu, the library this process's torch uses too."""
     from edgeship.profiling.llm.pte import PteLLMRuntime
 
     path, result = export_tiny("llama", "fp32")
@@ -320,6 +321,30 @@ def test_threads_hold_both_pools_the_bindings_use(export_tiny: Any) -> None:
         assert torch.get_num_threads() == 1 and rt.info()["threads"] == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_runs_on_the_cpp_runtime_without_importing_torch(export_tiny: Any, tmp_path: Path) -> None:
+    """By default the program runs on the C++ runtime (edgeship's shim plus the wheel's LLM kernels): the torch
+    package is never imported, and the logits are the Python bindings' to the bit."""
+    import os
+
+    path, result = export_tiny("llama", "int4-weight")
+    code = ("import json, sys\nimport numpy as np\nfrom edgeship.profiling.llm.pte import PteLLMRuntime\n"
+            "rt = PteLLMRuntime(sys.argv[1], json.loads(sys.argv[2]), threads=1)\n"
+            "out = [rt.append(list(range(5, 17)))] + [rt.append([t]) for t in (3, 9, 27)]\n"
+            "np.save(sys.argv[3], np.stack(out))\ninfo = rt.info()\n"
+            "print(json.dumps({'torch': 'torch' in sys.modules, 'path': info['runtime_path'], "
+            "'threads': info['threads'], 'notes': info['notes']}))")
+    seen = {}
+    for mode in ("auto", "pybindings"):
+        done = subprocess.run([sys.executable, "-c", code, str(path), json.dumps(result.runtime),
+                               str(tmp_path / f"{mode}.npy")], capture_output=True, text=True, check=False,
+                              timeout=300, env={**os.environ, "EDGESHIP_PTE_RUNTIME": mode})
+        assert done.returncode == 0, done.stderr[-3000:]
+        seen[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["auto"]["torch"] is False and "shim" in seen["auto"]["path"] and seen["auto"]["notes"] == []
+    assert seen["pybindings"]["torch"] is True and seen["auto"]["threads"] == seen["pybindings"]["threads"] == 1
+    np.testing.assert_array_equal(np.load(tmp_path / "auto.npy"), np.load(tmp_path / "pybindings.npy"))
 
 
 def test_bare_pte_describes_itself(export_tiny: Any) -> None:
