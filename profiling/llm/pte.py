@@ -75,6 +75,7 @@ class PteLLMRuntime(LLMRuntime):
                                     "forward(tokens, input_pos) layout is supported")
         self.meta = meta
         self.position = 0
+        self._closed_info: dict[str, Any] = {}
 
     def reset(self) -> None:
         # the cache is not cleared: custom_sdpa attends to positions < input_pos + T only, so stale K/V are never read
@@ -102,6 +103,8 @@ class PteLLMRuntime(LLMRuntime):
         return np.array(np.asarray(logits).reshape(-1)[-self.vocab_size:], dtype=np.float32, copy=True)
 
     def info(self) -> dict[str, Any]:
+        if self.program is None:  # closed: what it was
+            return dict(self._closed_info)
         lean = self.program.kind == "lean"
         return {
             "runtime": "executorch", "version": self._version,
@@ -118,6 +121,8 @@ class PteLLMRuntime(LLMRuntime):
         }
 
     def close(self) -> None:
+        if self.program is not None:
+            self._closed_info = self.info()
         program, self.program = self.program, None
         if program is not None and hasattr(program, "close"):
             program.close()
