@@ -10,7 +10,13 @@
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor_ptr.h>
 #include <executorch/runtime/backend/interface.h>
+#include <executorch/runtime/core/exec_aten/util/tensor_util.h>
+#include <executorch/runtime/kernel/kernel_runtime_context.h>
+#include <executorch/runtime/kernel/operator_registry.h>
+#include <executorch/runtime/kernel/thread_parallel_interface.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -67,6 +73,156 @@ struct MethodState {
   std::vector<EValue> inputs;
   std::vector<EValue> outputs;
 };
+
+// ---- edgeship's own LLM kernels ------------------------------------------------------------------------------
+// The two ops an edgeship LLM .pte calls outside XNNPACK besides ExecuTorch's portable and quantized kernels:
+// llama::update_cache.out and llama::custom_sdpa.out. The wheel ships them only in a library built against ATen
+// (it maps torch's shared libraries, ~110 MB RSS), so a torch-free process registers these instead. Same
+// semantics for what edgeship's exporter emits (fp32, [batch, seq, heads, dim] layouts, causal from start_pos,
+// no mask, no dropout); anything else fails the op with InvalidArgument instead of computing something else.
+
+using executorch::aten::Tensor;
+using executorch::runtime::KernelRuntimeContext;
+using executorch::runtime::Span;
+
+bool llm_check(KernelRuntimeContext& ctx, bool ok, const char* what) {
+  if (!ok) {
+    ET_LOG(Error, "edgeship LLM kernel: %s", what);
+    ctx.fail(Error::InvalidArgument);
+  }
+  return ok;
+}
+
+// update_cache.out(Tensor value, Tensor(a!) cache, SymInt start_pos, *, Tensor(b!) out) -> Tensor(b!)
+// value [B, T, H, D] goes to cache[:, start_pos : start_pos + T]; out is a placeholder the op leaves alone.
+void update_cache_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  if (!llm_check(ctx, stack.size() >= 4, "update_cache: expected 4 arguments")) return;
+  const Tensor& value = stack[0]->toTensor();
+  Tensor& cache = stack[1]->toTensor();
+  const int64_t start = stack[2]->toInt();
+  if (!llm_check(ctx, value.dim() == 4 && cache.dim() == 4, "update_cache: value and cache must be 4-D")) return;
+  if (!llm_check(ctx, value.scalar_type() == cache.scalar_type(), "update_cache: dtypes differ")) return;
+  const int64_t batch = value.size(0), seq = value.size(1), row = value.size(2) * value.size(3);
+  if (!llm_check(ctx, cache.size(0) == batch && cache.size(2) * cache.size(3) == row,
+                 "update_cache: value and cache shapes differ")) return;
+  if (!llm_check(ctx, start >= 0 && start + seq <= cache.size(1), "update_cache: positions past the cache")) return;
+  const size_t elem = value.element_size();
+  const auto* src = static_cast<const uint8_t*>(value.const_data_ptr());
+  auto* dst = static_cast<uint8_t*>(cache.mutable_data_ptr());
+  for (int64_t b = 0; b < batch; ++b) {
+    std::memcpy(dst + ((b * cache.size(1) + start) * row) * elem, src + (b * seq * row) * elem,
+                static_cast<size_t>(seq * row) * elem);
+  }
+}
+
+// built for the CPU it runs on, picked at load time (the shim itself is compiled for the baseline ISA)
+#if defined(__x86_64__) && defined(__GNUC__)
+#define ES_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define ES_CLONES
+#endif
+
+inline __attribute__((always_inline)) float dot(const float* a, const float* b, int64_t n) {
+  float acc[16] = {};  // independent sums: the compiler vectorizes the loop for the clone's ISA
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int k = 0; k < 16; ++k) acc[k] += a[i + k] * b[i + k];
+  }
+  float s = 0.0f;
+  for (int k = 0; k < 16; ++k) s += acc[k];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Attention of `group` query heads that share one key/value head, for one query row: scores, softmax, weighted
+// sum of values. Each key and value row is read once for the whole group (grouped-query attention).
+ES_CLONES void attend_group(const float* const* qs, float* const* os, int64_t group, const float* kd,
+                            const float* vd, int64_t stride, int64_t keys, int64_t dim, float scale, float* score) {
+  for (int64_t j = 0; j < keys; ++j) {
+    const float* kr = kd + j * stride;
+    for (int64_t g = 0; g < group; ++g) score[g * keys + j] = dot(qs[g], kr, dim) * scale;
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = score + g * keys;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < keys; ++j) top = std::max(top, sg[j]);
+    float total = 0.0f;
+    for (int64_t j = 0; j < keys; ++j) {
+      sg[j] = std::exp(sg[j] - top);
+      total += sg[j];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t j = 0; j < keys; ++j) sg[j] *= inv;
+    std::fill(os[g], os[g] + dim, 0.0f);
+  }
+  for (int64_t j = 0; j < keys; ++j) {
+    const float* vr = vd + j * stride;
+    for (int64_t g = 0; g < group; ++g) {
+      const float w = score[g * keys + j];
+      float* o = os[g];
+      for (int64_t d = 0; d < dim; ++d) o[d] += w * vr[d];
+    }
+  }
+}
+
+// custom_sdpa.out(Tensor query, Tensor key, Tensor value, SymInt start_pos, Tensor? attn_mask, float dropout_p,
+//                 bool is_causal, float? scale, *, Tensor(a!) out) -> Tensor(a!)
+// query [B, T, H, D]; key/value the whole cache [B, S, Hkv, D] with H a multiple of Hkv (grouped-query heads);
+// query row t (position start_pos + t) attends to keys 0 .. start_pos + t (causal) or 0 .. start_pos + T - 1.
+void custom_sdpa_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  if (!llm_check(ctx, stack.size() >= 9, "custom_sdpa: expected 9 arguments")) return;
+  const Tensor& q = stack[0]->toTensor();
+  const Tensor& k = stack[1]->toTensor();
+  const Tensor& v = stack[2]->toTensor();
+  const int64_t start = stack[3]->toInt();
+  const bool causal = stack[6]->toBool();
+  Tensor& out = stack[8]->toTensor();
+  if (!llm_check(ctx, stack[4]->isNone(), "custom_sdpa: attention masks are not supported")) return;
+  if (!llm_check(ctx, stack[5]->toDouble() == 0.0, "custom_sdpa: dropout is not supported")) return;
+  if (!llm_check(ctx, q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "custom_sdpa: inputs must be 4-D")) return;
+  const auto f32 = executorch::aten::ScalarType::Float;
+  if (!llm_check(ctx, q.scalar_type() == f32 && k.scalar_type() == f32 && v.scalar_type() == f32 &&
+                          out.scalar_type() == f32, "custom_sdpa: only float32 is supported")) return;
+  const int64_t batch = q.size(0), seq = q.size(1), heads = q.size(2), dim = q.size(3);
+  const int64_t cap = k.size(1), kv_heads = k.size(2);
+  if (!llm_check(ctx, k.size(0) == batch && k.size(3) == dim && kv_heads > 0 && heads % kv_heads == 0 &&
+                          v.size(0) == batch && v.size(1) == cap && v.size(2) == kv_heads && v.size(3) == dim,
+                 "custom_sdpa: query, key and value shapes do not fit")) return;
+  if (!llm_check(ctx, start >= 0 && start + seq <= cap, "custom_sdpa: positions past the cache")) return;
+  if (!llm_check(ctx, executorch::runtime::resize_tensor(out, q.sizes()) == Error::Ok,
+                 "custom_sdpa: cannot resize the output")) return;
+  const double scale = stack[7]->isNone() ? 1.0 / std::sqrt(static_cast<double>(dim)) : stack[7]->toDouble();
+  const float* qd = q.const_data_ptr<float>();
+  const float* kd = k.const_data_ptr<float>();
+  const float* vd = v.const_data_ptr<float>();
+  float* od = out.mutable_data_ptr<float>();
+  const int64_t group = heads / kv_heads;
+  const int64_t items = batch * seq * kv_heads;
+  // one work item per (batch, query row, key/value head): its group of query heads
+  auto attend = [&](int64_t lo, int64_t hi) {
+    std::vector<float> score(static_cast<size_t>(group * (start + seq)));
+    std::vector<const float*> qs(static_cast<size_t>(group));
+    std::vector<float*> os(static_cast<size_t>(group));
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t b = r / (seq * kv_heads), t = (r / kv_heads) % seq, kh = r % kv_heads;
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t at = ((b * seq + t) * heads + kh * group + g) * dim;
+        qs[g] = qd + at;
+        os[g] = od + at;
+      }
+      const int64_t keys = causal ? start + t + 1 : start + seq;
+      const int64_t first = (b * cap * kv_heads + kh) * dim;
+      attend_group(qs.data(), os.data(), group, kd + first, vd + first, kv_heads * dim, keys, dim,
+                   static_cast<float>(scale), score.data());
+    }
+  };
+  // a decode step's few rows run inline: waking the pool costs more than they do
+  if (items * group * (start + seq) * dim < (int64_t{1} << 12)) {
+    attend(0, items);
+  } else {
+    executorch::extension::parallel_for(0, items, 1, attend);
+  }
+}
 
 }  // namespace
 
@@ -240,6 +396,27 @@ int es_set_threads(unsigned n) {
 int es_get_threads() {
   auto* pool = executorch::extension::threadpool::get_threadpool();
   return pool ? static_cast<int>(pool->get_thread_count()) : fail("no threadpool");
+}
+
+// Register edgeship's llama::update_cache.out and llama::custom_sdpa.out unless a kernel of that name is registered
+// already (ExecuTorch panics on a second registration); returns how many this call registered.
+int es_register_llm_kernels() {
+  static const executorch::runtime::Kernel kernels[] = {
+      executorch::runtime::Kernel("llama::update_cache.out", update_cache_boxed),
+      executorch::runtime::Kernel("llama::custom_sdpa.out", custom_sdpa_boxed),
+  };
+  int added = 0;
+  for (const auto& kernel : kernels) {
+    bool known = false;  // (registry_has_op_function logs an error for every name it does not find)
+    for (const auto& k : executorch::runtime::get_registered_kernels()) {
+      known = known || std::strcmp(k.name_, kernel.name_) == 0;
+    }
+    if (known) continue;
+    Error e = executorch::runtime::register_kernel(kernel);
+    if (e != Error::Ok) return fail(std::string("cannot register ") + kernel.name_, e);
+    ++added;
+  }
+  return added;
 }
 
 // Registered delegate names separated by '\n'; returns the length needed.

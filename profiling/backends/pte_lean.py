@@ -25,6 +25,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -91,7 +92,7 @@ def _compiler() -> list[str]:
 
 def _build(root: Path, out: Path, cxx: list[str]) -> None:
     inc = root / "include"
-    cmd = [*cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-w", *(f"-D{d}" for d in _DEFINES),
+    cmd = [*cxx, "-std=c++17", "-O3", "-fPIC", "-shared", "-w", *(f"-D{d}" for d in _DEFINES),
            f"-I{inc}", f"-I{inc / 'executorch/runtime/core/portable_type/c10'}", str(SOURCE),
            "-o", str(out), f"-L{root / 'lib'}", "-Wl,--no-as-needed", *(f"-l{n}" for n in _LIBS),
            "-Wl,--as-needed", f"-Wl,-rpath,{root / 'lib'}"]
@@ -142,7 +143,7 @@ def _library() -> ctypes.CDLL:
         "es_output": (ctypes.c_int, [vp, cp, sz, ip, ip, ip, i64p, ctypes.POINTER(vp), ctypes.POINTER(sz),
                                      ctypes.POINTER(ctypes.c_double)]),
         "es_set_threads": (ctypes.c_int, [ctypes.c_uint]), "es_get_threads": (ctypes.c_int, []),
-        "es_backend_names": (ctypes.c_int, [cp, sz]),
+        "es_backend_names": (ctypes.c_int, [cp, sz]), "es_register_llm_kernels": (ctypes.c_int, []),
     }
     for name, (res, args) in sig.items():
         fn = getattr(lib, name)
@@ -280,14 +281,67 @@ def _llm_kernels() -> ctypes.CDLL:
         raise LeanUnavailable(f"the LLM custom kernels {path.name} do not load ({str(e)[:200]})") from None
 
 
+LLM_KERNELS_ENV = "EDGESHIP_PTE_LLM_KERNELS"  # auto (default), executorch, edgeship
+LLM_KERNEL_CHOICES = ("auto", "executorch", "edgeship")
+_llm_kernels_in_use: list[str] = []  # which set this process registered: a second set would panic ExecuTorch
+
+
+def llm_kernels_setting() -> str:
+    """``EDGESHIP_PTE_LLM_KERNELS`` as set: ``auto`` (default), ``executorch`` or ``edgeship``."""
+    m = os.environ.get(LLM_KERNELS_ENV, "auto").strip().lower() or "auto"
+    if m not in LLM_KERNEL_CHOICES:
+        raise LeanUnavailable(f"{LLM_KERNELS_ENV}={m!r} is not one of {', '.join(LLM_KERNEL_CHOICES)}")
+    return m
+
+
+def llm_kernels_wanted() -> str:
+    """Which LLM kernels this process uses: ``executorch`` (the wheel's, built against ATen: torch's libraries get
+    mapped) or ``edgeship`` (the shim's own, no torch library; about as fast, see the README).
+
+    ``auto`` picks the shim's own in a process that blocks torch (the profiler's worker) or has no wheel kernels,
+    else the wheel's: ExecuTorch aborts the process when a kernel name is registered twice, and a process that may
+    still import torch may export an LLM later, which loads the wheel's library (so ``edgeship`` set by hand is for
+    runner processes). Whichever set a process registered first, it keeps."""
+    m = llm_kernels_setting()
+    if m != "auto":
+        return m
+    if _llm_kernels_in_use:
+        return _llm_kernels_in_use[0]
+    if "torch" in sys.modules and sys.modules["torch"] is None:
+        return "edgeship"
+    try:
+        return "executorch" if (_wheel_root() / LLM_KERNELS).is_file() else "edgeship"
+    except LeanUnavailable:
+        return "edgeship"
+
+
+def register_own_llm_kernels() -> int:
+    """Register the shim's own ``llama::update_cache`` / ``llama::custom_sdpa`` (fp32, causal, no mask: what
+    edgeship's exporter emits) where no kernel of that name is registered yet; return how many were added (0: the
+    wheel's are registered already and run). They need no torch library. Not bit-identical to the wheel's (another
+    summation order): fp32 outputs within 1e-6, and int8-activation artifacts as faithful (see the README)."""
+    if _llm_kernels_in_use == ["executorch"]:
+        return 0
+    lib = runtime()
+    n = int(lib.es_register_llm_kernels())
+    if n < 0:
+        raise LeanUnavailable(lib.es_last_error().decode(errors="replace"))
+    if n:
+        _llm_kernels_in_use[:] = ["edgeship"]
+    return n
+
+
 def load_llm_kernels(threads: int | None = None) -> None:
     """Register ExecuTorch's LLM kernels with the shim's runtime (once per process) and hold ATen's OpenMP pool,
     on which ``custom_sdpa`` runs, to ``threads``; LeanUnavailable says why not."""
+    if _llm_kernels_in_use == ["edgeship"]:  # ExecuTorch panics when the wheel's library registers the names again
+        raise LeanUnavailable("this process registered edgeship's own LLM kernels already")
     try:
         _llm_kernels()
     except LeanUnavailable:
         _llm_kernels.cache_clear()
         raise
+    _llm_kernels_in_use[:] = ["executorch"]
     if threads:
         try:  # already loaded by the kernels: dlopen by soname returns that copy
             aten = ctypes.CDLL("libtorch_cpu.so")

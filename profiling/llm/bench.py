@@ -100,7 +100,7 @@ def _measure(job: dict[str, Any], cfg: LLMRunConfig) -> LLMArtifactResult:
     bundle = load_bundle(job["bundle"], verify=False)  # the parent verified every checksum
     art = bundle.manifest.artifact(job["artifact"])
     cls = get_llm_runtime(art.format)
-    if cls.torch_free:
+    if cls.runs_torch_free():
         block_torch()
     torch_free = "torch" in sys.modules and sys.modules["torch"] is None
     threads = cfg.threads or int(bundle.manifest.target.get("threads") or 0) or None

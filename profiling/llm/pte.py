@@ -4,13 +4,19 @@ The program (see :mod:`edgeship.exporters.llm_pte`) has one method, ``forward(to
 returns the logits of the last of the ``T`` tokens and keeps the KV cache inside the program as mutable buffers. A
 prompt is one call (or chunks of ``max_prefill`` tokens), a decode step is a call with one token.
 
-It runs on ExecuTorch's C++ runtime through edgeship's shim (:mod:`edgeship.profiling.backends.pte_lean`), with the
-wheel's LLM kernels (``llama::custom_sdpa``, ``update_cache``) loaded next to it. Those kernels are built against
-ATen, so torch's shared libraries are mapped (about 110 MB RSS), but the torch package is not imported: the
-Python bindings, which import it, cost about 350 MB and 3 s before the model loads (SmolLM2 int4: peak RSS see the
-README). Not torch-free, then: the device needs the torch wheel installed. Where the shim cannot be built, the
-runtime falls back to the Python bindings and says so in :meth:`PteLLMRuntime.info`; ``EDGESHIP_PTE_RUNTIME=lean``
-makes that an error, ``=pybindings`` forces the bindings.
+It runs on ExecuTorch's C++ runtime through edgeship's shim (:mod:`edgeship.profiling.backends.pte_lean`). The two
+LLM ops outside XNNPACK, ``llama::update_cache`` and ``llama::custom_sdpa``, come from one of two places
+(``EDGESHIP_PTE_LLM_KERNELS``, :func:`~edgeship.profiling.backends.pte_lean.llm_kernels_wanted`):
+
+* the shim's own, which load no torch library: the profiler's worker blocks torch and uses these (SmolLM2 int4:
+  peak RSS 204 MB, decode as fast as with the wheel's; see the README);
+* the executorch wheel's, built against ATen: torch's shared libraries get mapped (about 110 MB RSS) but the torch
+  package is not imported. The default in a process that may import torch, since ExecuTorch aborts a process that
+  registers a kernel name twice and an export in the same process would load them.
+
+The Python bindings (which import torch: about 350 MB and 3 s more) are the fallback where the shim cannot be built,
+said in :meth:`PteLLMRuntime.info`; ``EDGESHIP_PTE_RUNTIME=lean`` makes that an error, ``=pybindings`` forces them.
+A remote device still needs the executorch wheel, which edgeship does not provision for LLMs (``not_provisionable``).
 """
 
 from __future__ import annotations
@@ -28,18 +34,33 @@ from edgeship.profiling.llm.runtime import LLMRuntime
 
 ENTRY = "model.pte"
 META_METHOD = "edgeship_llm"
+OWN_KERNELS = "edgeship's update_cache / custom_sdpa (the shim's own; no torch library)"
+WHEEL_KERNELS = "the executorch wheel's update_cache / custom_sdpa (built against ATen: torch's libraries mapped)"
 
 
 class PteLLMRuntime(LLMRuntime):
     format: ClassVar[str] = "pte"
     torch_free: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ("executorch",)
-    # Not torch-free: the wheel's LLM kernels these programs call (llama::custom_sdpa, update_cache) link torch's
-    # shared libraries (the C++ path maps them without importing torch; the Python bindings import it), and a device
-    # venv built from pushed wheels does not get torch (hundreds of MB per platform).
+    # the runtime itself no longer needs torch (the shim's own LLM kernels), but edgeship's device venv does not
+    # install the executorch wheel (its requirements pull torchao and a long list of host-side packages)
     not_provisionable: ClassVar[str | None] = (
-        "the .pte LLM runner needs executorch's LLM kernels, which link torch's libraries, and edgeship does not "
-        "install torch on devices")
+        "edgeship does not install the executorch runtime on remote devices yet (its wheel's requirements pull "
+        "torchao and host-side packages); run .pte LLMs locally on the device")
+
+    @classmethod
+    def runs_torch_free(cls) -> bool:
+        """True where the shim builds here and EDGESHIP_PTE_LLM_KERNELS does not ask for the wheel's kernels: the
+        profiler then blocks torch, and the runtime uses the shim's own LLM kernels."""
+        from edgeship.profiling.backends import pte_lean
+
+        try:
+            if pte_lean.mode() == "pybindings" or pte_lean.llm_kernels_setting() == "executorch":
+                return False
+            pte_lean.runtime()
+        except pte_lean.LeanUnavailable:
+            return False
+        return True
 
     def __init__(self, path: Path, runtime: Mapping[str, Any], threads: int | None = None) -> None:
         path = Path(path)
@@ -47,7 +68,7 @@ class PteLLMRuntime(LLMRuntime):
         if not file.is_file():
             raise ArtifactLoadError(f"{file}: no such ExecuTorch program; re-export it with edgeship export --format pte")
         check_header(file)
-        program, self.notes = _open_program(file, threads)
+        program, self.notes, self.kernels = _open_program(file, threads)
         self._version = _executorch_version()
         meta = {**_embedded_meta(program), **dict(runtime)}
         self.method_name = str(meta.get("method") or "forward")
@@ -109,10 +130,9 @@ class PteLLMRuntime(LLMRuntime):
         return {
             "runtime": "executorch", "version": self._version,
             "threads": int(self.program.threads()), "threads_requested": self.threads,
-            "runtime_path": ("C++ runtime through edgeship's ctypes shim, with the wheel's LLM kernels (torch's "
-                             "shared libraries mapped, the torch package not imported)") if lean
+            "runtime_path": "C++ runtime through edgeship's ctypes shim" if lean
                             else "executorch Python bindings (import torch)",
-            "executes": "XNNPACK delegate + ExecuTorch portable/quantized/LLM custom kernels",
+            "executes": "XNNPACK delegate + ExecuTorch portable/quantized kernels + LLM kernels: " + self.kernels,
             "kv_cache": f"static, inside the program ({self.max_context} positions), llama::update_cache",
             "method": self.method_name, "max_prefill": self.max_prefill,
             "backends": list(self.program.backend_names()),
@@ -128,8 +148,10 @@ class PteLLMRuntime(LLMRuntime):
             program.close()
 
 
-def _open_program(file: Path, threads: int | None) -> tuple[Any, list[str]]:
-    """The shim with the LLM kernels where it builds here, else the Python bindings; notes say which and why."""
+def _open_program(file: Path, threads: int | None) -> tuple[Any, list[str], str]:
+    """The shim where it builds here, else the Python bindings; notes say which and why; and which LLM kernels:
+    the wheel's, which map torch's shared libraries, or with ``EDGESHIP_PTE_LLM_KERNELS=edgeship`` (or no wheel
+    kernels) the shim's own, which need no torch library (:func:`~.pte_lean.llm_kernels_wanted`)."""
     from edgeship.profiling.backends import pte_lean
     from edgeship.profiling.backends.pte import _lean_program
 
@@ -142,8 +164,12 @@ def _open_program(file: Path, threads: int | None) -> tuple[Any, list[str]]:
         notes.append(f"{pte_lean.ENV}=pybindings: ran through the executorch Python bindings (they import torch)")
     else:
         try:
-            pte_lean.load_llm_kernels(threads)
-            return _lean_program(file, threads), notes
+            if pte_lean.llm_kernels_wanted() == "edgeship":
+                kernels = OWN_KERNELS if pte_lean.register_own_llm_kernels() else WHEEL_KERNELS + " (registered already)"
+            else:
+                pte_lean.load_llm_kernels(threads)
+                kernels = WHEEL_KERNELS
+            return _lean_program(file, threads), notes, kernels
         except pte_lean.LeanUnavailable as e:
             if mode == "lean":
                 raise RuntimeMissingError(f"{pte_lean.ENV}=lean: the C++ ExecuTorch runtime is unavailable ({e})"
@@ -154,7 +180,7 @@ def _open_program(file: Path, threads: int | None) -> tuple[Any, list[str]]:
             raise ArtifactLoadError(f"{file}: the executorch runtime cannot load it ({_first(e)}); the file is "
                                     "corrupt, truncated or from an incompatible executorch version; re-export it"
                                     ) from None
-    return _pybindings(file, threads), notes
+    return _pybindings(file, threads), notes, WHEEL_KERNELS + ", through the Python bindings"
 
 
 def _pybindings(file: Path, threads: int | None) -> Any:

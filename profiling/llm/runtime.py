@@ -35,6 +35,11 @@ class LLMRuntime(ABC):
     #: why edgeship cannot install this runtime on a remote device (None: it can)
     not_provisionable: ClassVar[str | None] = None
 
+    @classmethod
+    def runs_torch_free(cls) -> bool:
+        """Whether this runtime, here, can run in a process that blocks torch (the profiler then blocks it)."""
+        return cls.torch_free
+
     max_context: int  # static KV-cache length the artifact was exported with
     vocab_size: int
     position: int  # tokens appended since the last reset

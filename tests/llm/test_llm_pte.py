@@ -323,28 +323,104 @@ def test_threads_hold_both_pools_the_runtime_uses(export_tiny: Any) -> None:
         torch.set_num_threads(before)
 
 
-def test_runs_on_the_cpp_runtime_without_importing_torch(export_tiny: Any, tmp_path: Path) -> None:
-    """By default the program runs on the C++ runtime (edgeship's shim plus the wheel's LLM kernels): the torch
-    package is never imported, and the logits are the Python bindings' to the bit."""
+_RUN = ("import json, sys\nif sys.argv[4] == 'block':\n    sys.modules['torch'] = None\nimport numpy as np\n"
+        "from edgeship.profiling.llm.pte import PteLLMRuntime\n"
+        "rt = PteLLMRuntime(sys.argv[1], json.loads(sys.argv[2]), threads=2)\n"
+        "out = [rt.append(list(range(5, 17)))] + [rt.append([t]) for t in (3, 9, 27)]\n"
+        "np.save(sys.argv[3], np.stack(out))\nrt.close()\ninfo = rt.info()  # the benchmark asks after closing\n"
+        "print(json.dumps({'torch': sys.modules.get('torch') is not None, 'path': info['runtime_path'], "
+        "'kernels': info['executes'], 'threads': info['threads'], 'notes': info['notes']}))")
+
+
+def _run_elsewhere(path: Path, runtime: dict[str, Any], out: Path, mode: str, block: bool) -> dict[str, Any]:
     import os
 
-    path, result = export_tiny("llama", "int4-weight")
-    code = ("import json, sys\nimport numpy as np\nfrom edgeship.profiling.llm.pte import PteLLMRuntime\n"
-            "rt = PteLLMRuntime(sys.argv[1], json.loads(sys.argv[2]), threads=1)\n"
-            "out = [rt.append(list(range(5, 17)))] + [rt.append([t]) for t in (3, 9, 27)]\n"
-            "np.save(sys.argv[3], np.stack(out))\nrt.close()\ninfo = rt.info()  # the benchmark asks after closing\n"
-            "print(json.dumps({'torch': 'torch' in sys.modules, 'path': info['runtime_path'], "
-            "'threads': info['threads'], 'notes': info['notes']}))")
-    seen = {}
-    for mode in ("auto", "pybindings"):
-        done = subprocess.run([sys.executable, "-c", code, str(path), json.dumps(result.runtime),
-                               str(tmp_path / f"{mode}.npy")], capture_output=True, text=True, check=False,
-                              timeout=300, env={**os.environ, "EDGESHIP_PTE_RUNTIME": mode})
-        assert done.returncode == 0, done.stderr[-3000:]
-        seen[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen["auto"]["torch"] is False and "shim" in seen["auto"]["path"] and seen["auto"]["notes"] == []
-    assert seen["pybindings"]["torch"] is True and seen["auto"]["threads"] == seen["pybindings"]["threads"] == 1
-    np.testing.assert_array_equal(np.load(tmp_path / "auto.npy"), np.load(tmp_path / "pybindings.npy"))
+    done = subprocess.run([sys.executable, "-c", _RUN, str(path), json.dumps(runtime), str(out),
+                           "block" if block else "-"], capture_output=True, text=True, check=False, timeout=300,
+                          env={**os.environ, "EDGESHIP_PTE_RUNTIME": mode})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return cast(dict[str, Any], json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "int4-weight"])
+def test_runs_on_the_cpp_runtime_without_importing_torch(export_tiny: Any, tmp_path: Path, recipe: str) -> None:
+    """By default the program runs on the C++ runtime (edgeship's shim): the torch package is never imported. With
+    the wheel's LLM kernels the logits are the Python bindings' to the bit; in a process that blocks torch (the
+    profiler's worker) it runs the shim's own kernels, which load no torch library, within float rounding of them
+    (fp32: the int8 activations of a quantized recipe would turn rounding into a different rounding of a step)."""
+    path, result = export_tiny("llama", recipe)
+    ref = _run_elsewhere(path, result.runtime, tmp_path / "ref.npy", "pybindings", block=False)
+    wheel = _run_elsewhere(path, result.runtime, tmp_path / "wheel.npy", "auto", block=False)
+    assert ref["torch"] is True and "Python bindings" in ref["path"]
+    assert wheel["torch"] is False and "shim" in wheel["path"] and wheel["notes"] == []
+    assert "wheel's" in wheel["kernels"] and ref["threads"] == wheel["threads"] == 2
+    np.testing.assert_array_equal(np.load(tmp_path / "wheel.npy"), np.load(tmp_path / "ref.npy"))
+    if recipe == "fp32":
+        own = _run_elsewhere(path, result.runtime, tmp_path / "own.npy", "auto", block=True)
+        assert own["torch"] is False and "edgeship's" in own["kernels"] and own["threads"] == 2
+        np.testing.assert_allclose(np.load(tmp_path / "own.npy"), np.load(tmp_path / "ref.npy"), atol=2e-5, rtol=1e-5)
+
+
+def _attention(heads: int, kv_heads: int, dim: int, cap: int, scale: float | None) -> Any:
+    """The two LLM ops as edgeship's exporter emits them: a static cache per K and V, causal SDPA from ``pos``."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  # defines torch.ops.llama.*
+
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("k", torch.zeros(1, cap, kv_heads, dim))
+            self.register_buffer("v", torch.zeros(1, cap, kv_heads, dim))
+
+        def forward(self, q: Any, k: Any, v: Any, pos: Any) -> Any:
+            start = pos[0].item()
+            torch._check(start >= 0)
+            torch._check(start < cap)
+            torch.ops.llama.update_cache(k, self.k, start)
+            torch.ops.llama.update_cache(v, self.v, start)
+            return torch.ops.llama.custom_sdpa(q, self.k, self.v, start, None, 0.0, True, scale)
+
+    return Attention()
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "scale"), [(4, 2, None), (9, 3, 0.2), (2, 2, None)])
+def test_own_llm_kernels_compute_what_executorchs_do(tmp_path: Path, heads: int, kv_heads: int,
+                                                     scale: float | None) -> None:
+    """The shim's update_cache / custom_sdpa against the wheel's (run eagerly through torch.ops): grouped-query
+    heads, a prompt then single tokens at growing positions, long enough rows to take the threaded path."""
+    import os
+
+    from executorch.exir import to_edge_transform_and_lower
+
+    dim, cap = 64, 96
+    module = _attention(heads, kv_heads, dim, cap, scale)
+    seq = torch.export.Dim("seq", min=1, max=64)
+    example = (torch.zeros(1, 2, heads, dim), torch.zeros(1, 2, kv_heads, dim), torch.zeros(1, 2, kv_heads, dim),
+               torch.tensor([0]))
+    program = torch.export.export(module, example, dynamic_shapes=({1: seq}, {1: seq}, {1: seq}, None), strict=True)
+    (tmp_path / "attn.pte").write_bytes(to_edge_transform_and_lower(program).to_executorch().buffer)
+    gen = torch.Generator().manual_seed(0)
+    calls, want, pos = [], [], 0
+    for n in (40, 1, 3, 1):
+        q, k, v = (torch.randn(1, n, h, dim, generator=gen) for h in (heads, kv_heads, kv_heads))
+        calls.append([q.numpy(), k.numpy(), v.numpy(), np.array([pos])])
+        want.append(module(q, k, v, torch.tensor([pos])).numpy())
+        pos += n
+    np.savez(tmp_path / "calls.npz", *[a for c in calls for a in c])
+    code = ("import sys\nsys.modules['torch'] = None\nimport numpy as np\n"
+            "from edgeship.profiling.backends import pte_lean\n"
+            "assert pte_lean.register_own_llm_kernels() == 2\npte_lean.set_threads(2)\n"
+            "p = pte_lean.LeanProgram(sys.argv[1] + '/attn.pte')\np.load_method('forward')\n"
+            "a = np.load(sys.argv[1] + '/calls.npz')\nout = []\n"
+            "for i in range(0, len(a.files), 4):\n"
+            "    p.execute('forward', [a[f'arr_{j}'] for j in range(i, i + 4)])\n"
+            "    out.append(p.outputs('forward', 1)[0])\n"
+            "np.savez(sys.argv[1] + '/got.npz', *out)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=False,
+                          timeout=300, env={**os.environ, "EDGESHIP_PTE_RUNTIME": "lean"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.load(tmp_path / "got.npz")
+    for i, w in enumerate(want):
+        np.testing.assert_allclose(got[f"arr_{i}"], w, atol=1e-5, rtol=1e-5)
 
 
 def test_bare_pte_describes_itself(export_tiny: Any) -> None:
