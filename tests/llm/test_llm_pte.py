@@ -408,18 +408,21 @@ def test_own_llm_kernels_compute_what_executorchs_do(tmp_path: Path, heads: int,
     np.savez(tmp_path / "calls.npz", *[a for c in calls for a in c])
     code = ("import sys\nsys.modules['torch'] = None\nimport numpy as np\n"
             "from edgeship.profiling.backends import pte_lean\n"
-            "assert pte_lean.register_own_llm_kernels() == 2\npte_lean.set_threads(2)\n"
+            "assert pte_lean.register_own_llm_kernels() == 2\n"
             "p = pte_lean.LeanProgram(sys.argv[1] + '/attn.pte')\np.load_method('forward')\n"
             "a = np.load(sys.argv[1] + '/calls.npz')\nout = []\n"
-            "for i in range(0, len(a.files), 4):\n"
-            "    p.execute('forward', [a[f'arr_{j}'] for j in range(i, i + 4)])\n"
-            "    out.append(p.outputs('forward', 1)[0])\n"
+            "for threads in (2, 1):  # two threads split a prompt's rows, one runs them inline\n"
+            "    pte_lean.set_threads(threads)\n"
+            "    for i in range(0, len(a.files), 4):\n"
+            "        p.execute('forward', [a[f'arr_{j}'] for j in range(i, i + 4)])\n"
+            "        out.append(p.outputs('forward', 1)[0])\n"
             "np.savez(sys.argv[1] + '/got.npz', *out)\n")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=False,
                           timeout=300, env={**os.environ, "EDGESHIP_PTE_RUNTIME": "lean"})
     assert done.returncode == 0, done.stderr[-3000:]
     got = np.load(tmp_path / "got.npz")
-    for i, w in enumerate(want):
+    assert len(got.files) == 2 * len(want)
+    for i, w in enumerate(want + want):
         np.testing.assert_allclose(got[f"arr_{i}"], w, atol=1e-5, rtol=1e-5)
 
 
