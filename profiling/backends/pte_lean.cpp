@@ -78,8 +78,8 @@ struct MethodState {
 // The two ops an edgeship LLM .pte calls outside XNNPACK besides ExecuTorch's portable and quantized kernels:
 // llama::update_cache.out and llama::custom_sdpa.out. The wheel ships them only in a library built against ATen
 // (it maps torch's shared libraries, ~110 MB RSS), so a torch-free process registers these instead. Same
-// semantics for what edgeship's exporter emits (fp32, [batch, seq, heads, dim] layouts, causal from start_pos,
-// no mask, no dropout); anything else fails the op with InvalidArgument instead of computing something else.
+// semantics for what edgeship's exporter emits (fp32, contiguous [batch, seq, heads, dim] layouts, causal from
+// start_pos, no mask, no dropout); anything else fails the op with InvalidArgument instead of computing something else.
 
 using executorch::aten::Tensor;
 using executorch::runtime::KernelRuntimeContext;
@@ -102,6 +102,9 @@ void update_cache_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   const int64_t start = stack[2]->toInt();
   if (!llm_check(ctx, value.dim() == 4 && cache.dim() == 4, "update_cache: value and cache must be 4-D")) return;
   if (!llm_check(ctx, value.scalar_type() == cache.scalar_type(), "update_cache: dtypes differ")) return;
+  if (!llm_check(ctx, executorch::runtime::tensor_is_contiguous(value) &&
+                          executorch::runtime::tensor_is_contiguous(cache),
+                 "update_cache: only contiguous tensors are supported")) return;
   const int64_t batch = value.size(0), seq = value.size(1), row = value.size(2) * value.size(3);
   if (!llm_check(ctx, cache.size(0) == batch && cache.size(2) * cache.size(3) == row,
                  "update_cache: value and cache shapes differ")) return;
@@ -187,6 +190,9 @@ void custom_sdpa_boxed(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   const auto f32 = executorch::aten::ScalarType::Float;
   if (!llm_check(ctx, q.scalar_type() == f32 && k.scalar_type() == f32 && v.scalar_type() == f32 &&
                           out.scalar_type() == f32, "custom_sdpa: only float32 is supported")) return;
+  if (!llm_check(ctx, executorch::runtime::tensor_is_contiguous(q) && executorch::runtime::tensor_is_contiguous(k) &&
+                          executorch::runtime::tensor_is_contiguous(v),
+                 "custom_sdpa: only contiguous tensors are supported")) return;
   const int64_t batch = q.size(0), seq = q.size(1), heads = q.size(2), dim = q.size(3);
   const int64_t cap = k.size(1), kv_heads = k.size(2);
   if (!llm_check(ctx, k.size(0) == batch && k.size(3) == dim && kv_heads > 0 && heads % kv_heads == 0 &&
