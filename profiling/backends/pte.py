@@ -24,7 +24,7 @@ import json
 import re
 import struct
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -150,8 +150,11 @@ def _lean_program(path: Path, threads: int | None) -> Any:
     return pte_lean.LeanProgram(path)
 
 
-def _open(path: Path, threads: int | None, per_op: bool) -> tuple[Any, list[str]]:
-    """The torch-free C++ runtime where it can be built here, else the Python bindings; notes say which and why."""
+def _open(path: Path, threads: int | None, per_op: bool,
+          kernels: Callable[[str], None] | None = None) -> tuple[Any, list[str]]:
+    """The torch-free C++ runtime where it can be built here, else the Python bindings; notes say which and why.
+    ``kernels(path)`` runs first on the path taken (``"lean"`` or ``"pybindings"``): a format registers the extra
+    kernels its programs call there (the LLM runtime's); LeanUnavailable from it falls back as the shim's would."""
     from edgeship.profiling.backends import pte_lean
 
     try:
@@ -166,6 +169,8 @@ def _open(path: Path, threads: int | None, per_op: bool) -> tuple[Any, list[str]
                      "executorch Python bindings, so load time and RSS include torch")
     else:
         try:
+            if kernels is not None:
+                kernels("lean")
             return _lean_program(path, threads), notes
         except pte_lean.LeanUnavailable as e:
             if mode == "lean":
@@ -177,6 +182,8 @@ def _open(path: Path, threads: int | None, per_op: bool) -> tuple[Any, list[str]
             raise ArtifactLoadError(f"{path}: the executorch runtime cannot load it ({_first(e)}); the file is "
                                     "corrupt, truncated or from an incompatible executorch version; re-export it") from None
     try:
+        if kernels is not None:
+            kernels("pybindings")
         return _PybindProgram(path, threads), notes
     except RuntimeMissingError:
         raise

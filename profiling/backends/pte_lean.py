@@ -54,11 +54,16 @@ class LeanUnavailable(RuntimeError):
     """Why the torch-free runtime cannot be used here (one line, said in the result's notes)."""
 
 
-def mode() -> str:
-    m = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if m not in MODES:
-        raise LeanUnavailable(f"{ENV}={m!r} is not one of {', '.join(MODES)}")
+def _setting(name: str, choices: tuple[str, ...]) -> str:
+    """An environment switch whose first choice is the default; LeanUnavailable names the choices."""
+    m = os.environ.get(name, choices[0]).strip().lower() or choices[0]
+    if m not in choices:
+        raise LeanUnavailable(f"{name}={m!r} is not one of {', '.join(choices)}")
     return m
+
+
+def mode() -> str:
+    return _setting(ENV, MODES)
 
 
 def cache_dir() -> Path:
@@ -288,10 +293,7 @@ _llm_kernels_in_use: list[str] = []  # which set this process registered: a seco
 
 def llm_kernels_setting() -> str:
     """``EDGESHIP_PTE_LLM_KERNELS`` as set: ``auto`` (default), ``executorch`` or ``edgeship``."""
-    m = os.environ.get(LLM_KERNELS_ENV, "auto").strip().lower() or "auto"
-    if m not in LLM_KERNEL_CHOICES:
-        raise LeanUnavailable(f"{LLM_KERNELS_ENV}={m!r} is not one of {', '.join(LLM_KERNEL_CHOICES)}")
-    return m
+    return _setting(LLM_KERNELS_ENV, LLM_KERNEL_CHOICES)
 
 
 def llm_kernels_wanted() -> str:

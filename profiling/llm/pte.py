@@ -149,55 +149,31 @@ class PteLLMRuntime(LLMRuntime):
 
 
 def _open_program(file: Path, threads: int | None) -> tuple[Any, list[str], str]:
-    """The shim where it builds here, else the Python bindings; notes say which and why; and which LLM kernels:
-    the wheel's, which map torch's shared libraries, or with ``EDGESHIP_PTE_LLM_KERNELS=edgeship`` (or no wheel
-    kernels) the shim's own, which need no torch library (:func:`~.pte_lean.llm_kernels_wanted`)."""
+    """The encoders' :func:`~edgeship.profiling.backends.pte._open` (the shim where it builds here, else the Python
+    bindings, with notes saying which and why), with the LLM kernels registered on the path it takes; and which:
+    the wheel's, which map torch's shared libraries, or the shim's own, which need no torch library
+    (:func:`~.pte_lean.llm_kernels_wanted`)."""
     from edgeship.profiling.backends import pte_lean
-    from edgeship.profiling.backends.pte import _lean_program
+    from edgeship.profiling.backends.pte import _open
 
-    try:
-        mode = pte_lean.mode()
-    except pte_lean.LeanUnavailable as e:
-        raise ArtifactLoadError(str(e)) from None
-    notes: list[str] = []
-    if mode == "pybindings":
-        notes.append(f"{pte_lean.ENV}=pybindings: ran through the executorch Python bindings (they import torch)")
-    else:
-        try:
-            if pte_lean.llm_kernels_wanted() == "edgeship":
-                kernels = OWN_KERNELS if pte_lean.register_own_llm_kernels() else WHEEL_KERNELS + " (registered already)"
-            else:
-                pte_lean.load_llm_kernels(threads)
-                kernels = WHEEL_KERNELS
-            return _lean_program(file, threads), notes, kernels
-        except pte_lean.LeanUnavailable as e:
-            if mode == "lean":
-                raise RuntimeMissingError(f"{pte_lean.ENV}=lean: the C++ ExecuTorch runtime is unavailable ({e})"
-                                          ) from None
-            notes.append(f"C++ runtime unavailable ({e}): ran through the executorch Python bindings, so load time "
-                         "and RSS include torch (~350 MB)")
-        except RuntimeError as e:
-            raise ArtifactLoadError(f"{file}: the executorch runtime cannot load it ({_first(e)}); the file is "
-                                    "corrupt, truncated or from an incompatible executorch version; re-export it"
-                                    ) from None
-    return _pybindings(file, threads), notes, WHEEL_KERNELS + ", through the Python bindings"
+    used: list[str] = []
 
+    def register(path: str) -> None:
+        if path == "pybindings":
+            try:
+                from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  # llama::custom_sdpa & co.
+            except ImportError as e:
+                raise RuntimeMissingError(f"the executorch runtime is not installed ({e}); pip install "
+                                          "'edgeship[export]' (or executorch) to run .pte LLMs") from None
+            used.append(WHEEL_KERNELS + ", through the Python bindings")
+        elif pte_lean.llm_kernels_wanted() == "edgeship":
+            used.append(OWN_KERNELS if pte_lean.register_own_llm_kernels() else WHEEL_KERNELS + " (registered already)")
+        else:
+            pte_lean.load_llm_kernels(threads)
+            used.append(WHEEL_KERNELS)
 
-def _pybindings(file: Path, threads: int | None) -> Any:
-    from edgeship.profiling.backends.pte import _PybindProgram
-
-    try:
-        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  # llama::custom_sdpa, update_cache
-    except ImportError as e:
-        raise RuntimeMissingError(f"the executorch runtime is not installed ({e}); pip install 'edgeship[export]' "
-                                  "(or executorch) to run .pte LLMs") from None
-    try:
-        return _PybindProgram(file, threads)
-    except RuntimeMissingError:
-        raise
-    except Exception as e:
-        raise ArtifactLoadError(f"{file}: the executorch runtime cannot load it ({_first(e)}); the file is corrupt, "
-                                "truncated or from an incompatible executorch version; re-export it") from None
+    program, notes = _open(file, threads, per_op=False, kernels=register)
+    return program, notes, used[-1]
 
 
 def _embedded_meta(program: Any) -> dict[str, Any]:
