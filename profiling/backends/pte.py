@@ -210,13 +210,7 @@ class PteBackend(Backend):
         """True where the C++ runtime shim builds and loads here and no per-op ETDump (a torch-side tool) is asked."""
         from edgeship.profiling.backends import pte_lean
 
-        try:
-            if pte_lean.mode() == "pybindings" or options.get("per_op"):
-                return False
-            pte_lean.runtime()
-        except pte_lean.LeanUnavailable:
-            return False
-        return True
+        return not options.get("per_op") and pte_lean.usable()
 
     def __init__(self, path: Path, threads: int | None = None, options: Mapping[str, Any] | None = None) -> None:
         opts = self.checked_options(options)

@@ -156,6 +156,18 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+def usable() -> bool:
+    """Whether the torch-free path is asked for (``EDGESHIP_PTE_RUNTIME`` is not ``pybindings``) and the shim builds
+    and loads here: what a runtime's ``runs_torch_free`` starts from."""
+    if mode() == "pybindings":
+        return False
+    try:
+        runtime()
+    except LeanUnavailable:
+        return False
+    return True
+
+
 def runtime() -> ctypes.CDLL:
     """The loaded shim; LeanUnavailable says why not (built and loaded once per process)."""
     try:

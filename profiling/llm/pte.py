@@ -54,13 +54,7 @@ class PteLLMRuntime(LLMRuntime):
         profiler then blocks torch, and the runtime uses the shim's own LLM kernels."""
         from edgeship.profiling.backends import pte_lean
 
-        try:
-            if pte_lean.mode() == "pybindings" or pte_lean.llm_kernels_setting() == "executorch":
-                return False
-            pte_lean.runtime()
-        except pte_lean.LeanUnavailable:
-            return False
-        return True
+        return pte_lean.llm_kernels_setting() != "executorch" and pte_lean.usable()
 
     def __init__(self, path: Path, runtime: Mapping[str, Any], threads: int | None = None) -> None:
         path = Path(path)
