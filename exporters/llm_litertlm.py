@@ -23,8 +23,8 @@ the tokenizer adds one, the generation config's stop tokens, max_num_tokens = ma
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +37,7 @@ from edgeship.exporters.llm_base import (
     LLMExportResult,
     kv_cache_bytes_per_token,
 )
-from edgeship.exporters.tflite import litert_progress_off, quantize
+from edgeship.exporters.tflite import quantize
 
 if TYPE_CHECKING:
     from torch import nn
@@ -61,8 +61,9 @@ def export_litertlm(req: LLMExportRequest) -> LLMExportResult:
     warnings: list[str] = []
     mcfg = lt.model_config(hf, req.max_context, warnings)
     lengths = lt.prefill_lengths(req.max_context)
-    float_path = _stock_graph(req, mcfg, lengths)
     quant: dict[str, Any] = {"recipe": req.recipe}
+    float_path = lt.float_graph(req, mcfg, lengths, recipe, quant, "litertlm", functools.partial(
+        _convert_stock, mcfg=mcfg, max_context=req.max_context, lengths=lengths))
     configure = recipe.configure
     if configure is not None:
         data = quantize(float_path.read_bytes(), lambda q: quant.update(configure(q, req.group_size)))
@@ -132,30 +133,7 @@ def _post_processor_adds(hf_dir: Path, bos: Any) -> bool:
     return any(int(bos) in (specials.get(n, {}).get("ids") or []) for n in names)
 
 
-#: (model dir, weights fingerprint, max_context, prefill lengths) -> converted stock float graph: the recipes of one
-#: model in one process differ only after conversion (kept in llm_tflite's per-process directory, removed at exit)
-_STOCK_GRAPHS: dict[tuple[str, str, int, tuple[int, ...]], Path] = {}
-
-
-def _stock_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int]) -> Path:
-    import torch
-
-    key = (str(req.hf_dir.resolve()), lt.fingerprint(req.hf_dir), req.max_context, tuple(lengths))
-    hit = _STOCK_GRAPHS.get(key)
-    if hit is not None and hit.is_file():
-        return hit
-    work = lt.graph_dir() / f"stock-{len(_STOCK_GRAPHS)}"
-    work.mkdir()
-    with litert_progress_off(), torch.no_grad():
-        t0 = time.perf_counter()
-        decoder = lt.load_decoder(mcfg, req.hf_dir, mask_cache_size=req.max_context, fmt="litertlm")
-        path = _convert_stock(decoder, mcfg, req.max_context, lengths, work)
-        lt.log.info("litertlm: converted the float decoder in %.1f s", time.perf_counter() - t0)
-    _STOCK_GRAPHS[key] = path
-    return path
-
-
-def _convert_stock(decoder: nn.Module, mcfg: Any, max_context: int, lengths: list[int], workdir: Path) -> Path:
+def _convert_stock(decoder: nn.Module, workdir: Path, mcfg: Any, max_context: int, lengths: list[int]) -> Path:
     import torch
     from litert_torch.generative.layers import kv_cache as kv_utils
     from litert_torch.generative.utilities import converter, export_config

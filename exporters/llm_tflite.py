@@ -94,14 +94,92 @@ def _int8_dynamic(q: Any, block: int) -> dict[str, Any]:
 
 def _int4_weight(q: Any, block: int) -> dict[str, Any]:
     from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
 
     ops = qtyping.TFLOperationName
     q.add_dynamic_config(".*", ops.EMBEDDING_LOOKUP, 8)
-    q.add_dynamic_config(".*", ops.FULLY_CONNECTED, 4, getattr(qtyping.QuantGranularity, f"BLOCKWISE_{block}"))
-    return {"weights": f"int4 symmetric block-wise, block {block} (every FULLY_CONNECTED incl. the LM head)",
+    # the 4-bit linears hold weights already on their grid (offset_int4): the recovery algorithm reads each block's
+    # step back from the values instead of refitting a symmetric max/7 scale, so the grid survives bit-exactly
+    q.add_dynamic_config(".*", ops.FULLY_CONNECTED, 4, getattr(qtyping.QuantGranularity, f"BLOCKWISE_{block}"),
+                         algorithm_key=AlgorithmName.DEQUANTIZED_WEIGHT_RECOVERY)
+    q.add_dynamic_config(OFFSET_SCOPE, ops.FULLY_CONNECTED, 8)  # the block offsets: per-channel int8
+    q.add_dynamic_config(HEAD_SCOPE, ops.FULLY_CONNECTED, 8)  # the LM head: per-channel int8
+    return {"weights": f"int4 block-wise, block {block}, with an exact per-block offset (every linear of the "
+                       "decoder blocks)", "head": "int8 per-channel (the most sensitive layer; GGUF files keep it "
+                                                  "8-bit too)",
             "group_size": block, "embeddings": "int8 per-channel (no block-wise int4 for EMBEDDING_LOOKUP)",
             "activations": "int8 dynamic (per inference), float32 elsewhere",
-            "quantizer": "ai-edge-quantizer dynamic int4 block-wise"}
+            "quantizer": "ai-edge-quantizer dynamic int4 block-wise (dequantized_weight_recovery) + int8 per-channel"}
+
+
+OFFSET_SCOPE = "Linear_edgeship_offset"  # FC output names carry the module path: the offset linears' attribute name
+HEAD_SCOPE = "logits"  # the LM head's output is the signature's logits
+
+
+def offset_int4(decoder: nn.Module, block: int) -> dict[str, Any]:
+    """Put every linear of the decoder blocks on a 4-bit grid whose offsets are exact, in place (the LM head and
+    the embedding are left to the quantizer's 8-bit configs).
+
+    ai-edge-quantizer's 4-bit blocks are symmetric (``w = scale * q``, q in -8..7, scale = max|w| / 7): most 4-bit
+    checkpoints people ship (GGUF ``Q4_1``, GPTQ, AWQ) sit on an affine grid ``w = d * q + m``, and requantizing
+    them symmetrically moves every weight (SmolLM2, a ``Q4_1`` GGUF: top-1 0.670). As for ``.pte``
+    (:func:`edgeship.exporters.llm_pte.offset_int4`) each block gets its min/max affine fit (exactly the ``Q4_1``
+    grid when the weights were on one); the linear keeps ``d * (q - 8)`` and the offset ``o`` [out, blocks] comes
+    back as ``o @ (block sums of x)``, a small linear (:data:`OFFSET_SCOPE`, int8 per channel). The quantizer's
+    ``dequantized_weight_recovery`` algorithm then reads each block's step back as the smallest gap between its
+    sorted ``|values|`` and 0: the fit puts every block's min on level 0 and its max on 15, so ``|q - 8|`` holds
+    both 8 and 7 and that gap is one step (a constant block recovers a coarser step that is exact too). The step
+    is stored as bf16 in an fp16, so ``d`` is rounded so here first and the offsets are least-squares fitted to
+    the rounded steps. The quantizer checks the recovered weights against these within 1e-4 and fails the export
+    if they differ."""
+    import ml_dtypes
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from edgeship.exporters.onnx_affine4 import affine_blocks
+
+    done = 0
+    blocks_of = getattr(decoder, "transformer_blocks", decoder)
+    for parent in list(blocks_of.modules()):
+        for child, lin in list(parent.named_children()):
+            if type(lin) is not nn.Linear or lin.in_features % block:
+                continue
+            w = lin.weight.detach().float().numpy()
+            n, k = w.shape
+            q_u, step, _ = affine_blocks(w, block, bits=4)
+            step = step.astype(ml_dtypes.bfloat16).astype(np.float16).astype(np.float32)
+            sym = (q_u.astype(np.float32) - 8) * step[..., None]
+            offset = (w.reshape(n, k // block, block) - sym).mean(-1)
+            setattr(parent, child, _offset_linear()(lin, torch.from_numpy(sym.reshape(n, k)),
+                                                     torch.from_numpy(offset), block))
+            done += 1
+    return {"int4_layers": done,
+            "offsets": f"per block of {block}: exact affine offset through a small int8 linear (4-bit grid kept)"}
+
+
+@functools.cache
+def _offset_linear() -> type:
+    from torch import nn
+
+    class OffsetLinear(nn.Module):
+        """``linear(x) + edgeship_offset(block sums of x)``: 4-bit grid weights and their exact block offsets."""
+
+        def __init__(self, linear: nn.Linear, grid: torch.Tensor, offset: torch.Tensor, block: int) -> None:
+            super().__init__()
+            self.linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+            self.linear.weight = nn.Parameter(grid, requires_grad=False)
+            if linear.bias is not None:
+                self.linear.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+            self.edgeship_offset = nn.Linear(offset.shape[1], offset.shape[0], bias=False)
+            self.edgeship_offset.weight = nn.Parameter(offset, requires_grad=False)
+            self.block = block
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            sums = x.unflatten(-1, (-1, self.block)).sum(-1)
+            return self.linear(x) + self.edgeship_offset(sums)  # type: ignore[no-any-return]
+
+    return OffsetLinear
 
 
 @dataclass(frozen=True)
@@ -109,13 +187,15 @@ class Recipe:
     description: str
     configure: Callable[[Any, int], dict[str, Any]] | None  # ai-edge-quantizer set-up; None keeps the float graph
     blockwise: bool = False  # takes the request's group_size as its block size
+    # rewrites the float decoder before conversion (given the block size; returns what it did for the manifest)
+    transform: Callable[[nn.Module, int], dict[str, Any]] | None = None
 
 
 RECIPES: dict[str, Recipe] = {
     "fp32": Recipe("float32 weights and activations", None),
     "int8-dynamic": Recipe("int8 per-channel weights + int8 embedding, dynamic int8 activations", _int8_dynamic),
-    "int4-weight": Recipe("int4 block-wise weights (group_size), int8 embedding, dynamic int8 activations",
-                          _int4_weight, blockwise=True),
+    "int4-weight": Recipe("int4 block-wise weights (group_size) with exact offsets, int8 head and embedding, "
+                          "dynamic int8 activations", _int4_weight, blockwise=True, transform=offset_int4),
 }
 
 
@@ -131,9 +211,8 @@ def export_tflite(req: LLMExportRequest) -> LLMExportResult:
     warnings: list[str] = []
     mcfg = model_config(hf, req.max_context, warnings)
     lengths = prefill_lengths(req.max_context)
-    fp32 = _fp32_graph(req, mcfg, lengths)
     quant: dict[str, Any] = {"recipe": req.recipe}
-    data = fp32.read_bytes()
+    data = float_graph(req, mcfg, lengths, recipe, quant, "tflite").read_bytes()
     configure = recipe.configure
     if configure is not None:
         data = quantize(data, lambda q: quant.update(configure(q, req.group_size)))
@@ -162,26 +241,42 @@ def export_tflite(req: LLMExportRequest) -> LLMExportResult:
                            kv_cache_bytes_per_token=kv_cache_bytes_per_token(hf), tool=_tools(), warnings=warnings)
 
 
-#: (model dir, weights fingerprint, max_context, prefill lengths) -> converted float graph. The core exports several
-#: recipes of one model in one process and they differ only after conversion (SmolLM2-135M converts in several
-#: minutes), so the float graph is converted once and kept in a per-process directory removed at exit.
-_FP32_GRAPHS: dict[tuple[str, str, int, tuple[int, ...]], Path] = {}
+#: (model dir, weights fingerprint, max_context, prefill lengths, format, transform) -> converted float graph. The
+#: core exports several recipes of one model in one process and most differ only after conversion (SmolLM2-135M
+#: converts in several minutes), so each float graph is converted once and kept in a per-process directory removed
+#: at exit.
+_GRAPHS: dict[tuple[str, ...], tuple[Path, dict[str, Any]]] = {}
 
 
-def _fp32_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int]) -> Path:
+def float_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int], recipe: Recipe, quant: dict[str, Any],
+                fmt: str, convert: Callable[[nn.Module, Path], Path] | None = None) -> Path:
+    """The converted float decoder for ``recipe`` (its :attr:`Recipe.transform` applied first; what the transform
+    did goes into ``quant``): this module's signatures, or ``convert(decoder, workdir)``'s (``--format
+    litertlm``'s stock ones, with litert-torch's own mask cache)."""
     import torch
 
-    key = (str(req.hf_dir.resolve()), fingerprint(req.hf_dir), req.max_context, tuple(lengths))
-    hit = _FP32_GRAPHS.get(key)
-    if hit is not None and hit.is_file():
-        return hit
-    path = graph_dir() / f"fp32-{len(_FP32_GRAPHS)}.tflite"
+    transform = recipe.transform
+    tag = f"{transform.__name__}-{req.group_size}" if transform is not None else "float"
+    key = (str(req.hf_dir.resolve()), fingerprint(req.hf_dir), str(req.max_context), ",".join(map(str, lengths)),
+           fmt, tag)
+    hit = _GRAPHS.get(key)
+    if hit is not None and hit[0].is_file():
+        quant.update(hit[1])
+        return hit[0]
+    work = graph_dir() / f"{fmt}-{tag}-{len(_GRAPHS)}"
+    work.mkdir()
     with litert_progress_off(), torch.no_grad():
         t0 = time.perf_counter()
-        decoder = load_decoder(mcfg, req.hf_dir)
-        _convert(decoder, mcfg, req.max_context, lengths, path)
-        log.info("tflite: converted the float decoder in %.1f s", time.perf_counter() - t0)
-    _FP32_GRAPHS[key] = path
+        decoder = load_decoder(mcfg, req.hf_dir, mask_cache_size=req.max_context if convert else 0, fmt=fmt)
+        done = transform(decoder, req.group_size) if transform is not None else {}
+        if convert is None:
+            path = work / FILE
+            _convert(decoder, mcfg, req.max_context, lengths, path)
+        else:
+            path = convert(decoder, work)
+        log.info("%s: converted the float decoder (%s) in %.1f s", fmt, tag, time.perf_counter() - t0)
+    _GRAPHS[key] = path, done
+    quant.update(done)
     return path
 
 

@@ -175,6 +175,49 @@ def test_quantized_files_are_smaller_and_say_what_was_applied(exported: Any) -> 
     assert "int8" in exported("qwen2", "int8-dynamic")[1].quantization["weights"]
 
 
+def test_int4_keeps_a_q4_1_grid_through_the_quantizer() -> None:
+    """The trap behind tflite/int4's 0.670 on SmolLM2: ai-edge-quantizer refits 4-bit blocks symmetrically
+    (max|w| / 7), which moves every weight of a ``Q4_1`` checkpoint. offset_int4 hands it ``d * (q - 8)`` instead,
+    and its dequantized_weight_recovery algorithm must read back exactly that grid (its own check, run here on
+    the weights the exporter writes), with the offsets restoring the original linear."""
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.algorithms.uniform_quantize import dequantized_weight_recovery as dwr
+    from ai_edge_quantizer.algorithms.uniform_quantize import uniform_quantize_tensor as uqt
+
+    from edgeship.exporters.llm_tflite import OFFSET_SCOPE, offset_int4
+
+    g = torch.Generator().manual_seed(0)
+    n, k, block = 48, 96, 32
+    d = torch.rand(n, k // block, 1, generator=g) * 0.01 + 1e-3  # a Q4_1 checkpoint: w = d * q + m per block
+    m = -8 * d + torch.randn(n, k // block, 1, generator=g) * 1e-3
+    q = torch.randint(0, 16, (n, k // block, block), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    lin = torch.nn.Linear(k, n, bias=True)
+    lin.weight.data = (d * q + m).reshape(n, k)
+    holder = torch.nn.Sequential(lin)
+    w = lin.weight.detach().clone()
+    x = torch.randn(5, k, generator=g)
+    assert offset_int4(holder, block)["int4_layers"] == 1
+    wrapped = holder[0]
+    side = getattr(wrapped, OFFSET_SCOPE.removeprefix("Linear_"))
+    grid = wrapped.linear.weight.detach().numpy()
+    effective = grid.reshape(n, k // block, block) + side.weight.detach().numpy()[..., None]
+    # exact up to the bf16 rounding of each step (<= 2^-8 relative, times at most 8 levels from the centre)
+    err = np.abs(effective - w.reshape(n, k // block, block).numpy()) / d.numpy()
+    assert err.max() < 0.04, err.max()
+    np.testing.assert_allclose(wrapped(x).detach().numpy(), torch.nn.functional.linear(
+        x, torch.from_numpy(effective.reshape(n, k)), lin.bias).detach().numpy(), rtol=1e-5, atol=1e-5)
+    # FULLY_CONNECTED weights are blocked along axis 1 (TFL_OP_TO_BLOCKWISE_WEIGHT_QUANTIZED_DIM)
+    zp, scale = dwr.get_zp_scale_from_dequantized_symmetric_weights(grid, quantized_dimension=1, block_size=block)
+    params = qtyping.UniformQuantParams(num_bits=4, quantized_dimension=1, scale=scale, zero_point=zp,
+                                        symmetric=True, block_size=block)
+    levels = uqt.uniform_quantize(grid, params, is_blockwise_quant=True)
+    assert levels.min() >= -8 and levels.max() <= 7
+    np.testing.assert_array_equal(uqt.uniform_dequantize(levels, params), grid)
+    stored = scale.astype(np.float32)  # what the file keeps: bf16 in an fp16 (quantize_tensor.py)
+    np.testing.assert_array_equal(stored.reshape(-1), stored.reshape(-1).astype("float16").astype(np.float32))
+
+
 def test_prompt_longer_than_a_chunk_and_reset(exported: Any, reference: Any) -> None:
     """41 tokens = one full 32-chunk + 9 padded into another; same logits as PyTorch; reset starts over."""
     out, res = exported("llama", "fp32")
@@ -299,14 +342,10 @@ def smol_agreement(smollm2: Any, smol_exports: Any) -> dict[str, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("recipe", "floor"), [("int8-dynamic", 0.95), ("int4-weight", 0.60)])
+@pytest.mark.parametrize(("recipe", "floor"), [("int8-dynamic", 0.95), ("int4-weight", 0.88)])
 def test_smollm2_teacher_forced_agreement(recipe: str, floor: float, smol_agreement: dict[str, float]) -> None:
-    """Regression floors (measured: int8 0.967 with the Hadamard recipe, int4 block-32 0.670)."""
+    """Regression floors under the measured figures (this AMD VM, 300 tokens): int8 0.967 with the Hadamard
+    recipe; int4 0.913 with the exact-offset grid (0.670 when the quantizer refitted the blocks symmetrically).
+    Issue 10's int4 target (0.90) is held by the profile's floor at export; a CPU's int8 rounding moves a few
+    tokens here."""
     assert smol_agreement[recipe] >= floor, f"{recipe}: top-1 agreement {smol_agreement[recipe]:.3f} (floor {floor})"
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 10's int4 target (top-1 >= 0.90) is not met: block-32 int4 weights with "
-                                       "dynamic int8 activations measured 0.670 on SmolLM2-135M")
-def test_smollm2_int4_meets_issue_target(smol_agreement: dict[str, float]) -> None:
-    assert smol_agreement["int4-weight"] >= 0.90
