@@ -37,7 +37,6 @@ from edgeship.exporters.llm_base import (
     LLMExportResult,
     kv_cache_bytes_per_token,
 )
-from edgeship.exporters.tflite import quantize
 
 if TYPE_CHECKING:
     from torch import nn
@@ -66,7 +65,7 @@ def export_litertlm(req: LLMExportRequest) -> LLMExportResult:
         _convert_stock, mcfg=mcfg, max_context=req.max_context, lengths=lengths))
     configure = recipe.configure
     if configure is not None:
-        data = quantize(float_path.read_bytes(), lambda q: quant.update(configure(q, req.group_size)))
+        data = lt.quantize_recipe(float_path.read_bytes(), configure, req.group_size, quant, "litertlm")
         model_path = req.workdir / "quantized.tflite"
         model_path.write_bytes(data)
     else:

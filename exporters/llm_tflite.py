@@ -215,7 +215,7 @@ def export_tflite(req: LLMExportRequest) -> LLMExportResult:
     data = float_graph(req, mcfg, lengths, recipe, quant, "tflite").read_bytes()
     configure = recipe.configure
     if configure is not None:
-        data = quantize(data, lambda q: quant.update(configure(q, req.group_size)))
+        data = quantize_recipe(data, configure, req.group_size, quant, "tflite")
     else:
         quant.update(weights="float32", activations="float32", embeddings="float32")
     req.out.mkdir(parents=True, exist_ok=True)
@@ -239,6 +239,21 @@ def export_tflite(req: LLMExportRequest) -> LLMExportResult:
     }
     return LLMExportResult(files=[Path(FILE)], runtime=runtime, quantization=quant,
                            kv_cache_bytes_per_token=kv_cache_bytes_per_token(hf), tool=_tools(), warnings=warnings)
+
+
+def quantize_recipe(data: bytes, configure: Callable[[Any, int], dict[str, Any]], block: int, quant: dict[str, Any],
+                    fmt: str) -> bytes:
+    """ai-edge-quantizer with a recipe's configuration; what it applied goes into ``quant``."""
+    try:
+        return quantize(data, lambda q: quant.update(configure(q, block)))
+    except (RuntimeError, ValueError) as e:  # the quantizer wraps its recovery check's RuntimeError in a ValueError
+        if "Failed to recover" not in str(e):
+            raise
+        # a 4-bit linear that offset_int4 did not put on its grid: the FC name scopes no longer match this
+        # litert-torch's tensor names
+        raise ExportError(f"{fmt}/{quant.get('recipe')}: a 4-bit layer is not on the grid edgeship wrote (the head or "
+                          f"an offset linear was not matched by '{HEAD_SCOPE}' / '{OFFSET_SCOPE}' in this "
+                          f"litert-torch's op names): {str(e).splitlines()[0][:200]}") from e
 
 
 #: (model dir, weights fingerprint, max_context, prefill lengths, format, transform) -> converted float graph. The

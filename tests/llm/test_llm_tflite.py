@@ -218,6 +218,36 @@ def test_int4_keeps_a_q4_1_grid_through_the_quantizer() -> None:
     np.testing.assert_array_equal(stored.reshape(-1), stored.reshape(-1).astype("float16").astype(np.float32))
 
 
+def test_int4_file_holds_4bit_body_and_8bit_head_and_offsets(exported: Any, tiny_dirs: dict[str, Path],
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head and the offset linears are picked by regexes on litert-torch's FC output names: read the weight
+    types back from the file; and a name that no longer matches (an upstream renaming) is a one-line export error
+    (the quantizer's recovery check refuses a head that is not on a 4-bit grid), not a silently 4-bit head."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
+
+    out, _ = exported("qwen2", "int4-weight")
+    model = fu.read_model(str(out / "model.tflite"))
+    fc = schema.BuiltinOperator.FULLY_CONNECTED
+    kinds: dict[str, set[int]] = {"head": set(), "offset": set(), "body": set()}
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            if model.operatorCodes[op.opcodeIndex].builtinCode != fc:
+                continue
+            w = sg.tensors[op.inputs[1]]
+            rows, cols = (int(d) for d in w.shape)
+            kind = "head" if rows == 320 else "offset" if cols in (64 // 32, 128 // 32) else "body"
+            kinds[kind].add(int(w.type))
+    assert kinds == {"head": {schema.TensorType.INT8}, "offset": {schema.TensorType.INT8},
+                     "body": {schema.TensorType.INT4}}, kinds
+    import edgeship.exporters.llm_tflite as lt
+
+    monkeypatch.setattr(lt, "HEAD_SCOPE", "renamed_logits")
+    with pytest.raises(ExportError, match=r"tflite/int4-weight: a 4-bit layer is not on the grid .*renamed_logits") as e:
+        export_tflite(_request(tiny_dirs["qwen2"], "int4-weight", tmp_path / "o"))
+    assert "\n" not in str(e.value) and not (tmp_path / "o" / "model.tflite").exists()
+
+
 def test_prompt_longer_than_a_chunk_and_reset(exported: Any, reference: Any) -> None:
     """41 tokens = one full 32-chunk + 9 padded into another; same logits as PyTorch; reset starts over."""
     out, res = exported("llama", "fp32")
