@@ -374,7 +374,7 @@ def smol_agreement(smollm2: Any, smol_exports: Any) -> dict[str, float]:
 @pytest.mark.slow
 @pytest.mark.parametrize(("recipe", "floor"), [("int8-dynamic", 0.95), ("int4-weight", 0.88)])
 def test_smollm2_teacher_forced_agreement(recipe: str, floor: float, smol_agreement: dict[str, float]) -> None:
-    """Regression floors under the measured figures (this AMD VM, 300 tokens): int8 0.967 with the Hadamard
+    """Regression floors under the measured figures (an Intel Xeon VM, 300 tokens): int8 0.967 with the Hadamard
     recipe; int4 0.913 with the exact-offset grid (0.670 when the quantizer refitted the blocks symmetrically).
     Issue 10's int4 target (0.90) is held by the profile's floor at export; a CPU's int8 rounding moves a few
     tokens here."""
