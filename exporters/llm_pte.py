@@ -518,15 +518,11 @@ def offset_int4(model: Any, name: str, block: int, outliers: torch.Tensor | None
         IntxUnpackedToInt8Tensor,
     )
 
-    from edgeship.exporters.onnx_affine4 import affine_blocks, block_sum_matrix
+    from edgeship.exporters.onnx_affine4 import block_sum_matrix, symmetric_grid
 
     lin = model.get_submodule(name)
-    w = lin.weight.detach().float()
-    n, k = w.shape
-    q_u, step_np, _ = affine_blocks(w.numpy(), block, bits=4)
-    q = torch.from_numpy(q_u).float() - 8  # signed: -8 .. 7
-    step = torch.from_numpy(step_np).to(torch.bfloat16).float()
-    offset = (w.view(n, k // block, block) - q * step[..., None]).mean(-1)
+    n, k = lin.weight.shape
+    q, step, offset = (torch.from_numpy(a) for a in symmetric_grid(lin.weight.detach().float().numpy(), block))
     sym = (q * step[..., None]).view(n, k)
     lin.weight = nn.Parameter(IntxUnpackedToInt8Tensor.from_hp(
         sym, (1, block), torch.int4,  # type: ignore[attr-defined]

@@ -132,12 +132,10 @@ def offset_int4(decoder: nn.Module, block: int) -> dict[str, Any]:
     is stored as bf16 in an fp16, so ``d`` is rounded so here first and the offsets are least-squares fitted to
     the rounded steps. The quantizer checks the recovered weights against these within 1e-4 and fails the export
     if they differ."""
-    import ml_dtypes
-    import numpy as np
     import torch
     from torch import nn
 
-    from edgeship.exporters.onnx_affine4 import affine_blocks
+    from edgeship.exporters.onnx_affine4 import symmetric_grid
 
     done = 0
     blocks_of = getattr(decoder, "transformer_blocks", decoder)
@@ -145,14 +143,9 @@ def offset_int4(decoder: nn.Module, block: int) -> dict[str, Any]:
         for child, lin in list(parent.named_children()):
             if type(lin) is not nn.Linear or lin.in_features % block:
                 continue
-            w = lin.weight.detach().float().numpy()
-            n, k = w.shape
-            q_u, step, _ = affine_blocks(w, block, bits=4)
-            step = step.astype(ml_dtypes.bfloat16).astype(np.float16).astype(np.float32)
-            sym = (q_u.astype(np.float32) - 8) * step[..., None]
-            offset = (w.reshape(n, k // block, block) - sym).mean(-1)
-            setattr(parent, child, _offset_linear()(lin, torch.from_numpy(sym.reshape(n, k)),
-                                                     torch.from_numpy(offset), block))
+            q, step, offset = symmetric_grid(lin.weight.detach().float().numpy(), block, fp16_steps=True)
+            sym = torch.from_numpy(q * step[..., None]).reshape(lin.weight.shape)
+            setattr(parent, child, _offset_linear()(lin, sym, torch.from_numpy(offset), block))
             done += 1
     return {"int4_layers": done,
             "offsets": f"per block of {block}: exact affine offset through a small int8 linear (4-bit grid kept)"}

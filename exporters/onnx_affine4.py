@@ -61,6 +61,25 @@ def affine_blocks(w_nk: np.ndarray, block: int, bits: int = BITS) -> tuple[np.nd
     return q, step, lo
 
 
+def symmetric_grid(w_nk: np.ndarray, block: int, *, fp16_steps: bool = False) -> tuple[np.ndarray, np.ndarray,
+                                                                                      np.ndarray]:
+    """The min/max 4-bit fit of :func:`affine_blocks` split for kernels whose blocks are symmetric (XNNPACK,
+    ai-edge-quantizer): ``w ~ d * q + o`` with ``q`` in -8 .. 7, so ``d * q`` goes to the 4-bit kernel and the
+    offset ``o`` is added back through the block sums of the input. Both kernels store ``d`` as bf16 (LiteRT
+    inside an fp16 field: ``fp16_steps``), so ``d`` is rounded so here (to nearest even, as torch and ml_dtypes
+    do) and ``o`` is the least-squares offset for the rounded steps. Returns ``q`` float32 [N, K/block, block],
+    ``d`` and ``o`` float32 [N, K/block]."""
+    n, k = w_nk.shape
+    q_u, step, _ = affine_blocks(w_nk, block, bits=4)
+    bits = step.view(np.uint32)
+    step = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) & np.uint32(0xFFFF0000)).view(np.float32)
+    if fp16_steps:
+        step = step.astype(np.float16).astype(np.float32)
+    q = q_u.astype(np.float32) - 8
+    offset = (np.asarray(w_nk, dtype=np.float32).reshape(n, k // block, block) - q * step[..., None]).mean(-1)
+    return q, step, offset.astype(np.float32)
+
+
 def quantize(w_kn: np.ndarray, block: int, bits: int = BITS) -> Affine4:
     """Block-wise affine fit (4 or 8 bits) of a MatMul weight ``w_kn`` [K, N], blocks of ``block`` along K."""
     levels = 2**bits - 1
