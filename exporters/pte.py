@@ -6,7 +6,9 @@ Recipes (the support matrix below is the one source of truth):
 * ``int8-dynamic``: PT2E ``XNNPACKQuantizer``, per-channel int8 weights, int8 activations
   quantized at run time; int8 embeddings.
 * ``int8-static``: PT2E, linear/conv layers int8 with activations calibrated on the user's
-  data; the most sensitive layers stay in float (sensitivity search).
+  data; the most sensitive layers (sensitivity search) take int8 activations quantized per
+  inference instead. Kept in float, as before, they made MiniLM's int8-static 1.7x slower than
+  int8-dynamic; now it runs as fast at 26% of fp32's size.
 * ``int4-weight``: torchao 8-bit dynamic activations + 4-bit grouped weights ("8da4w", group
   size from the profile); the layers whose 4-bit weights break the floor keep 8-bit weights.
 
@@ -172,8 +174,8 @@ class PteExporter(Exporter):
         PteRecipe(Recipe.FP32, "torch.export + XNNPACK delegate, dynamic sequence (batch 1)"),
         PteRecipe(Recipe.INT8_DYNAMIC, "PT2E XNNPACKQuantizer per-channel int8, dynamic activations, int8 embeddings",
                   make=_pt2e_quantizer),
-        PteRecipe(Recipe.INT8_STATIC, "PT2E int8 linear/conv calibrated on your data, sensitive layers kept float", True,
-                  make=_pt2e_quantizer),
+        PteRecipe(Recipe.INT8_STATIC, "PT2E int8 linear/conv calibrated on your data, sensitive layers int8 dynamic",
+                  True, make=_pt2e_quantizer, higher="int8 dynamic activations"),
         PteRecipe(Recipe.INT4_WEIGHT, "torchao 8da4w (int8 dyn. act., 4-bit grouped weights), sensitive layers 8-bit",
                   make=_int4_quantizer, higher="int8 weights"),
     )
@@ -475,7 +477,8 @@ def _module_path(node: Any) -> str:
 
 def _pt2e(ep: Any, layers: Sequence[str], kept: Sequence[str], static: bool, emb: bool,
           calib: Sequence[tuple[torch.Tensor, ...]]) -> nn.Module:
-    """PT2E int8 on a fresh copy of the captured graph; ``kept`` layers are left in float."""
+    """PT2E int8 on a fresh copy of the captured graph. ``kept`` layers take int8 activations quantized per
+    inference (dynamic) in a static recipe, and stay float in a dynamic one."""
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
@@ -485,14 +488,19 @@ def _pt2e(ep: Any, layers: Sequence[str], kept: Sequence[str], static: bool, emb
     from torchao.quantization.pt2e.quantizer import ComposableQuantizer
     from torchao.quantization.pt2e.quantizer.embedding_quantizer import EmbeddingQuantizer
 
-    wanted = set(layers) - set(kept)
-    q = XNNPACKQuantizer()
-    q.set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=not static))
-    # only the weight layers are quantized: int8 adds/muls/softmax inputs ruin transformer accuracy
-    q.set_filter_function(lambda n: _module_path(n) in wanted)
-    quantizer: Any = ComposableQuantizer([EmbeddingQuantizer(), q]) if emb else q
+    def linears(names: set[str], dynamic: bool) -> XNNPACKQuantizer:
+        q = XNNPACKQuantizer()
+        q.set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
+        # only the weight layers are quantized: int8 adds/muls/softmax inputs ruin transformer accuracy
+        q.set_filter_function(lambda n: _module_path(n) in names)
+        return q
+
+    parts: list[Any] = [EmbeddingQuantizer()] if emb else []
+    parts.append(linears(set(layers) - set(kept), dynamic=not static))
+    if static and kept:
+        parts.append(linears(set(kept) & set(layers), dynamic=True))
     with torch.no_grad():
-        prepared = prepare_pt2e(integer_scalars_as_scalar_ops(copy.deepcopy(ep).module()), quantizer)
+        prepared = prepare_pt2e(integer_scalars_as_scalar_ops(copy.deepcopy(ep).module()), ComposableQuantizer(parts))
         for a in calib:
             prepared(*a)
         converted = convert_pt2e(prepared)
