@@ -39,7 +39,8 @@ class TfliteLLMRuntime(LLMRuntime):
             decode = str(runtime["decode_signature"])
             kv = dict(runtime["kv_cache"])
             self._kv_names = [str(n) for n in kv["names"]]
-            kv_shape = tuple(int(d) for d in kv["shape"])
+            kv_shapes = [tuple(int(d) for d in s) for s in kv["shapes"]]
+            axes = [int(a) for a in kv["time_axes"]]  # each buffer's position axis
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactLoadError(f"{file}: the manifest's runtime entry lacks {e} (written by another edgeship "
                                     "version?); re-export the bundle") from None
@@ -56,14 +57,15 @@ class TfliteLLMRuntime(LLMRuntime):
         if missing:
             raise ArtifactLoadError(f"{file}: signature(s) {', '.join(missing)} missing (it has "
                                     f"{', '.join(sorted(sigs))}); re-export with --format tflite")
-        self._kv_shape = kv_shape
+        self._kv_shapes = kv_shapes
         self._slice_names = [str(n) for n in kv.get("slices", [])]
-        if len(self._slice_names) != len(self._kv_names):
+        if not len(self._slice_names) == len(self._kv_names) == len(kv_shapes) == len(axes):
             raise ArtifactLoadError(f"{file}: the manifest lists {len(self._kv_names)} KV inputs but "
-                                    f"{len(self._slice_names)} KV slice outputs; re-export the bundle")
+                                    f"{len(self._slice_names)} KV slice outputs, {len(kv_shapes)} shapes and "
+                                    f"{len(axes)} position axes; re-export the bundle")
         try:
-            self._decode = _Signature(self._interp, decode, self._kv_names, self._slice_names)
-            self._prefill = {n: _Signature(self._interp, s, self._kv_names, self._slice_names)
+            self._decode = _Signature(self._interp, decode, self._kv_names, self._slice_names, axes)
+            self._prefill = {n: _Signature(self._interp, s, self._kv_names, self._slice_names, axes)
                              for n, s in sorted(prefill.items())}
         except (AttributeError, TypeError) as e:  # the in-place KV writes use the interpreter wrapper's tensor()
             raise RuntimeMissingError(f"{self._runtime} {self._version} lacks the per-signature tensor access this "
@@ -118,7 +120,7 @@ class TfliteLLMRuntime(LLMRuntime):
         logits, slices = sig.run(feed, pos, np.array([n - 1], np.int32) if sig is not self._decode else None)
         start, stop = self.position, self.position + n
         for target in {id(sig): sig, id(self._decode): self._decode}.values():
-            target.write(start, [s[:, :n] for s in slices])
+            target.write(start, n, slices)
             target.synced = stop
         self.position = stop
         return logits.reshape(-1)[: self.vocab_size].astype(np.float32, copy=False)
@@ -133,7 +135,8 @@ class TfliteLLMRuntime(LLMRuntime):
     def info(self) -> dict[str, Any]:
         return {"runtime": self._runtime, "runtime_version": self._version, "threads": self.threads,
                 "executes": "LiteRT interpreter, XNNPACK CPU delegate (default)",
-                "kv_cache": f"{len(self._kv_names)} float32 tensors {list(self._kv_shape)} kept by edgeship between "
+                "kv_cache": f"{len(self._kv_names)} float32 tensors {sorted({str(list(s)) for s in self._kv_shapes})} "
+                            "kept by edgeship between "
                             "signature calls", "prefill_chunks": sorted(self._prefill),
                 "max_context": self.max_context}
 
@@ -150,7 +153,8 @@ class _Signature:
     interpreter refuses to run while a view is alive, as it may reallocate).
     """
 
-    def __init__(self, interp: Any, key: str, kv_names: Sequence[str], slice_names: Sequence[str]) -> None:
+    def __init__(self, interp: Any, key: str, kv_names: Sequence[str], slice_names: Sequence[str],
+                 axes: Sequence[int]) -> None:
         runner = interp.get_signature_runner(key)
         self.key = key
         self._w = interp._interpreter  # the pybind wrapper: SetTensor / Invoke / GetTensor / tensor per subgraph
@@ -164,6 +168,7 @@ class _Signature:
         self._kv = [int(ins[n]) for n in kv_names]
         self._slices = [int(outs[n]) for n in slice_names]
         self._logits = int(outs["logits"])
+        self._at = [(slice(None),) * a for a in axes]  # index prefix up to each tensor's position axis
         self._w.AllocateTensors(self._sub)
         for idx in self._kv:  # fresh buffers hold whatever memory they got: NaN bits would survive the mask
             self._view(idx)[...] = 0.0
@@ -180,13 +185,14 @@ class _Signature:
         self._w.Invoke(self._sub)
         return self._w.GetTensor(self._logits, self._sub), [self._w.GetTensor(i, self._sub) for i in self._slices]
 
-    def write(self, start: int, slices: Sequence[np.ndarray]) -> None:
-        for idx, new in zip(self._kv, slices, strict=True):
-            self._view(idx)[:, start:start + new.shape[1]] = new
+    def write(self, start: int, n: int, slices: Sequence[np.ndarray]) -> None:
+        """The first ``n`` new entries of each slice output into the cache buffers at ``start``."""
+        for idx, new, at in zip(self._kv, slices, self._at, strict=True):
+            self._view(idx)[(*at, slice(start, start + n))] = new[(*at, slice(0, n))]
 
     def copy_from(self, other: _Signature, start: int, stop: int) -> None:
-        for mine, theirs in zip(self._kv, other._kv, strict=True):
-            self._view(mine)[:, start:stop] = other._view(theirs)[:, start:stop]
+        for mine, theirs, at in zip(self._kv, other._kv, self._at, strict=True):
+            self._view(mine)[(*at, slice(start, stop))] = other._view(theirs)[(*at, slice(start, stop))]
 
 
 def _first(e: BaseException) -> str:

@@ -163,7 +163,9 @@ def test_artifact_matches_pytorch_without_torch(kind: str, recipe: str, exported
     assert not list(out.glob("*.part"))
     assert res.quantization["recipe"] == recipe and res.runtime["litertlm"] is False
     assert res.kv_cache_bytes_per_token == 2 * 2 * 2 * 16 * 4  # K+V, 2 layers, 2 KV heads, head_dim 16, fp32
-    assert res.runtime["kv_cache"]["shape"] == [1, CTX, 2, 16] and len(res.runtime["kv_cache"]["names"]) == 4
+    kv = res.runtime["kv_cache"]  # litert-torch's transposed layout: K [1, heads, ctx, dim], V [1, heads, dim, ctx]
+    assert kv["shapes"] == [[1, 2, CTX, 16], [1, 2, 16, CTX]] * 2 and kv["time_axes"] == [2, 3, 2, 3]
+    assert len(kv["names"]) == len(kv["slices"]) == 4
     assert "litert-torch" in res.tool and any(".litertlm" in w for w in res.warnings)
 
 
