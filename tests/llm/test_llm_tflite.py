@@ -340,20 +340,28 @@ def smol_exports(smollm2: tuple[Path, Any, Any], tmp_path_factory: pytest.TempPa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [pytest.param("int8-dynamic", marks=pytest.mark.paris_near_tie), "int4-weight"])
+@pytest.mark.parametrize("recipe", ["int8-dynamic", "int4-weight"])
 def test_smollm2_answers_paris(recipe: str, smollm2: Any, smol_exports: Any) -> None:
-    _, _, tok = smollm2
+    """SmolLM2's first answer token is a near-tie in fp32 ("The" 25.33 vs "L'" 25.24: 0.08 apart), which int8
+    noise breaks either way (the old graph took "L'" on AMD EPYC, the cache-reading one on this Intel VM): the
+    artifact's first token must be one of the fp32 model's near-tied pair, and from the fp32 model's own first
+    token the artifact must go on to say Paris."""
+    _, model, tok = smollm2
     out, res = smol_exports[recipe]
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, tokenize=True)
     ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0, -1].numpy()
+    tied = {int(t) for t in np.flatnonzero(ref >= ref.max() - 0.25)}
+    assert len(tied) <= 3, tied  # a near-tie, not a flat distribution
     rt = get_llm_runtime("tflite")(out, res.runtime, threads=2)
-    last, gen = rt.append(ids), []
+    assert int(rt.append(ids).argmax()) in tied
+    gen = [int(ref.argmax())]
     for _ in range(16):
-        gen.append(int(last.argmax()))
+        gen.append(int(rt.append([gen[-1]]).argmax()))
         if gen[-1] == tok.eos_token_id:
             break
-        last = rt.append([gen[-1]])
     assert "Paris" in tok.decode(gen), tok.decode(gen)
 
 
