@@ -440,7 +440,7 @@ def load_decoder(mcfg: Any, hf_dir: Path, mask_cache_size: int = 0, fmt: str = "
     return model.eval()
 
 
-def _signature_module(decoder: nn.Module, max_context: int) -> nn.Module:
+def _signature_module(decoder: nn.Module) -> nn.Module:
     import torch
 
     class Signature(torch.nn.Module):
@@ -450,13 +450,13 @@ def _signature_module(decoder: nn.Module, max_context: int) -> nn.Module:
 
         def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache: Any,
                     last: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-            return _forward(self.decoder, tokens, input_pos, kv_cache, last, max_context)
+            return _forward(self.decoder, tokens, input_pos, kv_cache, last)
 
     return Signature().eval()
 
 
-def _forward(m: Any, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache: Any, last: torch.Tensor | None,
-             max_context: int) -> dict[str, torch.Tensor]:
+def _forward(m: Any, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache: Any,
+             last: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """DecoderOnlyModel.forward, changed where the device pays for it:
 
     * attention reads the cache without updating it and masks it from ``input_pos`` (:func:`_attention`; no
@@ -518,7 +518,7 @@ def _cache_read_only(mcfg: Any) -> Iterator[None]:
     from litert_torch.generative.layers import attention
 
     attn = mcfg.block_config(0).attn_config
-    if attn.logit_softcap is not None or attn.use_alibi:
+    if attn.logit_softcap is not None or attn.use_alibi:  # _attention has neither (no mapped family uses them)
         raise ExportError("tflite: logit softcapping and ALiBi attention are not supported by this exporter's "
                           "decode graph; use --format onnx or pte")
     module = attention.sdpa_with_kv_update
@@ -538,7 +538,7 @@ def _convert(decoder: nn.Module, mcfg: Any, max_context: int, lengths: list[int]
     torch._dynamo.config.cache_size_limit = 64
     conv = interface.Converter()
     kv = kv_utils.KVCache.from_model_config(max_context, mcfg, kv_layout=kv_utils.KV_LAYOUT_TRANSPOSED)
-    step = _signature_module(decoder, max_context)
+    step = _signature_module(decoder)
     for n in lengths:
         conv.add_signature(f"prefill_{n}", step, sample_kwargs={
             "tokens": torch.zeros((1, n), dtype=torch.int32), "input_pos": torch.arange(n, dtype=torch.int32),

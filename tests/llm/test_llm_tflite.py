@@ -169,6 +169,33 @@ def test_artifact_matches_pytorch_without_torch(kind: str, recipe: str, exported
     assert "litert-torch" in res.tool and any(".litertlm" in w for w in res.warnings)
 
 
+@pytest.mark.parametrize(("softcap", "alibi", "refused"), [(None, False, False), (30.0, False, True), (None, True, True)])
+def test_the_cache_reading_attention_is_swapped_in_only_where_it_is_exact(softcap: float | None, alibi: bool,
+                                                                         refused: bool) -> None:
+    """The decode graph's attention (no cache update, no DYNAMIC_UPDATE_SLICE) has no logit softcap or ALiBi: a
+    config with either is refused rather than converted wrong, and litert-torch's own function is back afterwards
+    (``--format litertlm`` converts with it in the same process)."""
+    from types import SimpleNamespace
+
+    from edgeship.exporters.llm_tflite import _attention, _cache_read_only, _tf_schema_alias
+
+    with _tf_schema_alias():  # litert-torch's generative package imports TensorFlow's schema module by name
+        from litert_torch.generative.layers import attention
+    module = attention.sdpa_with_kv_update
+
+    attn = SimpleNamespace(logit_softcap=softcap, use_alibi=alibi)
+    mcfg = SimpleNamespace(block_config=lambda i: SimpleNamespace(attn_config=attn))
+    original = module.sdpa_with_kv_update
+    if refused:
+        with pytest.raises(ExportError, match="softcapping and ALiBi .* use --format onnx or pte"), \
+                _cache_read_only(mcfg):
+            pass
+    else:
+        with _cache_read_only(mcfg):
+            assert module.sdpa_with_kv_update is _attention
+    assert module.sdpa_with_kv_update is original
+
+
 def test_quantized_files_are_smaller_and_say_what_was_applied(exported: Any) -> None:
     sizes = {r: (exported("qwen2", r)[0] / "model.tflite").stat().st_size for r in RECIPES}
     assert sizes["int4-weight"] < sizes["int8-dynamic"] < sizes["fp32"]
