@@ -53,19 +53,20 @@ def test_a_weight_on_a_4bit_grid_is_represented_exactly() -> None:
 
 
 def test_the_symmetric_split_rounds_steps_as_the_kernels_store_them() -> None:
-    """XNNPACK (.pte) and LiteRT keep 4-bit block steps as bf16: the split rounds them to nearest even as torch
-    does, ties included, and the offsets are refitted to the rounded steps, so a Q4_1 weight comes back within the
-    bf16 rounding of its step (the offsets absorb the mean)."""
-    torch = pytest.importorskip("torch")
+    """XNNPACK (.pte) and LiteRT keep 4-bit block steps as bf16: the split rounds them to nearest even, ties
+    included, and the offsets are refitted to the rounded steps, so a Q4_1 weight comes back within the bf16
+    rounding of its step (the offsets absorb the mean)."""
+    import ml_dtypes  # onnx's own dependency; its bfloat16 cast rounds to nearest even, as torch's does
+
     rng = np.random.default_rng(3)
     w = q4_1_weight(rng).T.copy()  # [N, K]
     q, d, o = symmetric_grid(w, BLOCK)
     assert q.min() == -8 and q.max() == 7  # both ends of every block are used
-    exact = torch.from_numpy(affine_steps := (w.reshape(N, -1, BLOCK).max(-1) - w.reshape(N, -1, BLOCK).min(-1)) / 15)
-    assert np.array_equal(d, exact.to(torch.bfloat16).float().numpy())
+    affine_steps = (w.reshape(N, -1, BLOCK).max(-1) - w.reshape(N, -1, BLOCK).min(-1)) / 15
+    assert np.array_equal(d, affine_steps.astype(ml_dtypes.bfloat16).astype(np.float32))
     ties = np.array([1 + 2**-8, 1 + 3 * 2**-8, 3.0e-4], dtype=np.float32)  # halfway cases round to even
     assert np.array_equal(symmetric_grid(np.tile(ties[:, None] * [[0, 15]], 16).astype(np.float32), 2)[1][:, 0],
-                          torch.from_numpy(ties).to(torch.bfloat16).float().numpy())
+                          ties.astype(ml_dtypes.bfloat16).astype(np.float32))
     residual = q * d[..., None] + o[..., None] - w.reshape(N, -1, BLOCK)
     assert np.abs(residual.mean(-1)).max() < 1e-7  # the offsets are the least-squares ones for the rounded steps
     assert np.all(np.abs(residual) <= 15 * np.abs(d - affine_steps)[..., None] + 1e-6)  # only the rounding moves w
