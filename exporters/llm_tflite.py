@@ -8,14 +8,20 @@ with a KV cache kept as tensors, RoPE, RMSNorm, gated MLP), the safetensors are 
   (index in the chunk of the last real token) and the KV cache -> ``logits`` float32 [1, vocab] of that token and
   the K/V entries of the L new positions. A shorter prompt is padded: the padded positions produce entries past
   the real ones, which no real query attends to (causal mask) and which the next tokens overwrite.
-* ``decode``: ``tokens`` [1, 1], ``input_pos`` [1] and the KV cache -> ``logits`` [1, vocab] and the new entries.
+* ``decode`` (the cache at ``max_context``) and ``decode_<C>`` for shorter caches C (:func:`decode_contexts`:
+  max_context / 8, / 4, / 2): ``tokens`` [1, 1], ``input_pos`` [1] and the KV cache -> ``logits`` [1, vocab] and
+  the new entries. Attention reads every cache position it is given, used or not (masked), so at context 2048 a
+  token early in the reply paid for 2048 positions; the runtime decodes with the shortest cache that holds the
+  position, as llama.cpp attends over its used cells only.
 
-The KV cache inputs are ``kv_cache_k_<i>`` float32 [1, kv_heads, max_context, head_dim] and ``kv_cache_v_<i>``
-[1, kv_heads, head_dim, max_context] per layer (litert-torch's transposed layout, :data:`TIME_AXES`: both attention
-matmuls then read the cache as XNNPACK packs it, and the query groups share one matmul per KV head instead of a
-broadcast of the cache to every query head; SmolLM2 int8 at context 2048 decoded 27.6 -> 30.8 tok/s); the outputs
-``kv_slice_k_<i>`` / ``kv_slice_v_<i>`` hold only the new positions, which the device runtime
-(:mod:`edgeship.profiling.llm.tflite`) writes into the input buffers in place.
+The KV cache inputs are ``kv_cache_k_<i>`` and ``kv_cache_v_<i>`` per layer, each a flat float32 vector that the
+graph views as K [1, kv_heads, C, head_dim] and V [1, kv_heads, head_dim, C] (litert-torch's transposed layout,
+:data:`TIME_AXES`: both attention matmuls then read the cache as XNNPACK packs it, and the query groups share one
+matmul per KV head instead of a broadcast of the cache to every query head; SmolLM2 int8 at context 2048 decoded
+27.6 -> 30.8 tok/s). Flat, because LiteRT's Python ``TensorBuffer`` binds host memory zero-copy only as a vector:
+the runtime keeps one set of cache arrays for the prefill and full decode signatures instead of one copy per
+signature. The outputs ``kv_slice_k_<i>`` / ``kv_slice_v_<i>`` hold only the new positions, which the device
+runtime (:mod:`edgeship.profiling.llm.tflite`) writes into the cache arrays in place.
 
 Recipes (:data:`RECIPES` is the support matrix and the dispatch):
 
@@ -58,12 +64,14 @@ if TYPE_CHECKING:
 
 FILE = "model.tflite"
 PREFILL_LENGTHS = (32, 128)  # chunk lengths of the prefill signatures (capped by max_context)
+DECODE_FRACTIONS = (8, 4, 2)  # decode_<max_context // f>: shorter caches for the early tokens of a reply
 BLOCKS = (32, 64, 128, 256)  # block sizes ai-edge-quantizer offers for int4 weights
 # litert-torch's composites (SDPA, RMSNorm) rather than plain ops: with plain ops a SmolLM2 decode step took 1.8 s
 # instead of 0.13 s (the GQA key/value repeat becomes BROADCAST_TO over the whole cache in every layer)
 HLFB = True
 KV_NAMES = ("kv_cache_k_{}", "kv_cache_v_{}")  # cache inputs per layer, in litert-torch's transposed layout:
-KV_LAYOUT = "K [1, kv_heads, max_context, head_dim], V [1, kv_heads, head_dim, max_context]"
+KV_LAYOUT = ("flat float32 vectors viewed as K [1, kv_heads, C, head_dim], V [1, kv_heads, head_dim, C], C the "
+             "signature's cache length")
 TIME_AXES = (2, 3)  # the position axis of K and of V
 SLICE_NAMES = ("kv_slice_k_{}", "kv_slice_v_{}")  # outputs: the entries of the new positions (n along TIME_AXES)
 log = logging.getLogger("edgeship.llm.tflite")
@@ -230,12 +238,13 @@ def export_tflite(req: LLMExportRequest) -> LLMExportResult:
     runtime = {
         "kind": "tflite-signatures", "file": FILE, "max_context": req.max_context, "vocab_size": int(hf.vocab_size),
         "prefill_signatures": {str(n): f"prefill_{n}" for n in lengths}, "decode_signature": "decode",
+        "decode_signatures": {str(c): decode_signature(c, req.max_context) for c in decode_contexts(req.max_context)},
         "inputs": {"tokens": "int32 [1, n]", "input_pos": "int32 [n]", "last": "int32 [1] (prefill only)"},
         "logits": "logits", "kv_cache": {"names": [k.format(i) for i in range(layers) for k in KV_NAMES],
                                          "slices": [k.format(i) for i in range(layers) for k in SLICE_NAMES],
                                          "shapes": [list(shapes[j]) for _ in range(layers) for j in (0, 1)],
                                          "time_axes": [TIME_AXES[j] for _ in range(layers) for j in (0, 1)],
-                                         "layout": KV_LAYOUT, "dtype": "float32"},
+                                         "layout": KV_LAYOUT, "flat": True, "dtype": "float32"},
         "runtimes": ["ai-edge-litert", "tflite-runtime"], "litertlm": False,
     }
     return LLMExportResult(files=[Path(FILE)], runtime=runtime, quantization=quant,
@@ -315,6 +324,15 @@ def graph_dir() -> Path:
 def prefill_lengths(max_context: int) -> list[int]:
     out = [n for n in PREFILL_LENGTHS if n <= max_context]
     return out or [max_context]
+
+
+def decode_contexts(max_context: int) -> list[int]:
+    """Cache lengths of the decode signatures, ascending, ending at ``max_context``."""
+    return sorted({max_context // f for f in DECODE_FRACTIONS if max_context // f >= 8} | {max_context})
+
+
+def decode_signature(context: int, max_context: int) -> str:
+    return "decode" if context == max_context else f"decode_{context}"
 
 
 # ---- HF config -> litert-torch ModelConfig ---------------------------------------------------------------------------
@@ -468,20 +486,24 @@ def _forward(m: Any, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache: An
       outputs).
     """
     import torch
+    from litert_torch.generative.layers import kv_cache as kv_utils
 
     attn = m.config.block_config(0).attn_config
+    groups, dim = attn.num_query_groups, attn.head_dim
+    ctx, t = kv_cache.caches[0].k_cache.numel() // (groups * dim), tokens.shape[1]
+    caches = [kv_utils.KVCacheEntry(c.k_cache.reshape(1, groups, ctx, dim), c.v_cache.reshape(1, groups, dim, ctx),
+                                    c.kv_layout) for c in kv_cache.caches]
     x = m.tok_embedding(tokens)
     rope = m.config.build_rope(input_pos, int(attn.rotary_percentage * attn.head_dim), attn.rotary_base)
     # what each of the t new positions may see, for every layer's _attention: [t, cache + t], the cache before the
     # chunk's first position, then the chunk's own entries causally
-    ctx, t = kv_cache.caches[0].k_cache.shape[TIME_AXES[0]], tokens.shape[1]
     inf = torch.tensor(float("-inf"))
     before = torch.where(torch.arange(ctx, dtype=torch.int32)[None, :] < input_pos[:1, None], 0.0, inf)
     rows = torch.arange(t, dtype=torch.int32)
     mask = torch.cat([before.expand(t, ctx), torch.where(rows[None, :] <= rows[:, None], 0.0, inf)], -1)
     out: dict[str, torch.Tensor] = {}
     for i, block in enumerate(m.transformer_blocks):
-        x, kv = block(x, rope, mask, input_pos, kv_cache.caches[i])  # kv: the new entries (_attention)
+        x, kv = block(x, rope, mask, input_pos, caches[i])  # kv: the new entries (_attention)
         out[SLICE_NAMES[0].format(i)], out[SLICE_NAMES[1].format(i)] = kv.k_cache, kv.v_cache
     if last is not None:
         x = torch.index_select(x, 1, last)
@@ -535,19 +557,18 @@ def _cache_read_only(mcfg: Any) -> Iterator[None]:
 def _convert(decoder: nn.Module, mcfg: Any, max_context: int, lengths: list[int], out: Path) -> None:
     import torch
     from litert_torch._convert import interface
-    from litert_torch.generative.layers import kv_cache as kv_utils
 
     torch._dynamo.config.cache_size_limit = 64
     conv = interface.Converter()
-    kv = kv_utils.KVCache.from_model_config(max_context, mcfg, kv_layout=kv_utils.KV_LAYOUT_TRANSPOSED)
     step = _signature_module(decoder)
     for n in lengths:
         conv.add_signature(f"prefill_{n}", step, sample_kwargs={
             "tokens": torch.zeros((1, n), dtype=torch.int32), "input_pos": torch.arange(n, dtype=torch.int32),
-            "kv_cache": kv, "last": torch.tensor([n - 1], dtype=torch.int32)})
-    conv.add_signature("decode", step, sample_kwargs={
-        "tokens": torch.zeros((1, 1), dtype=torch.int32), "input_pos": torch.tensor([0], dtype=torch.int32),
-        "kv_cache": kv})
+            "kv_cache": _flat_cache(mcfg, max_context), "last": torch.tensor([n - 1], dtype=torch.int32)})
+    for c in decode_contexts(max_context):
+        conv.add_signature(decode_signature(c, max_context), step, sample_kwargs={
+            "tokens": torch.zeros((1, 1), dtype=torch.int32), "input_pos": torch.tensor([0], dtype=torch.int32),
+            "kv_cache": _flat_cache(mcfg, c)})
     with _cache_read_only(mcfg):
         try:
             edge = conv.convert()
@@ -555,6 +576,17 @@ def _convert(decoder: nn.Module, mcfg: Any, max_context: int, lengths: list[int]
             raise ExportError(f"tflite: litert-torch could not convert the decoder ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})") from e
     edge.export(str(out))
+
+
+def _flat_cache(mcfg: Any, context: int) -> Any:
+    """litert-torch's KV cache pytree (its input names) holding flat vectors, one K and one V per layer."""
+    import torch
+    from litert_torch.generative.layers import kv_cache as kv_utils
+
+    attn = mcfg.block_config(0).attn_config
+    size = attn.num_query_groups * attn.head_dim * context
+    return kv_utils.KVCache(tuple(kv_utils.KVCacheEntry(torch.zeros(size), torch.zeros(size),
+                                                        kv_utils.KV_LAYOUT_TRANSPOSED) for _ in range(mcfg.num_layers)))
 
 
 def _tools() -> dict[str, str]:

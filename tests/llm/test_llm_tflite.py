@@ -293,6 +293,51 @@ def test_prompt_longer_than_a_chunk_and_reset(exported: Any, reference: Any) -> 
     assert rt.position == 0
 
 
+def test_decode_runs_on_the_shortest_cache_and_both_engines_agree(exported: Any, reference: Any,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """CompiledModel decodes on caches of 8/16/32/64 positions (one scratch set shared by the shorter ones, refilled
+    from the full one as the position grows, and again after a prompt is appended mid-reply); the interpreter engine
+    (tflite-runtime's path) runs the full-length signatures only. Same logits, both equal to PyTorch's."""
+    from edgeship.profiling.llm import tflite as rt_mod
+
+    out, res = exported("llama", "fp32")
+    ref = reference["llama"]
+    assert res.runtime["decode_signatures"] == {"8": "decode_8", "16": "decode_16", "32": "decode_32", "64": "decode"}
+    assert res.runtime["kv_cache"]["flat"] is True
+    want = ref["logits"]
+    got: dict[str, list[np.ndarray]] = {}
+    for engine in ("compiled", "interpreter"):
+        if engine == "interpreter":
+            as_tflite_runtime = (rt_mod.runtime_module()[0], "tflite-runtime", "test")
+            monkeypatch.setattr(rt_mod, "runtime_module", lambda found=as_tflite_runtime: found)
+        rt = get_llm_runtime("tflite")(out, res.runtime, threads=1)
+        info = rt.info()
+        if engine == "compiled":
+            assert "CompiledModel" in info["executes"] and info["decode_contexts"] == [8, 16, 32, 64]
+        else:
+            assert "interpreter" in info["executes"] and info["decode_contexts"] == [64]
+        # 3 decode steps in the 8-cache, on to 16, then a 9-token append (a prefill chunk on the full cache) at 11
+        # and decode again at 20 (the 32-cache, refilled from the full one)
+        ids = ref["ids"]
+        steps = [rt.append(ids[:5].tolist())] + [rt.append([int(t)]) for t in ids[5:11]]
+        steps += [rt.append(ids[11:20].tolist())] + [rt.append([int(t)]) for t in ids[20:40]]
+        got[engine] = steps
+        ends = [4, *range(5, 11), 19, *range(20, 40)]
+        np.testing.assert_allclose(np.stack(steps), want[ends], atol=1e-4, rtol=1e-4)
+        rt.close()
+    np.testing.assert_allclose(np.stack(got["compiled"]), np.stack(got["interpreter"]), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_arrays_sit_on_64_byte_boundaries() -> None:
+    """LiteRT binds host memory zero-copy only 64-byte aligned; elsewhere it copies at binding and the graph reads a
+    cache frozen at that moment (found by an fp32 mismatch): every size must come out aligned."""
+    from edgeship.profiling.llm.tflite import _aligned
+
+    for n in (1, 3, 17, 1000, 393216, 393217):
+        a = _aligned(n)
+        assert a.ctypes.data % 64 == 0 and a.size == n and a.dtype == np.float32 and not a.any()
+
+
 def test_truncated_or_foreign_file_is_one_line_error(exported: Any, tmp_path: Path) -> None:
     out, res = exported("llama", "fp32")
     data = (out / "model.tflite").read_bytes()
