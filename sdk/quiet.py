@@ -60,6 +60,42 @@ def verbose_requested() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
+@contextmanager
+def muted_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block (a native library's INFO chatter), unless ``$EDGESHIP_VERBOSE``.
+
+    Errors still reach the caller as exceptions; only what the library prints is dropped."""
+    if verbose_requested():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def mute_stderr_at_exit() -> None:
+    """Drop what native libraries print while the process tears down (after Python's own exit handlers: those
+    registered before this call run after it, so call it last), unless ``$EDGESHIP_VERBOSE``."""
+    if verbose_requested():
+        return
+    import atexit
+
+    def mute() -> None:
+        sys.stderr.flush()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+
+    atexit.register(mute)
+
+
 @dataclass
 class Diversion:
     log_path: Path | None  # None when nothing was diverted (--verbose)

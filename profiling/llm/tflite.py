@@ -35,6 +35,7 @@ import numpy as np
 from edgeship.errors import ArtifactLoadError, InputError, RuntimeMissingError
 from edgeship.profiling.backends.tflite import check_bounds, check_header, runtime_module
 from edgeship.profiling.llm.runtime import LLMRuntime
+from edgeship.quiet import mute_stderr_at_exit, muted_stderr
 
 
 class TfliteLLMRuntime(LLMRuntime):
@@ -162,8 +163,8 @@ class TfliteLLMRuntime(LLMRuntime):
                 "max_context": self.max_context}
 
     def close(self) -> None:
+        self._prefill, self._decode = {}, {}  # the engine's buffers hold its environment: drop them first
         self._engine.close()
-        self._prefill, self._decode = {}, {}
 
 
 class _Layout:
@@ -229,6 +230,8 @@ class _Engine:
 class _Compiled(_Engine):
     """``CompiledModel`` on XNNPACK with a weight cache, cache arrays bound zero-copy."""
 
+    muted_at_exit: ClassVar[bool] = False
+
     def __init__(self, file: Path, threads: int | None, layout: _Layout, prefill: Mapping[int, str],
                  decode: Mapping[int, str], max_context: int) -> None:
         from ai_edge_litert.compiled_model import CompiledModel
@@ -239,12 +242,18 @@ class _Compiled(_Engine):
         # XNNPACK packs each signature's weights for its kernels; with a weight cache file it packs them once, into
         # the file, and maps it. The file is this process's alone (a stale cache from another model would be read
         # as this one's) and is unlinked once the model is compiled: the mapping keeps it until exit.
+        # LiteRT logs every accelerator it registers and destroys (about 20 INFO lines, some at exit from an
+        # environment of its own): not what a chat or a profile should print.
         work = tempfile.mkdtemp(prefix="edgeship-xnnpack-")
         try:
             options = Options(hardware_accelerators=HardwareAccelerator.CPU,
                               cpu_options=CpuOptions(num_threads=int(threads or 0),
                                                      xnnpack_weight_cache_path=os.path.join(work, "weights.cache")))
-            self.model = CompiledModel.from_file(str(file), options=options)
+            with muted_stderr():
+                self.model = CompiledModel.from_file(str(file), options=options)
+            if not _Compiled.muted_at_exit:
+                mute_stderr_at_exit()
+                _Compiled.muted_at_exit = True
         except (RuntimeError, ValueError) as e:
             raise ArtifactLoadError(f"{file}: LiteRT cannot compile it ({_first(e)}); re-copy or re-export it") from None
         finally:
@@ -275,7 +284,12 @@ class _Compiled(_Engine):
 
     def close(self) -> None:
         self.prefill, self.decode = {}, {}
-        self.model = None
+        with muted_stderr():  # the environment's teardown log
+            self.model = None
+
+    def __del__(self) -> None:  # a runtime dropped without close()
+        if getattr(self, "model", None) is not None:
+            self.close()
 
 
 class _CompiledSig(_Sig):
@@ -290,8 +304,16 @@ class _CompiledSig(_Sig):
                                         for n, a in zip(layout.names, cache.flat, strict=True)}}
         self._outs = [(n, int(np.prod(outs[n]["shape"])), tuple(outs[n]["shape"])) for n in ("logits", *layout.slices)]
         self._out_map = {n: model.create_output_buffer_by_name(key, n) for n, _, _ in self._outs}
+        self._fresh = True
 
     def run(self, tokens: np.ndarray, pos: np.ndarray, last: np.ndarray | None) -> tuple[np.ndarray, list[np.ndarray]]:
+        if self._fresh:  # LiteRT sets up (and logs) another environment on a signature's first run
+            self._fresh = False
+            with muted_stderr():
+                return self._run(tokens, pos, last)
+        return self._run(tokens, pos, last)
+
+    def _run(self, tokens: np.ndarray, pos: np.ndarray, last: np.ndarray | None) -> tuple[np.ndarray, list[np.ndarray]]:
         self._ins["tokens"].write(tokens)
         self._ins["input_pos"].write(pos)
         if last is not None:

@@ -50,6 +50,40 @@ def test_verbose_diverts_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "x.log").exists()
 
 
+MUTED = r"""
+import os, sys
+from edgeship.quiet import mute_stderr_at_exit, muted_stderr
+with muted_stderr():
+    os.write(2, b"INFO: [environment.cc:36] native chatter\n")
+os.write(2, b"after the block\n")
+mute_stderr_at_exit()
+import atexit
+atexit.register(lambda: os.write(2, b"an earlier exit handler\n"))  # registered after: runs before the mute
+
+
+class Teardown:  # torn down with the module, after the exit handlers, as LiteRT's own environment is
+    def __del__(self, write=os.write):
+        write(2, b"teardown chatter\n")
+
+
+keep = Teardown()
+print("done")
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_muted_stderr_drops_native_chatter_for_the_block_and_at_exit(verbose: bool) -> None:
+    import os
+
+    env = {**os.environ, "EDGESHIP_VERBOSE": "1" if verbose else ""}
+    r = subprocess.run([sys.executable, "-c", MUTED], capture_output=True, text=True, timeout=60, check=False, env=env)
+    assert r.returncode == 0 and r.stdout == "done\n", r.stderr
+    lines = r.stderr.splitlines()
+    assert ("INFO: [environment.cc:36] native chatter" in lines) is verbose
+    assert ("teardown chatter" in lines) is verbose
+    assert "after the block" in lines and "an earlier exit handler" in lines
+
+
 # Every line the CLI prints for an export + profile: progress, tables, results, where the log went.
 OURS = [re.compile(p) for p in (
     r"loading model .*\.\.\.$",
