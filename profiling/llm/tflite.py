@@ -15,7 +15,8 @@ Two engines run the file:
   set, refilled from the full one when the position outgrows them. SmolLM2-135M int8 at context 2048 (2 threads,
   this repo's Intel VM): peak RSS 993 -> 475 MB, decode 55 -> 98 tok/s at position 100 (84 at 300, 63 at 600),
   but 54 -> 43 tok/s past half the context: XNNPACK copies each flat input into its 4-D view every call (a
-  RESHAPE of a graph input), 20% of the samples at the full length.
+  RESHAPE of a graph input), 20% of the samples at the full length, into each signature's own arena (so memory
+  grows by a cache copy for each signature a session has run: 475 MB for short replies, 754 with all six).
 * the interpreter (``tflite-runtime``, on older Raspberry Pi OS images, or a bundle from before flat caches): each
   signature owns its cache buffers, written in place through the interpreter's tensor views; it runs the prefill
   and full-length decode signatures only, since every further signature would add its own packed weights.
@@ -83,6 +84,7 @@ class TfliteLLMRuntime(LLMRuntime):
         self._engine = engine
         self._prefill = engine.prefill
         self._decode = engine.decode  # context -> signature, ascending
+        self._chunks, self._contexts = sorted(self._prefill), sorted(self._decode)  # for info(), also after close()
         self._full = self._decode[max(self._decode)].cache
         self._master = self._full  # the cache set holding [0, position)
         self.position = 0
@@ -159,7 +161,7 @@ class TfliteLLMRuntime(LLMRuntime):
                 "executes": self._engine.executes,
                 "kv_cache": f"{len(self._layout.names)} float32 arrays {self._layout.shown(self.max_context)} kept "
                             "by edgeship between signature calls" + self._engine.kv_note,
-                "prefill_chunks": sorted(self._prefill), "decode_contexts": sorted(self._decode),
+                "prefill_chunks": self._chunks, "decode_contexts": self._contexts,
                 "max_context": self.max_context}
 
     def close(self) -> None:

@@ -325,6 +325,7 @@ def test_decode_runs_on_the_shortest_cache_and_both_engines_agree(exported: Any,
         ends = [4, *range(5, 11), 19, *range(20, 40)]
         np.testing.assert_allclose(np.stack(steps), want[ends], atol=1e-4, rtol=1e-4)
         rt.close()
+        assert rt.info() == info  # the profiler reads it after the run
     np.testing.assert_allclose(np.stack(got["compiled"]), np.stack(got["interpreter"]), atol=1e-5, rtol=1e-5)
 
 
