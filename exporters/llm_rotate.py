@@ -92,9 +92,10 @@ def rotation(n: int, seed: int) -> tuple[torch.Tensor, str]:
     return h * signs / math.sqrt(n), f"randomized Hadamard {n}"
 
 
-def rotated(model: nn.Module, seed: int = 0) -> tuple[nn.Module | None, dict[str, Any]]:
+def rotated(model: nn.Module, seed: int = 0, down: bool = True) -> tuple[nn.Module | None, dict[str, Any]]:
     """A rotated copy of ``model`` (a HF causal LM) and the manifest's record of the rotation; ``(None, record)``
-    with the reason for a family outside :data:`FAMILIES` or a copy whose fp32 logits moved (it is dropped)."""
+    with the reason for a family outside :data:`FAMILIES` or a copy whose fp32 logits moved (it is dropped).
+    ``down=False`` leaves out R3 (a runtime whose quantizer rotates every linear's input already: LiteRT)."""
     import copy
 
     import torch
@@ -112,7 +113,7 @@ def rotated(model: nn.Module, seed: int = 0) -> tuple[nn.Module | None, dict[str
         heads = int(config.num_attention_heads)
         r2, how2 = rotation(int(getattr(config, "head_dim", None) or config.hidden_size // heads), seed + 1)
         _fold_and_rotate(out, r1, r2)
-        block = math.gcd(int(config.intermediate_size), DOWN_BLOCK)  # 1 for an odd width: no R3
+        block = math.gcd(int(config.intermediate_size), DOWN_BLOCK) if down else 1  # 1: no R3 (odd width)
         for layer in out.model.layers if block > 1 else ():
             layer.mlp.down_proj = block_rotated(layer.mlp.down_proj, block)
         diff = float((out(input_ids=probe).logits - want).abs().max())
@@ -121,7 +122,7 @@ def rotated(model: nn.Module, seed: int = 0) -> tuple[nn.Module | None, dict[str
                                                f"{MAX_LOGIT_DIFF}): this model's layers do not fold"}
     return out, {"applied": True, "residual": how1, "per_head_value": how2, "seed": seed,
                  "down_proj_input": f"Hadamard over blocks of {block} at run time (fp32)" if block > 1 else
-                 f"not rotated (MLP width {config.intermediate_size} is odd)",
+                 "left to the quantizer" if not down else f"not rotated (MLP width {config.intermediate_size} is odd)",
                  "folded": "RMSNorm weights into the linears after them", "fp32_max_logit_diff": float(f"{diff:.3g}")}
 
 
