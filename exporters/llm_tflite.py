@@ -294,6 +294,8 @@ def float_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int], recipe: Re
     tag += "-rotated" if rotate else ""
     key = (str(req.hf_dir.resolve()), fingerprint(req.hf_dir), str(req.max_context), ",".join(map(str, lengths)),
            fmt, tag)
+    if recipe.rotate and convert is None and not wanted:  # the graph is the unrotated one, which may be cached
+        quant["rotation"] = {"applied": False, "why": "turned off (option rotate=False)"}
     hit = _GRAPHS.get(key)
     if hit is not None and hit[0].is_file():
         quant.update(hit[1])
@@ -303,8 +305,6 @@ def float_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int], recipe: Re
     with litert_progress_off(), torch.no_grad():
         t0 = time.perf_counter()
         hf_dir, done = req.hf_dir, {}
-        if recipe.rotate and convert is None and not wanted:
-            done["rotation"] = {"applied": False, "why": "turned off (option rotate=False)"}
         if rotate:
             hf_dir, mcfg, done["rotation"] = _rotated_weights(req, work)
         decoder = load_decoder(mcfg, hf_dir, mask_cache_size=req.max_context if convert else 0, fmt=fmt)

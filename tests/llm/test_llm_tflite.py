@@ -213,6 +213,9 @@ def test_quantized_files_are_smaller_and_say_what_was_applied(exported: Any) -> 
 
 
 def test_rotation_can_be_turned_off(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    # the unrotated int8 graph is the fp32 one, converted once per process: export fp32 first, so the record must
+    # survive that cache hit (it did not: CI ran this test after another fp32 export and the record was missing)
+    export_tflite(_request(tiny_dirs["llama"], "fp32", tmp_path / "f"))
     req = _request(tiny_dirs["llama"], "int8-dynamic", tmp_path / "o")
     off = export_tflite(dataclasses.replace(req, options={"rotate": False}))
     assert off.quantization["rotation"] == {"applied": False, "why": "turned off (option rotate=False)"}
