@@ -225,7 +225,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     from edgeship.pipeline import export
 
     if is_causal_lm(a.model):
-        return cli_llm.export_llm_cmd(a)
+        with _quiet_terminal(a, "export") as q:
+            return cli_llm.export_llm_cmd(a, q.say)
 
     with _quiet_terminal(a, "export") as q:
         res = export(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,

@@ -31,6 +31,7 @@ import numpy as np
 from edgeship.errors import ArtifactLoadError, RuntimeMissingError
 from edgeship.profiling.backends.pte import _executorch_version, check_header
 from edgeship.profiling.llm.runtime import LLMRuntime
+from edgeship.quiet import muted_stderr
 
 ENTRY = "model.pte"
 META_METHOD = "edgeship_llm"
@@ -62,7 +63,8 @@ class PteLLMRuntime(LLMRuntime):
         if not file.is_file():
             raise ArtifactLoadError(f"{file}: no such ExecuTorch program; re-export it with edgeship export --format pte")
         check_header(file)
-        program, self.notes, self.kernels = _open_program(file, threads)
+        with muted_stderr():  # ExecuTorch's cpuinfo probes and threadpool reset: six lines before every chat reply
+            program, self.notes, self.kernels = _open_program(file, threads)
         self._version = _executorch_version()
         meta = {**_embedded_meta(program), **dict(runtime)}
         self.method_name = str(meta.get("method") or "forward")

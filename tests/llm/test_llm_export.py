@@ -151,3 +151,26 @@ def test_exporter_modules_are_importable_or_absent() -> None:
             assert e.name == mod
             continue
         assert m is not None and fmt in LLM_EXPORTERS
+
+
+@pytest.mark.needs_export
+def test_cli_export_prints_only_our_lines(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`edgeship export` of an LLM diverts the other libraries' output to a log as the encoder export does (it did
+    not: a SmolLM2 export printed torchao's failed CUDA kernels, torch's pytree and dynamo warnings, ExecuTorch's
+    FutureWarnings, one a 10 kB line, between our progress lines)."""
+    import re
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "edgeship", "export", str(tiny_llama_dir), "--target", "x86-64-laptop",
+                        "-o", str(tmp_path / "b"), "--format", "pte", "--quant", "fp32", "--max-context", "64",
+                        "--allow-degraded"], capture_output=True, text=True, timeout=900, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    ours = [re.compile(p) for p in (
+        r"loading .*\.\.\.$", r"PyTorch fp32 reference: .*$", r"\[1/1\] pte/fp32$", r"  pte/fp32: .*$",
+        r"artifact +.*$", r"-+( +-+)+$", r"pte/fp32 +\d.*$", r"bundle: .*$",
+        r"other libraries' output \(\d+ lines\): (\S+\.log) \(--verbose shows it here\)$")]
+    assert not [ln for ln in lines if not any(p.match(ln) for p in ours)], lines
+    log = Path(next(m.group(1) for ln in lines if (m := ours[-1].match(ln))))
+    assert "Warning" in log.read_text()  # the noise existed and went to the log

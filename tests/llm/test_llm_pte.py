@@ -339,7 +339,7 @@ def _run_elsewhere(path: Path, runtime: dict[str, Any], out: Path, mode: str, bl
                            "block" if block else "-"], capture_output=True, text=True, check=False, timeout=300,
                           env={**os.environ, "EDGESHIP_PTE_RUNTIME": mode})
     assert done.returncode == 0, done.stderr[-3000:]
-    return cast(dict[str, Any], json.loads(done.stdout.strip().splitlines()[-1]))
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "stderr": done.stderr}
 
 
 @pytest.mark.parametrize("recipe", ["fp32", "int4-weight"])
@@ -354,6 +354,8 @@ def test_runs_on_the_cpp_runtime_without_importing_torch(export_tiny: Any, tmp_p
     assert ref["torch"] is True and "Python bindings" in ref["path"]
     assert wheel["torch"] is False and "shim" in wheel["path"] and wheel["notes"] == []
     assert "wheel's" in wheel["kernels"] and ref["threads"] == wheel["threads"] == 2
+    for run in (ref, wheel):  # ExecuTorch's cpuinfo probes and threadpool line, printed before every chat reply
+        assert "cpuinfo_utils" not in run["stderr"] and "threadpool.cpp" not in run["stderr"], run["stderr"]
     np.testing.assert_array_equal(np.load(tmp_path / "wheel.npy"), np.load(tmp_path / "ref.npy"))
     if recipe == "fp32":
         own = _run_elsewhere(path, result.runtime, tmp_path / "own.npy", "auto", block=True)
