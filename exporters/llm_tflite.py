@@ -290,11 +290,12 @@ def float_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int], recipe: Re
     wanted = req.options.get("rotate", True)  # as for .pte: API users may turn it off
     if not isinstance(wanted, bool):
         raise ExportError(f"{fmt}: option rotate must be true or false (got {wanted!r})")
-    rotate = recipe.rotate and convert is None and wanted  # LiteRT-LM's stock graph is converted as it is
+    rotatable = recipe.rotate and convert is None  # LiteRT-LM's stock graph is converted as it is
+    rotate = rotatable and wanted
     tag += "-rotated" if rotate else ""
     key = (str(req.hf_dir.resolve()), fingerprint(req.hf_dir), str(req.max_context), ",".join(map(str, lengths)),
            fmt, tag)
-    if recipe.rotate and convert is None and not wanted:  # the graph is the unrotated one, which may be cached
+    if rotatable and not wanted:  # the graph is the unrotated one, which may be cached
         quant["rotation"] = {"applied": False, "why": "turned off (option rotate=False)"}
     hit = _GRAPHS.get(key)
     if hit is not None and hit[0].is_file():

@@ -224,15 +224,15 @@ def cmd_export(a: argparse.Namespace) -> int:
     from edgeship.llm_models import is_causal_lm
     from edgeship.pipeline import export
 
-    if is_causal_lm(a.model):
-        with _quiet_terminal(a, "export") as q:
-            return cli_llm.export_llm_cmd(a, q.say)
-
     with _quiet_terminal(a, "export") as q:
-        res = export(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
-                     calibration=a.calibration, heldout=a.heldout, overwrite=a.overwrite, allow_degraded=a.allow_degraded, task=a.task,
-                     seq_len=a.seq_len, checkpoint=a.checkpoint, log=q.say if not a.quiet else (lambda m: None),
-                     jobs=_jobs(a.jobs))
+        say = q.say if not a.quiet else (lambda m: None)
+        if is_causal_lm(a.model):
+            res = cli_llm.export_llm_cmd(a, say)
+        else:
+            res = export(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
+                         calibration=a.calibration, heldout=a.heldout, overwrite=a.overwrite,
+                         allow_degraded=a.allow_degraded, task=a.task, seq_len=a.seq_len, checkpoint=a.checkpoint,
+                         log=say, jobs=_jobs(a.jobs))
     print(res.summary())
     print(f"bundle: {res.bundle}  ({res.seconds:.1f} s)")
     return 0

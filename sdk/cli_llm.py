@@ -8,9 +8,12 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeship.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edgeship.pipeline import ExportResult
 
 EXIT_FAIL = 1
 
@@ -99,18 +102,14 @@ def _lengths(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--prompt-lengths '{text}': expected integers separated by commas, e.g. 64,256") from None
 
 
-def export_llm_cmd(a: argparse.Namespace, say: Callable[[str], None]) -> int:
-    """``edgeship export`` of a causal LM; ``say`` puts our progress lines on the terminal (the caller diverts the
-    other libraries' output to a log)."""
+def export_llm_cmd(a: argparse.Namespace, say: Callable[[str], None]) -> ExportResult:
+    """``edgeship export``'s options applied to a causal LM; ``say`` takes our progress lines (the caller diverts
+    the other libraries' output to a log and prints the result)."""
     from edgeship.llm import export_llm
 
-    res = export_llm(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
-                     max_context=a.max_context, adapter=a.adapter, overwrite=a.overwrite,
-                     allow_degraded=a.allow_degraded, greedy_search=getattr(a, "greedy_search", True),
-                     log=say if not a.quiet else (lambda m: None))
-    print(res.summary())
-    print(f"bundle: {res.bundle}  ({res.seconds:.1f} s)")
-    return 0
+    return export_llm(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
+                      max_context=a.max_context, adapter=a.adapter, overwrite=a.overwrite,
+                      allow_degraded=a.allow_degraded, greedy_search=getattr(a, "greedy_search", True), log=say)
 
 
 def profile_llm_cmd(a: argparse.Namespace) -> int:
