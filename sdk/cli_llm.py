@@ -178,7 +178,10 @@ def _estimate_note(runs: Any) -> None:
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
+    from edgeship.profiling.backends.pte_lean import runs_models_only
     from edgeship.profiling.llm.chat import chat
+
+    runs_models_only()  # a .pte replies through the kernels the profiler measures (no torch library mapped)
 
     prompt = a.prompt if a.prompt is not None else sys.stdin.readline().strip()
     if not prompt:

@@ -301,6 +301,7 @@ def _llm_kernels() -> ctypes.CDLL:
 LLM_KERNELS_ENV = "EDGESHIP_PTE_LLM_KERNELS"  # auto (default), executorch, edgeship
 LLM_KERNEL_CHOICES = ("auto", "executorch", "edgeship")
 _llm_kernels_in_use: list[str] = []  # which set this process registered: a second set would panic ExecuTorch
+_runner_only: list[bool] = []  # runs_models_only() was called
 
 
 def llm_kernels_setting() -> str:
@@ -312,7 +313,8 @@ def llm_kernels_wanted() -> str:
     """Which LLM kernels this process uses: ``executorch`` (the wheel's, built against ATen: torch's libraries get
     mapped) or ``edgeship`` (the shim's own, no torch library; about as fast, see the README).
 
-    ``auto`` picks the shim's own in a process that blocks torch (the profiler's worker) or has no wheel kernels,
+    ``auto`` picks the shim's own in a process that blocks torch (the profiler's worker), runs models only and has
+    not imported torch (:func:`runs_models_only`: ``edgeship chat``) or has no wheel kernels,
     else the wheel's: ExecuTorch aborts the process when a kernel name is registered twice, and a process that may
     still import torch may export an LLM later, which loads the wheel's library (so ``edgeship`` set by hand is for
     runner processes). Whichever set a process registered first, it keeps."""
@@ -323,10 +325,25 @@ def llm_kernels_wanted() -> str:
         return _llm_kernels_in_use[0]
     if "torch" in sys.modules and sys.modules["torch"] is None:
         return "edgeship"
+    if _runner_only and "torch" not in sys.modules:
+        return "edgeship"
     try:
         return "executorch" if (_wheel_root() / LLM_KERNELS).is_file() else "edgeship"
     except LeanUnavailable:
         return "edgeship"
+
+
+def runs_models_only() -> None:
+    """Declare this process one that runs models and exports none (``edgeship chat``): ``auto`` then takes the
+    shim's own LLM kernels, as the profiler's worker does, so what it prints comes from the kernels a device runs
+    (and torch's libraries stay unmapped). Not once torch is imported: such a process (a test run, a notebook) may
+    still export, which loads the wheel's kernels, and ExecuTorch aborts on a second set.
+
+    It matters beyond RSS: an int8-activation program rounds its activations at every layer, so the two kernel
+    sets' float rounding grows into another rounding of the whole reply. SmolLM2 ``pte/int4-weight`` (Pi 5 bundle)
+    answers the France question "The capital of France is Paris." with the shim's kernels and "L'Étoile, ..." with
+    the wheel's (README: two roundings of one artifact, teacher-forced top-1 0.90 against each other)."""
+    _runner_only[:] = [True]
 
 
 def register_own_llm_kernels() -> int:

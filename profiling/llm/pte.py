@@ -65,6 +65,7 @@ class PteLLMRuntime(LLMRuntime):
         check_header(file)
         with muted_stderr():  # ExecuTorch's cpuinfo probes and threadpool reset: six lines before every chat reply
             program, self.notes, self.kernels = _open_program(file, threads)
+            program.threads()  # with threads=None the pool (and its probes) would start at the first call, unmuted
         self._version = _executorch_version()
         meta = {**_embedded_meta(program), **dict(runtime)}
         self.method_name = str(meta.get("method") or "forward")

@@ -363,6 +363,38 @@ def test_runs_on_the_cpp_runtime_without_importing_torch(export_tiny: Any, tmp_p
         np.testing.assert_allclose(np.load(tmp_path / "own.npy"), np.load(tmp_path / "ref.npy"), atol=2e-5, rtol=1e-5)
 
 
+_CHAT = ("import json, sys\nif sys.argv[3] == 'torch':\n    import torch\n"
+         "from edgeship.profiling.backends.pte_lean import runs_models_only\nruns_models_only()\n"
+         "from edgeship.profiling.llm.pte import PteLLMRuntime\n"
+         "rt = PteLLMRuntime(sys.argv[1], json.loads(sys.argv[2]), threads=None)\n"
+         "rt.append(list(range(5, 17)))\nrt.append([3])\nprint(rt.info()['executes'])")
+
+
+@pytest.mark.parametrize("torch_first", [False, True])
+def test_a_runner_process_replies_through_the_device_kernels(export_tiny: Any, torch_first: bool) -> None:
+    """``edgeship chat`` declares its process a runner: a .pte then replies through the shim's own LLM kernels, the
+    ones the profiler measures (an int4 SmolLM2 reply differs between the two sets: README), unless torch was
+    imported first (such a process may still export, and ExecuTorch aborts on a second kernel set). With threads
+    left to the runtime, the pool's CPU probes start at load, muted, not at the first reply."""
+    path, result = export_tiny("llama", "fp32")
+    done = subprocess.run([sys.executable, "-c", _CHAT, str(path), json.dumps(result.runtime),
+                           "torch" if torch_first else "-"], capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("wheel's" if torch_first else "edgeship's") in done.stdout
+    assert "cpuinfo_utils" not in done.stderr and "threadpool.cpp" not in done.stderr, done.stderr
+
+
+def test_chat_declares_a_runner_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from edgeship.cli import main
+    from edgeship.profiling.backends import pte_lean
+    from edgeship.profiling.llm import chat as chat_module
+
+    monkeypatch.setattr(pte_lean, "_runner_only", [])
+    monkeypatch.setattr(chat_module, "chat", lambda *a: "")
+    assert main(["chat", str(tmp_path), "--prompt", "hi"]) == 0
+    assert pte_lean._runner_only == [True]
+
+
 def _attention(heads: int, kv_heads: int, dim: int, cap: int, scale: float | None) -> Any:
     """The two LLM ops as edgeship's exporter emits them: a static cache per K and V, causal SDPA from ``pos``."""
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  # defines torch.ops.llama.*
