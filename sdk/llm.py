@@ -31,7 +31,14 @@ from edgeship.exporters.llm_base import (
     LLMExportResult,
     kv_cache_bytes_per_token,
 )
-from edgeship.llm_fidelity import MIN_TEXT_TOKENS, LLMReference, measure, torch_reference
+from edgeship.llm_fidelity import (
+    MIN_TEXT_TOKENS,
+    LLMReference,
+    measure,
+    measure_as_on_device,
+    save_reference,
+    torch_reference,
+)
 from edgeship.llm_models import LoadedLLM, load_llm
 from edgeship.manifest import ArtifactRecord, LLMFidelity, Manifest, checksum_tree, tree_digest
 from edgeship.pipeline import ExportResult
@@ -155,9 +162,29 @@ class _Ctx:
     greedy_search: bool = True  # hand the exporters the scorer their keep-in-higher-precision search needs
 
 
-def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -> ArtifactRecord:
-    from edgeship.profiling.llm.runtime import open_llm
+def _score(ctx: _Ctx, fmt: str, path: Path, runtime: dict[str, Any], floor: float
+           ) -> tuple[LLMFidelity, dict[str, Any]]:
+    """The fidelity of one candidate, through the device runtime; and what ran it. A runtime whose kernels depend
+    on the process is measured in a fresh process that runs like a device's (torch blocked), not in this one."""
+    from edgeship.profiling.llm.runtime import get_llm_runtime, open_llm
 
+    cls = get_llm_runtime(fmt)
+    if cls.kernels_follow_process and cls.runs_torch_free():
+        ref = ctx.workdir / "reference.npz"
+        if not ref.is_file():
+            save_reference(ctx.ref, ref)
+        fid, info = measure_as_on_device(fmt, path, runtime, ref, floor, ctx.threads)
+    else:
+        rt = open_llm(fmt, path, runtime, threads=ctx.threads)
+        try:
+            fid = measure(rt, ctx.ref, floor)
+            info = {**rt.info(), "torch_blocked": "torch" in sys.modules and sys.modules["torch"] is None}
+        finally:
+            rt.close()
+    return fid, {k: info[k] for k in ("runtime", "runtime_path", "executes", "torch_blocked") if k in info}
+
+
+def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -> ArtifactRecord:
     rel = f"{fmt}/{recipe}"
     dest = writer.path(rel)  # makes the parent only: the staged export is renamed onto it
     stage = writer.staging / f".stage-{fmt}-{recipe}"
@@ -166,11 +193,7 @@ def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -
     floor = ctx.prof.llm.top1_floor(recipe)
 
     def score(path: Path, runtime: dict[str, Any]) -> LLMFidelity:
-        rt = open_llm(fmt, path, runtime, threads=ctx.threads)
-        try:
-            return measure(rt, ctx.ref, floor)
-        finally:
-            rt.close()
+        return _score(ctx, fmt, path, runtime, floor)[0]
 
     req = LLMExportRequest(model=ctx.llm.model, hf_dir=ctx.llm.hf_dir, recipe=recipe, max_context=ctx.max_context,
                            group_size=ctx.prof.llm.int4_group_size, out=stage, workdir=work,
@@ -181,7 +204,7 @@ def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -
     export_s = time.perf_counter() - t0
     files = checksum_tree(dest)
     size = sum(int(v["size_bytes"]) for v in files.values())
-    fid = score(dest, res.runtime)
+    fid, measured_on = _score(ctx, fmt, dest, res.runtime, floor)
     warnings = list(res.warnings)
     if not fid.passed:
         msg = (f"{rel}: teacher-forced top-1 agreement {fid.top1_agreement:.3f} with PyTorch fp32 is below the "
@@ -206,7 +229,7 @@ def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -
                                            "kv_cache_bytes": res.kv_cache_bytes_per_token * ctx.max_context,
                                            "prefill_logits_bytes": 4 * vocab * ctx.max_context,
                                            "runtime_overhead_bytes": int(ctx.prof.llm.runtime_overhead_mb * 2**20)},
-                 "tool": res.tool},
+                 "tool": res.tool, "fidelity_measured_on": measured_on},
         warnings=tuple(warnings), files=files, llm_fidelity=fid)
 
 

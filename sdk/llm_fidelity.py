@@ -9,16 +9,25 @@ prompts that the bundle keeps, so ``edgeship profile`` can repeat the check on t
   same number of tokens); we keep the index of the first token that differs.
 
 The reference side (:func:`torch_reference`) imports torch inside; :func:`measure` is numpy only.
+:func:`measure_as_on_device` runs it in a fresh process with torch blocked (``python -m edgeship.llm_fidelity``),
+for a runtime whose kernels depend on the process (:attr:`~edgeship.profiling.llm.runtime.LLMRuntime.
+kernels_follow_process`): the figures kept are then the ones a device gets.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgeship.errors import ExportError
 from edgeship.manifest import LLMFidelity
 
 MIN_TEXT_TOKENS = 256
@@ -109,3 +118,82 @@ def measure(runtime: Any, ref: LLMReference, floor_top1: float) -> LLMFidelity:
         perplexity=round(float(np.exp(nll_art / n)), 4), perplexity_reference=round(float(np.exp(nll_ref / n)), 4),
         n_prompts=len(divs), new_tokens=ref.new_tokens, greedy_identical=sum(d is None for d in divs),
         first_divergence=divs, floor_top1_agreement=floor_top1, passed=top1 >= floor_top1)
+
+
+# ---- the same measurement in a process that runs like a device's ---------------------------------------------
+MEASURE_TIMEOUT_S = 1800.0
+
+
+def save_reference(ref: LLMReference, path: Path) -> Path:
+    """``ref`` as one ``.npz`` (no pickles), for :func:`measure_as_on_device`; written once per export."""
+    rest = {"prompt_ids": ref.prompt_ids, "continuations": ref.continuations, "new_tokens": ref.new_tokens}
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez(tmp, text_ids=np.asarray(ref.text_ids, dtype=np.int64), logprobs=ref.logprobs,
+             rest=np.asarray(json.dumps(rest)))
+    tmp.replace(path)
+    return path
+
+
+def load_reference(path: Path) -> LLMReference:
+    with np.load(path, allow_pickle=False) as z:
+        rest = json.loads(str(z["rest"]))
+        return LLMReference(text_ids=tuple(int(i) for i in z["text_ids"]), logprobs=np.asarray(z["logprobs"]),
+                            prompt_ids=tuple(tuple(int(i) for i in p) for p in rest["prompt_ids"]),
+                            continuations=tuple(tuple(int(i) for i in c) for c in rest["continuations"]),
+                            new_tokens=int(rest["new_tokens"]))
+
+
+def measure_as_on_device(fmt: str, artifact: Path, runtime: dict[str, Any], reference: Path, floor_top1: float,
+                         threads: int | None) -> tuple[LLMFidelity, dict[str, Any]]:
+    """:func:`measure` in a fresh process that blocks torch where the runtime allows it, as the profiler's worker
+    and ``edgeship chat`` run: (fidelity, the runtime's ``info()``).
+
+    Why: ExecuTorch's LLM kernels come from the executorch wheel (built against ATen) in a process that holds torch,
+    and from edgeship's shim on a device. An int8-activation program rounds each layer's activations, so the two
+    kernel sets' float rounding becomes two different roundings of the reply (SmolLM2 ``pte/int4-weight``: top-1
+    0.90 against each other, and the France answer flips; README). The exporting process holds torch."""
+    job = {"format": fmt, "artifact": str(artifact), "runtime": runtime, "reference": str(reference),
+           "floor_top1": floor_top1, "threads": threads}
+    with tempfile.TemporaryDirectory(prefix="edgeship-fidelity-") as td:
+        jpath, rpath = Path(td, "job.json"), Path(td, "result.json")
+        jpath.write_text(json.dumps(job), encoding="utf-8")
+        try:
+            done = subprocess.run([sys.executable, "-m", "edgeship.llm_fidelity", str(jpath), str(rpath)],
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+                                  timeout=MEASURE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise ExportError(f"{fmt}: the fidelity check of {artifact.name} timed out after "
+                              f"{MEASURE_TIMEOUT_S:.0f} s") from None
+        if done.returncode != 0 or not rpath.is_file():
+            tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+            raise ExportError(f"{fmt}: the fidelity check of {artifact.name} failed in its runner process: {tail}")
+        out = json.loads(rpath.read_text(encoding="utf-8"))
+    return LLMFidelity.from_dict(out["fidelity"]), out["info"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m edgeship.llm_fidelity JOB.json RESULT.json``: the worker of :func:`measure_as_on_device`."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    if len(args) != 2:
+        print("usage: python -m edgeship.llm_fidelity JOB.json RESULT.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    from edgeship.profiling.llm.runtime import get_llm_runtime, open_llm
+    from edgeship.profiling.worker import block_torch
+
+    if get_llm_runtime(job["format"]).runs_torch_free():
+        block_torch()
+    rt = open_llm(job["format"], Path(job["artifact"]), job["runtime"], threads=job["threads"])
+    try:
+        fid = measure(rt, load_reference(Path(job["reference"])), float(job["floor_top1"]))
+    finally:
+        rt.close()
+    info = {**rt.info(), "torch_blocked": "torch" in sys.modules and sys.modules["torch"] is None}
+    tmp = Path(args[1] + ".part")
+    tmp.write_text(json.dumps({"fidelity": fid.to_dict(), "info": info}, default=str), encoding="utf-8")
+    tmp.replace(args[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,6 +49,9 @@ class PteLLMRuntime(LLMRuntime):
         "edgeship does not install the executorch runtime on remote devices yet (its wheel's requirements pull "
         "torchao and host-side packages); run .pte LLMs locally on the device")
 
+    # the wheel's LLM kernels in a process that holds torch, the shim's own elsewhere (pte_lean.llm_kernels_wanted)
+    kernels_follow_process: ClassVar[bool] = True
+
     @classmethod
     def runs_torch_free(cls) -> bool:
         """True where the shim builds here and EDGESHIP_PTE_LLM_KERNELS does not ask for the wheel's kernels: the

@@ -34,6 +34,9 @@ class LLMRuntime(ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     #: why edgeship cannot install this runtime on a remote device (None: it can)
     not_provisionable: ClassVar[str | None] = None
+    #: which kernels run depends on the process (one holding torch gets others): the export then measures fidelity
+    #: in a fresh process that runs like a device's (:func:`edgeship.llm_fidelity.measure_as_on_device`)
+    kernels_follow_process: ClassVar[bool] = False
 
     @classmethod
     def runs_torch_free(cls) -> bool:

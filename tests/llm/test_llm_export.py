@@ -52,6 +52,7 @@ def test_bundle_carries_artifacts_fidelity_tokenizer_and_generation_config(tiny_
         assert a.details["predicted_peak_memory_bytes"] >= a.size_bytes + kv * 512
         assert a.runtime["max_context"] == 512
         assert "onnxruntime-genai model builder" in a.details["tool"]
+        assert a.details["fidelity_measured_on"]["torch_blocked"] is False  # same kernels in every process
     assert m.llm is not None and m.llm["generation"] == {"eos_token_ids": [2], "bos_token_id": 0, "max_context": 512}
     assert (b.root / m.llm["chat_template"]).read_text().startswith("{% for message in messages %}")
     assert (b.root / "tokenizer/tokenizer.json").is_file()
@@ -174,3 +175,23 @@ def test_cli_export_prints_only_our_lines(tiny_llama_dir: Path, tmp_path: Path) 
     assert not [ln for ln in lines if not any(p.match(ln) for p in ours)], lines
     log = Path(next(m.group(1) for ln in lines if (m := ours[-1].match(ln))))
     assert "Warning" in log.read_text()  # the noise existed and went to the log
+    # the export process holds torch (so the wheel's LLM kernels); the fidelity kept is the device's: measured in a
+    # fresh process with torch blocked, on the shim's own kernels (an int4 SmolLM2 reply differs between the two)
+    measured = load_bundle(tmp_path / "b").manifest.artifact("pte/fp32").details["fidelity_measured_on"]
+    assert measured["torch_blocked"] is True and "edgeship's" in measured["executes"], measured
+
+
+def test_reference_round_trips_through_its_file(tmp_path: Path) -> None:
+    """The fidelity reference crosses to the runner process as one .npz (no pickles): every field comes back."""
+    import numpy as np
+
+    from edgeship.llm_fidelity import LLMReference, load_reference, save_reference
+
+    ref = LLMReference(text_ids=(5, 6, 7), logprobs=np.log(np.full((2, 4), 0.25, dtype=np.float32)),
+                       prompt_ids=((1, 2), (3,)), continuations=((9, 9), (8, 7)), new_tokens=2)
+    back = load_reference(save_reference(ref, tmp_path / "ref.npz"))
+    assert back.text_ids == ref.text_ids and back.prompt_ids == ref.prompt_ids
+    assert back.continuations == ref.continuations and back.new_tokens == 2
+    np.testing.assert_array_equal(back.logprobs, ref.logprobs)
+    assert [f.name for f in tmp_path.iterdir()] == ["ref.npz"]
+
