@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +23,7 @@ from edgeship import quiet
 from edgeship.errors import ConfigError, EdgeshipError
 from edgeship.manifest import MANIFEST_NAME, load_bundle
 from edgeship.profiling import sysinfo
+from edgeship.profiling.child import run_module
 from edgeship.profiling.results import RESULT_SCHEMA_VERSION, ArtifactResult, ProfileResult, RunConfig
 from edgeship.profiling.worker import Job, run_job
 
@@ -74,18 +72,13 @@ def _cleanup_unpacked() -> None:
 
 
 def _run_child(job: Job, timeout: float) -> ArtifactResult:
-    with tempfile.TemporaryDirectory(prefix="edgeship-job-") as td:
-        jpath, rpath = Path(td, "job.json"), Path(td, "result.json")
-        jpath.write_text(json.dumps(job.to_dict()))
-        try:
-            proc = subprocess.run([sys.executable, "-m", "edgeship.profiling.worker", str(jpath), str(rpath)],
-                                  stdin=subprocess.DEVNULL, timeout=timeout, check=False, pass_fds=quiet.pass_fds())
-        except subprocess.TimeoutExpired:
-            return ArtifactResult(artifact=job.label, error=f"timed out after {timeout:.0f} s")
-        if rpath.is_file():
-            return ArtifactResult.from_dict(json.loads(rpath.read_text()))
-        return ArtifactResult(artifact=job.label, error=f"worker exited with code {proc.returncode} and wrote no "
-                              "result (the runtime crashed; run with --no-isolate --debug to see where)")
+    run = run_module("edgeship.profiling.worker", job.to_dict(), timeout, pass_fds=quiet.pass_fds())
+    if run.returncode is None:
+        return ArtifactResult(artifact=job.label, error=f"timed out after {timeout:.0f} s")
+    if run.result is not None:
+        return ArtifactResult.from_dict(run.result)
+    return ArtifactResult(artifact=job.label, error=f"worker exited with code {run.returncode} and wrote no "
+                          "result (the runtime crashed; run with --no-isolate --debug to see where)")
 
 
 def profile(source: str | Path, *, artifact: str | Sequence[str] | None = None, config: RunConfig | None = None,

@@ -89,6 +89,11 @@ def block_torch() -> None:
         sys.modules[name] = None  # type: ignore[assignment]
 
 
+def torch_blocked() -> bool:
+    """Whether this process made torch unimportable (:func:`block_torch`)."""
+    return "torch" in sys.modules and sys.modules["torch"] is None
+
+
 def _rss_mb() -> float:
     try:
         import psutil
@@ -249,7 +254,7 @@ def _measure(opened: _Opened, cfg: RunConfig, outputs_dir: str | None = None) ->
         if outputs_dir:
             _save_outputs(model, all_feeds, bundle, Path(outputs_dir) / outputs_file(opened.ident.artifact))
     return dataclasses.replace(
-        opened.ident, status=Status.OK, torch_free="torch" in sys.modules and sys.modules["torch"] is None, input=inp,
+        opened.ident, status=Status.OK, torch_free=torch_blocked(), input=inp,
         load_seconds=load_s, first_inference_ms=first_ms, warmup_runs=cfg.warmup, measured_seconds=loop.wall_s,
         latency=LatencyStats.from_ns(loop.samples), samples_ns=tuple(loop.samples),
         memory=Memory(rss0, rss_load, _peak_rss_mb()), threads=threads, runtime=model.info(),

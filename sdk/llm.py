@@ -167,6 +167,7 @@ def _score(ctx: _Ctx, fmt: str, path: Path, runtime: dict[str, Any], floor: floa
     """The fidelity of one candidate, through the device runtime; and what ran it. A runtime whose kernels depend
     on the process is measured in a fresh process that runs like a device's (torch blocked), not in this one."""
     from edgeship.profiling.llm.runtime import get_llm_runtime, open_llm
+    from edgeship.profiling.worker import torch_blocked
 
     cls = get_llm_runtime(fmt)
     if cls.kernels_follow_process and cls.runs_torch_free():
@@ -178,7 +179,7 @@ def _score(ctx: _Ctx, fmt: str, path: Path, runtime: dict[str, Any], floor: floa
         rt = open_llm(fmt, path, runtime, threads=ctx.threads)
         try:
             fid = measure(rt, ctx.ref, floor)
-            info = {**rt.info(), "torch_blocked": "torch" in sys.modules and sys.modules["torch"] is None}
+            info = {**rt.info(), "torch_blocked": torch_blocked()}
         finally:
             rt.close()
     return fid, {k: info[k] for k in ("runtime", "runtime_path", "executes", "torch_blocked") if k in info}

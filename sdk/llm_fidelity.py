@@ -17,9 +17,7 @@ kernels_follow_process`): the figures kept are then the ones a device gets.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,22 +150,17 @@ def measure_as_on_device(fmt: str, artifact: Path, runtime: dict[str, Any], refe
     and from edgeship's shim on a device. An int8-activation program rounds each layer's activations, so the two
     kernel sets' float rounding becomes two different roundings of the reply (SmolLM2 ``pte/int4-weight``: top-1
     0.90 against each other, and the France answer flips; README). The exporting process holds torch."""
+    from edgeship.profiling.child import run_module
+
     job = {"format": fmt, "artifact": str(artifact), "runtime": runtime, "reference": str(reference),
            "floor_top1": floor_top1, "threads": threads}
-    with tempfile.TemporaryDirectory(prefix="edgeship-fidelity-") as td:
-        jpath, rpath = Path(td, "job.json"), Path(td, "result.json")
-        jpath.write_text(json.dumps(job), encoding="utf-8")
-        try:
-            done = subprocess.run([sys.executable, "-m", "edgeship.llm_fidelity", str(jpath), str(rpath)],
-                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
-                                  timeout=MEASURE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise ExportError(f"{fmt}: the fidelity check of {artifact.name} timed out after "
-                              f"{MEASURE_TIMEOUT_S:.0f} s") from None
-        if done.returncode != 0 or not rpath.is_file():
-            tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-            raise ExportError(f"{fmt}: the fidelity check of {artifact.name} failed in its runner process: {tail}")
-        out = json.loads(rpath.read_text(encoding="utf-8"))
+    run = run_module("edgeship.llm_fidelity", job, MEASURE_TIMEOUT_S, capture=True, prefix="edgeship-fidelity-")
+    if run.returncode is None:
+        raise ExportError(f"{fmt}: the fidelity check of {artifact.name} timed out after {MEASURE_TIMEOUT_S:.0f} s")
+    out = run.result
+    if run.returncode != 0 or out is None:
+        tail = (run.stderr.strip().splitlines() or [f"exit code {run.returncode}"])[-1]
+        raise ExportError(f"{fmt}: the fidelity check of {artifact.name} failed in its runner process: {tail}")
     return LLMFidelity.from_dict(out["fidelity"]), out["info"]
 
 
@@ -179,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     job = json.loads(Path(args[0]).read_text(encoding="utf-8"))
     from edgeship.profiling.llm.runtime import get_llm_runtime, open_llm
-    from edgeship.profiling.worker import block_torch
+    from edgeship.profiling.runner import write_json_atomic
+    from edgeship.profiling.worker import block_torch, torch_blocked
 
     if get_llm_runtime(job["format"]).runs_torch_free():
         block_torch()
@@ -188,10 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fid = measure(rt, load_reference(Path(job["reference"])), float(job["floor_top1"]))
     finally:
         rt.close()
-    info = {**rt.info(), "torch_blocked": "torch" in sys.modules and sys.modules["torch"] is None}
-    tmp = Path(args[1] + ".part")
-    tmp.write_text(json.dumps({"fidelity": fid.to_dict(), "info": info}, default=str), encoding="utf-8")
-    tmp.replace(args[1])
+    info = {**rt.info(), "torch_blocked": torch_blocked()}
+    write_json_atomic(Path(args[1]), json.dumps({"fidelity": fid.to_dict(), "info": info}, default=str))
     return 0
 
 

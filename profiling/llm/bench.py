@@ -15,9 +15,7 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -30,10 +28,11 @@ import numpy as np
 from edgeship.errors import ConfigError, EdgeshipError, InputError
 from edgeship.manifest import Bundle, load_bundle
 from edgeship.profiling import energy, sysinfo
+from edgeship.profiling.child import run_module
 from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult, PromptTiming
 from edgeship.profiling.llm.runtime import get_llm_runtime
 from edgeship.profiling.stats import LatencyStats
-from edgeship.profiling.worker import _peak_rss_mb, _rss_mb, block_torch
+from edgeship.profiling.worker import _peak_rss_mb, _rss_mb, block_torch, torch_blocked
 
 ARTIFACT_TIMEOUT_S = 1800  # one artifact's fresh process, load to last token
 
@@ -102,7 +101,7 @@ def _measure(job: dict[str, Any], cfg: LLMRunConfig) -> LLMArtifactResult:
     cls = get_llm_runtime(art.format)
     if cls.runs_torch_free():
         block_torch()
-    torch_free = "torch" in sys.modules and sys.modules["torch"] is None
+    torch_free = torch_blocked()
     threads = cfg.threads or int(bundle.manifest.target.get("threads") or 0) or None
     if threads is not None:
         threads = min(threads, os.cpu_count() or threads)
@@ -205,19 +204,14 @@ def run_job(job: dict[str, Any]) -> LLMArtifactResult:
 
 
 def _run_child(job: dict[str, Any], timeout: float) -> LLMArtifactResult:
-    with tempfile.TemporaryDirectory(prefix="edgeship-llm-job-") as td:
-        jpath, rpath = Path(td, "job.json"), Path(td, "result.json")
-        jpath.write_text(json.dumps(job))
-        ident = {"artifact": job["artifact"], "format": job["format"], "recipe": job["recipe"]}
-        try:
-            proc = subprocess.run([sys.executable, "-m", "edgeship.profiling.llm.bench", str(jpath), str(rpath)],
-                                  stdin=subprocess.DEVNULL, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            return LLMArtifactResult(**ident, status="error", error=f"timed out after {timeout:.0f} s")
-        if rpath.is_file():
-            return LLMArtifactResult.from_dict(json.loads(rpath.read_text()))
-        return LLMArtifactResult(**ident, status="error", error=f"worker exited with code {proc.returncode} and "
-                                 "wrote no result (the runtime crashed)")
+    ident = {"artifact": job["artifact"], "format": job["format"], "recipe": job["recipe"]}
+    run = run_module("edgeship.profiling.llm.bench", job, timeout, prefix="edgeship-llm-job-")
+    if run.returncode is None:
+        return LLMArtifactResult(**ident, status="error", error=f"timed out after {timeout:.0f} s")
+    if run.result is not None:
+        return LLMArtifactResult.from_dict(run.result)
+    return LLMArtifactResult(**ident, status="error", error=f"worker exited with code {run.returncode} and "
+                             "wrote no result (the runtime crashed)")
 
 
 def profile_llm(source: str | Path, *, artifact: str | None = None, config: LLMRunConfig | None = None,

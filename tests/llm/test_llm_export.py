@@ -194,4 +194,3 @@ def test_reference_round_trips_through_its_file(tmp_path: Path) -> None:
     assert back.continuations == ref.continuations and back.new_tokens == 2
     np.testing.assert_array_equal(back.logprobs, ref.logprobs)
     assert [f.name for f in tmp_path.iterdir()] == ["ref.npz"]
-
