@@ -66,7 +66,7 @@ def _summary(load_s: float, prompt_len: int, prefill_ns: int, token_ns: Sequence
 # ---- llama.cpp (child process) ------------------------------------------------------------------------------------
 
 def run_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, threads: int, agree_ids: list[int],
-                  ref_argmax: np.ndarray | None) -> dict[str, Any]:
+                  ref_argmax: np.ndarray | None, n_ctx: int | None = None) -> dict[str, Any]:
     import llama_cpp
     import llama_cpp.llama_cpp as lc
 
@@ -81,7 +81,9 @@ def run_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, threads: int, 
 
     lc.llama_model_default_params = params
 
-    n_ctx = max(len(prompt) + new_tokens, len(agree_ids)) + 8
+    # the KV cache llama.cpp allocates (f16, cleared at creation, so resident): as large as the artifacts' static
+    # cache unless asked otherwise, so that peak RSS compares like with like
+    n_ctx = max(n_ctx or 0, len(prompt) + new_tokens + 8, len(agree_ids) + 8)
     t = time.perf_counter()
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads,
                           n_threads_batch=threads, logits_all=False, verbose=False)
@@ -113,7 +115,7 @@ def run_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, threads: int, 
             got.append(int(np.argmax(last_logits())))
         top1 = float(np.mean(np.asarray(got) == ref_argmax[: len(got)]))
     return _summary(load_s, len(prompt), prefill_ns, token_ns, top1=top1, size_mb=gguf.stat().st_size / 2**20,
-                    version=f"llama-cpp-python {llama_cpp.__version__} (extra buffer types off)")
+                    n_ctx=n_ctx, version=f"llama-cpp-python {llama_cpp.__version__} (extra buffer types off)")
 
 
 # ---- PyTorch eager (child process) --------------------------------------------------------------------------------
@@ -179,7 +181,8 @@ def child_main(job_path: Path) -> None:
     kind = job["kind"]
     if kind == LLAMA_CPP:
         ref = np.load(job["ref_argmax"]) if job.get("ref_argmax") else None
-        out = run_llama_cpp(Path(job["gguf"]), job["prompt"], job["new_tokens"], job["threads"], job["agree_ids"], ref)
+        out = run_llama_cpp(Path(job["gguf"]), job["prompt"], job["new_tokens"], job["threads"], job["agree_ids"], ref,
+                            job.get("n_ctx"))
     elif kind == EAGER:
         out = run_eager(Path(job["hf_dir"]), job["prompt"], job["new_tokens"], job["threads"])
     else:
@@ -248,6 +251,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--llama-ctx", type=int, help="llama.cpp's context (its KV cache): default the bundle's max "
+                    "context, the size of the artifacts' static caches; 0 = just what the run needs")
     ap.add_argument("--json", type=Path, help="write every round's raw figures here")
     ap.add_argument("--_child", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -265,10 +270,12 @@ def main() -> None:
     text_ids = [int(i) for i in held["text_ids"]]
     prompt = (text_ids * (-(-a.prompt_len // len(text_ids))))[: a.prompt_len]
     hf_dir, ref = _reference(work, text_ids, work / "ref_argmax.npy")
+    max_context = int((man.llm or {}).get("generation", {}).get("max_context") or 0)
+    n_ctx = max_context if a.llama_ctx is None else a.llama_ctx
     common = {"prompt": prompt, "new_tokens": a.new_tokens, "threads": a.threads}
     jobs: dict[str, dict[str, Any]] = {
         LLAMA_CPP: {"kind": LLAMA_CPP, "gguf": str(default_llm_gguf()), "agree_ids": text_ids,
-                    "ref_argmax": str(ref), **common},
+                    "ref_argmax": str(ref), "n_ctx": n_ctx, **common},
         EAGER: {"kind": EAGER, "hf_dir": str(hf_dir), **common},
         **{(f"{b.name}:{art.key}" if len(bundles) > 1 else art.key): {"kind": art.key, "bundle": str(b), **common}
            for b, m in mans.items() for art in m.artifacts},
@@ -283,7 +290,9 @@ def main() -> None:
             rows[name].append(_child(work, job))
             print(f"round {r + 1}/{a.rounds} {name}: {json.dumps(rows[name][-1])}", file=sys.stderr, flush=True)
     print(f"\nSmolLM2-135M-Instruct, {a.threads} threads, {a.prompt_len}-token prompt, {a.new_tokens} greedy tokens, "
-          f"median of {a.rounds} interleaved rounds; ratios are to llama.cpp")
+          f"median of {a.rounds} interleaved rounds; ratios are to llama.cpp (its context: "
+          f"{next((r['n_ctx'] for r in rows.get(LLAMA_CPP, []) if r.get('n_ctx')), '-')}; the artifacts' static "
+          f"caches: {max_context or '?'})")
     print(_table(rows))
     print(f"load average at the end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}; work dir {work}")
     if a.json:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from edgeship.errors import ConfigError
 from edgeship.manifest import Fidelity
 from edgeship.profiling.energy import EnergyResult
+from edgeship.profiling.resident import Resident
 from edgeship.profiling.stats import LatencyStats
 
 RESULT_SCHEMA_VERSION = 1
@@ -154,11 +155,13 @@ class InputInfo:
 
 @dataclass(frozen=True)
 class Memory:
-    """Resident set size in MB: before and after loading the model, and the worker's peak."""
+    """Resident set size in MB: before and after loading the model, and the worker's peak; ``resident_at_end``
+    what the resident memory was made of at the end of the run, the model still loaded (:mod:`.resident`)."""
 
     rss_before_load_mb: float
     rss_after_load_mb: float
     peak_rss_mb: float
+    resident_at_end: Resident | None = None
 
 
 @dataclass(frozen=True)
@@ -315,7 +318,7 @@ _BLOCKS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
                                                                               or ())), dataclasses.asdict),
 }
 _INPUT_KEYS = ("input_source", "input_shapes", "input_dtypes", "input_real_tokens")
-_MEMORY_KEYS = tuple(f.name for f in dataclasses.fields(Memory))
+_MEMORY_KEYS = ("rss_before_load_mb", "rss_after_load_mb", "peak_rss_mb")
 
 
 @dataclass(frozen=True)
@@ -415,7 +418,9 @@ class ArtifactResult:
             kw["input"] = InputInfo(d.get("input_source"), _shapes(d.get("input_shapes")),
                                     dict(d.get("input_dtypes") or {}), d.get("input_real_tokens"))
         if all(d.get(k) is not None for k in _MEMORY_KEYS):
-            kw["memory"] = Memory(**{k: float(d[k]) for k in _MEMORY_KEYS})
+            split = d.get("resident_at_end")
+            kw["memory"] = Memory(**{k: float(d[k]) for k in _MEMORY_KEYS},
+                                  resident_at_end=_build(Resident, split) if isinstance(split, Mapping) else None)
         return _build(cls, kw)  # type: ignore[no-any-return]
 
 

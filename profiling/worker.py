@@ -25,7 +25,7 @@ import numpy as np
 
 from edgeship.errors import ConfigError, EdgeshipError, InputError
 from edgeship.manifest import Bundle
-from edgeship.profiling import backends, energy, sysinfo, telemetry
+from edgeship.profiling import backends, energy, resident, sysinfo, telemetry
 from edgeship.profiling.inputs import UserInputs, check_usable, length_buckets, read_inputs
 from edgeship.profiling.progress import Progress, bar
 from edgeship.profiling.results import (
@@ -247,6 +247,7 @@ def _measure(opened: _Opened, cfg: RunConfig, outputs_dir: str | None = None) ->
     # after the timed loop, so the latency and energy figures are the same with or without a soak
     soak = run_soak(model, feeds, cfg.soak, _rss_mb, prog) if cfg.soak else None
     check = _device_check(model, bundle) if bundle is not None and not cfg.shapes else None
+    split = resident.snapshot(opened.file)  # the model still loaded: what the peak was made of, near enough
     user_run = None
     if user is not None and bundle is not None:
         user_run = UserInputsRun(user.name, user.kind, user.count, user.sha256, length_buckets(loop.samples, user),
@@ -257,7 +258,7 @@ def _measure(opened: _Opened, cfg: RunConfig, outputs_dir: str | None = None) ->
         opened.ident, status=Status.OK, torch_free=torch_blocked(), input=inp,
         load_seconds=load_s, first_inference_ms=first_ms, warmup_runs=cfg.warmup, measured_seconds=loop.wall_s,
         latency=LatencyStats.from_ns(loop.samples), samples_ns=tuple(loop.samples),
-        memory=Memory(rss0, rss_load, _peak_rss_mb()), threads=threads, runtime=model.info(),
+        memory=Memory(rss0, rss_load, _peak_rss_mb(), split), threads=threads, runtime=model.info(),
         cpus=tuple(sorted(os.sched_getaffinity(0))) if cfg.cpus else (),
         output_shapes={k: tuple(np.shape(v)) for k, v in first.items()},
         energy=recorder.result(len(loop.samples)), telemetry=loop.telemetry, device_check=check, per_op=per_op,

@@ -27,7 +27,7 @@ import numpy as np
 
 from edgeship.errors import ConfigError, EdgeshipError, InputError
 from edgeship.manifest import Bundle, load_bundle
-from edgeship.profiling import energy, sysinfo
+from edgeship.profiling import energy, resident, sysinfo
 from edgeship.profiling.child import run_module
 from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult, PromptTiming
 from edgeship.profiling.llm.runtime import get_llm_runtime
@@ -111,11 +111,12 @@ def _measure(job: dict[str, Any], cfg: LLMRunConfig) -> LLMArtifactResult:
     recorder = energy.Recorder.create(cfg.energy, prof, why, idle_seconds=cfg.idle_seconds,
                                       ctx=energy.MeterContext(sample_hz=cfg.sample_hz, csv_path=cfg.energy_csv))
     t0 = time.perf_counter_ns()
-    rt = cls(bundle.path_of(art), art.runtime, threads=threads)
+    path = bundle.path_of(art)
+    rt = cls(path, art.runtime, threads=threads)
     load_s = (time.perf_counter_ns() - t0) / 1e9
     rss_load = _rss_mb()
     if getattr(rt, "timed_generation", False):  # an engine that only generates (LiteRT-LM): no per-step logits
-        return _measure_generation(rt, art, cfg, text_ids, recorder, load_s, rss_load, torch_free, threads)
+        return _measure_generation(rt, art, path, cfg, text_ids, recorder, load_s, rss_load, torch_free, threads)
     rt.append(_prompt(text_ids, min(16, rt.max_context)))  # warm-up: first-call allocations stay out of TTFT
     for _ in range(4):
         rt.append([text_ids[0]])
@@ -136,6 +137,7 @@ def _measure(job: dict[str, Any], cfg: LLMRunConfig) -> LLMArtifactResult:
         logits = rt.append([nxt])
         token_ns.append(time.perf_counter_ns() - t)
     recorder.stop()
+    split = resident.snapshot(path)  # before close(): the model and its KV cache still loaded
     rt.close()
     stats = LatencyStats.from_ns(token_ns)
     tenth = max(1, len(token_ns) // 10)
@@ -147,12 +149,13 @@ def _measure(job: dict[str, Any], cfg: LLMRunConfig) -> LLMArtifactResult:
         runtime=rt.info(), load_seconds=load_s, prompts=tuple(timings), decode_tokens=len(token_ns),
         decode_tokens_per_s=len(token_ns) / (sum(token_ns) / 1e9), decode_token_ms=stats.to_dict(),
         decode_retained=retained, token_ns=tuple(token_ns), rss_after_load_mb=rss_load, peak_rss_mb=_peak_rss_mb(),
-        max_context=rt.max_context, kv_cache_bytes_per_token=art.details.get("kv_cache_bytes_per_token"),
+        resident_at_end=split, max_context=rt.max_context,
+        kv_cache_bytes_per_token=art.details.get("kv_cache_bytes_per_token"),
         predicted_peak_memory_mb=peak_pred / 2**20 if peak_pred else None, energy=en,
         joules_per_token=en.get("joules_per_inference_net") or en.get("joules_per_inference_gross"))
 
 
-def _measure_generation(rt: Any, art: Any, cfg: LLMRunConfig, text_ids: list[int], recorder: Any, load_s: float,
+def _measure_generation(rt: Any, art: Any, path: Path, cfg: LLMRunConfig, text_ids: list[int], recorder: Any, load_s: float,
                         rss_load: float | None, torch_free: bool, threads: int | None) -> LLMArtifactResult:
     """The same figures from an engine that takes a prompt and streams a greedy reply (``generate_timed``).
 
@@ -166,6 +169,7 @@ def _measure_generation(rt: Any, art: Any, cfg: LLMRunConfig, text_ids: list[int
     recorder.start()
     g = rt.generate_timed(_prompt(text_ids, max(cfg.prompt_lengths)), cfg.new_tokens + 1)
     recorder.stop()
+    split = resident.snapshot(path)  # before close(): the model and its KV cache still loaded
     rt.close()
     token_ns = list(g.chunk_ns)
     warnings = ["energy window covers the prefill of the longest prompt too (the engine runs prefill and decode "
@@ -184,7 +188,8 @@ def _measure_generation(rt: Any, art: Any, cfg: LLMRunConfig, text_ids: list[int
         runtime=rt.info(), load_seconds=load_s, prompts=tuple(timings), decode_tokens=g.decode_tokens - 1,
         decode_tokens_per_s=(g.decode_tokens - 1) / g.decode_seconds if g.decode_seconds > 0 else None,
         decode_token_ms=stats.to_dict(), decode_retained=float(np.sum(token_ns[:tenth]) / np.sum(token_ns[-tenth:])),
-        token_ns=tuple(token_ns), rss_after_load_mb=rss_load, peak_rss_mb=_peak_rss_mb(), max_context=rt.max_context,
+        token_ns=tuple(token_ns), rss_after_load_mb=rss_load, peak_rss_mb=_peak_rss_mb(), resident_at_end=split,
+        max_context=rt.max_context,
         kv_cache_bytes_per_token=art.details.get("kv_cache_bytes_per_token"),
         predicted_peak_memory_mb=peak_pred / 2**20 if peak_pred else None, energy=en,
         joules_per_token=en.get("joules_per_inference_net") or en.get("joules_per_inference_gross"),

@@ -53,6 +53,9 @@ class GenAIRuntime(LLMRuntime):
 
     def reset(self) -> None:
         og = self._og
+        # the old generator goes first: each holds a KV buffer of max_length tokens (94 MB for SmolLM2-135M at 2048),
+        # and replacing it in one assignment kept both alive while the new one allocated, a second cache at the peak
+        self._generator = None
         params = og.GeneratorParams(self._model)
         params.set_search_options(max_length=self.max_context, do_sample=False)
         self._generator = og.Generator(self._model, params)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeship.errors import ConfigError
+from edgeship.profiling.resident import Resident
 from edgeship.profiling.results import DeviceInfo
 
 LLM_RESULT_SCHEMA_VERSION = 1
@@ -43,6 +44,7 @@ class LLMArtifactResult:
     token_ns: tuple[int, ...] = ()  # raw per-token decode times
     rss_after_load_mb: float | None = None
     peak_rss_mb: float | None = None  # includes the KV cache at the longest context reached
+    resident_at_end: Resident | None = None  # what the memory was made of after the decode, model still loaded
     max_context: int | None = None
     kv_cache_bytes_per_token: int | None = None
     predicted_peak_memory_mb: float | None = None
@@ -63,6 +65,8 @@ class LLMArtifactResult:
         d["prompts"] = tuple(PromptTiming(**p) for p in d.get("prompts", ()))
         d["token_ns"] = tuple(d.get("token_ns", ()))
         d["warnings"] = tuple(d.get("warnings", ()))
+        split = d.get("resident_at_end")
+        d["resident_at_end"] = Resident(**split) if isinstance(split, Mapping) else None
         return cls(**d)
 
 

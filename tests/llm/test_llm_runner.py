@@ -30,7 +30,36 @@ def test_profile_measures_every_metric_torch_free(tiny_llama_bundle: Path, tmp_p
     assert r.load_seconds and r.load_seconds > 0 and r.peak_rss_mb and r.peak_rss_mb >= (r.rss_after_load_mb or 0)
     assert r.energy["estimated"] is True and r.joules_per_token and r.joules_per_token > 0
     assert r.max_context == 512 and r.kv_cache_bytes_per_token == 512
+    split = r.resident_at_end  # what the peak was made of, read before the runtime closed
+    assert split is not None and split.anon_mb > 0 and split.libraries_mb > 5 and split.total_mb <= r.peak_rss_mb + 0.5
     assert LLMProfileResult.from_dict(json.loads((tmp_path / "r.json").read_text())) == res
+
+
+def test_genai_reset_drops_the_old_kv_cache_before_allocating_the_new(tiny_llama_bundle: Path) -> None:
+    # each og.Generator holds a KV buffer of the whole context (94 MB for SmolLM2-135M at 2048): replaced in one
+    # assignment, the old one lived on while the new one allocated, and every profile peaked one cache higher
+    from edgeship.profiling.llm.onnx import GenAIRuntime
+
+    b = load_bundle(tiny_llama_bundle)
+    art = b.manifest.artifact("onnx/int4-weight")
+    rt = GenAIRuntime(b.path_of(art), art.runtime, threads=1)
+    real, held = rt._og, []
+
+    class Og:  # the module, with a Generator that notes what the runtime still held when a new one was made
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def Generator(self, model: object, params: object) -> object:  # onnxruntime_genai's name
+            held.append(rt._generator)
+            return real.Generator(model, params)
+
+    rt._og = Og()
+    first = rt.append([5, 6, 7])
+    rt.reset()
+    rt.reset()
+    assert held == [None, None] and rt.position == 0
+    assert (rt.append([5, 6, 7]) == first).all()  # the fresh cache gives the same logits
+    rt.close()
 
 
 def test_prompt_past_the_context_is_refused_before_running(tiny_llama_bundle: Path) -> None:

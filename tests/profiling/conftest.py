@@ -21,6 +21,8 @@ def check_measured(r: ArtifactResult, runs: int) -> None:
     assert lat.min_ms <= lat.mean_ms <= lat.max_ms and lat.std_ms >= 0 and lat.throughput_per_s > 0
     assert (r.load_seconds or 0) > 0 and (r.first_inference_ms or 0) > 0 and (r.measured_seconds or 0) > 0
     assert mem.peak_rss_mb >= mem.rss_after_load_mb > 0 and mem.rss_before_load_mb > 0
+    split = mem.resident_at_end  # what the memory was made of at the end, the model loaded (Linux: always there)
+    assert split is not None and 0 < split.total_mb <= mem.peak_rss_mb + 0.5 and split.anon_mb > 0
     assert (r.size_bytes or 0) > 0 and r.output_shapes and r.input is not None and r.input.shapes
 
 

@@ -27,6 +27,9 @@ def test_profile_bundle_fills_every_field(tiny_onnx_bundle: Path, tmp_path: Path
         assert r.latency.min_ms <= r.latency.p50_ms <= r.latency.p99_ms <= r.latency.max_ms
         assert r.load_seconds and r.load_seconds > 0 and r.first_inference_ms and r.first_inference_ms > 0
         assert r.memory.peak_rss_mb >= r.memory.rss_after_load_mb > 0
+        split = r.memory.resident_at_end  # onnxruntime's library pages are most of a tiny model's runner
+        assert split is not None and split.libraries_mb > 5 and split.anon_mb > 5 and split.artifact_mb >= 0
+        assert split.total_mb <= r.memory.peak_rss_mb + 0.5
         assert r.runtime["providers_used"] == ["CPUExecutionProvider"]
         assert r.fidelity is not None and r.fidelity.passed is True
         assert r.input is not None and r.input.real_tokens is not None
@@ -42,6 +45,7 @@ def test_profile_bundle_fills_every_field(tiny_onnx_bundle: Path, tmp_path: Path
         assert e.joules_per_inference_gross is not None and e.joules_per_inference_gross > 0
     assert res.device.arch and res.device.cpu_model and "onnxruntime" in res.device.runtimes
     doc = json.loads((tmp_path / "r.json").read_text())
+    assert set(doc["results"][0]["resident_at_end"]) == {"anon_mb", "artifact_mb", "libraries_mb"}
     assert ProfileResult.from_dict(doc) == res  # the file holds everything the call returned
     assert json.loads(ProfileResult.from_dict(doc).to_json()) == doc
 
