@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the table helpers are used by commands that never load a result
     from edgeship.profiling.energy import EnergyResult
-    from edgeship.profiling.results import ArtifactResult, ProfileResult
+    from edgeship.profiling.results import ArtifactResult, Memory, ProfileResult
 
 
 def _fmt(v: float | None, spec: str, dash: str = "-") -> str:
@@ -108,12 +108,21 @@ def render(result: ProfileResult) -> str:
     lines = [head, table(rows, HEADER), *detail_lines(result.results), foot]
     lines += [f"  {r.artifact}{f' [{r.setting}]' if r.setting else ''}: {energy_detail(r.energy)}"
               for r in result.results if r.energy and r.energy.available]
+    lines += [f"  {r.artifact}{f' [{r.setting}]' if r.setting else ''}: {memory_line(r.memory)}"
+              for r in result.results if r.memory is not None and r.memory.resident_at_end is not None]
     lines += [f"  {r.artifact}: {delegate_line(r.delegate)}" for r in result.results if r.delegate is not None]
     lines += [f"  {r.artifact}: {npu_line(r)}" for r in result.results if r.npu is not None]
     lines += [f"  {r.artifact}{f' [{r.setting}]' if r.setting else ''}: {r.soak.describe()}"
               for r in result.results if r.soak is not None]
     lines += [f"  {r.artifact}: {per_op_line(p)}" for r in result.results if (p := r.per_op_trace) is not None]
     return "\n".join(lines + user_inputs_lines(result.results))
+
+
+def memory_line(m: Memory) -> str:
+    split = m.resident_at_end
+    assert split is not None
+    return (f"peak RSS {m.peak_rss_mb:.0f} MB; at the end {split.total_mb:.0f} MB = {split.anon_mb:.0f} its own + "
+            f"{split.artifact_mb:.0f} mapped from the model file + {split.libraries_mb:.0f} of shared libraries")
 
 
 def user_inputs_lines(results: Sequence[ArtifactResult]) -> list[str]:

@@ -155,5 +155,9 @@ def render(res: LLMProfileResult) -> str:
         rows.append([r.artifact, f"{r.load_seconds:.2f}", ttft, prefill, f"{r.decode_tokens_per_s:.1f}",
                      f"{r.decode_retained:.2f}" if r.decode_retained else "-", f"{r.peak_rss_mb:.0f}", j,
                      "yes" if r.torch_free else "no"])
-    return table(rows, ["artifact", "load s", "TTFT ms@tokens", "prefill tok/s", "decode tok/s", "retained",
-                        "peak RSS MB", "mJ/token", "torch-free"])
+    out = table(rows, ["artifact", "load s", "TTFT ms@tokens", "prefill tok/s", "decode tok/s", "retained",
+                       "peak RSS MB", "mJ/token", "torch-free"])
+    split = [f"  {r.artifact}: at the end {s.total_mb:.0f} MB = {s.anon_mb:.0f} its own (weights as the runtime "
+             f"keeps them, KV cache, arenas) + {s.artifact_mb:.0f} mapped from the artifact + {s.libraries_mb:.0f} of "
+             "shared libraries" for r in res.results if (s := r.resident_at_end) is not None]
+    return "\n".join([out, *split])

@@ -12,7 +12,7 @@ from edgeship.errors import ConfigError, InputError
 from edgeship.manifest import load_bundle
 from edgeship.profiling.llm.bench import LLMRunConfig, is_llm_bundle, profile_llm
 from edgeship.profiling.llm.chat import ChatTokenizer, chat
-from edgeship.profiling.llm.results import LLMProfileResult
+from edgeship.profiling.llm.results import LLMProfileResult, render
 
 pytestmark = pytest.mark.needs_export
 
@@ -32,6 +32,7 @@ def test_profile_measures_every_metric_torch_free(tiny_llama_bundle: Path, tmp_p
     assert r.max_context == 512 and r.kv_cache_bytes_per_token == 512
     split = r.resident_at_end  # what the peak was made of, read before the runtime closed
     assert split is not None and split.anon_mb > 0 and split.libraries_mb > 5 and split.total_mb <= r.peak_rss_mb + 0.5
+    assert f"onnx/int4-weight: at the end {split.total_mb:.0f} MB = {split.anon_mb:.0f} its own" in render(res)
     assert LLMProfileResult.from_dict(json.loads((tmp_path / "r.json").read_text())) == res
 
 

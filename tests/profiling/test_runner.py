@@ -30,6 +30,8 @@ def test_profile_bundle_fills_every_field(tiny_onnx_bundle: Path, tmp_path: Path
         split = r.memory.resident_at_end  # onnxruntime's library pages are most of a tiny model's runner
         assert split is not None and split.libraries_mb > 5 and split.anon_mb > 5 and split.artifact_mb >= 0
         assert split.total_mb <= r.memory.peak_rss_mb + 0.5
+        assert f"{r.artifact}: peak RSS {r.memory.peak_rss_mb:.0f} MB; at the end {split.total_mb:.0f} MB = " \
+               f"{split.anon_mb:.0f} its own + {split.artifact_mb:.0f} mapped from the model file" in render(res)
         assert r.runtime["providers_used"] == ["CPUExecutionProvider"]
         assert r.fidelity is not None and r.fidelity.passed is True
         assert r.input is not None and r.input.real_tokens is not None
