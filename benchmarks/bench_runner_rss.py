@@ -8,7 +8,8 @@ format runs without it), so the peak RSS is what the runner on a device would ta
 runtime, the model and its activations. RSS is a deterministic-enough quantity to read on a shared
 machine; the latencies printed next to it are not. Exit status 1 when an artifact misses the target.
 The "at end" columns split the resident memory at the end of the run, model still loaded: the worker's
-own pages, clean pages mapped from the artifact's file, and those of the libraries (``profiling/resident.py``).
+own pages, clean pages mapped from the artifact's file, those of the libraries and of any other file
+(``profiling/resident.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   energy="estimate"))
     rows, missed = [], 0
     print(f"{'artifact':22s} {'MB':>6s} {'peak RSS':>8s} {'before load':>11s} {'target':>7s}  "
-          f"{'at end: own':>11s} {'file':>5s} {'libs':>5s}  torch-free  runtime path")
+          f"{'at end: own':>11s} {'file':>5s} {'libs':>5s} {'other':>5s}  torch-free  runtime path")
     for r in res.results:
         if not r.ok or r.memory is None:
             print(f"{r.artifact:22s} FAILED: {r.error}")
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         missed += not ok
         path = str(r.runtime.get("runtime_path") or r.runtime.get("runtime", ""))
         split = r.memory.resident_at_end
-        parts = f"{split.anon_mb:11.1f} {split.artifact_mb:5.1f} {split.libraries_mb:5.1f}" if split else f"{'-':>23s}"
+        parts = (f"{split.anon_mb:11.1f} {split.artifact_mb:5.1f} {split.libraries_mb:5.1f} {split.other_files_mb:5.1f}"
+                 if split else f"{'-':>29s}")
         print(f"{r.artifact:22s} {size:6.1f} {r.memory.peak_rss_mb:8.1f} {r.memory.rss_before_load_mb:11.1f} "
               f"{target:7.1f}  {parts}  {'yes' if r.torch_free else 'no':10s}  {path}{'' if ok else '   MISSED'}")
         rows.append({"artifact": r.artifact, "size_mb": size, "peak_rss_mb": r.memory.peak_rss_mb,

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the table helpers are used by commands that never load a result
     from edgeship.profiling.energy import EnergyResult
+    from edgeship.profiling.resident import Resident
     from edgeship.profiling.results import ArtifactResult, Memory, ProfileResult
 
 
@@ -121,8 +122,13 @@ def render(result: ProfileResult) -> str:
 def memory_line(m: Memory) -> str:
     split = m.resident_at_end
     assert split is not None
-    return (f"peak RSS {m.peak_rss_mb:.0f} MB; at the end {split.total_mb:.0f} MB = {split.anon_mb:.0f} its own + "
-            f"{split.artifact_mb:.0f} mapped from the model file + {split.libraries_mb:.0f} of shared libraries")
+    return f"peak RSS {m.peak_rss_mb:.0f} MB; at the end {resident_parts(split, 'its own', 'the model file')}"
+
+
+def resident_parts(split: Resident, own: str, model: str) -> str:
+    other = f" + {split.other_files_mb:.0f} of other files (a runtime's cache)" if split.other_files_mb >= 0.5 else ""
+    return (f"{split.total_mb:.0f} MB = {split.anon_mb:.0f} {own} + {split.artifact_mb:.0f} mapped from {model} + "
+            f"{split.libraries_mb:.0f} of shared libraries{other}")
 
 
 def user_inputs_lines(results: Sequence[ArtifactResult]) -> list[str]:

@@ -11,26 +11,30 @@ part of a runner's memory is its own, measured once at the end of the run with t
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 SMAPS = "/proc/self/smaps"
+_LIBRARY = re.compile(r"\.(so|dylib)(\.[0-9.]+)?( \(deleted\))?$")  # libfoo.so, libfoo.so.1.32.0, _ext.cpython-311.so
 
 
 @dataclass(frozen=True)
 class Resident:
     """Resident MB by kind, one reading: ``anon_mb`` the process's own pages (heap, arenas, packed weights, the
     private copies of library data), ``artifact_mb`` clean pages mapped from the artifact's file(s),
-    ``libraries_mb`` clean pages of every other file (shared libraries, mostly)."""
+    ``libraries_mb`` those of shared libraries, ``other_files_mb`` those of any other file (a runtime's own cache
+    file: LiteRT maps the weights XNNPACK packed into one)."""
 
     anon_mb: float
     artifact_mb: float
     libraries_mb: float
+    other_files_mb: float = 0.0
 
     @property
     def total_mb(self) -> float:
-        return self.anon_mb + self.artifact_mb + self.libraries_mb
+        return self.anon_mb + self.artifact_mb + self.libraries_mb + self.other_files_mb
 
 
 def _is_mapping_header(line: str) -> bool:
@@ -43,13 +47,14 @@ def parse(text: Iterable[str], artifact: Iterable[str]) -> Resident:
     every file under a folder when a path ends with ``/``)."""
     paths = list(artifact)
     files, folders = {p for p in paths if not p.endswith("/")}, [p for p in paths if p.endswith("/")]
-    kb = {"anon": 0, "artifact": 0, "libraries": 0}
+    kb = {"anon": 0, "artifact": 0, "libraries": 0, "other_files": 0}
     path, rss = "", 0
 
     def close() -> None:
         if not path or path.startswith("["):  # anonymous, [heap], [stack], [vdso]...: counted by Anonymous
             return
-        kind = "artifact" if path in files or any(path.startswith(f) for f in folders) else "libraries"
+        kind = ("artifact" if path in files or any(path.startswith(f) for f in folders)
+                else "libraries" if _LIBRARY.search(path) else "other_files")
         kb[kind] += rss - anon_here
 
     anon_here = 0
@@ -64,7 +69,7 @@ def parse(text: Iterable[str], artifact: Iterable[str]) -> Resident:
             anon_here = int(line.split()[1])
             kb["anon"] += anon_here
     close()
-    return Resident(anon_mb=kb["anon"] / 1024, artifact_mb=kb["artifact"] / 1024, libraries_mb=kb["libraries"] / 1024)
+    return Resident(**{f"{k}_mb": v / 1024 for k, v in kb.items()})
 
 
 def snapshot(artifact: Path) -> Resident | None:

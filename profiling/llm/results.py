@@ -141,7 +141,7 @@ def llm_documents(d: Mapping[str, Any]) -> list[LLMProfileResult]:
 
 def render(res: LLMProfileResult) -> str:
     """The terminal table: one row per artifact."""
-    from edgeship.profiling.report import table
+    from edgeship.profiling.report import resident_parts, table
 
     rows = []
     for r in res.results:
@@ -157,7 +157,7 @@ def render(res: LLMProfileResult) -> str:
                      "yes" if r.torch_free else "no"])
     out = table(rows, ["artifact", "load s", "TTFT ms@tokens", "prefill tok/s", "decode tok/s", "retained",
                        "peak RSS MB", "mJ/token", "torch-free"])
-    split = [f"  {r.artifact}: at the end {s.total_mb:.0f} MB = {s.anon_mb:.0f} its own (weights as the runtime "
-             f"keeps them, KV cache, arenas) + {s.artifact_mb:.0f} mapped from the artifact + {s.libraries_mb:.0f} of "
-             "shared libraries" for r in res.results if (s := r.resident_at_end) is not None]
+    split = [f"  {r.artifact}: at the end "
+             + resident_parts(s, "its own (weights as the runtime keeps them, KV cache, arenas)", "the artifact")
+             for r in res.results if (s := r.resident_at_end) is not None]
     return "\n".join([out, *split])

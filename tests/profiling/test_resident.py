@@ -64,8 +64,14 @@ Anonymous:             0 kB
 7f2000000000-7f2000001000 rw-p 00000000 00:00 0
 Rss:                   4 kB
 Anonymous:             4 kB
+7f3000000000-7f3006000000 r--p 00000000 fe:01 789 /tmp/edgeship-xnnpack-x/weights.cache (deleted)
+Rss:                3072 kB
+Anonymous:             0 kB
+7f4000000000-7f4000100000 r-xp 00000000 fe:01 790 /venv/onnxruntime/capi/libonnxruntime.so.1.32.0
+Rss:                 512 kB
+Anonymous:             0 kB
 """.splitlines(keepends=True)
     assert parse(text, ["/data/B/onnx/int8.onnx"]) == Resident(anon_mb=524 / 1024, artifact_mb=2.0,
-                                                               libraries_mb=1016 / 1024)
+                                                               libraries_mb=1528 / 1024, other_files_mb=3.0)
     assert parse(text, ["/data/B/onnx/"]).artifact_mb == 2.0  # a folder's files (GenAI folders)
-    assert parse(text, []).libraries_mb == (1016 + 2048) / 1024
+    assert parse(text, []).other_files_mb == 5.0  # the model file, when it is not the one asked about

@@ -47,7 +47,7 @@ def test_profile_bundle_fills_every_field(tiny_onnx_bundle: Path, tmp_path: Path
         assert e.joules_per_inference_gross is not None and e.joules_per_inference_gross > 0
     assert res.device.arch and res.device.cpu_model and "onnxruntime" in res.device.runtimes
     doc = json.loads((tmp_path / "r.json").read_text())
-    assert set(doc["results"][0]["resident_at_end"]) == {"anon_mb", "artifact_mb", "libraries_mb"}
+    assert set(doc["results"][0]["resident_at_end"]) == {"anon_mb", "artifact_mb", "libraries_mb", "other_files_mb"}
     assert ProfileResult.from_dict(doc) == res  # the file holds everything the call returned
     assert json.loads(ProfileResult.from_dict(doc).to_json()) == doc
 
