@@ -48,7 +48,7 @@ def parse(text: Iterable[str], artifact: Iterable[str]) -> Resident:
     paths = list(artifact)
     files, folders = {p for p in paths if not p.endswith("/")}, [p for p in paths if p.endswith("/")]
     kb = {"anon": 0, "artifact": 0, "libraries": 0, "other_files": 0}
-    path, rss = "", 0
+    path, rss, anon_here = "", 0, 0  # of the mapping being read
 
     def close() -> None:
         if not path or path.startswith("["):  # anonymous, [heap], [stack], [vdso]...: counted by Anonymous
@@ -57,7 +57,6 @@ def parse(text: Iterable[str], artifact: Iterable[str]) -> Resident:
                 else "libraries" if _LIBRARY.search(path) else "other_files")
         kb[kind] += rss - anon_here
 
-    anon_here = 0
     for line in text:
         if _is_mapping_header(line):
             close()
@@ -76,11 +75,11 @@ def snapshot(artifact: Path) -> Resident | None:
     """The split of this process now; ``artifact`` a model file (its folder too when the format keeps weights
     beside it, as ONNX external data and GenAI folders do). None where there is no ``/proc/self/smaps``."""
     real = os.path.realpath(artifact)
-    paths = [real] + ([real.rstrip("/") + "/"] if os.path.isdir(real) else [])
-    if not os.path.isdir(real):
+    if os.path.isdir(real):
+        paths = [real + "/"]
+    else:
         parent = os.path.dirname(real)
-        stem = os.path.basename(real)
-        paths += [os.path.join(parent, n) for n in _siblings(parent, stem)]
+        paths = [real, *(os.path.join(parent, n) for n in _siblings(parent, os.path.basename(real)))]
     try:
         with open(SMAPS, encoding="utf-8", errors="replace") as f:
             return parse(f, paths)
