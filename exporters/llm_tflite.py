@@ -8,6 +8,10 @@ with a KV cache kept as tensors, RoPE, RMSNorm, gated MLP), the safetensors are 
   (index in the chunk of the last real token) and the KV cache -> ``logits`` float32 [1, vocab] of that token and
   the K/V entries of the L new positions. A shorter prompt is padded: the padded positions produce entries past
   the real ones, which no real query attends to (causal mask) and which the next tokens overwrite.
+* ``prefill_<L>_<C>``: the same chunks over a short cache (:func:`short_prefill`: the shortest decode cache of at
+  least 256 positions below ``max_context``), for prompts that start a conversation. The runtime hands every cache
+  input to XNNPACK as a flat vector that it copies into a 4-D view in the signature's arena on each call, so a
+  prefill over the full cache held a full-length copy (94 MB for SmolLM2 at 2048) for a 64-token prompt.
 * ``decode`` (the cache at ``max_context``) and ``decode_<C>`` for shorter caches C (:func:`decode_contexts`:
   max_context / 8, / 4, / 2): ``tokens`` [1, 1], ``input_pos`` [1] and the KV cache -> ``logits`` [1, vocab] and
   the new entries. Attention reads every cache position it is given, used or not (masked), so at context 2048 a
@@ -43,7 +47,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -64,6 +68,7 @@ if TYPE_CHECKING:
 
 FILE = "model.tflite"
 PREFILL_LENGTHS = (32, 128)  # chunk lengths of the prefill signatures (capped by max_context)
+SHORT_PREFILL_MIN = 256  # prefill signatures over a cache this long or longer too (short_prefill)
 DECODE_FRACTIONS = (8, 4, 2)  # decode_<max_context // f>: shorter caches for the early tokens of a reply
 BLOCKS = (32, 64, 128, 256)  # block sizes ai-edge-quantizer offers for int4 weights
 # litert-torch's composites (SDPA, RMSNorm) rather than plain ops: with plain ops a SmolLM2 decode step took 1.8 s
@@ -243,6 +248,8 @@ def export_tflite(req: LLMExportRequest) -> LLMExportResult:
     runtime = {
         "kind": "tflite-signatures", "file": FILE, "max_context": req.max_context, "vocab_size": int(hf.vocab_size),
         "prefill_signatures": {str(n): f"prefill_{n}" for n in lengths}, "decode_signature": "decode",
+        "prefill_signatures_short": {str(c): {str(n): k for n, k in sigs.items()}
+                                     for c, sigs in short_prefill(req.max_context, lengths).items()},
         "decode_signatures": {str(c): decode_signature(c, req.max_context) for c in decode_contexts(req.max_context)},
         "inputs": {"tokens": "int32 [1, n]", "input_pos": "int32 [n]", "last": "int32 [1] (prefill only)"},
         "logits": "logits", "kv_cache": {"names": [k.format(i) for i in range(layers) for k in KV_NAMES],
@@ -293,8 +300,8 @@ def float_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int], recipe: Re
     rotatable = recipe.rotate and convert is None  # LiteRT-LM's stock graph is converted as it is
     rotate = rotatable and wanted
     tag += "-rotated" if rotate else ""
-    key = (str(req.hf_dir.resolve()), fingerprint(req.hf_dir), str(req.max_context), ",".join(map(str, lengths)),
-           fmt, tag)
+    signatures = ",".join(map(str, lengths)) + (f" {short_prefill(req.max_context, lengths)}" if convert is None else "")
+    key = (str(req.hf_dir.resolve()), fingerprint(req.hf_dir), str(req.max_context), signatures, fmt, tag)
     if rotatable and not wanted:  # the graph is the unrotated one, which may be cached
         quant["rotation"] = {"applied": False, "why": "turned off (option rotate=False)"}
     hit = _GRAPHS.get(key)
@@ -359,6 +366,16 @@ def prefill_lengths(max_context: int) -> list[int]:
 def decode_contexts(max_context: int) -> list[int]:
     """Cache lengths of the decode signatures, ascending, ending at ``max_context``."""
     return sorted({max_context // f for f in DECODE_FRACTIONS if max_context // f >= 8} | {max_context})
+
+
+def short_prefill(max_context: int, lengths: Sequence[int]) -> dict[int, dict[int, str]]:
+    """Cache length -> {chunk length: signature} of the prefill signatures over a short cache: the shortest decode
+    cache of at least :data:`SHORT_PREFILL_MIN` positions below ``max_context``, for the chunks that fit it."""
+    short = [c for c in decode_contexts(max_context) if SHORT_PREFILL_MIN <= c < max_context]
+    if not short:
+        return {}
+    c = short[0]
+    return {c: {n: f"prefill_{n}_{c}" for n in lengths if n <= c}}
 
 
 def decode_signature(context: int, max_context: int) -> str:
@@ -591,10 +608,12 @@ def _convert(decoder: nn.Module, mcfg: Any, max_context: int, lengths: list[int]
     torch._dynamo.config.cache_size_limit = 64
     conv = interface.Converter()
     step = _signature_module(decoder)
-    for n in lengths:
-        conv.add_signature(f"prefill_{n}", step, sample_kwargs={
+    prefills = [(f"prefill_{n}", n, max_context) for n in lengths]
+    prefills += [(key, n, c) for c, sigs in short_prefill(max_context, lengths).items() for n, key in sigs.items()]
+    for key, n, c in prefills:
+        conv.add_signature(key, step, sample_kwargs={
             "tokens": torch.zeros((1, n), dtype=torch.int32), "input_pos": torch.arange(n, dtype=torch.int32),
-            "kv_cache": _flat_cache(mcfg, max_context), "last": torch.tensor([n - 1], dtype=torch.int32)})
+            "kv_cache": _flat_cache(mcfg, c), "last": torch.tensor([n - 1], dtype=torch.int32)})
     for c in decode_contexts(max_context):
         conv.add_signature(decode_signature(c, max_context), step, sample_kwargs={
             "tokens": torch.zeros((1, 1), dtype=torch.int32), "input_pos": torch.tensor([0], dtype=torch.int32),

@@ -55,6 +55,8 @@ class TfliteLLMRuntime(LLMRuntime):
             self.max_context = int(runtime["max_context"])
             self.vocab_size = int(runtime["vocab_size"])
             prefill = {int(n): str(s) for n, s in dict(runtime["prefill_signatures"]).items()}
+            short_prefill = {int(c): {int(n): str(k) for n, k in dict(sigs).items()}
+                             for c, sigs in dict(runtime.get("prefill_signatures_short") or {}).items()}
             decode = {int(c): str(s) for c, s in dict(runtime.get("decode_signatures")
                                                       or {self.max_context: runtime["decode_signature"]}).items()}
             kv = dict(runtime["kv_cache"])
@@ -77,14 +79,16 @@ class TfliteLLMRuntime(LLMRuntime):
         self.file, self.threads = file, threads
         self._layout = _Layout(kv_names, slice_names, shapes, axes)
         if flat and self._runtime == "ai-edge-litert":
-            engine: _Engine = _Compiled(file, threads, self._layout, prefill, decode, self.max_context)
+            engine: _Engine = _Compiled(file, threads, self._layout, prefill, decode, self.max_context, short_prefill)
         else:  # the interpreter: full-length signatures only
             engine = _Interpreted(mod, file, threads, self._layout, prefill, decode[self.max_context],
                                   self.max_context, f"{self._runtime} {self._version}")
         self._engine = engine
         self._prefill = engine.prefill
+        self._prefill_short = engine.prefill_short
         self._decode = engine.decode  # context -> signature, ascending
         self._chunks, self._contexts = sorted(self._prefill), sorted(self._decode)  # for info(), also after close()
+        self._short_shown = {str(c): sorted(sigs) for c, sigs in self._prefill_short.items()}
         self._full = self._decode[max(self._decode)].cache
         self._master = self._full  # the cache set holding [0, position)
         self.position = 0
@@ -92,7 +96,7 @@ class TfliteLLMRuntime(LLMRuntime):
     def reset(self) -> None:
         # entries at and past the position are masked by the graph, so the arrays need no clearing
         self.position = 0
-        for sig in (*self._prefill.values(), *self._decode.values()):
+        for sig in (*self._prefill.values(), *self._decode.values()):  # the short prefills share the decode caches
             sig.cache.synced = 0
         self._master = self._full
 
@@ -108,7 +112,7 @@ class TfliteLLMRuntime(LLMRuntime):
         done = 0
         while done < toks.size:
             n, chunk = self._plan(int(toks.size) - done)
-            sig = self._prefill[chunk] if chunk else next(s for c, s in self._decode.items() if c > self.position)
+            sig = self._prefill_sig(chunk) if chunk else next(s for c, s in self._decode.items() if c > self.position)
             logits = self._step(sig, toks[done:done + n], chunk or 1)
             done += n
         return logits
@@ -127,6 +131,13 @@ class TfliteLLMRuntime(LLMRuntime):
         if whole:
             return max(whole), max(whole)
         return left, min(fits)
+
+    def _prefill_sig(self, chunk: int) -> _Sig:
+        """The chunk's prefill over the shortest cache that holds it from the current position."""
+        for context, sigs in sorted(self._prefill_short.items()):
+            if self.position + chunk <= context and chunk in sigs:
+                return sigs[chunk]
+        return self._prefill[chunk]
 
     def _step(self, sig: _Sig, toks: np.ndarray, length: int) -> np.ndarray:
         n = int(toks.size)
@@ -162,10 +173,11 @@ class TfliteLLMRuntime(LLMRuntime):
                 "kv_cache": f"{len(self._layout.names)} float32 arrays {self._layout.shown(self.max_context)} kept "
                             "by edgeship between signature calls" + self._engine.kv_note,
                 "prefill_chunks": self._chunks, "decode_contexts": self._contexts,
+                "prefill_short": self._short_shown,
                 "max_context": self.max_context}
 
     def close(self) -> None:
-        self._prefill, self._decode = {}, {}  # the engine's buffers hold its environment: drop them first
+        self._prefill, self._prefill_short, self._decode = {}, {}, {}  # the engine's buffers hold its environment
         self._engine.close()
 
 
@@ -220,7 +232,8 @@ class _Sig:
 
 
 class _Engine:
-    prefill: dict[int, _Sig]  # chunk length -> signature
+    prefill: dict[int, _Sig]  # chunk length -> signature over the full cache
+    prefill_short: dict[int, dict[int, _Sig]]  # cache length -> chunk length -> signature over that shorter cache
     decode: dict[int, _Sig]  # cache length -> signature, ascending
     executes: str
     kv_note: str = ""
@@ -235,7 +248,8 @@ class _Compiled(_Engine):
     muted_at_exit: ClassVar[bool] = False
 
     def __init__(self, file: Path, threads: int | None, layout: _Layout, prefill: Mapping[int, str],
-                 decode: Mapping[int, str], max_context: int) -> None:
+                 decode: Mapping[int, str], max_context: int,
+                 short_prefill: Mapping[int, Mapping[int, str]] | None = None) -> None:
         from ai_edge_litert.compiled_model import CompiledModel
         from ai_edge_litert.cpu_options import CpuOptions
         from ai_edge_litert.hardware_accelerator import HardwareAccelerator
@@ -261,7 +275,9 @@ class _Compiled(_Engine):
         finally:
             shutil.rmtree(work, ignore_errors=True)
         sigs = self.model.get_signature_list()
-        _check_signatures(file, sigs, [*prefill.values(), *decode.values()], layout)
+        short_prefill = {c: m for c, m in (short_prefill or {}).items() if c in decode and c < max_context}
+        _check_signatures(file, sigs, [*prefill.values(), *decode.values(),
+                                       *(k for m in short_prefill.values() for k in m.values())], layout)
         self._memory: list[np.ndarray] = []  # every array bound to a TensorBuffer (which does not own it)
         full = self._cache(layout, [_aligned(int(np.prod(s))) for s in layout.shapes(max_context)], max_context)
         short = sorted(c for c in decode if c < max_context)
@@ -271,6 +287,8 @@ class _Compiled(_Engine):
             c.aliases = [o for o in caches.values() if o is not c]
         caches[max_context] = full
         self.prefill = {n: _CompiledSig(self.model, k, layout, full, True) for n, k in sorted(prefill.items())}
+        self.prefill_short = {c: {n: _CompiledSig(self.model, k, layout, caches[c], True) for n, k in sorted(m.items())}
+                              for c, m in sorted(short_prefill.items())}
         self.decode = {c: _CompiledSig(self.model, decode[c], layout, caches[c], False) for c in sorted(decode)}
         self.executes = ("LiteRT CompiledModel, XNNPACK CPU with its weight cache (weights packed once for "
                          f"{len(sigs)} signatures)")
@@ -343,6 +361,7 @@ class _Interpreted(_Engine):
         except (AttributeError, TypeError) as e:  # the in-place KV writes use the interpreter wrapper's tensor()
             raise RuntimeMissingError(f"{runtime} lacks the per-signature tensor access this runtime needs "
                                       f"({_first(e)}); pip install -U ai-edge-litert") from None
+        self.prefill_short = {}  # each signature would add its own packed weights here
         self.executes = "LiteRT interpreter, XNNPACK CPU delegate (default)"
         self.kv_note = "; one copy per signature, written in place through the interpreter's tensor views"
 

@@ -349,6 +349,44 @@ def test_decode_runs_on_the_shortest_cache_and_both_engines_agree(exported: Any,
     np.testing.assert_allclose(np.stack(got["compiled"]), np.stack(got["interpreter"]), atol=1e-5, rtol=1e-5)
 
 
+def test_a_prompt_at_the_start_prefills_over_the_short_cache(tiny_dirs: dict[str, Path], reference: Any,
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill signature over a short cache, as well as the full one: XNNPACK copies each flat cache input into a
+    4-D view in the signature's arena, so a 64-token prompt on SmolLM2 at context 2048 held a 94 MB copy of a cache
+    it used 64 positions of. Same logits as PyTorch whichever cache a chunk runs on, the caches handed over in
+    between (short prefill -> the 8-cache decode sharing its memory -> the full prefill -> the 32-cache decode)."""
+    from edgeship.exporters import llm_tflite
+    from edgeship.profiling.llm import tflite as rt_mod
+
+    monkeypatch.setattr(llm_tflite, "SHORT_PREFILL_MIN", 32)  # the tiny model's context is 64
+    out = tmp_path / "b"
+    res = export_tflite(_request(tiny_dirs["llama"], "fp32", out))
+    assert res.runtime["prefill_signatures_short"] == {"32": {"32": "prefill_32_32"}}
+    ran: list[str] = []
+    real = rt_mod._CompiledSig.run
+    monkeypatch.setattr(rt_mod._CompiledSig, "run", lambda self, *a: ran.append(self.key) or real(self, *a))
+    ref = reference["llama"]
+    rt = get_llm_runtime("tflite")(out, res.runtime, threads=1)
+    assert rt.info()["prefill_short"] == {"32": [32]}
+    ids = ref["ids"]
+    steps = [rt.append(ids[:5].tolist())] + [rt.append([int(t)]) for t in ids[5:11]]
+    steps += [rt.append(ids[11:20].tolist())] + [rt.append([int(t)]) for t in ids[20:40]]
+    np.testing.assert_allclose(np.stack(steps), ref["logits"][[4, *range(5, 11), 19, *range(20, 40)]],
+                               atol=1e-4, rtol=1e-4)
+    # 5 tokens at 0: the short prefill; 9 at 11 would reach 43 > 32: the full one
+    assert [k for k in ran if k.startswith("prefill")] == ["prefill_32_32", "prefill_32"]
+    rt.reset()
+    np.testing.assert_allclose(rt.append(ids[:5].tolist()), ref["logits"][4], atol=1e-4, rtol=1e-4)
+    assert ran[-1] == "prefill_32_32"
+    rt.close()
+    old = {k: v for k, v in res.runtime.items() if k != "prefill_signatures_short"}  # a bundle from before
+    rt = get_llm_runtime("tflite")(out, old, threads=1)
+    assert rt.info()["prefill_short"] == {}
+    np.testing.assert_allclose(rt.append(ids[:5].tolist()), ref["logits"][4], atol=1e-4, rtol=1e-4)
+    assert ran[-1] == "prefill_32"
+    rt.close()
+
+
 def test_cache_arrays_sit_on_64_byte_boundaries() -> None:
     """LiteRT binds host memory zero-copy only 64-byte aligned; elsewhere it copies at binding and the graph reads a
     cache frozen at that moment (found by an fp32 mismatch): every size must come out aligned."""
