@@ -3,8 +3,9 @@
 The ``.tflite`` holds ``prefill_<L>`` signatures (a chunk of L token ids, padded, with the index of its last real
 token) and ``decode`` signatures (one id) over caches of several lengths; all take the KV cache as inputs and return
 the entries of the new positions. This runtime keeps the cache between calls, writes the new entries into it,
-feeds a prompt in prefill chunks and single tokens through the decode signature with the shortest cache that holds
-the position, and returns the logits of the last token.
+feeds a prompt in prefill chunks (over the short cache of ``prefill_<L>_<C>`` while the chunk fits it, else over the
+full one) and single tokens through the decode signature with the shortest cache that holds the position, and
+returns the logits of the last token.
 
 Two engines run the file:
 
