@@ -13,7 +13,9 @@ from ``llama-cpp-python`` built from its sdist (no wheel for this platform; abou
 
 Every candidate runs in a fresh process per round; rounds interleave the candidates, so a machine that slows down
 slows every candidate alike. Per candidate and round: load time; TTFT and prefill tok/s for a ``--prompt-len``
-prompt (the bundle's held-out text); decode tok/s over ``--new-tokens`` greedy tokens; peak RSS of the process. The
+prompt (the bundle's held-out text); decode tok/s over ``--new-tokens`` greedy tokens; peak RSS of the process and,
+at the end, its own part (anonymous pages: not the model file's or the libraries' clean pages). llama.cpp gets the
+bundle's max context (``--llama-ctx``), the size of the artifacts' static KV caches. The
 table shows each figure's median over the rounds and its ratio to llama.cpp's, plus size on disk and teacher-forced
 top-1 agreement with PyTorch fp32 (edgeship: the figure measured at export on >= 256 held-out tokens and kept in the
 manifest; llama.cpp: measured here on the same tokens).
@@ -56,6 +58,14 @@ def _timed_decode(step: Callable[[int], np.ndarray], logits: np.ndarray, n: int)
         logits = step(nxt)
         token_ns.append(time.perf_counter_ns() - t)
     return token_ns
+
+
+def _own_mb(model_file: Path) -> float | None:
+    """This process's own resident MB now (not the model file's or the libraries' clean pages): profiling/resident.py."""
+    from edgeship.profiling.resident import snapshot
+
+    split = snapshot(model_file)
+    return split.anon_mb if split else None
 
 
 def _summary(load_s: float, prompt_len: int, prefill_ns: int, token_ns: Sequence[int], **extra: Any) -> dict[str, Any]:
@@ -115,7 +125,7 @@ def run_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, threads: int, 
             got.append(int(np.argmax(last_logits())))
         top1 = float(np.mean(np.asarray(got) == ref_argmax[: len(got)]))
     return _summary(load_s, len(prompt), prefill_ns, token_ns, top1=top1, size_mb=gguf.stat().st_size / 2**20,
-                    n_ctx=n_ctx, version=f"llama-cpp-python {llama_cpp.__version__} (extra buffer types off)")
+                    n_ctx=n_ctx, own_mb=_own_mb(gguf), version=f"llama-cpp-python {llama_cpp.__version__} (extra buffer types off)")
 
 
 # ---- PyTorch eager (child process) --------------------------------------------------------------------------------
@@ -141,7 +151,7 @@ def run_eager(hf_dir: Path, prompt: list[int], new_tokens: int, threads: int) ->
         token_ns = _timed_decode(step, out.logits[0, -1].numpy(), new_tokens)
     size = sum(p.stat().st_size for p in hf_dir.glob("*.safetensors")) / 2**20
     return _summary(load_s, len(prompt), prefill_ns, token_ns, top1=1.0, version=f"torch {torch.__version__}",
-                    size_mb=size)
+                    size_mb=size, own_mb=_own_mb(hf_dir))
 
 
 # ---- edgeship artifacts (through the runner's own worker) ---------------------------------------------------------
@@ -158,6 +168,7 @@ def run_artifact(bundle: Path, key: str, prompt_len: int, new_tokens: int, threa
     p = res.prompts[0]
     return {"load_s": res.load_seconds, "ttft_ms": p.ttft_ms, "prefill_tok_s": p.prefill_tokens_per_s,
             "decode_tok_s": res.decode_tokens_per_s, "peak_rss_mb": res.peak_rss_mb,
+            "own_mb": res.resident_at_end.anon_mb if res.resident_at_end else None,
             "top1": art.llm_fidelity.top1_agreement if art.llm_fidelity else None,
             "version": ", ".join(f"{k} {v}" for k, v in (art.details.get("tool") or {}).items()),
             "size_mb": art.size_bytes / 2**20, "torch_free": res.torch_free}
@@ -219,7 +230,8 @@ def _table(rows: dict[str, list[dict[str, Any]]]) -> str:
         vals = [r[key] for r in rows[name] if r.get(key) is not None and "error" not in r]
         return statistics.median(vals) if vals else None
 
-    base = {k: med(LLAMA_CPP, k) for k in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "size_mb")}
+    base = {k: med(LLAMA_CPP, k) for k in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "own_mb",
+                                            "size_mb")}
 
     def cell(name: str, key: str, fmt: str) -> str:
         v = med(name, key)
@@ -233,10 +245,11 @@ def _table(rows: dict[str, list[dict[str, Any]]]) -> str:
         errs = [r["error"] for r in rs if "error" in r]
         top1 = med(name, "top1")
         out.append([name, cell(name, "ttft_ms", ".0f"), cell(name, "prefill_tok_s", ".0f"),
-                    cell(name, "decode_tok_s", ".1f"), cell(name, "peak_rss_mb", ".0f"), cell(name, "size_mb", ".0f"),
+                    cell(name, "decode_tok_s", ".1f"), cell(name, "peak_rss_mb", ".0f"), cell(name, "own_mb", ".0f"),
+                    cell(name, "size_mb", ".0f"),
                     f"{top1:.3f}" if top1 is not None else "-",
                     f"{len(rs) - len(errs)}/{len(rs)}" + (f" ERROR {errs[0]}" if errs else "")])
-    return table(out, ["candidate", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "size MB",
+    return table(out, ["candidate", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "own MB at end", "size MB",
                        "top-1 vs fp32", "rounds ok"])
 
 
