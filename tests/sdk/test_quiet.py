@@ -99,6 +99,7 @@ OURS = [re.compile(p) for p in (
     r"input: .*$",
     r"energy: .*$",
     r"  (onnx|tflite|pte)/[\w-]+: gross .*$",
+    r"  (onnx|tflite|pte)/[\w-]+: peak RSS \d+ MB; at the end .*$",  # what the memory was made of (report.py)
     r"  (onnx|tflite|pte)/[\w-]+: note: .*$",  # the report's per-artifact notes (profiling/report.py)
     r"history: run [\d, ]+ in \S+$",  # where the run was recorded (sdk/cli_history.py)
 )]
