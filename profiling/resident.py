@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 SMAPS = "/proc/self/smaps"
 _LIBRARY = re.compile(r"\.(so|dylib)(\.[0-9.]+)?( \(deleted\))?$")  # libfoo.so, libfoo.so.1.32.0, _ext.cpython-311.so
@@ -31,6 +32,12 @@ class Resident:
     artifact_mb: float
     libraries_mb: float
     other_files_mb: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Resident:
+        """From its JSON form; keys another version may add are left out, ``other_files_mb`` may be missing."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: float(v) for k, v in d.items() if k in names})
 
     @property
     def total_mb(self) -> float:

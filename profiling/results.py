@@ -420,7 +420,7 @@ class ArtifactResult:
         if all(d.get(k) is not None for k in _MEMORY_KEYS):
             split = d.get("resident_at_end")
             kw["memory"] = Memory(**{k: float(d[k]) for k in _MEMORY_KEYS},
-                                  resident_at_end=_build(Resident, split) if isinstance(split, Mapping) else None)
+                                  resident_at_end=Resident.from_dict(split) if isinstance(split, Mapping) else None)
         return _build(cls, kw)  # type: ignore[no-any-return]
 
 

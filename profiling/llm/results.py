@@ -66,7 +66,7 @@ class LLMArtifactResult:
         d["token_ns"] = tuple(d.get("token_ns", ()))
         d["warnings"] = tuple(d.get("warnings", ()))
         split = d.get("resident_at_end")
-        d["resident_at_end"] = Resident(**split) if isinstance(split, Mapping) else None
+        d["resident_at_end"] = Resident.from_dict(split) if isinstance(split, Mapping) else None
         return cls(**d)
 
 

@@ -135,7 +135,7 @@ class TfliteLLMRuntime(LLMRuntime):
 
     def _prefill_sig(self, chunk: int) -> _Sig:
         """The chunk's prefill over the shortest cache that holds it from the current position."""
-        for context, sigs in sorted(self._prefill_short.items()):
+        for context, sigs in self._prefill_short.items():
             if self.position + chunk <= context and chunk in sigs:
                 return sigs[chunk]
         return self._prefill[chunk]
@@ -234,7 +234,7 @@ class _Sig:
 
 class _Engine:
     prefill: dict[int, _Sig]  # chunk length -> signature over the full cache
-    prefill_short: dict[int, dict[int, _Sig]]  # cache length -> chunk length -> signature over that shorter cache
+    prefill_short: dict[int, dict[int, _Sig]]  # cache length (ascending) -> chunk length -> signature over that cache
     decode: dict[int, _Sig]  # cache length -> signature, ascending
     executes: str
     kv_note: str = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import re
 from pathlib import Path
@@ -75,3 +76,10 @@ Anonymous:             0 kB
                                                                libraries_mb=1528 / 1024, other_files_mb=3.0)
     assert parse(text, ["/data/B/onnx/"]).artifact_mb == 2.0  # a folder's files (GenAI folders)
     assert parse(text, []).other_files_mb == 5.0  # the model file, when it is not the one asked about
+
+
+def test_the_json_form_reads_back_from_older_and_newer_writers() -> None:
+    split = Resident(anon_mb=1.5, artifact_mb=2.0, libraries_mb=3.0, other_files_mb=4.0)
+    assert Resident.from_dict(dataclasses.asdict(split)) == split
+    assert Resident.from_dict({"anon_mb": 1.5, "artifact_mb": 2, "libraries_mb": 3}).other_files_mb == 0.0  # before
+    assert Resident.from_dict({**dataclasses.asdict(split), "shmem_mb": 9}) == split  # a key a later version adds
