@@ -28,6 +28,23 @@ LLM_RECIPES = ("fp32", "int8-dynamic", "int4-weight")
 
 
 @dataclass(frozen=True)
+class KVCacheDType:
+    bytes_per_element: int
+    formats: tuple[str, ...] | None  # the formats whose runtime reads a cache of this type (None: every format)
+    how: str
+
+
+#: the static KV cache's element type (``--kv-cache``). fp32 is what every format's runtime keeps. int8 needs an
+#: attention kernel that reads a quantized cache: onnxruntime's GroupQueryAttention does on CPU (per-channel scales
+#: calibrated at export); the ExecuTorch and LiteRT graphs here keep fp32 caches.
+KV_CACHE_DTYPES = {
+    "fp32": KVCacheDType(4, None, "fp32"),
+    "int8": KVCacheDType(1, ("onnx",), "int8, symmetric, one scale per KV channel (kv head x head dim) calibrated "
+                         "on text the fidelity check does not read"),
+}
+
+
+@dataclass(frozen=True)
 class LLMExportRequest:
     """Everything an LLM exporter may use, handed in by the core."""
 
@@ -43,6 +60,10 @@ class LLMExportRequest:
     #: PyTorch fp32 reference; an exporter that searches for what to keep in higher precision scores builds with it
     score: Callable[[Path, dict[str, Any]], LLMFidelity] | None = None
     reference: LLMReference | None = None  # the prompts and PyTorch's greedy continuations that score() uses
+    kv_cache: str = "fp32"  # a KV_CACHE_DTYPES key that lists this format (the core checks before it calls)
+    #: token sequences as the runtime will see them (plain text, chat-templated turns), disjoint from the reference's,
+    #: for an exporter that calibrates scales (the int8 KV cache); filled when the request needs them
+    calibration: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass

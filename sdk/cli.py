@@ -229,6 +229,9 @@ def cmd_export(a: argparse.Namespace) -> int:
         if is_causal_lm(a.model):
             res = cli_llm.export_llm_cmd(a, say)
         else:
+            if flags := cli_llm.llm_only_flags(a):
+                raise ConfigError(f"{' '.join(flags)}: for causal LMs only; {a.model} is not one (its config names no "
+                                  "*ForCausalLM architecture): drop the flag(s)")
             res = export(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
                          calibration=a.calibration, heldout=a.heldout, overwrite=a.overwrite,
                          allow_degraded=a.allow_degraded, task=a.task, seq_len=a.seq_len, checkpoint=a.checkpoint,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeship.errors import ConfigError
+from edgeship.exporters.llm_base import KV_CACHE_DTYPES
 
 if TYPE_CHECKING:
     from edgeship.pipeline import ExportResult
@@ -24,6 +25,23 @@ def add_export_args(e: argparse.ArgumentParser) -> None:
     e.add_argument("--no-greedy-search", dest="greedy_search", action="store_false",
                    help="LLMs: keep int8 activations everywhere even when they change a greedy answer (faster decode; "
                         "by default the matmuls that change one get fp32 activations where the format can)")
+    e.add_argument("--kv-cache", choices=list(KV_CACHE_DTYPES), default="fp32",
+                   help="LLMs: the static KV cache's element type (default %(default)s); int8 holds a quarter of the "
+                        "bytes (per-channel scales calibrated at export; ONNX only, its fidelity measured as always)")
+
+
+def encoder_only_flags(a: argparse.Namespace) -> list[str]:
+    """The encoder-only export flags ``a`` sets (a causal-LM export refuses them rather than ignore them)."""
+    given = {"--heldout": a.heldout is not None, "--task": a.task is not None, "--seq-len": a.seq_len is not None,
+             "--checkpoint": a.checkpoint is not None, "--jobs": a.jobs != "auto"}
+    return [flag for flag, on in given.items() if on]
+
+
+def llm_only_flags(a: argparse.Namespace) -> list[str]:
+    """The LLM-only export flags ``a`` sets (an encoder export refuses them rather than ignore them)."""
+    given = {"--adapter": a.adapter is not None, "--max-context": a.max_context is not None,
+             "--no-greedy-search": not a.greedy_search, "--kv-cache": a.kv_cache != "fp32"}
+    return [flag for flag, on in given.items() if on]
 
 
 def add_profile_args(p: argparse.ArgumentParser) -> None:
@@ -107,9 +125,13 @@ def export_llm_cmd(a: argparse.Namespace, say: Callable[[str], None]) -> ExportR
     the other libraries' output to a log and prints the result)."""
     from edgeship.llm import export_llm
 
+    if flags := encoder_only_flags(a):
+        raise ConfigError(f"{' '.join(flags)}: not for causal LMs ({a.model} is one); drop the flag(s). An LLM "
+                          "export measures fidelity on its own held-out text and prompts")
     return export_llm(a.model, target=a.target, out=a.output, formats=a.format or None, recipes=a.quant or None,
                       max_context=a.max_context, adapter=a.adapter, overwrite=a.overwrite,
-                      allow_degraded=a.allow_degraded, greedy_search=getattr(a, "greedy_search", True), log=say)
+                      allow_degraded=a.allow_degraded, greedy_search=a.greedy_search, kv_cache=a.kv_cache,
+                      calibration=a.calibration, log=say)
 
 
 def profile_llm_cmd(a: argparse.Namespace) -> int:

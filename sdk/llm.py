@@ -15,8 +15,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 from edgeship.bundle import BundleWriter, check_output_dir
 from edgeship.errors import ConfigError, EdgeshipError, ExportError, FidelityError, UnknownKeyError
 from edgeship.exporters.llm_base import (
+    KV_CACHE_DTYPES,
     LLM_EXPORTER_MODULES,
     LLM_EXPORTERS,
     LLM_RECIPES,
@@ -47,6 +48,7 @@ from edgeship.targets import TargetProfile, get_profile
 TASK = "text-generation"
 DEFAULT_RECIPES = ("int8-dynamic", "int4-weight")
 GREEDY_NEW_TOKENS = 24
+CALIBRATION_TOKENS = 1024
 #: bytes per weight the recipe's quantized matmuls keep, counting one fp32 scale per block (for the estimate made
 #: before export; the recorded prediction uses the real artifact size)
 _BYTES_PER_WEIGHT = {"fp32": lambda g: 4.0, "int8-dynamic": lambda g: 1.0 + 4.0 / 32, "int4-weight": lambda g: 0.5 + 4.0 / g}
@@ -59,20 +61,30 @@ def _data_lines(name: str) -> list[str]:
     return [t.strip() for t in text.splitlines() if t.strip()]
 
 
-def plan(target: TargetProfile, formats: Sequence[str] | None, recipes: Sequence[str] | None) -> list[tuple[str, str]]:
+def plan(target: TargetProfile, formats: Sequence[str] | None, recipes: Sequence[str] | None,
+         kv_cache: str = "fp32") -> list[tuple[str, str]]:
     problems = [str(UnknownKeyError("LLM format", f, LLM_EXPORTER_MODULES)) for f in formats or ()
                 if f not in LLM_EXPORTER_MODULES]
     problems += [str(UnknownKeyError("LLM recipe", r, LLM_RECIPES)) for r in recipes or () if r not in LLM_RECIPES]
+    if kv_cache not in KV_CACHE_DTYPES:
+        problems.append(str(UnknownKeyError("KV-cache type", kv_cache, KV_CACHE_DTYPES)))
     if problems:
         raise ConfigError("; ".join(problems))
     fmts = list(formats) if formats else [f for f in target.formats if f in LLM_EXPORTER_MODULES]
+    can = KV_CACHE_DTYPES[kv_cache].formats
+    if can is not None and (cannot := [f for f in fmts if f not in can]):
+        raise ConfigError(f"--kv-cache {kv_cache}: the {', '.join(cannot)} runtime keeps no {kv_cache} KV cache (only "
+                          f"{', '.join(can)} does); export those formats in a separate call without --kv-cache, or "
+                          f"pick --format {' --format '.join(can)}")
     return [(f, r) for f in fmts for r in (recipes or DEFAULT_RECIPES)]
 
 
-def predicted_peak_bytes(weights_bytes: int, kv_per_token: int, max_context: int, vocab: int, overhead_mb: float) -> int:
-    """Weights + full KV cache + the fp32 logits of a prompt filling the context (runtimes that return logits for
-    every prompt position hold them all at once: 201 MB for SmolLM2 at 1024 tokens) + the runtime's own overhead."""
-    return int(weights_bytes + kv_per_token * max_context + 4 * vocab * max_context + overhead_mb * 2**20)
+def predicted_peak_bytes(weights_bytes: int, kv_per_token: int, max_context: int, vocab: int, overhead_mb: float,
+                         logit_positions: int = 1) -> int:
+    """Weights + full KV cache + the fp32 logits a prefill returns + the runtime's own overhead. Every format's
+    prefill returns the last position's logits (``logit_positions`` 1); a graph that returns every position's
+    holds a prompt filling the context's at once (201 MB for SmolLM2 at 1024 tokens)."""
+    return int(weights_bytes + kv_per_token * max_context + 4 * vocab * logit_positions + overhead_mb * 2**20)
 
 
 def estimated_weight_bytes(llm: LoadedLLM, recipe: str, group: int) -> int:
@@ -84,9 +96,10 @@ def estimated_weight_bytes(llm: LoadedLLM, recipe: str, group: int) -> int:
     return int(embed * 4 + matmuls * per_weight)
 
 
-def check_memory(llm: LoadedLLM, todo: Sequence[tuple[str, str]], prof: TargetProfile, max_context: int) -> None:
+def check_memory(llm: LoadedLLM, todo: Sequence[tuple[str, str]], prof: TargetProfile, max_context: int,
+                 kv_cache: str = "fp32") -> None:
     """Refuse before any export when the predicted peak at max context exceeds the target's RAM."""
-    kv = kv_cache_bytes_per_token(llm.config, 4)
+    kv = kv_cache_bytes_per_token(llm.config, KV_CACHE_DTYPES[kv_cache].bytes_per_element)
     ram = int(prof.ram_gb * 2**30)
     for recipe in dict.fromkeys(r for _, r in todo):
         w = estimated_weight_bytes(llm, recipe, prof.llm.int4_group_size)
@@ -96,8 +109,25 @@ def check_memory(llm: LoadedLLM, todo: Sequence[tuple[str, str]], prof: TargetPr
             raise ExportError(
                 f"{recipe}: predicted peak memory {peak / 2**20:.0f} MB (weights {w / 2**20:.0f} MB + KV cache "
                 f"{kv} B/token x {max_context} tokens = {kv * max_context / 2**20:.0f} MB + prefill logits "
-                f"{4 * vocab * max_context / 2**20:.0f} MB + runtime {prof.llm.runtime_overhead_mb:.0f} MB) exceeds {prof.name}'s {prof.ram_gb:g} GB RAM; lower "
-                "--max-context or use a smaller recipe")
+                f"{4 * vocab / 2**20:.0f} MB + runtime {prof.llm.runtime_overhead_mb:.0f} MB) exceeds {prof.name}'s {prof.ram_gb:g} GB RAM; lower "
+                "--max-context or use a smaller recipe" + (" or --kv-cache int8 (ONNX)" if kv_cache == "fp32" else ""))
+
+
+def calibration_sequences(llm: LoadedLLM, max_context: int, texts: Sequence[str] | None = None
+                          ) -> tuple[tuple[int, ...], ...]:
+    """Token sequences for an exporter that calibrates scales (the int8 KV cache): the user's texts, else the first
+    half of the built-in corpus (the held-out check reads the other half), in the two shapes the runtime sees: plain
+    text, and a chat-templated conversation (its special tokens and the template's system prompt carry K/V up to
+    2.7x larger than plain text does in SmolLM2: a cache calibrated on plain text alone clips them)."""
+    if not texts:
+        corpus = _data_lines("corpus.txt")
+        texts = corpus[: len(corpus) // 2]
+    plain = llm.tokenizer(" ".join(texts), add_special_tokens=False)["input_ids"]
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
+    turns = turns[: max(2, len(turns) // 2 * 2)] if len(turns) > 1 else [*turns, {"role": "assistant", "content": "OK."}]
+    chat = llm.tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"]
+    n = min(max_context, CALIBRATION_TOKENS)
+    return tuple(tuple(int(i) for i in ids[:n]) for ids in (plain, chat))
 
 
 def build_reference(llm: LoadedLLM, max_context: int, say: Log) -> tuple[LLMReference, dict[str, Any]]:
@@ -160,6 +190,9 @@ class _Ctx:
     workdir: Path
     say: Log
     greedy_search: bool = True  # hand the exporters the scorer their keep-in-higher-precision search needs
+    kv_cache: str = "fp32"
+    options: Mapping[str, Any] = field(default_factory=dict)  # the caller's exporter options
+    calibration: tuple[tuple[int, ...], ...] = ()  # for the exporters that calibrate (the int8 KV cache)
 
 
 def _score(ctx: _Ctx, fmt: str, path: Path, runtime: dict[str, Any], floor: float
@@ -198,8 +231,9 @@ def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -
 
     req = LLMExportRequest(model=ctx.llm.model, hf_dir=ctx.llm.hf_dir, recipe=recipe, max_context=ctx.max_context,
                            group_size=ctx.prof.llm.int4_group_size, out=stage, workdir=work,
-                           options={"target": ctx.prof.name, "target_arch": ctx.prof.arch},
-                           score=score if ctx.greedy_search else None, reference=ctx.ref)
+                           options={**ctx.options, "target": ctx.prof.name, "target_arch": ctx.prof.arch},
+                           score=score if ctx.greedy_search else None, reference=ctx.ref, kv_cache=ctx.kv_cache,
+                           calibration=ctx.calibration)
     t0 = time.perf_counter()
     res = _export_one(fn, req, dest)
     export_s = time.perf_counter() - t0
@@ -215,8 +249,9 @@ def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -
             raise FidelityError(msg)
         warnings.append("DEGRADED: " + msg)
     vocab = int(ctx.llm.config.vocab_size)
+    logit_positions = ctx.max_context if res.runtime.get("logits") == "every position" else 1
     peak = predicted_peak_bytes(size, res.kv_cache_bytes_per_token, ctx.max_context, vocab,
-                                ctx.prof.llm.runtime_overhead_mb)
+                                ctx.prof.llm.runtime_overhead_mb, logit_positions)
     ctx.say(f"  {rel}: {size / 2**20:.1f} MB, top-1 {fid.top1_agreement:.3f}, KL {fid.mean_kl:.4f}, greedy identical "
             f"{fid.greedy_identical}/{fid.n_prompts}, {time.perf_counter() - t0:.1f} s")
     return ArtifactRecord(
@@ -228,7 +263,7 @@ def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -
                  "predicted_peak_memory_bytes": peak,
                  "predicted_peak_memory": {"weights_bytes": size,
                                            "kv_cache_bytes": res.kv_cache_bytes_per_token * ctx.max_context,
-                                           "prefill_logits_bytes": 4 * vocab * ctx.max_context,
+                                           "prefill_logits_bytes": 4 * vocab * logit_positions,
                                            "runtime_overhead_bytes": int(ctx.prof.llm.runtime_overhead_mb * 2**20)},
                  "tool": res.tool, "fidelity_measured_on": measured_on},
         warnings=tuple(warnings), files=files, llm_fidelity=fid)
@@ -247,14 +282,37 @@ def _bundle_llm_files(llm: LoadedLLM, writer: BundleWriter, kept: dict[str, Any]
     return {"heldout": "llm/heldout.json"}, "tokenizer/chat_template.jinja"
 
 
+def _calibration_texts(path: str | Path | None, kv_cache: str) -> list[str] | None:
+    """The user's calibration texts, read before the model loads; refused when nothing would use them."""
+    if path is None:
+        return None
+    if kv_cache == "fp32":
+        raise ConfigError(f"--calibration {path}: an LLM export calibrates only the int8 KV cache (--kv-cache int8); "
+                          "its weights are quantized without data. Drop --calibration or add --kv-cache int8")
+    from edgeship.errors import CalibrationError
+    from edgeship.models import read_texts
+
+    p = Path(path)
+    if p.suffix not in (".txt", ".jsonl") or not p.is_file():
+        raise CalibrationError(f"--calibration {p}: give an existing .txt (one text per line) or .jsonl (a 'text' "
+                               "field per line) file of texts like the ones the model will read")
+    return read_texts(p)
+
+
 def export_llm(source: str | Path, *, target: str | TargetProfile = "raspberry-pi-5", out: str | Path,
                formats: Sequence[str] | None = None, recipes: Sequence[str] | None = None,
                max_context: int | None = None, adapter: str | Path | None = None, overwrite: bool = False,
-               allow_degraded: bool = False, greedy_search: bool = True, log: Log | None = None) -> ExportResult:
+               allow_degraded: bool = False, greedy_search: bool = True, kv_cache: str = "fp32",
+               calibration: str | Path | None = None, options: Mapping[str, Any] | None = None,
+               log: Log | None = None) -> ExportResult:
     """Export a causal LM for ``target`` in every (format, recipe); see the module docstring.
 
     ``greedy_search``: a format that can keep some matmuls at higher precision (ONNX int4: fp32 activations) does
-    so for the fewest that keep the greedy answers int8 activations change; False keeps the fastest kernels."""
+    so for the fewest that keep the greedy answers int8 activations change; False keeps the fastest kernels.
+    ``kv_cache``: the static cache's element type (:data:`KV_CACHE_DTYPES`): ``int8`` holds a quarter of fp32's
+    bytes, for the formats whose runtime reads it; its scales are calibrated on ``calibration`` (texts: .txt one
+    per line, .jsonl a "text" field), else on built-in text. ``options``: exporter options (ONNX:
+    ``max_fp32_share``)."""
     from edgeship import __version__
 
     t_start = time.perf_counter()
@@ -262,7 +320,8 @@ def export_llm(source: str | Path, *, target: str | TargetProfile = "raspberry-p
     prof = target if isinstance(target, TargetProfile) else get_profile(target)
     out_dir = Path(out)
     check_output_dir(out_dir.resolve(), overwrite)
-    todo = plan(prof, formats, recipes)
+    todo = plan(prof, formats, recipes, kv_cache)
+    texts = _calibration_texts(calibration, kv_cache)
     ctx_len = max_context or prof.llm.max_context
     if ctx_len < 64:
         raise ConfigError(f"--max-context must be >= 64, got {ctx_len}")
@@ -272,10 +331,11 @@ def export_llm(source: str | Path, *, target: str | TargetProfile = "raspberry-p
         limit = int(getattr(llm.config, "max_position_embeddings", ctx_len) or ctx_len)
         if ctx_len > limit:
             raise ConfigError(f"--max-context {ctx_len} exceeds the model's max_position_embeddings {limit}")
-        check_memory(llm, todo, prof, ctx_len)
+        check_memory(llm, todo, prof, ctx_len, kv_cache)
         ref, kept = build_reference(llm, ctx_len, say)
+        calib = calibration_sequences(llm, ctx_len, texts) if kv_cache != "fp32" else ()
         ctx = _Ctx(llm, prof, ctx_len, ref, min(prof.threads, os.cpu_count() or 1), allow_degraded, Path(tmp), say,
-                   greedy_search)
+                   greedy_search, kv_cache, dict(options or {}), calib)
         records, refused = _export_all(ctx, todo, out_dir, overwrite, kept, __version__)
         if records is None:
             raise ExportError("no artifact was written: " + "; ".join(

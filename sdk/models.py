@@ -507,6 +507,27 @@ def load_model(model: str | Path | nn.Module | LoadedModel, *, task: str | None 
 
 
 # ---- calibration data ---------------------------------------------------------------------------
+def read_texts(p: Path) -> list[str]:
+    """Calibration texts: a .txt file (one per line) or .jsonl (a "text" field per line); at least one."""
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CalibrationError(f"{p}: not UTF-8 text; a text model calibrates on texts, one per line") from None
+    if p.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    texts.append(str(json.loads(line)["text"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CalibrationError(f"{p}:{i}: expected a JSON object with a 'text' field") from None
+    else:
+        texts = [t.strip() for t in raw.splitlines() if t.strip()]
+    if not texts:
+        raise CalibrationError(f"{p}: empty; give at least one text (100+ recommended)")
+    return texts
+
+
 def load_calibration(path: str | Path, model: LoadedModel, seq_len: int) -> list[dict[str, np.ndarray]]:
     """Texts (.txt one per line, .jsonl with a "text" field) or images (.npy/.npz, N x C x H x W floats)."""
     p = Path(path)
@@ -518,23 +539,7 @@ def load_calibration(path: str | Path, model: LoadedModel, seq_len: int) -> list
         if not text_kind:
             raise CalibrationError(f"{p}: a {model.task} model calibrates on text; give a .txt (one text per line) "
                                    "or .jsonl file with a 'text' field")
-        try:
-            raw = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise CalibrationError(f"{p}: not UTF-8 text; a text model calibrates on texts, one per line") from None
-        if p.suffix == ".jsonl":
-            texts = []
-            for i, line in enumerate(raw.splitlines(), 1):
-                if line.strip():
-                    try:
-                        texts.append(str(json.loads(line)["text"]))
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise CalibrationError(f"{p}:{i}: expected a JSON object with a 'text' field") from None
-        else:
-            texts = [t.strip() for t in raw.splitlines() if t.strip()]
-        if not texts:
-            raise CalibrationError(f"{p}: empty; give at least one text (100+ recommended)")
-        return model.text_inputs(texts, seq_len)
+        return model.text_inputs(read_texts(p), seq_len)
     if model.input_kind in ("image", "custom"):
         if not array_kind:
             raise CalibrationError(f"{p}: a {model.task} model calibrates on arrays; give a .npy or .npz file of "

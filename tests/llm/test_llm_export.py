@@ -53,6 +53,8 @@ def test_bundle_carries_artifacts_fidelity_tokenizer_and_generation_config(tiny_
         assert a.runtime["max_context"] == 512
         assert "onnxruntime-genai model builder" in a.details["tool"]
         assert a.details["fidelity_measured_on"]["torch_blocked"] is False  # same kernels in every process
+        # the head runs on the last position only (the builder's graph ran it on every prompt position)
+        assert a.runtime["logits"] == "last" and a.details["predicted_peak_memory"]["prefill_logits_bytes"] == 4 * 384
     assert m.llm is not None and m.llm["generation"] == {"eos_token_ids": [2], "bos_token_id": 0, "max_context": 512}
     assert (b.root / m.llm["chat_template"]).read_text().startswith("{% for message in messages %}")
     assert (b.root / "tokenizer/tokenizer.json").is_file()
@@ -114,8 +116,14 @@ def test_builder_refusal_names_the_tool(tiny_gemma3_dir: Path, tmp_path: Path) -
 def test_memory_is_checked_before_export(tiny_llama_dir: Path, tmp_path: Path) -> None:
     target = _target(tmp_path, ram_gb=0.03, max_context=1024)
     with pytest.raises(ExportError, match=r"predicted peak memory \d+ MB \(weights .* KV cache 512 B/token x 1024 "
-                                          r"tokens = 0 MB \+ prefill logits \d+ MB \+ runtime 50 MB\) exceeds test-target's 0.03 GB RAM"):
+                                          r"tokens = 0 MB \+ prefill logits \d+ MB \+ runtime 115 MB\) exceeds test-target's 0.03 GB RAM; "
+                                          r"lower --max-context or use a smaller recipe or --kv-cache int8 \(ONNX\)"):
         export_llm(tiny_llama_dir, target=str(target), out=tmp_path / "b", formats=["onnx"], recipes=["fp32"], **QUIET)
+    # an int8 cache (ONNX) counts one byte per element, and the fp32 message names it as a way out
+    with pytest.raises(ExportError, match=r"KV cache 128 B/token x 1024 tokens .* exceeds test-target's 0.03 GB "
+                                          r"RAM; lower --max-context or use a smaller recipe$"):
+        export_llm(tiny_llama_dir, target=str(target), out=tmp_path / "b", formats=["onnx"], recipes=["fp32"],
+                   kv_cache="int8", **QUIET)
 
 
 def test_bad_plans_fail_before_loading(tiny_llama_dir: Path, tmp_path: Path) -> None:

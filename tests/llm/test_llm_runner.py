@@ -110,3 +110,75 @@ def test_chat_past_the_context_is_one_line(tiny_llama_bundle: Path, capsys: pyte
     err = capsys.readouterr().err
     assert rc != 0 and err.count("\n") == 1
     assert "plus --new-tokens 1000 exceed onnx/int4-weight's max context 512" in err
+
+
+def test_genai_prefill_returns_one_position_of_logits_and_the_same_numbers(tiny_llama_bundle: Path,
+                                                                           tmp_path: Path) -> None:
+    """The LM head runs on the last position only (``logits`` [batch, 1, vocab]): the GenAI runtime takes that shape
+    and its logits are those of the builder's every-position graph, at the prompt and at each decoded token."""
+    import shutil
+
+    import numpy as np
+    import onnx
+
+    from edgeship.profiling.llm.onnx import GenAIRuntime
+
+    art = load_bundle(tiny_llama_bundle).manifest.artifacts[0]
+    folder = tiny_llama_bundle / art.path
+    every = tmp_path / "every"
+    shutil.copytree(folder, every)
+    m = onnx.load(str(every / "model.onnx"), load_external_data=False)
+    (sl,) = [n for n in m.graph.node if n.name == "/model/last_position/Slice"]
+    head = next(n for n in m.graph.node if n.input and n.input[0] == sl.output[0])
+    head.input[0] = sl.input[0]  # back to the builder's graph: the head reads every position
+    m.graph.node.remove(sl)
+    logits = next(o for o in m.graph.output if o.name == "logits").type.tensor_type.shape.dim[1]
+    logits.dim_param = "sequence_length"
+    onnx.save(m, str(every / "model.onnx"))
+    prompt = list(range(5, 45))
+    out = {}
+    for name, d in (("last", folder), ("every", every)):
+        rt = GenAIRuntime(d, art.runtime, threads=1)
+        try:
+            out[name] = (rt.append(prompt), [rt.append([t]) for t in (7, 8, 9)])
+        finally:
+            rt.close()
+    shipped = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    assert next(o for o in shipped.output if o.name == "logits").type.tensor_type.shape.dim[1].dim_value == 1
+    np.testing.assert_allclose(out["last"][0], out["every"][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["last"][1], out["every"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_genai_long_prompts_prefill_in_chunks_with_the_same_logits(tiny_llama_bundle: Path) -> None:
+    """A prompt past PREFILL_CHUNK goes in several append_tokens calls (bounded attention scratch): the logits are
+    those of one call."""
+    import numpy as np
+
+    from edgeship.profiling.llm import onnx as genai
+
+    art = load_bundle(tiny_llama_bundle).manifest.artifacts[0]
+    prompt = [int(t) for t in np.random.default_rng(1).integers(3, 384, genai.PREFILL_CHUNK + 90)]
+    rt = genai.GenAIRuntime(tiny_llama_bundle / art.path, art.runtime, threads=1)
+    calls: list[int] = []
+    try:
+        chunked = rt.append(prompt)
+        rt.reset()
+        real = rt._generator
+
+        class Recording:  # the pybind generator's attributes are read-only: wrap it
+            def append_tokens(self, ids: np.ndarray) -> None:
+                calls.append(len(ids))
+                real.append_tokens(ids)
+
+            def get_logits(self) -> np.ndarray:
+                return np.asarray(real.get_logits())
+
+        rt._generator = Recording()
+        assert np.array_equal(rt.append(prompt), chunked)
+        rt.reset()
+        rt._generator.append_tokens(np.asarray(prompt, dtype=np.int32))
+        whole = np.asarray(rt._generator.get_logits(), dtype=np.float32).reshape(-1, 384)[-1]
+    finally:
+        rt.close()
+    assert calls == [genai.PREFILL_CHUNK, 90]
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
