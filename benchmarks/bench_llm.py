@@ -227,7 +227,7 @@ def _table(rows: dict[str, list[dict[str, Any]]]) -> str:
     from edgeship.profiling.report import table
 
     def med(name: str, key: str) -> float | None:
-        vals = [r[key] for r in rows[name] if r.get(key) is not None and "error" not in r]
+        vals = [r[key] for r in rows.get(name, []) if r.get(key) is not None and "error" not in r]
         return statistics.median(vals) if vals else None
 
     base = {k: med(LLAMA_CPP, k) for k in ("ttft_ms", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "own_mb",
