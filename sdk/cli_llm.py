@@ -251,7 +251,8 @@ def inspect_llm(bundle: Any) -> int:
         f = a.llm_fidelity
         rows.append([a.key, f"{a.size_bytes / 2**20:.1f}", f"{f.top1_agreement:.3f}" if f else "-",
                      f"{f.mean_kl:.4f}" if f else "-", f"{f.greedy_identical}/{f.n_prompts}" if f else "-",
-                     str(a.details.get("kv_cache_bytes_per_token", "-")),
+                     f"{a.details.get('kv_cache_bytes_per_token', '-')} "
+                     f"({(a.quantization.get('kv_cache') or {}).get('dtype', 'fp32')})",
                      f"{a.details.get('predicted_peak_memory_bytes', 0) / 2**20:.0f}", a.sha256[:12]])
     print(table(rows, ["artifact", "MB", "top-1", "mean KL", "greedy same", "KV B/token", "peak MB@ctx", "sha256"]))
     for r in m.llm.get("refused", []):

@@ -124,7 +124,9 @@ def calibration_sequences(llm: LoadedLLM, max_context: int, texts: Sequence[str]
         texts = corpus[: len(corpus) // 2]
     plain = llm.tokenizer(" ".join(texts), add_special_tokens=False)["input_ids"]
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
-    turns = turns[: max(2, len(turns) // 2 * 2)] if len(turns) > 1 else [*turns, {"role": "assistant", "content": "OK."}]
+    if len(turns) == 1:  # one text: the user's turn and a short reply
+        turns.append({"role": "assistant", "content": "OK."})
+    turns = turns[: len(turns) // 2 * 2]  # a conversation ends with the assistant's turn
     chat = llm.tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"]
     n = min(max_context, CALIBRATION_TOKENS)
     return tuple(tuple(int(i) for i in ids[:n]) for ids in (plain, chat))

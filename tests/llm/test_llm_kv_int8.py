@@ -27,7 +27,8 @@ def int8_kv_bundle(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactor
     return out
 
 
-def test_the_cache_is_int8_static_and_counted_as_such(int8_kv_bundle: Path) -> None:
+def test_the_cache_is_int8_static_and_counted_as_such(int8_kv_bundle: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     import onnx
 
     b = load_bundle(int8_kv_bundle)
@@ -48,6 +49,8 @@ def test_the_cache_is_int8_static_and_counted_as_such(int8_kv_bundle: Path) -> N
     assert art.runtime["kv_cache_dtype"] == "int8"
     fid = art.llm_fidelity
     assert fid is not None and fid.passed and fid.top1_agreement >= 0.95  # fp32 weights: the cache is the only loss
+    assert main(["inspect", str(int8_kv_bundle)]) == 0
+    assert "128 (int8)" in capsys.readouterr().out  # KV bytes/token and the cache's type
 
 
 def _logits(folder: Path, ids: list[int]) -> np.ndarray:
