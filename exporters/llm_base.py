@@ -32,6 +32,7 @@ class KVCacheDType:
     bytes_per_element: int
     formats: tuple[str, ...] | None  # the formats whose runtime reads a cache of this type (None: every format)
     how: str
+    calibrated: bool = False  # its scales come from calibration text (the core tokenizes some for the exporter)
 
 
 #: the static KV cache's element type (``--kv-cache``). fp32 is what every format's runtime keeps. int8 needs an
@@ -40,7 +41,7 @@ class KVCacheDType:
 KV_CACHE_DTYPES = {
     "fp32": KVCacheDType(4, None, "fp32"),
     "int8": KVCacheDType(1, ("onnx",), "int8, symmetric, one scale per KV channel (kv head x head dim) calibrated "
-                         "on text the fidelity check does not read"),
+                         "on text the fidelity check does not read", calibrated=True),
 }
 
 

@@ -87,9 +87,8 @@ def kv_channel_scales(model: Any, sequences: Sequence[Sequence[int]]) -> dict[st
     wants them."""
     import torch
 
-    if sum(len(s) for s in sequences) < 16:
-        raise ExportError(f"onnx: an int8 KV cache needs calibration text; got {sum(len(s) for s in sequences)} tokens "
-                          "(need >= 16)")
+    if (n := sum(len(s) for s in sequences)) < 16:
+        raise ExportError(f"onnx: an int8 KV cache needs calibration text; got {n} tokens (need >= 16)")
     k_max: list[Any] = []
     v_max: list[Any] = []
     for seq in sequences:
@@ -245,9 +244,7 @@ def export_onnx(req: LLMExportRequest) -> LLMExportResult:
     max_share = _max_share(req)
     version = builder_version()
     spec = RECIPES[req.recipe]
-    kv_type = KV_CACHE_DTYPES.get(req.kv_cache)
-    if kv_type is None or (kv_type.formats is not None and "onnx" not in kv_type.formats):
-        raise UnsupportedRecipeError(f"onnx keeps no '{req.kv_cache}' KV cache (it offers: fp32, int8)")
+    kv_type = KV_CACHE_DTYPES[req.kv_cache]  # one that onnx reads: plan() refused the others before the model loaded
     if req.kv_cache == "int8":
         scales = kv_channel_scales(req.model, req.calibration)
         (req.workdir / KV_SCALES).write_text(json.dumps({"scales": scales}), encoding="utf-8")
@@ -283,8 +280,8 @@ def export_onnx(req: LLMExportRequest) -> LLMExportResult:
              "activations": ("int8 dynamic" + (f", fp32 on {len(kept)} matmuls ({how_kept})" if kept else ""))
              if spec.accuracy_level == 4 and bits < 32 else "fp32",
              "embeddings": "fp32",
-             "kv_cache": {"dtype": req.kv_cache, "how": KV_CACHE_DTYPES[req.kv_cache].how}
-             | ({"calibration_tokens": sum(len(s) for s in req.calibration)} if req.kv_cache != "fp32" else {})}
+             "kv_cache": {"dtype": req.kv_cache, "how": kv_type.how}
+             | ({"calibration_tokens": sum(len(s) for s in req.calibration)} if kv_type.calibrated else {})}
     if affine is not None:
         quant["affine_pass"] = affine
         if affine.get("tied_embedding_quantized"):
@@ -298,6 +295,6 @@ def export_onnx(req: LLMExportRequest) -> LLMExportResult:
     return LLMExportResult(
         files=files,
         runtime=runtime,
-        quantization=quant, kv_cache_bytes_per_token=kv_cache_bytes_per_token(
-            req.model.config, KV_CACHE_DTYPES[req.kv_cache].bytes_per_element),
+        quantization=quant, kv_cache_bytes_per_token=kv_cache_bytes_per_token(req.model.config,
+                                                                           kv_type.bytes_per_element),
         tool={"onnxruntime-genai model builder": version}, warnings=warnings)

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.bundle import BundleWriter, check_output_dir
-from edgeship.errors import ConfigError, EdgeshipError, ExportError, FidelityError, UnknownKeyError
+from edgeship.errors import (
+    CalibrationError,
+    ConfigError,
+    EdgeshipError,
+    ExportError,
+    FidelityError,
+    UnknownKeyError,
+)
 from edgeship.exporters.llm_base import (
     KV_CACHE_DTYPES,
     LLM_EXPORTER_MODULES,
@@ -288,10 +295,9 @@ def _calibration_texts(path: str | Path | None, kv_cache: str) -> list[str] | No
     """The user's calibration texts, read before the model loads; refused when nothing would use them."""
     if path is None:
         return None
-    if kv_cache == "fp32":
+    if not KV_CACHE_DTYPES[kv_cache].calibrated:
         raise ConfigError(f"--calibration {path}: an LLM export calibrates only the int8 KV cache (--kv-cache int8); "
                           "its weights are quantized without data. Drop --calibration or add --kv-cache int8")
-    from edgeship.errors import CalibrationError
     from edgeship.models import read_texts
 
     p = Path(path)
@@ -335,7 +341,7 @@ def export_llm(source: str | Path, *, target: str | TargetProfile = "raspberry-p
             raise ConfigError(f"--max-context {ctx_len} exceeds the model's max_position_embeddings {limit}")
         check_memory(llm, todo, prof, ctx_len, kv_cache)
         ref, kept = build_reference(llm, ctx_len, say)
-        calib = calibration_sequences(llm, ctx_len, texts) if kv_cache != "fp32" else ()
+        calib = calibration_sequences(llm, ctx_len, texts) if KV_CACHE_DTYPES[kv_cache].calibrated else ()
         ctx = _Ctx(llm, prof, ctx_len, ref, min(prof.threads, os.cpu_count() or 1), allow_degraded, Path(tmp), say,
                    greedy_search, kv_cache, dict(options or {}), calib)
         records, refused = _export_all(ctx, todo, out_dir, overwrite, kept, __version__)
