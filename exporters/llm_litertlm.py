@@ -62,7 +62,7 @@ def export_litertlm(req: LLMExportRequest) -> LLMExportResult:
     lengths = lt.prefill_lengths(req.max_context)
     quant: dict[str, Any] = {"recipe": req.recipe}
     float_path = lt.float_graph(req, mcfg, lengths, recipe, quant, "litertlm", functools.partial(
-        _convert_stock, mcfg=mcfg, max_context=req.max_context, lengths=lengths))
+        _convert_stock, max_context=req.max_context, lengths=lengths))
     configure = recipe.configure
     if configure is not None:
         data = lt.quantize_recipe(float_path.read_bytes(), configure, req.group_size, quant, "litertlm")
@@ -132,7 +132,7 @@ def _post_processor_adds(hf_dir: Path, bos: Any) -> bool:
     return any(int(bos) in (specials.get(n, {}).get("ids") or []) for n in names)
 
 
-def _convert_stock(decoder: nn.Module, workdir: Path, mcfg: Any, max_context: int, lengths: list[int]) -> Path:
+def _convert_stock(decoder: nn.Module, mcfg: Any, workdir: Path, max_context: int, lengths: list[int]) -> Path:
     import torch
     from litert_torch.generative.layers import kv_cache as kv_utils
     from litert_torch.generative.utilities import converter, export_config

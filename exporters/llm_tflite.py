@@ -286,9 +286,9 @@ _GRAPHS: dict[tuple[str, ...], tuple[Path, dict[str, Any]]] = {}
 
 
 def float_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int], recipe: Recipe, quant: dict[str, Any],
-                fmt: str, convert: Callable[[nn.Module, Path], Path] | None = None) -> Path:
+                fmt: str, convert: Callable[[nn.Module, Any, Path], Path] | None = None) -> Path:
     """The converted float decoder for ``recipe`` (its :attr:`Recipe.transform` applied first; what the transform
-    did goes into ``quant``): this module's signatures, or ``convert(decoder, workdir)``'s (``--format
+    did goes into ``quant``): this module's signatures, or ``convert(decoder, decoder config, workdir)``'s (``--format
     litertlm``'s stock ones, with litert-torch's own mask cache)."""
     import torch
 
@@ -297,7 +297,7 @@ def float_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int], recipe: Re
     wanted = req.options.get("rotate", True)  # as for .pte: API users may turn it off
     if not isinstance(wanted, bool):
         raise ExportError(f"{fmt}: option rotate must be true or false (got {wanted!r})")
-    rotatable = recipe.rotate and convert is None  # LiteRT-LM's stock graph is converted as it is
+    rotatable = recipe.rotate
     rotate = rotatable and wanted
     tag += "-rotated" if rotate else ""
     signatures = ",".join(map(str, lengths)) + (f" {short_prefill(req.max_context, lengths)}" if convert is None else "")
@@ -321,7 +321,7 @@ def float_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int], recipe: Re
             path = work / FILE
             _convert(decoder, mcfg, req.max_context, lengths, path)
         else:
-            path = convert(decoder, work)
+            path = convert(decoder, mcfg, work)
         log.info("%s: converted the float decoder (%s) in %.1f s", fmt, tag, time.perf_counter() - t0)
     _GRAPHS[key] = path, done
     quant.update(done)

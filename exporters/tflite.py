@@ -378,7 +378,42 @@ def quantize(buf: bytes, configure: Callable[[Any], None], calibration: Any = No
     q = quantizer.Quantizer(buf)
     configure(q)
     res = q.quantize(calibration, enable_progress_bar=False, enable_progress_report=False)
-    return bytes(res.quantized_model)
+    return positive_scales(res.quantized_model)
+
+
+def positive_scales(buf: bytes | bytearray) -> bytes:
+    """``buf`` with every zero per-channel scale of an int8 constant set to 1 and that channel's integers to its zero
+    point, in place (same layout): exact, since the channel dequantizes to 0 either way.
+
+    ai-edge-quantizer's OCTAV clipping (the algorithm under its Hadamard recipes, ``dynamic_wi8c_hr_afp32``) gives an
+    all-zero weight channel a scale of 0: its 1e-9 floor is applied before the clip to the channel's guessed range,
+    which is 0. XNNPACK then refuses the whole file ("unsupported scale value (0.000000) in channel 0"). All-zero
+    rows are common: ``nn.Embedding``'s ``padding_idx`` row gets no gradient, so it stays zero through training, and
+    a tied LM head is that table."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    data = bytearray(buf)
+    model = fb.Model.GetRootAs(data, 0)
+    for g in (model.Subgraphs(i) for i in range(model.SubgraphsLength())):
+        for tensor in (g.Tensors(i) for i in range(g.TensorsLength())):
+            q = tensor.Quantization()
+            if q is None or q.ScaleLength() < 2 or tensor.Type() != fb.TensorType.INT8:
+                continue
+            scales = q.ScaleAsNumpy()  # views into ``data``: written in place
+            zero = scales == 0
+            if not zero.any():
+                continue
+            b = model.Buffers(tensor.Buffer())
+            raw = (b.DataAsNumpy() if b.DataLength() else
+                   np.frombuffer(data, np.uint8, count=b.Size(), offset=b.Offset()) if b.Offset() > 1 else None)
+            if raw is None:  # not a constant: no integers to match
+                continue
+            values = np.moveaxis(raw.view(np.int8).reshape(tensor.ShapeAsNumpy()), q.QuantizedDimension(), 0)
+            zp = q.ZeroPointAsNumpy() if q.ZeroPointLength() else np.zeros(len(scales), np.int64)
+            for c in np.flatnonzero(zero):
+                values[c] = zp[c]
+            scales[zero] = 1.0
+    return bytes(data)
 
 
 def _ops() -> Any:

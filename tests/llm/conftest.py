@@ -109,22 +109,3 @@ def smollm2_dir() -> Path:
 @pytest.fixture
 def json_file() -> Callable[[Path], Any]:
     return lambda p: json.loads(Path(p).read_text())
-
-
-# Measured 2026-12-02: the France prompt's first greedy token is a near-tie in PyTorch fp32 ("The" over "L'" by 0.08
-# nats). LiteRT's dynamic int8 kernels answered "The capital of France is Paris." on the Intel AVX-512 build VM of the
-# earlier sessions and "L'Étoile, la Marseillaise, ..." on the AMD EPYC (Zen 5) one of this session: the kernels' int8
-# activation rounding differs by CPU and tips the tie. Strict where measured: the day it answers Paris there too, the
-# test fails and the marker should go (the ONNX recipes keep Paris on both, through their greedy search).
-def _cpu_vendor() -> str:
-    info = Path("/proc/cpuinfo")
-    text = info.read_text(encoding="utf-8", errors="replace") if info.exists() else ""
-    return next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("vendor_id")), "")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    amd = _cpu_vendor() == "AuthenticAMD"
-    for item in items:
-        if item.get_closest_marker("paris_near_tie"):
-            item.add_marker(pytest.mark.xfail(amd, strict=True, reason="LiteRT dynamic int8 flips SmolLM2's near-tie "
-                                              "first token on AMD EPYC (measured; Paris on Intel)"))

@@ -172,9 +172,47 @@ def test_int4_packs_the_exact_offset_decoder_and_the_engine_runs_it(tiny_llama_d
         rt.close()
 
 
+def test_int8_rotates_a_tied_model_with_a_zero_row(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """int8-dynamic rotates the hidden states before litert-torch's stock converter, as ``--format tflite`` does, on
+    the model shape that breaks it: a tied LM head (SmolLM2's), final norm weights that are not 1, and an all-zero
+    embedding row (``padding_idx``'s, which training never moves).
+
+    * The rotation unties the head (the final norm folds into it): converted with the unrotated, tied decoder
+      config, the loader would read the embedding table as the head (measured: top-1 0.36, KL 1.39).
+    * The zero row is a zero channel of that head: ai-edge-quantizer's OCTAV clip gives it scale 0 and XNNPACK
+      refuses the file (:func:`edgeship.exporters.tflite.positive_scales`)."""
+    from edgeship.llm import export_llm
+    from edgeship.manifest import load_bundle
+
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.no_grad():
+        model.model.embed_tokens.weight[model.config.pad_token_id] = 0
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.1, 4.0)
+    tied = tmp_path / "tied"
+    model.save_pretrained(tied)
+    for f in (*tiny_llama_dir.glob("*.json"), *tiny_llama_dir.glob("*.jinja")):
+        if not (tied / f.name).exists():
+            (tied / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "b"
+    export_llm(tied, target="x86-64-laptop", out=out, formats=["litertlm"], recipes=["int8-dynamic"],
+               max_context=CTX, allow_degraded=True, log=lambda m: None)
+    art = load_bundle(out).manifest.artifact("litertlm/int8-dynamic")
+    assert art.quantization["rotation"]["applied"] is True
+    fid = art.llm_fidelity
+    assert fid is not None and fid.top1_agreement >= 0.7 and fid.mean_kl <= 0.3  # measured 0.86 / 0.062
+
+
 # ---- slow tier: the real SmolLM2-135M-Instruct -----------------------------------------------------------------------
+# The France prompt's first greedy token is a near-tie in PyTorch fp32 ("The" over "L'" by 0.08 nats). Unrotated,
+# LiteRT's dynamic int8 answered Paris on an Intel AVX-512 VM and "L'Étoile, la Marseillaise, ..." on an AMD EPYC (Zen
+# 5) one (measured 2026-12-04 at context 512: top-1 0.969, KL 0.0046, 0 of 8 greedy continuations identical);
+# rotated, "The capital of France is Paris." there (top-1 0.953, KL 0.0068, 2 of 8), as `--format tflite`.
 @pytest.mark.slow
-@pytest.mark.paris_near_tie
 def test_smollm2_int8_answers_paris_through_the_engine(smollm2_dir: Path, tmp_path: Path) -> None:
     from edgeship.llm import export_llm
     from edgeship.manifest import load_bundle
@@ -186,6 +224,7 @@ def test_smollm2_int8_answers_paris_through_the_engine(smollm2_dir: Path, tmp_pa
     b = load_bundle(out)
     art = b.manifest.artifact("litertlm/int8-dynamic")
     assert art.llm_fidelity is not None and art.llm_fidelity.passed
+    assert art.quantization["rotation"]["applied"] is True
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      add_generation_prompt=True, tokenize=False)
