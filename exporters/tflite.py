@@ -382,37 +382,52 @@ def quantize(buf: bytes, configure: Callable[[Any], None], calibration: Any = No
 
 
 def positive_scales(buf: bytes | bytearray) -> bytes:
-    """``buf`` with every zero per-channel scale of an int8 constant set to 1 and that channel's integers to its zero
-    point, in place (same layout): exact, since the channel dequantizes to 0 either way.
+    """``buf`` with every zero scale of an int8 / int4 weight (per channel or per block) set to 1 and the integers it
+    scales to their zero point, in place (same layout): exact, since they dequantize to 0 either way.
 
-    ai-edge-quantizer's OCTAV clipping (the algorithm under its Hadamard recipes, ``dynamic_wi8c_hr_afp32``) gives an
-    all-zero weight channel a scale of 0: its 1e-9 floor is applied before the clip to the channel's guessed range,
-    which is 0. XNNPACK then refuses the whole file ("unsupported scale value (0.000000) in channel 0"). All-zero
-    rows are common: ``nn.Embedding``'s ``padding_idx`` row gets no gradient, so it stays zero through training, and
-    a tied LM head is that table."""
+    ai-edge-quantizer writes a scale of 0 for an all-zero channel or block, and XNNPACK then refuses the whole file
+    ("unsupported scale value (0.000000) in channel 0"): its OCTAV clip (under the Hadamard recipes,
+    ``dynamic_wi8c_hr_afp32``) applies the 1e-9 range floor before clipping to the channel's guessed range, 0; and a
+    block-wise int4 scale of that floor (1e-9 / 7) underflows to 0 in the file's float16. All-zero rows are common:
+    ``nn.Embedding``'s ``padding_idx`` row gets no gradient, so it stays zero through training (and a tied LM head
+    is that table), and structured pruning zeroes whole neurons."""
     from ai_edge_litert import schema_py_generated as fb
 
     data = bytearray(buf)
     model = fb.Model.GetRootAs(data, 0)
+
+    def view(tensor: Any) -> np.ndarray | None:  # a constant's bytes, writable (they are ``data``'s)
+        b = model.Buffers(tensor.Buffer())
+        return (b.DataAsNumpy() if b.DataLength() else
+                np.frombuffer(data, np.uint8, count=b.Size(), offset=b.Offset()) if b.Offset() > 1 else None)
+
     for g in (model.Subgraphs(i) for i in range(model.SubgraphsLength())):
         for tensor in (g.Tensors(i) for i in range(g.TensorsLength())):
             q = tensor.Quantization()
-            if q is None or q.ScaleLength() < 2 or tensor.Type() != fb.TensorType.INT8:
+            raw = view(tensor) if q is not None and tensor.Type() in (fb.TensorType.INT8, fb.TensorType.INT4) else None
+            if q is None or raw is None:
                 continue
-            scales = q.ScaleAsNumpy()  # views into ``data``: written in place
-            zero = scales == 0
-            if not zero.any():
+            shape = tuple(int(d) for d in tensor.ShapeAsNumpy())
+            if q.DetailsType() == fb.QuantizationDetails.BlockwiseQuantization:
+                bq = fb.BlockwiseQuantization()
+                bq.Init(q.Details().Bytes, q.Details().Pos)
+                held = view(g.Tensors(bq.Scales()))
+                if held is None or bq.ZeroPoints() >= 0 or tensor.Type() != fb.TensorType.INT4:
+                    continue
+                scales, size, zp = held.view(np.float16), int(bq.BlockSize()), None
+            elif q.ScaleLength() > 1 and q.QuantizedDimension() == 0:
+                scales, size = q.ScaleAsNumpy(), int(np.prod(shape[1:]))
+                zp = q.ZeroPointAsNumpy() if q.ZeroPointLength() else None
+            else:
                 continue
-            b = model.Buffers(tensor.Buffer())
-            raw = (b.DataAsNumpy() if b.DataLength() else
-                   np.frombuffer(data, np.uint8, count=b.Size(), offset=b.Offset()) if b.Offset() > 1 else None)
-            if raw is None:  # not a constant: no integers to match
-                continue
-            values = np.moveaxis(raw.view(np.int8).reshape(tensor.ShapeAsNumpy()), q.QuantizedDimension(), 0)
-            zp = q.ZeroPointAsNumpy() if q.ZeroPointLength() else np.zeros(len(scales), np.int64)
-            for c in np.flatnonzero(zero):
-                values[c] = zp[c]
-            scales[zero] = 1.0
+            zero = np.flatnonzero(scales == 0)
+            for i in zero:  # the i-th run of ``size`` integers in row-major order
+                z = int(zp[i]) if zp is not None else 0
+                if tensor.Type() == fb.TensorType.INT8:
+                    raw[i * size:(i + 1) * size] = z & 0xFF
+                elif size % 2 == 0:  # int4: two per byte, the low nibble first
+                    raw[i * size // 2:(i + 1) * size // 2] = (z & 0xF) * 0x11
+            scales[zero] = 1
     return bytes(data)
 
 

@@ -279,6 +279,9 @@ class TfliteBackend(Backend):
                 return self._invoke(feeds)
             res = self.runner(**feeds)
         except (ValueError, RuntimeError) as e:  # shapes the static graph cannot take
+            if "Delegate) failed to prepare" in str(e):  # a delegate refused the graph on its first run: the file's fault
+                raise ArtifactLoadError(f"{self.path.name}: LiteRT cannot prepare the model ({_first(e)}); re-export "
+                                        "it, or report it with the file if it persists") from None
             raise InputError(f"{self.path.name}: LiteRT refused the inputs ({_first(e)}); the model takes "
                              + ", ".join(f"{s.name} {s.dtype}{shown(s.shape)}" for s in self.inputs)) from None
         return {n: np.array(res[n]) for n in self.outputs}

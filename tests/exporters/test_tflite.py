@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeship.errors import ExportError, UnsupportedRecipeError
+from edgeship.errors import ArtifactLoadError, ExportError, UnsupportedRecipeError
 from edgeship.exporters.tflite import read_metadata
 from edgeship.manifest import load_bundle
 from edgeship.pipeline import export
@@ -101,6 +101,54 @@ def test_block_size_the_quantizer_lacks(tiny_bert_dir: Path, tmp_path: Path) -> 
     with pytest.raises(UnsupportedRecipeError, match=r"tflite/int4-weight: block size 48 .* \(32, 64, 128, 256\)"):
         export(tiny_bert_dir, target=prof, out=tmp_path / "x", formats=["tflite"], recipes=["int4-weight"], **QUIET)
     assert not (tmp_path / "x").exists()
+
+
+def test_pruned_rows_and_blocks_keep_a_loadable_int4_file(tmp_path: Path) -> None:
+    """Structured pruning zeroes whole neurons. ai-edge-quantizer writes a block-wise int4 scale of 0 for an all-zero
+    block (its 1e-9 range floor / 7 underflows in the file's float16), XNNPACK refused the file and the whole export
+    ended; :func:`positive_scales` now writes those scales as 1 over zero integers (exact)."""
+    import litert_torch
+    import torch
+    from ai_edge_litert import schema_py_generated as fb
+    from ai_edge_quantizer import quantizer
+    from torch import nn
+
+    from edgeship.exporters.tflite import _int4_config, positive_scales
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+    with torch.no_grad():
+        net[0].weight[:3] = 0  # three pruned neurons: both their blocks zero
+        net[2].weight[:, :32] = 0  # the first block of every output
+    out = tmp_path / "b"
+    export(net, example_inputs={"x": np.ones((1, 64), np.float32)}, target="raspberry-pi-5", out=out,
+           formats=["tflite"], recipes=["int4-weight"], **QUIET)
+    art = load_bundle(out).manifest.artifact("tflite/int4-weight")
+    assert art.fidelity is not None and art.fidelity.passed
+
+    def block_scales(data: bytes) -> list[np.ndarray]:
+        model = fb.Model.GetRootAs(bytearray(data), 0)
+        g, found = model.Subgraphs(0), []
+        for t in (g.Tensors(i) for i in range(g.TensorsLength())):
+            q = t.Quantization()
+            if q is not None and q.DetailsType() == fb.QuantizationDetails.BlockwiseQuantization:
+                bq = fb.BlockwiseQuantization()
+                bq.Init(q.Details().Bytes, q.Details().Pos)
+                found.append(np.array(model.Buffers(g.Tensors(bq.Scales()).Buffer()).DataAsNumpy().view(np.float16)))
+        return found
+
+    litert_torch.convert(net, (torch.ones(1, 64),)).export(str(tmp_path / "f.tflite"))
+    q = quantizer.Quantizer((tmp_path / "f.tflite").read_bytes())
+    _int4_config(q, 32, [])
+    raw = bytes(q.quantize(None, enable_progress_bar=False, enable_progress_report=False).quantized_model)
+    before, after = block_scales(raw), block_scales(positive_scales(raw))
+    assert sum(int((s == 0).sum()) for s in before) == 3 * 2 + 8  # 3 rows x 2 blocks, the 8 outputs' first block
+    for s0, s1 in zip(before, after, strict=True):
+        assert np.array_equal(s1, np.where(s0 == 0, 1, s0))
+    # the file as the quantizer wrote it: the delegate's refusal is the file's fault, not the inputs'
+    (tmp_path / "raw.tflite").write_bytes(raw)
+    with pytest.raises(ArtifactLoadError, match=r"raw\.tflite: LiteRT cannot prepare the model \(unsupported scale"):
+        backends.load(tmp_path / "raw.tflite").run({"args_0": np.ones((1, 64), np.float32)})
 
 
 def test_op_without_lowering_names_op_and_module(tmp_path: Path) -> None:
