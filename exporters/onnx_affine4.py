@@ -76,7 +76,12 @@ def symmetric_grid(w_nk: np.ndarray, block: int, *, fp16_steps: bool = False) ->
     if fp16_steps:
         step = step.astype(np.float16).astype(np.float32)
     q = q_u.astype(np.float32) - 8
-    offset = (np.asarray(w_nk, dtype=np.float32).reshape(n, k // block, block) - q * step[..., None]).mean(-1)
+    blocks = np.asarray(w_nk, dtype=np.float32).reshape(n, k // block, block)
+    # a constant block (all zero: a pruned neuron, a padding row) is all offset: q = -8 there would put 8 * step into
+    # the offset row, whose 8-bit per-row scale then rounds every other block's small offset away, and make the
+    # 4-bit path carry -8 * (sum of x) that the offset cancels through int8 activations
+    q[blocks.min(-1) == blocks.max(-1)] = 0
+    offset = (blocks - q * step[..., None]).mean(-1)
     return q, step, offset.astype(np.float32)
 
 

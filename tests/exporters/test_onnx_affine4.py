@@ -74,6 +74,22 @@ def test_the_symmetric_split_rounds_steps_as_the_kernels_store_them() -> None:
     assert np.array_equal(d16, d.astype(np.float16).astype(np.float32))
 
 
+def test_a_constant_block_is_all_offset() -> None:
+    """A zero block (a pruned neuron, a padding row) or any constant one: q = 0 and the offset is the value, exact.
+    With q = -8 (the min/max fit's level 0) the offset row got 8 * step, and the 8-bit per-row scale of the `.pte`
+    and LiteRT offset linears then rounded the other blocks' offsets away: a tiny Llama with pruned rows had KL
+    0.47 (LiteRT) and 0.29 (`.pte`) against 0.23 for ONNX's zero points; 0.22 for both with this."""
+    rng = np.random.default_rng(5)
+    w = q4_1_weight(rng).T.copy()  # [N, K]
+    w[0] = 0.0  # a pruned row: every block constant
+    w[1, :BLOCK] = 0.25  # one constant, non-zero block
+    q, d, o = symmetric_grid(w, BLOCK)
+    assert not q[0].any() and not o[0].any() and d[0].min() > 0  # nothing in the 4-bit path, a valid step
+    assert not q[1, 0].any() and o[1, 0] == np.float32(0.25)
+    assert np.abs(o[2:]).max() < np.abs(w[2:]).max()  # the other rows' offsets stay the size of their weights
+    assert np.allclose(q * d[..., None] + o[..., None], w.reshape(N, -1, BLOCK), atol=np.abs(w).max() / 15)
+
+
 def test_converted_graph_matches_the_fp32_matmul(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     w = q4_1_weight(rng)
