@@ -297,12 +297,11 @@ def float_graph(req: LLMExportRequest, mcfg: Any, lengths: list[int], recipe: Re
     wanted = req.options.get("rotate", True)  # as for .pte: API users may turn it off
     if not isinstance(wanted, bool):
         raise ExportError(f"{fmt}: option rotate must be true or false (got {wanted!r})")
-    rotatable = recipe.rotate
-    rotate = rotatable and wanted
+    rotate = recipe.rotate and wanted
     tag += "-rotated" if rotate else ""
     signatures = ",".join(map(str, lengths)) + (f" {short_prefill(req.max_context, lengths)}" if convert is None else "")
     key = (str(req.hf_dir.resolve()), fingerprint(req.hf_dir), str(req.max_context), signatures, fmt, tag)
-    if rotatable and not wanted:  # the graph is the unrotated one, which may be cached
+    if recipe.rotate and not wanted:  # the graph is the unrotated one, which may be cached
         quant["rotation"] = {"applied": False, "why": "turned off (option rotate=False)"}
     hit = _GRAPHS.get(key)
     if hit is not None and hit[0].is_file():

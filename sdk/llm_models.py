@@ -176,7 +176,8 @@ def _load_model(hf_dir: Path) -> Any:
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"{hf_dir}: cannot load the model ({str(e).splitlines()[0][:200]})") from None
     head, table = model.get_output_embeddings(), model.get_input_embeddings()
-    if getattr(model.config, "tie_word_embeddings", False) and head is not None and head.weight is not table.weight:
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and head is not None and table is not None and head.weight is not table.weight:
         # transformers keeps a head that differs from the table apart (with a warning); the ONNX GenAI builder and
         # litert-torch's loader follow the config and would read the table as the head
         raise ModelLoadError(f"{hf_dir}: config.json says tie_word_embeddings=true but the weights hold an "
