@@ -404,10 +404,11 @@ def positive_scales(buf: bytes | bytearray) -> bytes:
     for g in (model.Subgraphs(i) for i in range(model.SubgraphsLength())):
         for tensor in (g.Tensors(i) for i in range(g.TensorsLength())):
             q = tensor.Quantization()
-            raw = view(tensor) if q is not None and tensor.Type() in (fb.TensorType.INT8, fb.TensorType.INT4) else None
-            if q is None or raw is None:
+            if q is None or tensor.Type() not in (fb.TensorType.INT8, fb.TensorType.INT4):
                 continue
-            shape = tuple(int(d) for d in tensor.ShapeAsNumpy())
+            raw = view(tensor)
+            if raw is None:  # not a constant: no integers to match
+                continue
             if q.DetailsType() == fb.QuantizationDetails.BlockwiseQuantization:
                 bq = fb.BlockwiseQuantization()
                 bq.Init(q.Details().Bytes, q.Details().Pos)
@@ -416,7 +417,7 @@ def positive_scales(buf: bytes | bytearray) -> bytes:
                     continue
                 scales, size, zp = held.view(np.float16), int(bq.BlockSize()), None
             elif q.ScaleLength() > 1 and q.QuantizedDimension() == 0:
-                scales, size = q.ScaleAsNumpy(), int(np.prod(shape[1:]))
+                scales, size = q.ScaleAsNumpy(), int(np.prod(tensor.ShapeAsNumpy()[1:]))
                 zp = q.ZeroPointAsNumpy() if q.ZeroPointLength() else None
             else:
                 continue
