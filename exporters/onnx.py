@@ -241,8 +241,35 @@ class OnnxExporter(Exporter):
     def _make_int8_dynamic(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:
         with ctx.stage(Stage.QUANTIZE):
             _dynamic_int8(base, out, fused=fused)
-        return {"weights": "int8 symmetric per-channel (MatMul) / per-tensor (Gather)", "activations": "uint8 dynamic",
-                "ops": "MatMul, Gather"}
+        record: dict[str, Any] = {"weights": "int8 symmetric per-channel (MatMul) / per-tensor (Gather)",
+                                  "activations": "uint8 dynamic", "ops": "MatMul, Gather"}
+        smoothed, norms = self._smooth(ctx, base)
+        if smoothed is None:
+            return {**record, "smoothing": norms}
+        candidate = ctx.workdir / f"{out.stem}-smoothed.onnx"
+        with ctx.stage(Stage.QUANTIZE):
+            _dynamic_int8(smoothed, candidate, fused=fused)
+        with ctx.stage(Stage.SEARCH):
+            plain, smooth = (ctx.evaluate(p, "onnx", RUNTIME_OPTIONS).mean_cosine for p in (out, candidate))
+        if smooth > plain:
+            shutil.move(candidate, out)
+        return {**record, "smoothing": {**norms, "adopted": smooth > plain,
+                                        "search_mean_cosine": {"plain": round(plain, 5), "smoothed": round(smooth, 5)}}}
+
+    def _smooth(self, ctx: ExportContext, base: Path) -> tuple[Path | None, dict[str, Any]]:
+        """``base`` with its normalizations' outputs smoothed (:mod:`edgeship.exporters.onnx_smooth`; written once
+        per export, int8-dynamic and int8-static share it) and the manifest's record; None when nothing to smooth."""
+        from edgeship.exporters import onnx_smooth
+
+        smoothed = ctx.workdir / f"{base.stem}-smoothed.onnx"
+        key = (OnnxExporter, "smoothed", str(base))
+        if key not in ctx.shared:
+            with ctx.stage(Stage.CALIBRATE):
+                ctx.shared[key] = onnx_smooth.smooth(base, smoothed, ctx.calibration)
+        if not ctx.shared[key]:
+            return None, {"normalizations": 0, "why": "no normalization feeds a linear layer"}
+        return smoothed, {"normalizations": ctx.shared[key], "alpha": onnx_smooth.ALPHA,
+                          "calibration": ctx.calibration_source, "calibration_samples": len(ctx.calibration)}
 
     def _make_int8_static(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:
         calibration = {"calibration": ctx.calibration_source, "calibration_samples": len(ctx.calibration)}
@@ -263,16 +290,25 @@ class OnnxExporter(Exporter):
         named = dict(ctx.model.module.named_modules())
         node_of = onnx_static.fused_linear_nodes(base, {n: named[n].weight.detach().float().numpy()
                                                         for n in ctx.model.linear_layers()})
-        with ctx.stage(Stage.CALIBRATE):
-            typed = onnx_static.typed_for_calibration(base, ctx.workdir / "onnx-fp32-fused-typed.onnx")
-        every = ctx.workdir / "onnx-int8-static-fused-all-dynamic.onnx"
+        smoothed, smoothing = self._smooth(ctx, base)
+        tried: dict[str, float] = {}
+        best: tuple[float, Path, str, Any] | None = None
+        for src, label in ((base, ""), *(((smoothed, " (smoothed)"),) if smoothed is not None else ())):
+            with ctx.stage(Stage.CALIBRATE):
+                typed = onnx_static.typed_for_calibration(src, ctx.workdir / f"{src.stem}-typed.onnx")
+            every = ctx.workdir / f"{src.stem}-int8-all-dynamic.onnx"
 
-        def quantize_all(ranges: Any, path: Path) -> None:
-            if not every.is_file():
-                _dynamic_int8(base, every, fused=True)
-            onnx_static.make_static(every, path, ranges)
+            def quantize_all(ranges: Any, path: Path, src: Path = src, every: Path = every) -> None:
+                if not every.is_file():
+                    _dynamic_int8(src, every, fused=True)
+                onnx_static.make_static(every, path, ranges)
 
-        method, ranges, tried = self._calibrate(ctx, typed, ctx.recipe, quantize_all)
+            method, ranges, scores = self._calibrate(ctx, typed, ctx.recipe, quantize_all)
+            tried.update({m + label: c for m, c in scores.items()})
+            if best is None or scores[method] > best[0]:
+                best = (scores[method], src, method + label, ranges)
+        assert best is not None
+        _, base, method, ranges = best
         all_nodes = set(node_of.values())
 
         def quantize(src: Path, dst: Path, nodes: list[str]) -> None:
@@ -286,6 +322,7 @@ class OnnxExporter(Exporter):
                                "(constant QuantizeLinear scales); layer outputs stay float",
                 "format": "QOperator (ORT QAttention, MatMulIntegerToFloat, QEmbedLayerNormalization)",
                 "calibration_method": method, "calibration_methods_tried": tried,
+                "smoothing": {**smoothing, "adopted": base == smoothed},
                 **self._searched(ctx, base, out, quantize, node_of)}
 
     def _make_int4_weight(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:

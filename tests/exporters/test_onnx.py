@@ -42,6 +42,10 @@ def test_bundle_contents(tiny_onnx_bundle: Path) -> None:
         assert a.sha256 and a.size_bytes > 0 and a.export_seconds > 0 and "validate" in a.stages
     fp32, int8 = m.artifacts
     assert int8.size_bytes < fp32.size_bytes
+    smoothing = int8.quantization["smoothing"]  # the norms feeding the QKV and FFN-in linears, measured both ways
+    assert smoothing["normalizations"] == 4 and "built-in" in smoothing["calibration"]
+    cos = smoothing["search_mean_cosine"]
+    assert smoothing["adopted"] == (cos["smoothed"] > cos["plain"])
     with np.load(tiny_onnx_bundle / "samples/inputs.npz") as z:
         assert z["input_ids"].shape == (8, 128)
 
@@ -70,8 +74,15 @@ def test_other_recipes(tiny_bert_dir: Path, tmp_path: Path, recipe: str) -> None
 
 def _assert_calibrated_search(q: dict[str, object]) -> None:
     tried = q["calibration_methods_tried"]
-    assert isinstance(tried, dict) and set(tried) == {"minmax", "entropy"} and "built-in" in str(q["calibration"])
+    assert isinstance(tried, dict) and "built-in" in str(q["calibration"])
     assert q["calibration_method"] == max(tried, key=tried.get)
+    if q["format"] == "QDQ":
+        assert set(tried) == {"minmax", "entropy"}
+    else:  # the fused graph calibrates the smoothed graph too and keeps whichever tracks PyTorch better
+        assert set(tried) == {"minmax", "entropy", "minmax (smoothed)", "entropy (smoothed)"}
+        smoothing = q["smoothing"]
+        assert isinstance(smoothing, dict) and smoothing["normalizations"] == 4  # embeddings, 2 attention-output norms, layer 0 output
+        assert smoothing["adopted"] == str(q["calibration_method"]).endswith("(smoothed)")
     sensitivity, kept = q["sensitivity"], q["kept_in_float"]
     assert isinstance(sensitivity, list) and isinstance(kept, list)
     # 2 layers x (q, k, v, o, up, down); the unused pooler is not in the graph
