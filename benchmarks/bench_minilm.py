@@ -3,6 +3,7 @@
     python benchmarks/bench_minilm.py                          # export ONNX fp32/int8-dynamic/int8-static/int4, then time
     python benchmarks/bench_minilm.py --formats onnx tflite pte --recipes fp32 int8-dynamic
     python benchmarks/bench_minilm.py --bundle B               # time an existing bundle
+    python benchmarks/bench_minilm.py --bundle B --anchors /tmp/anchors   # and the anchor pipelines (issue 12)
     python benchmarks/bench_minilm.py --formats pte --target galaxy-s24 --recipes fp32 int8-dynamic int4-weight
                                                                # the ExecuTorch (.pte, XNNPACK) rows
     python benchmarks/bench_minilm.py --formats tflite --target raspberry-pi-5 \
@@ -84,6 +85,28 @@ def _fit(feeds: dict[str, np.ndarray], b: Any) -> dict[str, np.ndarray]:
     return {k: np.pad(v, ((0, 0), (0, n - v.shape[1]))) for k, v in feeds.items()}
 
 
+def _add_anchors(lm: Any, cache: Path, threads: int, regimes: dict[str, list[dict[str, np.ndarray]]],
+                 runners: dict[str, Callable[[str], Callable[[], object]]], meta: dict[str, dict[str, object]]) -> None:
+    """The anchor pipelines as candidates, their fidelity measured on the bundle's own 64 held-out inputs."""
+    import anchors_minilm  # the sibling script, like bench_floor
+
+    from edgeship.pipeline import N_HELDOUT, heldout_pools
+
+    held = lm.sample_inputs(N_HELDOUT, seed=1, seq_len=128, image_size=224, corpus=heldout_pools()[1])
+    ref = np.concatenate([next(iter(lm.run_torch(f).values())) for f in held]).reshape(len(held), -1)
+    for key, (path, run) in anchors_minilm.anchors(lm, cache, threads).items():
+        got = np.concatenate([run(f) for f in held]).reshape(len(held), -1)
+        cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+        meta[key] = {"size_mb": path.stat().st_size / 2**20, "mean_cosine": float(cos.mean()),
+                     "min_cosine": float(cos.min()), "recipe": "int8-dynamic", "kept_layers": [],
+                     "static_sequence": key.startswith("anchor-tflite")}
+
+        def runner(regime: str, run: anchors_minilm.Runner = run) -> Callable[[], object]:
+            feeds = regimes[regime]
+            return lambda: [run(f) for f in feeds]
+        runners[key] = runner
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", help="existing bundle to time (default: export one into a temp dir)")
@@ -96,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--texts", type=int, default=8, help="texts per input regime")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-floor", action="store_true", help="skip the hardware floor (bench_floor.py) column")
+    ap.add_argument("--anchors", metavar="DIR", help="also time the anchor pipelines (anchors_minilm.py), built into "
+                                                     "DIR once and reused")
     a = ap.parse_args(argv)
 
     import torch
@@ -144,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                          "kept_in_float": len(art.quantization.get("kept_in_float", [])),
                          "kept_layers": list(art.quantization.get("kept_in_float", [])), "recipe": art.recipe,
                          "static_sequence": _static_len(b) is not None}
+    if a.anchors:
+        _add_anchors(lm, Path(a.anchors), a.threads, regimes, runners, meta)
     floor = None
     if not a.no_floor:
         import bench_floor  # the sibling script: python benchmarks/bench_minilm.py puts benchmarks/ on sys.path
@@ -166,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
               f"tokens (mean {np.mean(tokens):.0f}) in {feeds[0]['input_ids'].shape[1] if regime != 'sentences' else 'their own'}"
               f"-token inputs, batch 1, {a.threads} threads, {a.rounds} x {a.per_round} passes (interleaved), {stamp}")
         dense = regime == "dense-128" and floor is not None
-        print(f"{'candidate':24s} {'MB':>6s} {'ms/text':>8s} {'p90':>7s} {'speed-up':>8s} {'mean cos':>8s} {'min cos':>8s}"
+        print(f"{'candidate':26s} {'MB':>6s} {'ms/text':>8s} {'p90':>7s} {'speed-up':>8s} {'mean cos':>8s} {'min cos':>8s}"
               + (f" {'floor ms':>8s} {'% floor':>7s}" if dense else ""))
         for k in fns:
             ms = float(np.median(samples[k]))
@@ -182,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      r.get("kept_layers", []))  # type: ignore[arg-type]
                 r["percent_of_floor"] = 100 * r["floor_ms"] / ms
                 fl = f" {r['floor_ms']:8.2f} {r['percent_of_floor']:6.1f}%"
-            print(f"{k:24s} {r['size_mb']:6.1f} {ms:8.2f} {r['p90_ms']:7.2f} {r['speedup_vs_eager']:7.2f}x {mc:>8s} {mn:>8s}"
+            print(f"{k:26s} {r['size_mb']:6.1f} {ms:8.2f} {r['p90_ms']:7.2f} {r['speedup_vs_eager']:7.2f}x {mc:>8s} {mn:>8s}"
                   f"{fl}{note}")
     if a.json:
         doc: dict[str, Any] = {"threads": a.threads, "regimes": REGIMES, "rows": rows}
