@@ -5,7 +5,9 @@ Recipes (the support matrix below is the one source of truth):
 * ``fp32``: torch.export-based ONNX with dynamic batch/sequence dims, optimised by onnxscript.
 * ``fp16``: float16 weights and compute, float32 I/O (for GPU/NPU execution providers;
   ORT's CPU EP has few fp16 kernels and inserts casts).
-* ``int8-dynamic``: per-channel int8 weights, activations quantized at run time (MatMulInteger).
+* ``int8-dynamic``: per-channel int8 weights, activations quantized at run time (MatMulInteger), after the
+  normalizations' outlier channels are smoothed into the next linear's weights when that tracks PyTorch
+  better (:mod:`edgeship.exporters.onnx_smooth`; int8-static calibrates both graphs the same way).
 * ``int8-static``: int8 linear layers and embedding tables with activation ranges calibrated on the
   user's data, MinMax or entropy, whichever tracks PyTorch better. Layers are ranked by sensitivity
   and the fewest needed are kept in float to meet the profile's floor. BERT-family encoders get
