@@ -181,28 +181,35 @@ class OnnxExporter(Exporter):
         quant = {"recipe": recipe, **spec.make(self, ctx, base, fused is not None, out)}
         return ExportOutput(path=out, runtime=runtime, quantization=quant, warnings=list(spec.warnings))
 
-    def _calibrate(self, ctx: ExportContext, base: Path, recipe: str,
-                   quantize_all: Callable[[Any, Path], None]) -> tuple[str, Any, dict[str, float]]:
-        """Calibrate ``base`` with each method; keep the one whose fully-quantized graph tracks PyTorch best.
+    def _calibrate(self, ctx: ExportContext, base: Path,
+                   prepare: Callable[[Path], tuple[Path, Callable[[Any, Path], None]]]) -> tuple[Path, Any, dict[str, Any]]:
+        """Calibrate ``base`` and its smoothed twin with each method; keep the pair whose fully-quantized graph
+        tracks PyTorch best. Returns (that graph, its ranges, the manifest's entries).
 
         MinMax keeps every outlier in range; entropy (KL) clips rare ones for finer steps. Which wins
         depends on the model (on MiniLM entropy needed 6 float layers where MinMax needed 15 for 0.99).
-        ``quantize_all(ranges, path)`` writes the graph with every layer quantized.
+        ``prepare(graph)`` -> (the graph to calibrate, ``quantize_all(ranges, path)`` writing ``graph`` with every
+        layer quantized).
         """
+        smoothed, smoothing = self._smooth(ctx, base)
         tried: dict[str, float] = {}
-        best: tuple[float, str, Any] | None = None
-        for method in CALIBRATION_METHODS:
-            with ctx.stage(Stage.CALIBRATE):
-                ranges = _calibration_ranges(base, ctx.calibration, ctx.workdir, method)
-                probe = ctx.workdir / f"onnx-{recipe}-{method}-all.onnx"
-                quantize_all(ranges, probe)
-                tried[method] = ctx.evaluate(probe, "onnx", RUNTIME_OPTIONS).mean_cosine
-            if best is None or tried[method] > best[0]:
-                best = (tried[method], method, ranges)
+        best: tuple[float, Path, str, Any] | None = None
+        for src, label in ((base, ""), *(((smoothed, " (smoothed)"),) if smoothed is not None else ())):
+            calibrated, quantize_all = prepare(src)
+            for method in CALIBRATION_METHODS:
+                with ctx.stage(Stage.CALIBRATE):
+                    ranges = _calibration_ranges(calibrated, ctx.calibration, ctx.workdir, method)
+                    probe = ctx.workdir / f"onnx-{ctx.recipe}-{method}-all.onnx"
+                    quantize_all(ranges, probe)
+                    tried[method + label] = ctx.evaluate(probe, "onnx", RUNTIME_OPTIONS).mean_cosine
+                if best is None or tried[method + label] > best[0]:
+                    best = (tried[method + label], src, method + label, ranges)
         assert best is not None
-        ctx.log(f"[onnx/{recipe}] calibration: " + ", ".join(f"{m} {c:.4f}" for m, c in tried.items())
-                + f" mean cosine fully quantized; using {best[1]}")
-        return best[1], best[2], tried
+        _, graph, method, ranges = best
+        ctx.log(f"[onnx/{ctx.recipe}] calibration: " + ", ".join(f"{m} {c:.4f}" for m, c in tried.items())
+                + f" mean cosine fully quantized; using {method}")
+        return graph, ranges, {"calibration_method": method, "calibration_methods_tried": tried,
+                               "smoothing": {**smoothing, "adopted": graph == smoothed}}
 
     # ---- recipes that keep their most sensitive layers in float ------------------------------
     def _searched(self, ctx: ExportContext, base: Path, out: Path, quantize: Callable[[Path, Path, list[str]], None],
@@ -277,13 +284,14 @@ class OnnxExporter(Exporter):
         calibration = {"calibration": ctx.calibration_source, "calibration_samples": len(ctx.calibration)}
         if fused:
             return {**calibration, **self._static_fused(ctx, base, out)}
-        every = list(linear_nodes(base, ctx.model.linear_layers()).values())
-        method, ranges, tried = self._calibrate(ctx, base, ctx.recipe, lambda r, p: _qdq(base, p, r, every))
+        node_of = linear_nodes(base, ctx.model.linear_layers())  # node names survive smoothing
+        every = list(node_of.values())
+        graph, ranges, record = self._calibrate(ctx, base, lambda g: (g, lambda r, p: _qdq(g, p, r, every)))
         return {"weights": "int8 symmetric per-channel; embedding tables uint8 per-tensor",
-                "activations": f"uint8 asymmetric per-tensor at each quantized layer's input, {method} calibrated; "
-                               "layer outputs stay float", "format": "QDQ", "npu_note": QDQ_NPU_NOTE,
-                **calibration, "calibration_method": method, "calibration_methods_tried": tried,
-                **self._searched(ctx, base, out, lambda src, dst, nodes: _qdq(src, dst, ranges, nodes))}
+                "activations": f"uint8 asymmetric per-tensor at each quantized layer's input, "
+                               f"{record['calibration_method']} calibrated; layer outputs stay float",
+                "format": "QDQ", "npu_note": QDQ_NPU_NOTE, **calibration, **record,
+                **self._searched(ctx, graph, out, lambda src, dst, nodes: _qdq(src, dst, ranges, nodes), node_of)}
 
     def _static_fused(self, ctx: ExportContext, base: Path, out: Path) -> dict[str, Any]:
         """int8-static on the attention-fused graph: int8-dynamic's fused kernels with calibrated activation scales."""
@@ -292,25 +300,19 @@ class OnnxExporter(Exporter):
         named = dict(ctx.model.module.named_modules())
         node_of = onnx_static.fused_linear_nodes(base, {n: named[n].weight.detach().float().numpy()
                                                         for n in ctx.model.linear_layers()})
-        smoothed, smoothing = self._smooth(ctx, base)
-        tried: dict[str, float] = {}
-        best: tuple[float, Path, str, Any] | None = None
-        for src, label in ((base, ""), *(((smoothed, " (smoothed)"),) if smoothed is not None else ())):
+
+        def prepare(src: Path) -> tuple[Path, Callable[[Any, Path], None]]:
             with ctx.stage(Stage.CALIBRATE):
                 typed = onnx_static.typed_for_calibration(src, ctx.workdir / f"{src.stem}-typed.onnx")
             every = ctx.workdir / f"{src.stem}-int8-all-dynamic.onnx"
 
-            def quantize_all(ranges: Any, path: Path, src: Path = src, every: Path = every) -> None:
+            def quantize_all(ranges: Any, path: Path) -> None:
                 if not every.is_file():
                     _dynamic_int8(src, every, fused=True)
                 onnx_static.make_static(every, path, ranges)
+            return typed, quantize_all
 
-            method, ranges, scores = self._calibrate(ctx, typed, ctx.recipe, quantize_all)
-            tried.update({m + label: c for m, c in scores.items()})
-            if best is None or scores[method] > best[0]:
-                best = (scores[method], src, method + label, ranges)
-        assert best is not None
-        _, base, method, ranges = best
+        graph, ranges, record = self._calibrate(ctx, base, prepare)
         all_nodes = set(node_of.values())
 
         def quantize(src: Path, dst: Path, nodes: list[str]) -> None:
@@ -320,12 +322,11 @@ class OnnxExporter(Exporter):
             dyn.unlink()
 
         return {"weights": "int8 symmetric per-channel (MatMul) / per-tensor (Attention QKV, embeddings)",
-                "activations": f"uint8 asymmetric per-tensor at each quantized layer's input, {method} calibrated "
-                               "(constant QuantizeLinear scales); layer outputs stay float",
-                "format": "QOperator (ORT QAttention, MatMulIntegerToFloat, QEmbedLayerNormalization)",
-                "calibration_method": method, "calibration_methods_tried": tried,
-                "smoothing": {**smoothing, "adopted": base == smoothed},
-                **self._searched(ctx, base, out, quantize, node_of)}
+                "activations": f"uint8 asymmetric per-tensor at each quantized layer's input, "
+                               f"{record['calibration_method']} calibrated (constant QuantizeLinear scales); "
+                               "layer outputs stay float",
+                "format": "QOperator (ORT QAttention, MatMulIntegerToFloat, QEmbedLayerNormalization)", **record,
+                **self._searched(ctx, graph, out, quantize, node_of)}
 
     def _make_int4_weight(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:
         block = ctx.target.int4_group_size
