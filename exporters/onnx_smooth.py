@@ -10,7 +10,8 @@ Smoothing divides channel ``j`` of a normalization's output by ``s_j`` (folded i
 multiplies row ``j`` of every linear weight reading it by ``s_j``, with ``s_j = max|x_j|^a / max|w_j|^(1-a)``
 from calibration activations: exact in float, and the activation's range flattens. Anything else that reads the
 normalization's output (a post-LN transformer's residual ``Add``) reads it through one ``Mul`` by ``s``
-restoring the original values (MiniLM: 12 such ``Mul`` on 128 x 384 tensors, no measurable time).
+restoring the original values (MiniLM: 12 such ``Mul`` on 128 x 384 tensors, 0.11 ms of ORT kernel time per
+inference, about 3%, for mean cosine 0.9939 -> 0.9965).
 
 Not applied to a GELU's output (the input of a transformer's second FFN linear): an explicit ``Mul`` there
 measured worse (MiniLM mean cosine 0.9908 against 0.9958 without), the GELU's negative tail sharing the
