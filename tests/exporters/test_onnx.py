@@ -89,6 +89,13 @@ def _assert_calibrated_search(q: dict[str, object]) -> None:
     assert q["quantized_layers"] + len(kept) == len(sensitivity)
 
 
+def test_smoothing_can_be_turned_off(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    r = export(tiny_bert_dir, target="raspberry-pi-5", out=tmp_path / "b", formats=["onnx"], recipes=["int8-dynamic"],
+               options={"onnx_smoothing": False}, **QUIET)
+    (a,) = r.manifest.artifacts
+    assert a.quantization["smoothing"] == {"normalizations": 0, "why": "options onnx_smoothing=false"}
+
+
 def test_int8_static_qdq_without_fusion(tiny_bert_dir: Path, tmp_path: Path) -> None:
     """Models without an attention-fused graph get QDQ int8, whose layer outputs stay float."""
     r = export(tiny_bert_dir, target="raspberry-pi-5", out=tmp_path / "b", formats=["onnx"], recipes=["int8-static"],
