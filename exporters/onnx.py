@@ -45,6 +45,7 @@ from edgeship.exporters.base import (
     ExportOutput,
     RecipeSupport,
     Stage,
+    describe_failure,
     padding_advice,
     register,
 )
@@ -252,9 +253,9 @@ class OnnxExporter(Exporter):
             _dynamic_int8(base, out, fused=fused)
         record: dict[str, Any] = {"weights": "int8 symmetric per-channel (MatMul) / per-tensor (Gather)",
                                   "activations": "uint8 dynamic", "ops": "MatMul, Gather"}
-        smoothed, norms = self._smooth(ctx, base)
+        smoothed, smoothing = self._smooth(ctx, base)
         if smoothed is None:
-            return {**record, "smoothing": norms}
+            return {**record, "smoothing": smoothing}
         candidate = ctx.workdir / f"{out.stem}-smoothed.onnx"
         with ctx.stage(Stage.QUANTIZE):
             _dynamic_int8(smoothed, candidate, fused=fused)
@@ -262,7 +263,7 @@ class OnnxExporter(Exporter):
             plain, smooth = (ctx.evaluate(p, "onnx", RUNTIME_OPTIONS).mean_cosine for p in (out, candidate))
         if smooth > plain:
             shutil.move(candidate, out)
-        return {**record, "smoothing": {**norms, "adopted": smooth > plain,
+        return {**record, "smoothing": {**smoothing, "adopted": smooth > plain,
                                         "search_mean_cosine": {"plain": round(plain, 5), "smoothed": round(smooth, 5)}}}
 
     def _smooth(self, ctx: ExportContext, base: Path) -> tuple[Path | None, dict[str, Any]]:
@@ -276,10 +277,15 @@ class OnnxExporter(Exporter):
         key = (OnnxExporter, "smoothed", str(base))
         if key not in ctx.shared:
             with ctx.stage(Stage.CALIBRATE):
-                ctx.shared[key] = onnx_smooth.smooth(base, smoothed, ctx.calibration)
-        if not ctx.shared[key]:
-            return None, {"normalizations": 0, "why": "no normalization feeds a linear layer"}
-        return smoothed, {"normalizations": ctx.shared[key], "alpha": onnx_smooth.ALPHA,
+                try:
+                    ctx.shared[key] = onnx_smooth.smooth(base, smoothed, ctx.calibration)
+                except Exception as e:  # an optional improvement: the plain graph is still exported, and why is kept
+                    ctx.shared[key] = f"smoothing failed: {describe_failure(e)}"
+                    ctx.log(f"[onnx/{ctx.recipe}] WARNING: {ctx.shared[key]}; quantizing the plain graph")
+        found = ctx.shared[key]
+        if not isinstance(found, int) or not found:
+            return None, {"normalizations": 0, "why": found or "no normalization feeds a linear layer"}
+        return smoothed, {"normalizations": found, "alpha": onnx_smooth.ALPHA,
                           "calibration": ctx.calibration_source, "calibration_samples": len(ctx.calibration)}
 
     def _make_int8_static(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:

@@ -96,3 +96,20 @@ def test_graphs_without_a_norm_before_a_linear_are_left_alone(tmp_path: Path) ->
     assert not (tmp_path / "out.onnx").exists()
     with pytest.raises(ValueError, match="at least one calibration input"):
         smooth(_graph(tmp_path / "norm.onnx"), tmp_path / "out.onnx", [])
+
+
+def test_a_smoothing_failure_leaves_the_plain_graph_and_says_why(tmp_path: Path) -> None:
+    """Smoothing is an optional improvement: when it cannot run (here: no calibration inputs), int8 still exports
+    from the plain graph and the manifest's record says what failed."""
+    from edgeship.exporters.base import ExportContext
+    from edgeship.exporters.onnx import OnnxExporter
+
+    said: list[str] = []
+    ctx = ExportContext(model=None, target=None, workdir=tmp_path, calibration=[], calibration_source="none",  # type: ignore[arg-type]
+                        heldout=[], reference=[], evaluate=None, format="onnx", recipe="int8-dynamic",  # type: ignore[arg-type]
+                        log=said.append)
+    graph, record = OnnxExporter()._smooth(ctx, _graph(tmp_path / "base.onnx"))
+    assert graph is None and record["normalizations"] == 0
+    assert "smoothing failed" in record["why"] and "at least one calibration input" in record["why"]
+    assert any("WARNING" in s and "plain graph" in s for s in said)
+    assert not (tmp_path / "base-smoothed.onnx").exists()
