@@ -60,7 +60,7 @@ def smooth(base: Path, out: Path, feeds: Sequence[Mapping[str, np.ndarray]], alp
             if i < len(norm.input) and norm.input[i]:
                 values = onnx.numpy_helper.to_array(inits[norm.input[i]]) / s
                 if len(users[norm.input[i]]) > 1:  # exporters dedupe equal constants (an untrained norm's ones)
-                    norm.input[i] = f"{norm.input[i]}/{norm.name}"
+                    norm.input[i] = f"{norm.input[i]}/{norm.output[0]}"  # tensor names are unique, node names optional
                     graph.initializer.add().name = norm.input[i]
                     inits[norm.input[i]] = graph.initializer[-1]
                 _replace(inits[norm.input[i]], values)
@@ -72,14 +72,14 @@ def smooth(base: Path, out: Path, feeds: Sequence[Mapping[str, np.ndarray]], alp
             lin.input[0] = norm.output[0]
         if y in outputs or len(users[y]) > len(linears):
             graph.initializer.append(onnx.numpy_helper.from_array(s, f"{y}/smooth_scale"))
-            restore[norm.name] = onnx.helper.make_node("Mul", [norm.output[0], f"{y}/smooth_scale"], [y],
+            restore[norm.output[0]] = onnx.helper.make_node("Mul", [norm.output[0], f"{y}/smooth_scale"], [y],
                                                        name=f"{y}/unsmooth")
     nodes = list(graph.node)
     del graph.node[:]
     for node in nodes:  # each restoring Mul right after its normalization: the node list stays topological
         graph.node.append(node)
-        if node.name in restore:
-            graph.node.append(restore[node.name])
+        if node.output and node.output[0] in restore:
+            graph.node.append(restore[node.output[0]])
     onnx.save(model, str(out))
     return len(plans)
 
