@@ -249,43 +249,57 @@ class OnnxExporter(Exporter):
         return {"weights": "float16", "io": "float32"}
 
     def _make_int8_dynamic(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:
-        with ctx.stage(Stage.QUANTIZE):
-            _dynamic_int8(base, out, fused=fused)
         record: dict[str, Any] = {"weights": "int8 symmetric per-channel (MatMul) / per-tensor (Gather)",
                                   "activations": "uint8 dynamic", "ops": "MatMul, Gather"}
+        plain = self._all_dynamic(ctx, base, fused)
         smoothed, smoothing = self._smooth(ctx, base)
         if smoothed is None:
+            shutil.copyfile(plain, out)
             return {**record, "smoothing": smoothing}
-        candidate = ctx.workdir / f"{out.stem}-smoothed.onnx"
-        with ctx.stage(Stage.QUANTIZE):
-            _dynamic_int8(smoothed, candidate, fused=fused)
+        candidate = self._all_dynamic(ctx, smoothed, fused)
         with ctx.stage(Stage.SEARCH):
-            plain, smooth = (ctx.evaluate(p, "onnx", RUNTIME_OPTIONS).mean_cosine for p in (out, candidate))
-        if smooth > plain:
-            shutil.move(candidate, out)
-        return {**record, "smoothing": {**smoothing, "adopted": smooth > plain,
-                                        "search_mean_cosine": {"plain": round(plain, 5), "smoothed": round(smooth, 5)}}}
+            plain_cos, smooth_cos = (ctx.evaluate(p, "onnx", RUNTIME_OPTIONS).mean_cosine for p in (plain, candidate))
+        shutil.copyfile(candidate if smooth_cos > plain_cos else plain, out)
+        return {**record, "smoothing": {**smoothing, "adopted": smooth_cos > plain_cos,
+                                        "search_mean_cosine": {"plain": round(plain_cos, 5),
+                                                               "smoothed": round(smooth_cos, 5)}}}
+
+    def _all_dynamic(self, ctx: ExportContext, src: Path, fused: bool) -> Path:
+        """``src`` with every layer int8-dynamic, written once per work directory: int8-dynamic ships it and the
+        fused int8-static starts from it."""
+        path = ctx.workdir / f"{src.stem}-int8-all-dynamic.onnx"
+        if not path.is_file():
+            part = path.with_name(path.stem + ".part.onnx")  # a failed write must not look like a cached graph
+            with ctx.stage(Stage.QUANTIZE):
+                _dynamic_int8(src, part, fused=fused)
+            part.replace(path)
+        return path
 
     def _smooth(self, ctx: ExportContext, base: Path) -> tuple[Path | None, dict[str, Any]]:
         """``base`` with its normalizations' outputs smoothed (:mod:`edgeship.exporters.onnx_smooth`; written once
         per export, int8-dynamic and int8-static share it) and the manifest's record; None when nothing to smooth."""
-        from edgeship.exporters import onnx_smooth
-
         if not ctx.options.get("onnx_smoothing", True):  # the restoring Muls cost ~3% of MiniLM's int8 time
             return None, {"normalizations": 0, "why": "options onnx_smoothing=false"}
-        smoothed = ctx.workdir / f"{base.stem}-smoothed.onnx"
         key = (OnnxExporter, "smoothed", str(base))
         if key not in ctx.shared:
-            with ctx.stage(Stage.CALIBRATE):
-                try:
-                    ctx.shared[key] = onnx_smooth.smooth(base, smoothed, ctx.calibration)
-                except Exception as e:  # an optional improvement: the plain graph is still exported, and why is kept
-                    ctx.shared[key] = f"smoothing failed: {describe_failure(e)}"
-                    ctx.log(f"[onnx/{ctx.recipe}] WARNING: {ctx.shared[key]}; quantizing the plain graph")
-        found = ctx.shared[key]
-        if not isinstance(found, int) or not found:
-            return None, {"normalizations": 0, "why": found or "no normalization feeds a linear layer"}
-        return smoothed, {"normalizations": found, "alpha": onnx_smooth.ALPHA,
+            ctx.shared[key] = self._write_smoothed(ctx, base)
+        smoothed: tuple[Path | None, dict[str, Any]] = ctx.shared[key]
+        return smoothed
+
+    def _write_smoothed(self, ctx: ExportContext, base: Path) -> tuple[Path | None, dict[str, Any]]:
+        from edgeship.exporters import onnx_smooth
+
+        smoothed = ctx.workdir / f"{base.stem}-smoothed.onnx"
+        with ctx.stage(Stage.CALIBRATE):
+            try:
+                norms = onnx_smooth.smooth(base, smoothed, ctx.calibration)
+            except Exception as e:  # an optional improvement: the plain graph is still exported, and why is kept
+                why = f"smoothing failed: {describe_failure(e)}"
+                ctx.log(f"[onnx/{ctx.recipe}] WARNING: {why}; quantizing the plain graph")
+                return None, {"normalizations": 0, "why": why}
+        if not norms:
+            return None, {"normalizations": 0, "why": "no normalization feeds a linear layer"}
+        return smoothed, {"normalizations": norms, "alpha": onnx_smooth.ALPHA,
                           "calibration": ctx.calibration_source, "calibration_samples": len(ctx.calibration)}
 
     def _make_int8_static(self, ctx: ExportContext, base: Path, fused: bool, out: Path) -> dict[str, Any]:
@@ -312,12 +326,9 @@ class OnnxExporter(Exporter):
         def prepare(src: Path) -> tuple[Path, Callable[[Any, Path], None]]:
             with ctx.stage(Stage.CALIBRATE):
                 typed = onnx_static.typed_for_calibration(src, ctx.workdir / f"{src.stem}-typed.onnx")
-            every = ctx.workdir / f"{src.stem}-int8-all-dynamic.onnx"
 
             def quantize_all(ranges: Any, path: Path) -> None:
-                if not every.is_file():
-                    _dynamic_int8(src, every, fused=True)
-                onnx_static.make_static(every, path, ranges)
+                onnx_static.make_static(self._all_dynamic(ctx, src, fused=True), path, ranges)
             return typed, quantize_all
 
         graph, ranges, record = self._calibrate(ctx, base, prepare)
