@@ -24,7 +24,8 @@ Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
 SEQ = 128
 
 
-def _args(lm: Any) -> tuple[Any, ...]:
+def _args() -> tuple[Any, ...]:
+    """(input_ids, attention_mask) of one 128-token text: the example every anchor is captured with."""
     import torch
 
     return (torch.ones(1, SEQ, dtype=torch.int64), torch.ones(1, SEQ, dtype=torch.int64))
@@ -36,7 +37,7 @@ def build_onnx(lm: Any, out: Path) -> None:
 
     fp32 = out.with_name(out.stem + "-fp32.onnx")
     names = [s.name for s in lm.inputs]
-    torch.onnx.export(lm.module, _args(lm), str(fp32), dynamo=False, opset_version=17, input_names=names,
+    torch.onnx.export(lm.module, _args(), str(fp32), dynamo=False, opset_version=17, input_names=names,
                       output_names=["sentence_embedding"], dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names})
     quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
     fp32.unlink()
@@ -52,7 +53,7 @@ def build_pte(lm: Any, out: Path) -> None:
     m = copy.deepcopy(lm.module).eval()
     quantize_(m, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)))
     seq = torch.export.Dim("sequence", min=2, max=SEQ)
-    ep = torch.export.export(m, _args(lm), dynamic_shapes=({1: seq}, {1: seq}), strict=False)
+    ep = torch.export.export(m, _args(), dynamic_shapes=({1: seq}, {1: seq}), strict=False)
     prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
     out.write_bytes(prog.buffer)
 
@@ -62,7 +63,7 @@ def build_tflite(lm: Any, out: Path) -> None:
     from ai_edge_quantizer import quantizer, recipe
 
     fp32 = out.with_name(out.stem + "-fp32.tflite")
-    sample = dict(zip([s.name for s in lm.inputs], _args(lm), strict=True))
+    sample = dict(zip([s.name for s in lm.inputs], _args(), strict=True))
     litert_torch.convert(lm.module.eval(), sample_kwargs=sample).export(str(fp32))
     q = quantizer.Quantizer(str(fp32))
     q.load_quantization_recipe(recipe.dynamic_wi8_afp32())

@@ -175,8 +175,7 @@ class TfliteBackend(Backend):
             raise ArtifactLoadError(f"{path}: the LiteRT runtime cannot load it ({_first(e)}); the file is corrupt or "
                                     "truncated; re-copy or re-export it") from None
         except RuntimeError as e:  # an op the installed runtime has no kernel for, or a delegate that failed
-            raise ArtifactLoadError(f"{path}: the LiteRT runtime ({self.runtime} {self._version}) cannot prepare it "
-                                    f"({_first(e)}); update the runtime or re-export") from None
+            raise self._unprepared(str(path), e) from None
         sigs = self.interpreter.get_signature_list()
         self.dim_hints: dict[str, tuple[int, str]] = {}
         if sigs:
@@ -279,12 +278,17 @@ class TfliteBackend(Backend):
                 return self._invoke(feeds)
             res = self.runner(**feeds)
         except (ValueError, RuntimeError) as e:  # shapes the static graph cannot take
-            if "Delegate) failed to prepare" in str(e):  # a delegate refused the graph on its first run: the file's fault
-                raise ArtifactLoadError(f"{self.path.name}: LiteRT cannot prepare the model ({_first(e)}); re-export "
-                                        "it, or report it with the file if it persists") from None
+            if "Delegate) failed to prepare" in str(e):  # signature runners prepare lazily: a delegate refused it now
+                raise self._unprepared(self.path.name, e) from None
             raise InputError(f"{self.path.name}: LiteRT refused the inputs ({_first(e)}); the model takes "
                              + ", ".join(f"{s.name} {s.dtype}{shown(s.shape)}" for s in self.inputs)) from None
         return {n: np.array(res[n]) for n in self.outputs}
+
+    def _unprepared(self, where: str, e: BaseException) -> ArtifactLoadError:
+        """The file is fine as a flatbuffer but the runtime cannot prepare it: at load, or on the first run (signature
+        runners prepare lazily, and a delegate may refuse the graph then)."""
+        return ArtifactLoadError(f"{where}: LiteRT cannot prepare the model ({_first(e)}); update the runtime "
+                                 f"({self.runtime} {self._version}) or re-export it")
 
     def _invoke(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One run by tensor index; resizes (and re-plans memory) only when a feed's shape changes."""
