@@ -120,12 +120,15 @@ def _channel_absmax(model: Any, names: Sequence[str], feeds: Sequence[Mapping[st
     import onnx
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    outputs = model.graph.output
+    outputs.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    try:  # serialized with the norms' outputs as graph outputs, then the model is as it was (no copy of the weights)
+        probe = model.SerializeToString()
+    finally:
+        del outputs[len(outputs) - len(names):]
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(probe, so, providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
     amax: list[np.ndarray] | None = None
     for feed in feeds:
