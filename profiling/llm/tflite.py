@@ -25,9 +25,6 @@ Two engines run the file:
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,9 +32,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgeship.errors import ArtifactLoadError, InputError, RuntimeMissingError
-from edgeship.profiling.backends.tflite import check_bounds, check_header, runtime_module
+from edgeship.profiling.backends.tflite import (
+    check_bounds,
+    check_header,
+    compile_with_weight_cache,
+    runtime_module,
+)
 from edgeship.profiling.llm.runtime import LLMRuntime
-from edgeship.quiet import mute_stderr_at_exit, muted_stderr
+from edgeship.quiet import muted_stderr
 
 
 class TfliteLLMRuntime(LLMRuntime):
@@ -246,35 +248,14 @@ class _Engine:
 class _Compiled(_Engine):
     """``CompiledModel`` on XNNPACK with a weight cache, cache arrays bound zero-copy."""
 
-    muted_at_exit: ClassVar[bool] = False
-
     def __init__(self, file: Path, threads: int | None, layout: _Layout, prefill: Mapping[int, str],
                  decode: Mapping[int, str], max_context: int,
                  short_prefill: Mapping[int, Mapping[int, str]] | None = None) -> None:
-        from ai_edge_litert.compiled_model import CompiledModel
-        from ai_edge_litert.cpu_options import CpuOptions
-        from ai_edge_litert.hardware_accelerator import HardwareAccelerator
-        from ai_edge_litert.options import Options
-
-        # XNNPACK packs each signature's weights for its kernels; with a weight cache file it packs them once, into
-        # the file, and maps it. The file is this process's alone (a stale cache from another model would be read
-        # as this one's) and is unlinked once the model is compiled: the mapping keeps it until exit.
-        # LiteRT logs every accelerator it registers and destroys (about 20 INFO lines, some at exit from an
-        # environment of its own): not what a chat or a profile should print.
-        work = tempfile.mkdtemp(prefix="edgeship-xnnpack-")
+        # XNNPACK packs each signature's weights for its kernels; with a weight cache file it packs them once
         try:
-            options = Options(hardware_accelerators=HardwareAccelerator.CPU,
-                              cpu_options=CpuOptions(num_threads=int(threads or 0),
-                                                     xnnpack_weight_cache_path=os.path.join(work, "weights.cache")))
-            with muted_stderr():
-                self.model = CompiledModel.from_file(str(file), options=options)
-            if not _Compiled.muted_at_exit:
-                mute_stderr_at_exit()
-                _Compiled.muted_at_exit = True
+            self.model = compile_with_weight_cache(file, threads)
         except (RuntimeError, ValueError) as e:
             raise ArtifactLoadError(f"{file}: LiteRT cannot compile it ({_first(e)}); re-copy or re-export it") from None
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         sigs = self.model.get_signature_list()
         short_prefill = {c: m for c, m in (short_prefill or {}).items() if c in decode and c < max_context}
         _check_signatures(file, sigs, [*prefill.values(), *decode.values(),

@@ -103,6 +103,56 @@ def test_xnnpack_off_same_result_and_unknown_option(expected: dict[str, np.ndarr
         TfliteBackend(TINY, options={"signature": "encode"})
 
 
+LITERT = runtime_module()[1] == "ai-edge-litert"
+
+
+@pytest.mark.skipif(not LITERT, reason="the compiled engine is ai-edge-litert's")
+def test_compiled_engine_same_outputs_and_input_errors(expected: dict[str, np.ndarray]) -> None:
+    b = TfliteBackend(TINY, threads=1, options={"engine": "compiled"})
+    assert b.info()["engine"] == "CompiledModel, XNNPACK with a weight cache"
+    for _ in range(2):  # the first run packs the weights, the second reuses them
+        np.testing.assert_allclose(b.run(b.adapt_feeds(_feeds(expected)))["output"], expected["output"], rtol=1e-5,
+                                   atol=1e-6)
+    feeds = _feeds(expected)
+    with pytest.raises(InputError, match=r"LiteRT refused the inputs .* input_ids int32\[1, 6\]"):
+        b.run({**feeds, "input_ids": np.ones((1, 3), np.int32)})  # a short buffer would be written in silence
+    with pytest.raises(InputError, match=r"LiteRT refused the inputs"):
+        b.run({**feeds, "input_ids": feeds["input_ids"].astype(np.int64)})  # 8-byte ids would be read as int32 pairs
+
+
+@pytest.mark.skipif(not LITERT, reason="the compiled engine is ai-edge-litert's")
+def test_engine_auto_follows_the_float_weight_size(expected: dict[str, np.ndarray],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeship.profiling.backends import tflite
+
+    b = TfliteBackend(TINY)
+    assert 0 < b._float_gemm_bytes() < 4096 and b.info()["engine"] == "Interpreter"  # 6x4 + 4 float weights... tiny
+    monkeypatch.setattr(tflite, "_COMPILED_FROM_BYTES", b._float_gemm_bytes())
+    b = TfliteBackend(TINY)
+    assert b.info()["engine"] == "CompiledModel, XNNPACK with a weight cache"
+    np.testing.assert_allclose(b.run(b.adapt_feeds(_feeds(expected)))["output"], expected["output"], rtol=1e-5,
+                               atol=1e-6)
+    assert TfliteBackend(TINY, options={"engine": "interpreter"}).info()["engine"] == "Interpreter"
+
+
+def test_ml_dtypes_is_not_the_slow_release() -> None:
+    """LiteRT's tensor buffers import ml_dtypes; its 0.7.0 took 0.4-0.55 s and 6 MB to import (0.6.0: 8 ms)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("ml_dtypes")
+    except metadata.PackageNotFoundError:
+        pytest.skip("ml_dtypes is not installed (tflite-runtime only)")
+    assert version != "0.7.0", "ml_dtypes 0.7.0 is excluded in pyproject.toml and constraints.txt: reinstall with -c"
+
+
+def test_engine_compiled_refused_where_it_cannot_run() -> None:
+    with pytest.raises(ArtifactLoadError, match=r"engine 'jit' is not one of auto, compiled, interpreter"):
+        TfliteBackend(TINY, options={"engine": "jit"})
+    with pytest.raises(ArtifactLoadError, match=r"engine=compiled cannot run this model: .*(XNNPACK only|ai-edge-litert)"):
+        TfliteBackend(TINY, options={"engine": "compiled", "xnnpack": "false"})
+
+
 def test_delegation_walk_on_xnnpack_partitions() -> None:
     """XNNPACK is a delegate too: its DELEGATE node must account for the float ops it replaced."""
     mod, _, _ = runtime_module()
