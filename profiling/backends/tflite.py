@@ -23,10 +23,12 @@ Options (runtime ``options`` in the manifest, or ``--option`` on the command lin
   them. It needs ``ai-edge-litert``, XNNPACK, no external delegate and a signature with fixed shapes (every file
   edgeship exports). ``auto`` takes it when the file's float GEMM weights (what XNNPACK packs a second copy of)
   reach 24 MB: the ``CompiledModel`` stack has a fixed cost of its own (libLiteRt's pages, its environment), and
-  below that size it takes more than it saves. ``edgeship profile``, MiniLM, peak RSS: fp32 137 -> 111 MB, but
+  below that size it takes more than it saves. ``edgeship profile``, MiniLM, peak RSS: fp32 137 -> 106 MB, but
   int8-dynamic 75 -> 79 MB and int4 67 -> 75 MB, which therefore stay on the interpreter. Same kernels, same
-  outputs. On a device whose temporary directory is a RAM disk (tmpfs) the packed weights sit in RAM either way.
-  The interpreter (loaded without delegates) still describes the signature.
+  outputs. A file written moments before (its page cache in large folios, Linux 6.18 here) maps more of itself
+  per touch under either engine: fp32 then 163 (interpreter) vs 168 MB. On a device whose temporary directory is
+  a RAM disk (tmpfs) the packed weights sit in RAM either way. An interpreter loaded without delegates describes
+  the signature first and is dropped before the model is compiled.
 """
 
 from __future__ import annotations
@@ -196,6 +198,8 @@ class TfliteBackend(Backend):
         if not self.xnnpack or candidate:
             kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         self.compiled: _Compiled | None = None
+        self.interpreter: Any = None
+        self.runner: Any = None  # the signature runner, when the interpreter runs a signature
         ins, outs = self._load(mod, kwargs, opts.get("signature"))
         why_not = self._not_compilable(ins, outs) if candidate else None
         if engine == "compiled" and (why_not or not candidate):
@@ -204,6 +208,11 @@ class TfliteBackend(Backend):
             raise ArtifactLoadError(f"{path}: engine=compiled cannot run this model: {why_not}; leave out the option "
                                     "(or engine=interpreter)")
         if candidate and why_not is None and (engine == "compiled" or self._float_gemm_bytes() >= _COMPILED_FROM_BYTES):
+            # the interpreter goes first, with its own mapping of the file: loading verifies the flatbuffer, which
+            # touches every constant buffer's header, and where the file's page cache is in large folios (a freshly
+            # written file) each touch maps a whole folio: MiniLM fp32 mapped 40 MB that way in each of two
+            # mappings (peak 209 MB; 110 MB with one)
+            self.interpreter = self.runner = None
             self.compiled = _Compiled(path, self.signature or "", threads, ins, outs, self._unprepared)
         elif candidate:  # the interpreter runs it, on XNNPACK
             del kwargs["experimental_op_resolver_type"]
@@ -259,7 +268,7 @@ class TfliteBackend(Backend):
         if key not in sigs:
             raise ArtifactLoadError(f"{self.path}: no signature '{key}' (it has {', '.join(sorted(sigs))})")
         self.signature: str | None = key
-        self.runner: Any = self.interpreter.get_signature_runner(key)
+        self.runner = self.interpreter.get_signature_runner(key)
         ins = sorted(self.runner.get_input_details().items(), key=lambda kv: int(kv[1]["index"]))
         outs = sorted(self.runner.get_output_details().items(), key=lambda kv: int(kv[1]["index"]))
         return ins, outs
