@@ -82,6 +82,29 @@ def test_interrupted_write_leaves_nothing_that_looks_valid(tmp_path: Path) -> No
         load_bundle(tmp_path / "partial")
 
 
+def test_every_file_is_on_disk_before_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after the bundle's rename must not publish artifacts whose bytes were only in the page cache."""
+    import os
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "b"
+    with BundleWriter(out) as w:
+        p = w.path("onnx/fp32.onnx")
+        p.write_bytes(b"model-bytes" * 100)
+        w.path("tokenizer/vocab.txt").write_text("[PAD]\n")
+        art = ArtifactRecord("onnx/fp32.onnx", "onnx", "fp32", sha256_file(p), p.stat().st_size, 1.0, None, {})
+        w.commit(_manifest(art))
+    assert sorted(synced[:-1]) == ["fp32.onnx", "vocab.txt"] and synced[-1] == "manifest.json.tmp"
+    load_bundle(out)
+
+
 def test_existing_output_refused_unless_overwrite(tmp_path: Path) -> None:
     root = _bundle(tmp_path)
     with pytest.raises(OutputExistsError, match="--overwrite"):
