@@ -422,14 +422,27 @@ def positive_scales(buf: bytes | bytearray) -> bytes:
             else:
                 continue
             zero = np.flatnonzero(scales == 0)
-            for i in zero:  # the i-th run of ``size`` integers in row-major order
+            for i in map(int, zero):  # the i-th run of ``size`` integers in row-major order
                 z = int(zp[i]) if zp is not None else 0
                 if tensor.Type() == fb.TensorType.INT8:
                     raw[i * size:(i + 1) * size] = z & 0xFF
-                elif size % 2 == 0:  # int4: two per byte, the low nibble first
-                    raw[i * size // 2:(i + 1) * size // 2] = (z & 0xF) * 0x11
+                else:
+                    fill_int4(raw, i * size, (i + 1) * size, z)
             scales[zero] = 1
     return bytes(data)
+
+
+def fill_int4(raw: np.ndarray, start: int, stop: int, value: int) -> None:
+    """Set int4 elements ``start:stop`` of packed bytes (two per byte, the low nibble first) to ``value``, in place;
+    a run of odd length or start shares its end bytes with the neighbouring channel, whose nibbles stay."""
+    nib = value & 0xF
+    if start < stop and start % 2:  # the high nibble of the first byte
+        raw[start // 2] = (int(raw[start // 2]) & 0x0F) | (nib << 4)
+        start += 1
+    if start < stop and stop % 2:  # the low nibble of the last byte
+        raw[stop // 2] = (int(raw[stop // 2]) & 0xF0) | nib
+        stop -= 1
+    raw[start // 2:stop // 2] = nib * 0x11
 
 
 def _ops() -> Any:

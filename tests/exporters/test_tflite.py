@@ -151,6 +151,24 @@ def test_pruned_rows_and_blocks_keep_a_loadable_int4_file(tmp_path: Path) -> Non
         backends.load(tmp_path / "raw.tflite").run({"args_0": np.ones((1, 64), np.float32)})
 
 
+@pytest.mark.parametrize("size", [1, 3, 4, 5])
+def test_int4_runs_of_any_length_keep_their_neighbours(size: int) -> None:
+    """A per-channel int4 weight with an odd channel size shares bytes between channels: zeroing one channel's
+    integers must leave the next one's nibbles as they were."""
+    from edgeship.exporters.tflite import fill_int4
+
+    rng = np.random.default_rng(size)
+    values = rng.integers(-8, 8, 4 * size)  # 4 channels of ``size`` int4s
+    packed = np.zeros((len(values) + 1) // 2, np.uint8)
+    for j, v in enumerate(values):
+        packed[j // 2] |= (int(v) & 0xF) << (4 * (j % 2))
+    for ch, z in ((1, -3), (2, 0)):
+        fill_int4(packed, ch * size, (ch + 1) * size, z)
+        values[ch * size:(ch + 1) * size] = z
+    nibbles = np.stack([packed & 0xF, packed >> 4], axis=1).reshape(-1)[:len(values)].astype(np.int64)
+    assert np.array_equal(np.where(nibbles > 7, nibbles - 16, nibbles), values)
+
+
 def test_op_without_lowering_names_op_and_module(tmp_path: Path) -> None:
     import torch
     from torch import nn
