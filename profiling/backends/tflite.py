@@ -212,9 +212,14 @@ class TfliteBackend(Backend):
             # touches every constant buffer's header, and where the file's page cache is in large folios (a freshly
             # written file) each touch maps a whole folio: MiniLM fp32 mapped 40 MB that way in each of two
             # mappings (peak 209 MB; 110 MB with one)
-            self.interpreter = self.runner = None
-            self.compiled = _Compiled(path, self.signature or "", threads, ins, outs, self._unprepared)
-        elif candidate:  # the interpreter runs it, on XNNPACK
+            signature, self.interpreter, self.runner = self.signature, None, None
+            try:
+                self.compiled = _Compiled(path, signature or "", threads, ins, outs, self._unprepared)
+            except ArtifactLoadError as e:  # e.g. no writable temporary directory for the cache
+                if engine == "compiled":
+                    raise
+                self.notes.append(f"LiteRT's CompiledModel could not take it ({_first(e)}); the interpreter ran it")
+        if candidate and self.compiled is None:  # the interpreter runs it, on XNNPACK
             del kwargs["experimental_op_resolver_type"]
             ins, outs = self._load(mod, kwargs, opts.get("signature"))
         self.inputs = tuple(TensorSpec(name, _dtype(d["dtype"]), self._shape(name, d)) for name, d in ins)
@@ -466,6 +471,9 @@ class _Compiled:
             self.model = compile_with_weight_cache(path, threads)
         except (RuntimeError, ValueError) as e:
             raise unprepared(str(path), e) from None
+        except OSError as e:
+            raise ArtifactLoadError(f"{path}: no file for XNNPACK's weight cache ({e}); point TMPDIR at a writable "
+                                    "directory, or pass --option engine=interpreter") from None
         self._ins = {n: self.model.create_input_buffer_by_name(key, n) for n, _ in ins}
         self._outs = {n: (self.model.create_output_buffer_by_name(key, n), tuple(int(x) for x in d["shape"]),
                           np.dtype(d["dtype"])) for n, d in outs}

@@ -137,6 +137,19 @@ def test_engine_auto_follows_the_float_weight_size(expected: dict[str, np.ndarra
                                atol=1e-6)
     assert TfliteBackend(TINY, options={"engine": "interpreter"}).info()["engine"] == "Interpreter"
 
+    def cannot(path: Path, threads: int | None) -> None:
+        raise OSError("No usable temporary directory found in ['/tmp']")
+
+    monkeypatch.setattr(tflite, "compile_with_weight_cache", cannot)
+    b = TfliteBackend(TINY)  # auto: the interpreter takes over, and says why
+    assert b.info()["engine"] == "Interpreter"
+    assert any("CompiledModel could not take it" in n and "No usable temporary directory" in n and
+               "the interpreter ran it" in n for n in b.info()["notes"])
+    np.testing.assert_allclose(b.run(b.adapt_feeds(_feeds(expected)))["output"], expected["output"], rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(ArtifactLoadError, match=r"no file for XNNPACK's weight cache .*point TMPDIR at a writable"):
+        TfliteBackend(TINY, options={"engine": "compiled"})
+
 
 def test_ml_dtypes_is_not_the_slow_release() -> None:
     """LiteRT's tensor buffers import ml_dtypes; its 0.7.0 took 0.4-0.55 s and 6 MB to import (0.6.0: 8 ms)."""
