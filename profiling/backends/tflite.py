@@ -38,7 +38,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -211,7 +211,7 @@ class TfliteBackend(Backend):
             # the interpreter goes first, with its own mapping of the file: loading verifies the flatbuffer, which
             # touches every constant buffer's header, and where the file's page cache is in large folios (a freshly
             # written file) each touch maps a whole folio: MiniLM fp32 mapped 40 MB that way in each of two
-            # mappings (peak 209 MB; 110 MB with one)
+            # mappings (the quickstart's peak: 209 MB with both, 168 MB with one)
             signature, self.interpreter, self.runner = self.signature, None, None
             try:
                 self.compiled = _Compiled(path, signature or "", threads, ins, outs, self._unprepared)
@@ -432,7 +432,8 @@ _muted_at_exit = False
 
 
 def compile_with_weight_cache(path: Path, threads: int | None) -> Any:
-    """LiteRT's ``CompiledModel`` of ``path`` on XNNPACK with a weight cache file; RuntimeError/ValueError if it cannot.
+    """LiteRT's ``CompiledModel`` of ``path`` on XNNPACK with a weight cache file; RuntimeError/ValueError if LiteRT
+    cannot compile it, ArtifactLoadError if there is no writable place for the cache.
 
     XNNPACK packs the weights once, into the cache file, and maps it (the interpreter packs them into anonymous
     memory). The file is this process's alone, in a fresh directory removed as soon as LiteRT has opened it: the
@@ -446,7 +447,11 @@ def compile_with_weight_cache(path: Path, threads: int | None) -> Any:
     from ai_edge_litert.hardware_accelerator import HardwareAccelerator
     from ai_edge_litert.options import Options
 
-    work = tempfile.mkdtemp(prefix="edgeship-xnnpack-")
+    try:
+        work = tempfile.mkdtemp(prefix="edgeship-xnnpack-")
+    except OSError as e:
+        raise ArtifactLoadError(f"{path}: no file for XNNPACK's weight cache ({e}); point TMPDIR at a writable "
+                                "directory") from None
     try:
         with muted_stderr():
             options = Options(hardware_accelerators=HardwareAccelerator.CPU,
@@ -465,15 +470,12 @@ class _Compiled:
     """One fixed-shape signature on :func:`compile_with_weight_cache`'s model."""
 
     def __init__(self, path: Path, key: str, threads: int | None, ins: Sequence[tuple[str, Any]],
-                 outs: Sequence[tuple[str, Any]], unprepared: Any) -> None:
-        self.key, self._unprepared, self._fresh = key, unprepared, True
+                 outs: Sequence[tuple[str, Any]], unprepared: Callable[[str, BaseException], ArtifactLoadError]) -> None:
+        self.key, self._where, self._unprepared, self._fresh = key, path.name, unprepared, True
         try:
             self.model = compile_with_weight_cache(path, threads)
         except (RuntimeError, ValueError) as e:
             raise unprepared(str(path), e) from None
-        except OSError as e:
-            raise ArtifactLoadError(f"{path}: no file for XNNPACK's weight cache ({e}); point TMPDIR at a writable "
-                                    "directory, or pass --option engine=interpreter") from None
         self._ins = {n: self.model.create_input_buffer_by_name(key, n) for n, _ in ins}
         self._outs = {n: (self.model.create_output_buffer_by_name(key, n), tuple(int(x) for x in d["shape"]),
                           np.dtype(d["dtype"])) for n, d in outs}
@@ -487,7 +489,7 @@ class _Compiled:
             try:
                 self.model.run_by_name(self.key, self._ins, self._out_map)
             except RuntimeError as e:
-                raise self._unprepared(self.key, e) from None
+                raise self._unprepared(self._where, e) from None
         self._fresh = False
         return {n: b.read(int(np.prod(shape)), dtype).reshape(shape) for n, (b, shape, dtype) in self._outs.items()}
 

@@ -137,10 +137,10 @@ def test_engine_auto_follows_the_float_weight_size(expected: dict[str, np.ndarra
                                atol=1e-6)
     assert TfliteBackend(TINY, options={"engine": "interpreter"}).info()["engine"] == "Interpreter"
 
-    def cannot(path: Path, threads: int | None) -> None:
-        raise OSError("No usable temporary directory found in ['/tmp']")
+    def no_tmp(**_: object) -> str:
+        raise FileNotFoundError("No usable temporary directory found in ['/tmp']")
 
-    monkeypatch.setattr(tflite, "compile_with_weight_cache", cannot)
+    monkeypatch.setattr(tflite.tempfile, "mkdtemp", no_tmp)
     b = TfliteBackend(TINY)  # auto: the interpreter takes over, and says why
     assert b.info()["engine"] == "Interpreter"
     assert any("CompiledModel could not take it" in n and "No usable temporary directory" in n and
