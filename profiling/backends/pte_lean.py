@@ -209,10 +209,6 @@ class LeanProgram:
     def load_method(self, name: str) -> None:
         self._check(self._lib.es_load_method(self._h, name.encode()))
 
-    def planned_bytes(self, name: str) -> int:
-        """Planned activation memory of a loaded method (its upper bound; only touched pages are resident)."""
-        return int(self._check(self._lib.es_planned_bytes(self._h, name.encode())))
-
     def num_inputs(self, name: str) -> int:
         return self._check(self._lib.es_num_inputs(self._h, name.encode()))
 
