@@ -40,7 +40,8 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", action="append", default=[], metavar="NAME=DxD",
                    help="size of dynamic dims for synthesised inputs, e.g. input_ids=1x128 (repeatable)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="runtime option, e.g. graph_optimization=all, delegate=/path/libdelegate.so")
+                   help="runtime option, e.g. graph_optimization=all, delegate=/path/libdelegate.so, "
+                        "engine=auto|compiled|interpreter (.tflite)")
     p.add_argument("--delegate", metavar="PATH", help="external LiteRT delegate (.so) for .tflite files; the report says "
                    "which ops it took, or why it failed and that the CPU ran instead")
     p.add_argument("--method", help="the method of a .pte file to run (default: forward, or its only method)")
