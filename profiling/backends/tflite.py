@@ -47,7 +47,7 @@ import numpy as np
 from edgeship.errors import ArtifactLoadError, InputError, RuntimeMissingError
 from edgeship.profiling.backends import Backend, option_flag
 from edgeship.quiet import mute_stderr_at_exit, muted_stderr
-from edgeship.spec import TensorSpec, dim_name, shown, synthesize
+from edgeship.spec import TensorSpec, check_feeds, dim_name, shown, synthesize
 from edgeship.vocab import TFLITE_SIGNATURE
 
 OPTIONS = ("xnnpack", "delegate", "signature", "engine")
@@ -212,9 +212,9 @@ class TfliteBackend(Backend):
             # touches every constant buffer's header, and where the file's page cache is in large folios (a freshly
             # written file) each touch maps a whole folio: MiniLM fp32 mapped 40 MB that way in each of two
             # mappings (the quickstart's peak: 209 MB with both, 168 MB with one)
-            signature, self.interpreter, self.runner = self.signature, None, None
+            self.interpreter = self.runner = None
             try:
-                self.compiled = _Compiled(path, signature or "", threads, ins, outs, self._unprepared)
+                self.compiled = _Compiled(path, self.signature or "", threads, ins, outs, self._unprepared)
             except ArtifactLoadError as e:  # e.g. no writable temporary directory for the cache
                 if engine == "compiled":
                     raise
@@ -254,7 +254,7 @@ class TfliteBackend(Backend):
     def _not_compilable(self, ins: Sequence[tuple[str, Any]], outs: Sequence[tuple[str, Any]]) -> str | None:
         if self.runner is None:
             return "the model has no SignatureDef"
-        dynamic = sorted({n for n, d in _dims(ins) if not isinstance(d, int)})
+        dynamic = [n for n, d in ins if not all(isinstance(x, int) for x in self._shape(n, d))]
         if dynamic:
             return f"input(s) {', '.join(dynamic)} have dynamic dims"
         odd = sorted({_dtype(d["dtype"]) for _, d in (*ins, *outs)} - _BUFFER_DTYPES)
@@ -346,10 +346,11 @@ class TfliteBackend(Backend):
         return super().adapt_feeds(out)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.compiled is not None:
-            if any(np.shape(feeds[s.name]) != s.shape or np.asarray(feeds[s.name]).dtype != s.dtype
-                   for s in self.inputs):
-                raise self._refused("a feed's shape or dtype differs")
+        if self.compiled is not None:  # a TensorBuffer takes a wrong size or type in silence: check first
+            try:
+                check_feeds(self.inputs, feeds)
+            except InputError as e:
+                raise self._refused(str(e)) from None
             return self.compiled.run(feeds)
         try:
             if self.runner is None:
@@ -416,16 +417,6 @@ class TfliteBackend(Backend):
         if self.quantized_io:
             d["quantized_io"] = {k: {"scale": float(v[0]), "zero_point": int(v[1])} for k, v in self.quantized_io.items()}
         return d
-
-
-def _dims(details: Sequence[tuple[str, Any]]) -> list[tuple[str, int | str]]:
-    """Every (tensor, dim) of a signature's details, -1 in ``shape_signature`` (a dynamic dim) as the string "?"."""
-    out: list[tuple[str, int | str]] = []
-    for name, d in details:
-        sig = d.get("shape_signature")
-        dims = sig if sig is not None and len(sig) else d["shape"]
-        out.extend((name, int(x) if int(x) >= 0 else "?") for x in dims)
-    return out
 
 
 _muted_at_exit = False
