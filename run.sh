@@ -46,8 +46,16 @@ case "$cmd" in
   test)
     setup "export,models,remote,farm,npu,llm,inputs,dev"
     if [ -x scripts/test-services.sh ]; then scripts/test-services.sh; fi
+    # test files run in parallel, one per CPU (at most 4: a worker exporting a real LLM takes several GB), each
+    # file on one worker (tests/conftest.py); pass -n 0 to run them in this process, one after the other
+    xdist=(-n auto --maxprocesses 4 --dist loadgroup)
+    for a in "$@"; do
+      case "$a" in -n|-n[0-9]*|--numprocesses*|no:xdist|-pno:xdist) xdist=() ;; esac
+    done
+    # two workers each with two-thread kernels share the CPUs: idle OpenMP threads sleep instead of spinning
+    if [ ${#xdist[@]} -gt 0 ]; then export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"; fi
     set +e
-    "$VENV/bin/python" -m pytest "$@"
+    "$VENV/bin/python" -m pytest "${xdist[@]}" "$@"
     rc=$?
     set -e
     if [ "$rc" -eq 5 ]; then echo "run.sh: pytest collected no tests: that is a failure" >&2; exit 1; fi

@@ -161,6 +161,18 @@ def shots_dir() -> Path:
     return d
 
 
+# --- Parallel runs (pytest-xdist, `./run.sh test` runs `-n auto --dist loadgroup`) ---------------------------------
+# A test file is one unit of work, so its module-scoped exports (a real SmolLM2 or MiniLM export takes minutes) are
+# built once, on one worker. tests/remote is a single unit: its servers, the virtual Pi and the device venvs share
+# the user's ~/.cache, so those tests run one after the other, as before.
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.path.resolve()
+        group = "remote" if path.parent.name == "remote" else path.relative_to(Path(__file__).parent).as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 _TIERS = ("remote", "arm64", "slow", "needs_export", "browser", "farm")
 _skipped_in_tier: list[tuple[str, str, str]] = []  # (tier, test id, reason)
 
