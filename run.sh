@@ -46,10 +46,9 @@ case "$cmd" in
   test)
     setup "export,models,remote,farm,npu,llm,inputs,dev"
     if [ -x scripts/test-services.sh ]; then scripts/test-services.sh; fi
-    # test files run in parallel, one worker per CPU (at most 4: a worker exporting a real LLM takes several GB),
-    # each file on one worker, in the order tests/conftest.py gives (the longest unit first, not xdist's order by
-    # test count); pass -n 0 to run them in this process, one after the other
-    xdist=(-n auto --maxprocesses 4 --dist loadgroup --no-loadscope-reorder)
+    # test files run in parallel, one per CPU (at most 4: a worker exporting a real LLM takes several GB), each
+    # file on one worker (tests/conftest.py); pass -n 0 to run them in this process, one after the other
+    xdist=(-n auto --maxprocesses 4 --dist loadgroup)
     for a in "$@"; do
       case "$a" in -n|-n[0-9]*|--numprocesses*|no:xdist|-pno:xdist) xdist=() ;; esac
     done

@@ -161,29 +161,16 @@ def shots_dir() -> Path:
     return d
 
 
-# --- Parallel runs (pytest-xdist: `./run.sh test` runs `-n auto --dist loadgroup --no-loadscope-reorder`) -----------
-# A test file is one unit of work, so its module-scoped exports (a real MiniLM export takes a minute) are built once,
-# on one worker. tests/remote is one unit: its servers, the virtual Pi and the device venvs share the user's
-# ~/.cache. The real-SmolLM2 tests of tests/llm are one unit too, and go first: each exports a 135M-parameter model
-# with two-thread kernels and a few GB of memory, and two at once on this 2-core VM slowed each by 1.8-3.4x (the
-# suite took 27 min with them spread over both workers); one after another on one worker, they take about as long
-# as everything else does on the other.
-_LLM_REAL = "llm-real-models"
-
-
-def _unit(item: pytest.Item) -> str:
-    path = item.path.resolve()
-    if path.parent.name == "remote":
-        return "remote"
-    if path.parent.name == "llm" and item.get_closest_marker("slow"):
-        return _LLM_REAL
-    return path.relative_to(Path(__file__).parent).as_posix()
-
+# --- Parallel runs (pytest-xdist, `./run.sh test` runs `-n auto --dist loadgroup`) ---------------------------------
+# A test file is one unit of work, so its module-scoped exports (a real SmolLM2 or MiniLM export takes minutes) are
+# built once, on one worker. tests/remote is a single unit: its servers, the virtual Pi and the device venvs share
+# the user's ~/.cache, so those tests run one after the other, as before.
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(_unit(item)))
-    items.sort(key=lambda item: _unit(item) != _LLM_REAL)  # stable: the longest unit starts first
+        path = item.path.resolve()
+        group = "remote" if path.parent.name == "remote" else path.relative_to(Path(__file__).parent).as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 _TIERS = ("remote", "arm64", "slow", "needs_export", "browser", "farm")
