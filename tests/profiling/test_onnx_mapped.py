@@ -1,5 +1,5 @@
-"""ONNX weights memory-mapped from the artifact file (onnx_mapped.py): same outputs, the file untouched, and
-anything unexpected loads the file as it is."""
+"""The ONNX runner's memory: weights memory-mapped from the artifact file (onnx_mapped.py: same outputs, the
+file untouched, anything unexpected loads the file as it is) and no memory pattern kept per input shape."""
 
 from __future__ import annotations
 
@@ -48,6 +48,19 @@ def test_mapped_weights_give_the_same_outputs_and_leave_the_file_alone(tmp_path:
     assert plain.info()["weights"] == "loaded"
     assert np.array_equal(mapped.run(x)["y"], plain.run(x)["y"])
     assert path.read_bytes() == before
+
+
+def test_the_memory_pattern_is_off_unless_asked_for(tmp_path: Path) -> None:
+    # ORT's default plans and keeps one activation block per input shape: 4-6 MB of MiniLM's peak RSS at 128
+    # tokens for no measured speed (README); --option memory_pattern=true brings it back
+    path = _mlp(tmp_path / "m.onnx")
+    x = {"x": np.ones((1, 64), np.float32)}
+    lean = backends.load(path, "onnx", threads=1)
+    planned = backends.load(path, "onnx", threads=1, options={"memory_pattern": "true"})
+    assert lean.session.get_session_options().enable_mem_pattern is False
+    assert planned.session.get_session_options().enable_mem_pattern is True
+    assert lean.info()["memory_pattern"] is False and planned.info()["memory_pattern"] is True
+    assert np.array_equal(lean.run(x)["y"], planned.run(x)["y"])
 
 
 def test_a_model_with_external_data_already_is_loaded_as_it_is(tmp_path: Path) -> None:
