@@ -7,12 +7,14 @@ interrupted export never leaves a directory that looks like a valid bundle.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgeship.errors import BundleError, OutputExistsError
@@ -173,6 +175,18 @@ def unpack(archive: str | Path, dest: str | Path, max_bytes: int = MAX_UNPACKED_
         _empty(dest, created)
         raise
     return dest
+
+
+@contextlib.contextmanager
+def opened(source: str | Path) -> Iterator[Path]:
+    """``with opened(path) as root:`` a bundle directory as given, or a packed ``.zip`` unpacked (checked and
+    verified by :func:`unpack`) into a temporary directory removed afterwards."""
+    source = Path(source)
+    if not (source.suffix == ".zip" and source.is_file()):
+        yield source
+        return
+    with tempfile.TemporaryDirectory(prefix="edgeship-bundle-") as tmp:
+        yield unpack(source, tmp)
 
 
 def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> None:

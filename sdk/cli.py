@@ -292,10 +292,17 @@ def cmd_pack(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
+    from edgeship.bundle import opened
+
+    with opened(a.bundle) as root:
+        return _inspect(root)
+
+
+def _inspect(root: Path) -> int:
     from edgeship.manifest import load_bundle
     from edgeship.profiling.report import table
 
-    b = load_bundle(a.bundle, verify=True)
+    b = load_bundle(root, verify=True)
     if b.manifest.llm is not None:
         return cli_llm.inspect_llm(b)
     m = b.manifest
@@ -473,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_report)
     cli_decide.add_predict_parser(sub)
 
-    i = sub.add_parser("inspect", help="verify a bundle and show its manifest")
+    i = sub.add_parser("inspect", help="verify a bundle (directory or .zip) and show its manifest")
     i.add_argument("bundle")
     i.set_defaults(fn=cmd_inspect)
 

@@ -137,6 +137,13 @@ def _profile_of(run: Any, given: str | None) -> Any:
 
 
 def predict_cmd(a: argparse.Namespace) -> int:
+    from edgeship.bundle import opened
+
+    with opened(a.bundle) as root:
+        return _predict(a, root)
+
+
+def _predict(a: argparse.Namespace, root: Path) -> int:
     import statistics
 
     from edgeship.manifest import load_bundle
@@ -144,7 +151,7 @@ def predict_cmd(a: argparse.Namespace) -> int:
     from edgeship.profiling.decide import load_documents
     from edgeship.targets import get_profile
 
-    bundle = load_bundle(a.bundle, verify=True)
+    bundle = load_bundle(root, verify=True)
     target = get_profile(a.target)
     arts = [bundle.manifest.artifact(x) for x in a.artifact] or list(bundle.manifest.artifacts)
     costs = {art.key: predict.graph_cost(bundle, art) for art in arts}

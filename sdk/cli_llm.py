@@ -200,6 +200,7 @@ def _estimate_note(runs: Any) -> None:
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
+    from edgeship.bundle import opened
     from edgeship.profiling.backends.pte_lean import runs_models_only
     from edgeship.profiling.llm.chat import chat
 
@@ -213,7 +214,8 @@ def cmd_chat(a: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    chat(a.bundle, a.artifact, prompt, a.new_tokens, a.threads, write)
+    with opened(a.bundle) as root:
+        chat(root, a.artifact, prompt, a.new_tokens, a.threads, write)
     print()
     return 0
 

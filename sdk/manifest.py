@@ -295,6 +295,9 @@ class Bundle:
 def load_bundle(root: str | Path, verify: bool = True) -> Bundle:
     root = Path(root)
     mpath = root / MANIFEST_NAME
+    if root.suffix == ".zip" and root.is_file():
+        raise BundleError(f"{root} is a packed bundle: read it with `with edgeship.bundle.opened(path) as root:` "
+                          "(the CLI's profile, inspect, chat, predict and verify take .zip files as they are)")
     if not root.is_dir():
         raise BundleError(f"bundle directory not found: {root}")
     if not mpath.is_file():

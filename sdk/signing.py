@@ -207,16 +207,10 @@ def check_source(source: str | Path, pubkey: str | Path | None) -> None:
     if src.name == MANIFEST_NAME:
         src = src.parent
     if src.suffix == ".zip" and src.is_file():
-        import shutil
-        import tempfile
+        from edgeship.bundle import opened
 
-        from edgeship.bundle import unpack
-
-        tmp = Path(tempfile.mkdtemp(prefix="edgeship-verify-"))
-        try:
-            verify(unpack(src, tmp / "bundle"), key)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with opened(src) as root:
+            verify(root, key)
         return
     check(src, key)
 

@@ -104,9 +104,13 @@ def test_chat_applies_the_template_and_streams(tiny_llama_bundle: Path) -> None:
     assert reply == tok.decode(expected)
 
 
-def test_chat_past_the_context_is_one_line(tiny_llama_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["chat", str(tiny_llama_bundle), "--artifact", "onnx/int4-weight", "--prompt", "hello",
-               "--new-tokens", "1000"])
+def test_chat_past_the_context_is_one_line(tiny_llama_bundle: Path, capsys: pytest.CaptureFixture[str],
+                                           tmp_path: Path) -> None:
+    from edgeship.bundle import pack
+
+    # packed: the .zip is unpacked and verified first, then the same check answers
+    rc = main(["chat", str(pack(tiny_llama_bundle, tmp_path / "b.zip")), "--artifact", "onnx/int4-weight",
+               "--prompt", "hello", "--new-tokens", "1000"])
     err = capsys.readouterr().err
     assert rc != 0 and err.count("\n") == 1
     assert "plus --new-tokens 1000 exceed onnx/int4-weight's max context 512" in err

@@ -51,8 +51,10 @@ def test_predict_cli_on_a_measured_bundle(tiny_onnx_bundle: Path, tmp_path: Path
     eff = doc["efficiency"]["onnxruntime"]
     assert 0 < eff["efficiency"] <= 1 and eff["n_points"] == 2  # no runtime beats the roofline
     assert "Predicted latency" in page.read_text() and "(PREDICTED)" in page.read_text()
-    # the same device's own profile: predicted next to measured
-    assert main(["predict", str(tiny_onnx_bundle), "--target", str(BUILD_VM), "--fit", str(res), "--fit-profile",
+    # the same device's own profile: predicted next to measured (the bundle packed, as an app ships it)
+    from edgeship.bundle import pack
+
+    assert main(["predict", str(pack(tiny_onnx_bundle, tmp_path / "b.zip")), "--target", str(BUILD_VM), "--fit", str(res), "--fit-profile",
                  str(BUILD_VM), "--json", str(out_json)]) == 0
     preds = json.loads(out_json.read_text())["predictions"]
     # how close it gets is benchmarks/bench_predict.py's business (timings are not unit-tested); here: both shown

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,24 @@ def test_targets_formats_inspect_pack(capsys: pytest.CaptureFixture[str], tiny_o
     assert "onnx/int8-dynamic" in out and "verified" in out and "pad input" in out and " any " in out
     assert main(["pack", str(tiny_onnx_bundle), "-o", str(tmp_path / "b.zip")]) == 0
     assert (tmp_path / "b.zip").stat().st_size > 0
+
+
+def test_a_packed_bundle_is_inspected_as_it_is_and_leaves_nothing_behind(
+        capsys: pytest.CaptureFixture[str], tiny_onnx_bundle: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeship.errors import BundleError
+    from edgeship.manifest import load_bundle
+
+    zipped = tmp_path / "b.zip"
+    assert main(["pack", str(tiny_onnx_bundle), "-o", str(zipped)]) == 0
+    capsys.readouterr()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read once per process
+    assert main(["inspect", str(zipped)]) == 0
+    out = capsys.readouterr().out
+    assert "onnx/int8-dynamic" in out and "checksums: all artifacts verified" in out
+    assert list(scratch.iterdir()) == []  # the unpacked copy is gone
+    with pytest.raises(BundleError, match=r"is a packed bundle: read it with `with edgeship.bundle.opened"):
+        load_bundle(zipped)
