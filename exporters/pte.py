@@ -45,6 +45,7 @@ from edgeship.exporters.base import (
     padding_advice,
     register,
 )
+from edgeship.exporters.norms import rewrite_layer_norms
 from edgeship.manifest import Fidelity
 from edgeship.vocab import FORMATS, PTE_IO_METHOD, Recipe
 
@@ -191,51 +192,6 @@ class PteExporter(Exporter):
 
 
 # ---- capture -------------------------------------------------------------------------------------
-def xnnpack_layer_norms(module: nn.Module) -> tuple[nn.Module, int]:
-    """A copy of ``module`` whose last-dim LayerNorms are written in ops the XNNPACK partitioner takes.
-
-    ExecuTorch 1.5's XNNPACK partitioner has no config for ``native_layer_norm``: each one ran on a
-    portable kernel and cut the graph (MiniLM: 13 norms, 52 delegate blobs, 0.73 ms of 6.7 ms).
-    Mean and variance are taken as a ``linear`` with a constant 1/C row (``mean.dim`` is only
-    delegated for 4-D inputs, and the squeeze back is not), then sub/mul/rsqrt/add. The quantizers
-    only touch named ``nn.Linear`` layers, so these stay float. The original module is untouched
-    (other exporters share it).
-    """
-    import torch
-    from torch import nn
-
-    class _Norm(nn.Module):
-        avg: torch.Tensor
-
-        def __init__(self, ln: nn.LayerNorm) -> None:
-            super().__init__()
-            c = int(ln.normalized_shape[0])
-            self.eps = float(ln.eps)
-            self.weight = ln.weight
-            self.bias = ln.bias
-            self.register_buffer("avg", torch.full((1, c), 1.0 / c, dtype=torch.float32))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            d = x - nn.functional.linear(x, self.avg)
-            y = d * torch.rsqrt(nn.functional.linear(d * d, self.avg) + self.eps)
-            if self.weight is not None:
-                y = y * self.weight
-            if self.bias is not None:
-                y = y + self.bias
-            return y
-
-    targets = [name for name, m in module.named_modules()
-               if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1]
-    if not targets:
-        return module, 0
-    out = copy.deepcopy(module)
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = out.get_submodule(parent_name) if parent_name else out
-        setattr(parent, child, _Norm(getattr(parent, child)))
-    return out, len(targets)
-
-
 BMM_ATTENTION = "edgeship_xnnpack_bmm"  # name registered in transformers' AttentionInterface
 
 
@@ -300,7 +256,7 @@ def _captured(ctx: ExportContext, args: tuple[torch.Tensor, ...]) -> tuple[nn.Mo
 
     key = ("pte", "capture")
     if key not in ctx.shared:
-        module, swapped = xnnpack_layer_norms(ctx.model.module)
+        module, swapped = rewrite_layer_norms(ctx.model.module, mean="linear")
         if module is ctx.model.module:
             module = copy.deepcopy(module)  # the attention switch below edits the model's config
         attention = xnnpack_attention(module)

@@ -205,18 +205,20 @@ def test_distilbert_classifier(tmp_path: Path, vocab_writer: Callable[[Path], No
 def test_layer_norm_rewrite_matches_and_leaves_the_original() -> None:
     import torch
 
-    from edgeship.exporters.pte import xnnpack_layer_norms
+    from edgeship.exporters.norms import rewrite_layer_norms
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.LayerNorm(24, eps=1e-7), torch.nn.LayerNorm(24, bias=False),
                               torch.nn.LayerNorm((3, 24)))
-    new, n = xnnpack_layer_norms(net)
-    assert n == 2  # the (3, 24) norm is not a last-dim norm and is kept
-    assert all(type(m) is torch.nn.LayerNorm for m in net[1:])  # original untouched
-    assert type(new[1]) is not torch.nn.LayerNorm and type(new[3]) is torch.nn.LayerNorm
     x = torch.randn(2, 3, 8) * 5 + 3
-    with torch.no_grad():
-        torch.testing.assert_close(new(x), net(x), atol=2e-5, rtol=1e-5)
+    for mean in ("linear", "reduce"):  # .pte's form and .tflite's
+        new, n = rewrite_layer_norms(net, mean=mean)
+        assert n == 2  # the (3, 24) norm is not a last-dim norm and is kept
+        assert all(type(m) is torch.nn.LayerNorm for m in net[1:])  # original untouched
+        assert type(new[1]) is not torch.nn.LayerNorm and type(new[3]) is torch.nn.LayerNorm
+        with torch.no_grad():
+            torch.testing.assert_close(new(x), net(x), atol=2e-5, rtol=1e-5)
+    assert rewrite_layer_norms(net[0], mean="reduce") == (net[0], 0)
 
 
 def test_roberta_token_classifier_int8_dynamic(tmp_path: Path, vocab_writer: Callable[[Path], None]) -> None:
