@@ -241,16 +241,17 @@ class TfliteExporter(Exporter):
 # ---- conversion ------------------------------------------------------------------------------------
 def _norms_record(folded: bool, rewritten: int, module: nn.Module) -> dict[str, Any]:
     """How the artifact's LayerNorms reach the linears that read them (exporters/norms.py)."""
-    if not folded:
-        return {"form": "written out" if rewritten else "none in the model", "rewritten": rewritten,
-                "why": "litert-torch's own lowering lets the converter fold each norm's scale and shift into the "
-                       "weights of the linears that read it, which int8 per-channel weights quantize worse"}
     from torch import nn
 
-    n = sum(1 for m in module.modules() if isinstance(m, nn.LayerNorm))
-    return {"form": "folded by the converter" if n else "none in the model", "rewritten": 0,
-            "why": "block-wise int4 weights track PyTorch better with the norm's scale in their columns and the "
-                   "normalized activations quantized before it (MiniLM: mean cosine 0.9675 vs 0.9604 with nothing kept)"}
+    if not folded and rewritten:
+        return {"form": "written out", "rewritten": rewritten,
+                "why": "litert-torch's own lowering lets the converter fold each norm's scale and shift into the "
+                       "weights of the linears that read it, which int8 per-channel weights quantize worse"}
+    if not any(isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 for m in module.modules()):
+        return {"form": "no last-dim LayerNorm in the model", "rewritten": 0}
+    return {"form": "litert-torch's own", "rewritten": 0,
+            "why": "the converter folds each norm's scale and shift into the linears reading it; block-wise int4 "
+                   "weights track PyTorch better so (MiniLM: mean cosine 0.9675 vs 0.9604 with nothing kept)"}
 
 
 def _signature_module(lm: LoadedModel, module: nn.Module | None = None) -> nn.Module:

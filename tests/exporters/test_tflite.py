@@ -132,7 +132,7 @@ def test_linears_after_a_layer_norm_keep_their_own_weights(tiny_bert_dir: Path, 
     for r in ("fp32", "int8-dynamic"):
         assert arts[r].details["layer_norms"]["form"] == "written out"
         assert arts[r].details["layer_norms"]["rewritten"] == 5  # 2 layers x 2 + the embeddings' norm
-    assert arts["int4-weight"].details["layer_norms"]["form"] == "folded by the converter"
+    assert arts["int4-weight"].details["layer_norms"]["form"] == "litert-torch's own"
     assert arts["int8-dynamic"].fidelity.passed and arts["int4-weight"].fidelity.passed
     stored = _fc_weights(tmp_path / "b" / arts["fp32"].path)
     linears = [m.weight.detach().numpy() for n, m in model.named_modules()
