@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -214,7 +215,11 @@ class TfliteBackend(Backend):
             # mappings (the quickstart's peak: 209 MB with both, 168 MB with one)
             self.interpreter = self.runner = None
             try:
-                self.compiled = _Compiled(path, self.signature or "", threads, ins, outs, self._unprepared)
+                # the error maker must not hold this backend: a cycle through the compiled model kept the artifact
+                # mapped until the garbage collector ran, past the bundle writer's POSIX_FADV_DONTNEED, so a profile
+                # right after the export saw the file's page cache in large folios (MiniLM fp32: 168 vs 112 MB)
+                self.compiled = _Compiled(path, self.signature or "", threads, ins, outs,
+                                          functools.partial(_unprepared, self.runtime, self._version))
             except ArtifactLoadError as e:  # e.g. no writable temporary directory for the cache
                 if engine == "compiled":
                     raise
@@ -367,10 +372,7 @@ class TfliteBackend(Backend):
                           + ", ".join(f"{s.name} {s.dtype}{shown(s.shape)}" for s in self.inputs))
 
     def _unprepared(self, where: str, e: BaseException) -> ArtifactLoadError:
-        """The file is fine as a flatbuffer but the runtime cannot prepare it: at load, or on the first run (signature
-        runners prepare lazily, and a delegate may refuse the graph then)."""
-        return ArtifactLoadError(f"{where}: LiteRT cannot prepare the model ({_first(e)}); update the runtime "
-                                 f"({self.runtime} {self._version}) or re-export it")
+        return _unprepared(self.runtime, self._version, where, e)
 
     def _invoke(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One run by tensor index; resizes (and re-plans memory) only when a feed's shape changes."""
@@ -420,6 +422,13 @@ class TfliteBackend(Backend):
 
 
 _muted_at_exit = False
+
+
+def _unprepared(runtime: str, version: str, where: str, e: BaseException) -> ArtifactLoadError:
+    """The file is fine as a flatbuffer but the runtime cannot prepare it: at load, or on the first run (signature
+    runners prepare lazily, and a delegate may refuse the graph then)."""
+    return ArtifactLoadError(f"{where}: LiteRT cannot prepare the model ({_first(e)}); update the runtime "
+                             f"({runtime} {version}) or re-export it")
 
 
 def compile_with_weight_cache(path: Path, threads: int | None) -> Any:
