@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 Mean = Literal["linear", "reduce"]
 
 
+def last_dim_norms(module: nn.Module) -> list[str]:
+    """Names of the ``nn.LayerNorm``\\ s over the last dim only: the ones :func:`rewrite_layer_norms` writes out."""
+    from torch import nn
+
+    return [name for name, m in module.named_modules() if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1]
+
+
 def rewrite_layer_norms(module: nn.Module, mean: Mean) -> tuple[nn.Module, int]:
     """A copy of ``module`` whose last-dim ``nn.LayerNorm``\\ s compute the same in plain ops; how many were
     rewritten (``module`` itself and 0 when it has none)."""
@@ -56,8 +63,7 @@ def rewrite_layer_norms(module: nn.Module, mean: Mean) -> tuple[nn.Module, int]:
                 y = y + self.bias
             return y
 
-    targets = [name for name, m in module.named_modules()
-               if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1]
+    targets = last_dim_norms(module)
     if not targets:
         return module, 0
     out = copy.deepcopy(module)

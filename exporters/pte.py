@@ -117,9 +117,10 @@ class PteExporter(Exporter):
                 report = _lower(copy.deepcopy(ep), out, io, {k: list(v.shape) for k, v in zip(io["input_names"], args, strict=True)})
         else:
             # int8 embeddings shrink the file; the search turns them off if they cost the accuracy
-            has_emb = bool(_int8_tables(lm.module))
+            tables = _int8_tables(lm.module)
+            has_emb = bool(tables)
             if has_emb:
-                quant["embeddings"] = _embeddings_record(lm.module)
+                quant["embeddings"] = _embeddings_record(lm.module, tables)
             make, candidates = spec.make(self, ctx, ep, args, quant, dyn, module)
             report, extra = _searched(ctx, _last_one(make), lower, out, has_emb, candidates, spec.higher)
             quant.update(extra)
@@ -458,10 +459,9 @@ def _embedding_quantizer(min_values: int) -> Any:
     return _Large()
 
 
-def _embeddings_record(module: nn.Module) -> str:
+def _embeddings_record(module: nn.Module, tables: dict[str, int]) -> str:
     from torch import nn
 
-    tables = _int8_tables(module)
     small = [n for n, m in module.named_modules() if isinstance(m, nn.Embedding) and n not in tables]
     return ("int8 per-row (quantized_decomposed::embedding_byte, portable kernel): " + ", ".join(tables)
             + (f"; float: {', '.join(small)} (under {INT8_EMBEDDING_MIN_SHARE:.0%} of the parameters each: a lookup "

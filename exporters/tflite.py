@@ -67,7 +67,7 @@ from edgeship.exporters.base import (
     padding_advice,
     register,
 )
-from edgeship.exporters.norms import rewrite_layer_norms
+from edgeship.exporters.norms import last_dim_norms, rewrite_layer_norms
 from edgeship.vocab import FORMATS, TFLITE_METADATA, TFLITE_SIGNATURE, Recipe
 
 if TYPE_CHECKING:
@@ -100,7 +100,9 @@ class TfliteExporter(Exporter):
 
     # ---- fp32 base graph, shared by the recipes of one export that take the same norm form ----------
     def _fp32(self, ctx: ExportContext, recipe: str) -> tuple[Path, dict[str, Any]]:
-        folded = bool(getattr(self.spec(recipe), "folded_norms", False))
+        spec = self.spec(recipe)
+        assert isinstance(spec, TfliteRecipe)
+        folded = spec.folded_norms
         stem = "tflite-fp32-base" + ("" if folded else "-norms")
         base, info_path = ctx.workdir / f"{stem}.tflite", ctx.workdir / f"{stem}.json"
         if base.is_file():
@@ -227,12 +229,12 @@ class TfliteExporter(Exporter):
         return res.artifact.read_bytes(), {**res.record, "kept_tflite_tensors": [scope_of[n] for n in res.kept]}
 
     support: ClassVar[tuple[RecipeSupport, ...]] = (
-        RecipeSupport(Recipe.FP32, "litert-torch convert, static shapes, named serving_default signature"),
-        RecipeSupport(Recipe.FP16, "float16 weights (float casting), float32 compute on CPU", make=_fp16),
-        RecipeSupport(Recipe.INT8_DYNAMIC, "ai-edge-quantizer dynamic_wi8_afp32: int8 per-channel weights + embeddings",
-                      make=_dynamic),
-        RecipeSupport(Recipe.INT8_STATIC, "int8 FULLY_CONNECTED calibrated on your data, sensitive layers int8 dynamic", True,
-                      make=_static),
+        TfliteRecipe(Recipe.FP32, "litert-torch convert, static shapes, named serving_default signature"),
+        TfliteRecipe(Recipe.FP16, "float16 weights (float casting), float32 compute on CPU", make=_fp16),
+        TfliteRecipe(Recipe.INT8_DYNAMIC, "ai-edge-quantizer dynamic_wi8_afp32: int8 per-channel weights + embeddings",
+                     make=_dynamic),
+        TfliteRecipe(Recipe.INT8_STATIC, "int8 FULLY_CONNECTED calibrated on your data, sensitive layers int8 dynamic", True,
+                     make=_static),
         TfliteRecipe(Recipe.INT4_WEIGHT, "block-wise 4-bit FULLY_CONNECTED weights, dynamic int8 act., sensitive float",
                      make=_int4, folded_norms=True),
     )
@@ -241,13 +243,11 @@ class TfliteExporter(Exporter):
 # ---- conversion ------------------------------------------------------------------------------------
 def _norms_record(folded: bool, rewritten: int, module: nn.Module) -> dict[str, Any]:
     """How the artifact's LayerNorms reach the linears that read them (exporters/norms.py)."""
-    from torch import nn
-
     if not folded and rewritten:
         return {"form": "written out", "rewritten": rewritten,
                 "why": "litert-torch's own lowering lets the converter fold each norm's scale and shift into the "
                        "weights of the linears that read it, which int8 per-channel weights quantize worse"}
-    if not any(isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 for m in module.modules()):
+    if not last_dim_norms(module):
         return {"form": "no last-dim LayerNorm in the model", "rewritten": 0}
     return {"form": "litert-torch's own", "rewritten": 0,
             "why": "the converter folds each norm's scale and shift into the linears reading it; block-wise int4 "
