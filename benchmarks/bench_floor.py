@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the numbers here")
     a = ap.parse_args(argv)
 
+    from edgeship.export_steps import builtin_corpus
     from edgeship.models import default_model_dir, load_hf_dir
-    from edgeship.pipeline import builtin_corpus
 
     lm = load_hf_dir(default_model_dir())
     corpus = builtin_corpus()

@@ -90,7 +90,7 @@ def _add_anchors(lm: Any, cache: Path, threads: int, regimes: dict[str, list[dic
     """The anchor pipelines as candidates, their fidelity measured on the bundle's own 64 held-out inputs."""
     import anchors_minilm  # the sibling script, like bench_floor
 
-    from edgeship.pipeline import N_HELDOUT, heldout_pools
+    from edgeship.export_steps import N_HELDOUT, heldout_pools
 
     held = lm.sample_inputs(N_HELDOUT, seed=1, seq_len=128, image_size=224, corpus=heldout_pools()[1])
     ref = np.concatenate([next(iter(lm.run_torch(f).values())) for f in held]).reshape(len(held), -1)
@@ -125,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from edgeship.export_steps import builtin_corpus
     from edgeship.manifest import load_bundle
     from edgeship.models import default_model_dir, load_hf_dir
-    from edgeship.pipeline import builtin_corpus, export
+    from edgeship.pipeline import export
     from edgeship.profiling import backends
 
     torch.set_num_threads(a.threads)

@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import bench_minilm  # the sibling script: python benchmarks/bench_onnx_ops.py puts benchmarks/ on sys.path
 
+    from edgeship.export_steps import builtin_corpus
     from edgeship.manifest import load_bundle
     from edgeship.models import default_model_dir, load_hf_dir
-    from edgeship.pipeline import builtin_corpus
 
     bundle = load_bundle(Path(a.bundle))
     feeds = bench_minilm._regimes(load_hf_dir(default_model_dir()), builtin_corpus(), 8)["dense-128"]

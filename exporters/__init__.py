@@ -14,7 +14,7 @@ from edgeship.exporters.base import EXPORTERS, ExportContext, Exporter, ExportOu
 BUILTIN = ("edgeship.exporters.onnx", "edgeship.exporters.tflite", "edgeship.exporters.pte")
 
 __all__ = ["BUILTIN", "EXPORTERS", "ExportContext", "ExportOutput", "Exporter", "RecipeSupport", "load_builtin",
-           "register"]
+           "register", "support_matrix"]
 
 
 def load_builtin() -> None:
@@ -27,3 +27,9 @@ def load_builtin() -> None:
             raise
     for ep in metadata.entry_points(group="edgeship.exporters"):
         ep.load()
+
+
+def support_matrix() -> list[tuple[str, str, str]]:
+    """(format, recipe, how) rows for docs, ``edgeship formats`` and tests: one source of truth."""
+    load_builtin()
+    return [(fmt, s.recipe, s.how) for fmt in EXPORTERS.keys() for s in EXPORTERS.get(fmt).support]

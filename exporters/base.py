@@ -23,7 +23,7 @@ import re
 import time
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -246,14 +246,3 @@ class Exporter(ABC):
 EXPORTERS: Registry[type[Exporter]] = Registry("format")
 register = EXPORTERS.register
 
-
-def support_matrix(formats: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
-    """(format, recipe, how) rows for docs, ``edgeship formats`` and tests: one source of truth."""
-    from edgeship.exporters import load_builtin
-
-    load_builtin()
-    rows = []
-    for fmt in formats or EXPORTERS.keys():
-        for s in EXPORTERS.get(fmt).support:
-            rows.append((fmt, s.recipe, s.how))
-    return rows

@@ -189,6 +189,19 @@ def opened(source: str | Path) -> Iterator[Path]:
         yield unpack(source, tmp)
 
 
+def check_signed(source: str | Path, pubkey: str | Path | None) -> None:
+    """:func:`edgeship.signing.check` for what ``profile`` accepts: a bundle directory, its manifest, or a packed
+    ``.zip`` (checked in a temporary unpacked copy)."""
+    from edgeship import signing
+
+    key = signing.trusted_key(pubkey)
+    if key is None:
+        return
+    src = Path(source)
+    with opened(src.parent if src.name == MANIFEST_NAME else src) as root:
+        signing.check(root, key)
+
+
 def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> None:
     target = dest / info.filename
     if info.is_dir():

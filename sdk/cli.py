@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeship import cli_decide, cli_farm, cli_history, cli_llm
+from edgeship import cli_decide, cli_farm, cli_history, cli_llm, quiet
 from edgeship.errors import ConfigError, EdgeshipError
 from edgeship.vocab import FORMATS, METERS, RECIPES, TASKS, listing
 
@@ -154,10 +153,10 @@ def cmd_profile(a: argparse.Namespace) -> int:
     if getattr(a, "sweep", None):
         return cli_decide.profile_sweep_cmd(a, cfg)
     if a.device or a.inventory:
+        from edgeship.bundle import check_signed
         from edgeship.profiling.remote import profile_fleet
-        from edgeship.signing import check_source
 
-        check_source(a.source, a.pubkey)  # before anything is copied to a device
+        check_signed(a.source, a.pubkey)  # before anything is copied to a device
 
         fleet = profile_fleet(a.source, devices=a.device, inventory=a.inventory, config=cfg, artifact=a.artifact,
                               identity=a.identity, accept_new_host_key=a.accept_new_host_key)
@@ -173,7 +172,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
             print()
         _html(a, fleet.runs)
         return 0 if fleet.ok else EXIT_FAIL
-    with _quiet_terminal(a, "profile"):
+    with quiet.for_command("profile", a.verbose):
         res = profile(a.source, artifact=a.artifact, config=cfg, isolate=not a.no_isolate, json_path=a.json_path,
                       pubkey=a.pubkey)
     print(report.render(res))
@@ -225,7 +224,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     from edgeship.llm_models import is_causal_lm
     from edgeship.pipeline import export
 
-    with _quiet_terminal(a, "export") as q:
+    with quiet.for_command("export", a.verbose) as q:
         say = q.say if not a.quiet else (lambda m: None)
         if is_causal_lm(a.model):
             res = cli_llm.export_llm_cmd(a, say)
@@ -240,23 +239,6 @@ def cmd_export(a: argparse.Namespace) -> int:
     print(res.summary())
     print(f"bundle: {res.bundle}  ({res.seconds:.1f} s)")
     return 0
-
-
-@contextlib.contextmanager
-def _quiet_terminal(a: argparse.Namespace, command: str) -> Iterator[Any]:
-    """Other libraries' output into a log file for the block (unless --verbose); says where it went."""
-    from edgeship.quiet import default_log_path, diverted
-
-    note = None
-    try:
-        with diverted(default_log_path(command), verbose=getattr(a, "verbose", False)) as q:
-            try:
-                yield q
-            finally:
-                note = q.note()
-    finally:  # also when the block failed: the log may say why
-        if note:
-            print(note, file=sys.stderr)
 
 
 def cmd_targets(a: argparse.Namespace) -> int:
@@ -276,7 +258,7 @@ def cmd_targets(a: argparse.Namespace) -> int:
 
 
 def cmd_formats(a: argparse.Namespace) -> int:
-    from edgeship.exporters.base import support_matrix
+    from edgeship.exporters import support_matrix
     from edgeship.profiling.report import table
 
     print(table([list(r) for r in support_matrix()], ["format", "recipe", "how"]))
@@ -348,7 +330,7 @@ def cmd_quickstart(a: argparse.Namespace) -> int:
 
     out = Path(a.output)
     print(f"edgeship quickstart: all-MiniLM-L6-v2 -> {a.target} -> {out}", flush=True)
-    with _quiet_terminal(a, "quickstart") as q:
+    with quiet.for_command("quickstart", a.verbose) as q:
         export(default_model_dir(), target=a.target, out=out, formats=a.format or None,
                recipes=a.quant or None, overwrite=True, log=_brief(q), jobs=_jobs(a.jobs))
         # no export table here: the one line per artifact above has its size and fidelity, and the profile table
@@ -379,9 +361,9 @@ def cmd_sign(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from edgeship.signing import check_source
+    from edgeship.bundle import check_signed
 
-    check_source(a.bundle, a.pubkey)
+    check_signed(a.bundle, a.pubkey)
     print(f"{a.bundle}: signature valid ({a.pubkey}); every file matches what was signed")
     return 0
 

@@ -38,6 +38,7 @@ def _target_of(a: argparse.Namespace) -> Any:
 
 
 def profile_sweep_cmd(a: argparse.Namespace, cfg: Any) -> int:
+    from edgeship import quiet
     from edgeship.profiling import report
     from edgeship.profiling.html import write_html
     from edgeship.profiling.results import DeviceRun
@@ -48,9 +49,7 @@ def profile_sweep_cmd(a: argparse.Namespace, cfg: Any) -> int:
         raise ConfigError("--sweep runs on this machine: run it on the device (copy the bundle there)")
     sweep = parse_sweep(a.sweep)
     target = _target_of(a) if any(sweep.cores) else None
-    from edgeship.cli import _quiet_terminal
-
-    with _quiet_terminal(a, "profile"):  # the runtimes' own chatter goes to a log, as for a plain profile
+    with quiet.for_command("profile", a.verbose):  # the runtimes' own chatter goes to a log, as for a plain profile
         res = run_sweep(a.source, sweep, cfg, clusters_of(target), target.name if target else "the target",
                         profile, on_setting=lambda s: print(f"== {s}", flush=True), artifact=a.artifact,
                         isolate=not a.no_isolate, pubkey=a.pubkey)

@@ -45,14 +45,14 @@ def check_profile_args(a: argparse.Namespace) -> None:
 
 def profile_farm_cmd(a: argparse.Namespace, cfg: Any) -> int:
     from edgeship import cli_history
+    from edgeship.bundle import check_signed
     from edgeship.profiling import report
     from edgeship.profiling.remote.farm import parse_where, profile_farm
     from edgeship.profiling.runner import write_json_atomic
-    from edgeship.signing import check_source
 
     sources = [a.source, *a.more_sources]
     for s in sources:
-        check_source(s, a.pubkey)  # before anything is copied to a board
+        check_signed(s, a.pubkey)  # before anything is copied to a board
     opts = {k: v for k, v in {"identity": a.identity, "accept_new_host_key": a.accept_new_host_key or None}.items()
             if v is not None}
     fleet = profile_farm(sources, address=a.farm, where=parse_where(a.where), count=a.count, config=cfg,

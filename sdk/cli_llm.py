@@ -161,13 +161,13 @@ def profile_llm_cmd(a: argparse.Namespace) -> int:
 
 def _profile_llm_remote(a: argparse.Namespace, cfg: Any) -> int:
     """``--device`` / ``--inventory``: one document per device (a fleet's in one file), each device recorded."""
+    from edgeship.bundle import check_signed
     from edgeship.cli_history import record_llm_profile
     from edgeship.profiling.llm.remote import profile_llm_remote
     from edgeship.profiling.llm.results import fleet_to_dict, render
     from edgeship.profiling.runner import write_json_atomic
-    from edgeship.signing import check_source
 
-    check_source(a.source, a.pubkey)  # before anything is copied to a device
+    check_signed(a.source, a.pubkey)  # before anything is copied to a device
     runs = profile_llm_remote(a.source, devices=a.device, inventory=a.inventory, config=cfg, artifact=a.artifact,
                               identity=a.identity, accept_new_host_key=a.accept_new_host_key)
     if a.json_path:

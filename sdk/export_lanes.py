@@ -31,10 +31,10 @@ from typing import Any
 from edgeship import errors
 from edgeship.bundle import BundleWriter
 from edgeship.errors import EdgeshipError, ExportError
+from edgeship.export_steps import ExportRequest, Prepared, export_artifact, prepare
 from edgeship.exporters import EXPORTERS, load_builtin
 from edgeship.exporters.base import Exporter
 from edgeship.manifest import ArtifactRecord
-from edgeship.pipeline import ExportRequest, Prepared, export_artifact, prepare
 
 Say = Callable[[str], None]
 _Outcome = tuple[int, ArtifactRecord | None, list[str], tuple[str, str] | None]  # index, record, log, (error, message)

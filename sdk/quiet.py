@@ -122,14 +122,6 @@ class Diversion:
         return f"other libraries' output ({n} lines): {self.log_path} (--verbose shows it here)"
 
 
-def default_log_path(command: str) -> Path:
-    """``$TMPDIR/edgeship-logs/COMMAND-YYYYmmdd-HHMMSS-PID.log``: outside the bundle, so it is never packed or signed."""
-    import tempfile
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(tempfile.gettempdir()) / "edgeship-logs" / f"{command}-{stamp}-{os.getpid()}.log"
-
-
 @contextmanager
 def diverted(log_path: str | Path, verbose: bool = False) -> Iterator[Diversion]:
     """Send fd 1/2, Python warnings and other libraries' logging to ``log_path`` (appended) for the block.
@@ -171,3 +163,22 @@ def diverted(log_path: str | Path, verbose: bool = False) -> Iterator[Diversion]
             os.close(fd)
         if log.is_file() and log.stat().st_size == 0:
             log.unlink()
+
+
+@contextmanager
+def for_command(command: str, verbose: bool = False) -> Iterator[Diversion]:
+    """:func:`diverted` into ``$TMPDIR/edgeship-logs/COMMAND-YYYYmmdd-HHMMSS-PID.log`` (outside the bundle, so it is
+    never packed or signed); at the end, also when the block failed (the log may say why), says where it went."""
+    import tempfile
+
+    log = Path(tempfile.gettempdir()) / "edgeship-logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    note = None
+    try:
+        with diverted(log, verbose) as q:
+            try:
+                yield q
+            finally:
+                note = q.note()
+    finally:
+        if note:
+            print(note, file=sys.stderr)

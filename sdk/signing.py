@@ -198,23 +198,6 @@ def check(bundle: str | Path, pubkey: str | Path | None) -> None:
     verify(bundle, key)
 
 
-def check_source(source: str | Path, pubkey: str | Path | None) -> None:
-    """:func:`check` for what ``profile`` accepts: a bundle directory, its manifest, or a packed ``.zip``."""
-    key = trusted_key(pubkey)
-    if key is None:
-        return
-    src = Path(source)
-    if src.name == MANIFEST_NAME:
-        src = src.parent
-    if src.suffix == ".zip" and src.is_file():
-        from edgeship.bundle import opened
-
-        with opened(src) as root:
-            verify(root, key)
-        return
-    check(src, key)
-
-
 def describe(bundle: str | Path) -> str:
     """One line for ``inspect``: who signed the bundle (unverified: inspect holds no key) or that nobody did."""
     root = Path(bundle)

@@ -11,8 +11,8 @@ pytestmark = pytest.mark.needs_export
 
 
 def test_measures_each_file_once(tiny_bert_dir: Path, tiny_onnx_bundle: Path, tmp_path: Path) -> None:
+    from edgeship.export_steps import Evaluator, split_corpus
     from edgeship.models import load_model
-    from edgeship.pipeline import Evaluator, split_corpus
     from edgeship.targets import get_profile
 
     lm = load_model(str(tiny_bert_dir), seq_len=16)
@@ -40,8 +40,8 @@ def test_the_final_check_and_the_search_score_on_separate_inputs(tiny_bert_dir: 
     """64 held-out inputs for the final check, 16 others for the search: no text is in both, none is calibration."""
     import numpy as np
 
+    from edgeship.export_steps import N_HELDOUT, N_SEARCH, _heldout_sets, heldout_pools, split_corpus
     from edgeship.models import load_model
-    from edgeship.pipeline import N_HELDOUT, N_SEARCH, _heldout_sets, heldout_pools, split_corpus
     from edgeship.targets import get_profile
 
     search_pool, final_pool = heldout_pools()

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from edgeship.bundle import pack
+from edgeship.bundle import check_signed, pack
 from edgeship.cli import main
 from edgeship.errors import BundleError, ChecksumError, ConfigError, SignatureError
 from edgeship.manifest import sha256_file
 from edgeship.profiling.runner import RunConfig, _jobs, profile
-from edgeship.signing import SIGNATURE_NAME, check_source, keygen, sign, verify
+from edgeship.signing import SIGNATURE_NAME, keygen, sign, verify
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_a_packed_zip_keeps_the_signature(make_bundle: Callable[..., Path], keys
     z = pack(b, tmp_path / "b.zip", pubkey=keys[1])
     with zipfile.ZipFile(z) as zf:
         assert SIGNATURE_NAME in zf.namelist()
-    check_source(z, keys[1])
+    check_signed(z, keys[1])
     assert [j.artifact for j in _jobs(z, [], RunConfig(), keys[1])[0]] == ["onnx/fp32"]
 
 
