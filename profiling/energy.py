@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,12 @@ class EnergyResult:
         d = dataclasses.asdict(self)
         d["warnings"] = list(self.warnings)
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EnergyResult:
+        """From :meth:`to_dict`'s keys (a file may lack optional ones, or hold more)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in d.items() if k in names}, "warnings": tuple(d.get("warnings") or ())})
 
     @classmethod
     def unavailable(cls, source: str, reason: str) -> EnergyResult:

@@ -44,6 +44,14 @@ def _build(cls: Any, d: Mapping[str, Any], **fixed: Any) -> Any:
     return cls(**{**{k: v for k, v in d.items() if k in names}, **fixed})
 
 
+def known_fields(cls: Any, d: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``d`` as keyword arguments of ``cls``; a key it has no field for is refused (a newer edgeship wrote it?)."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"{what}: unknown key(s) {', '.join(unknown)} (written by a newer edgeship?)")
+    return dict(d)
+
+
 def _plain(v: Any) -> Any:
     return dict(v) if isinstance(v, Mapping) else list(v) if isinstance(v, tuple) else v
 
@@ -103,10 +111,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"run config: unknown key(s) {', '.join(unknown)} (written by a newer edgeship?)")
-        return cls(**{**d, "shapes": _shapes(d.get("shapes")), "options": dict(d.get("options") or {}),
+        return cls(**{**known_fields(cls, d, "run config"), "shapes": _shapes(d.get("shapes")), "options": dict(d.get("options") or {}),
                       "cpus": tuple(d.get("cpus") or ())})
 
 
@@ -308,7 +313,7 @@ class Status(StrEnum):
 # Nested blocks of an artifact result: JSON key -> (reader, writer).
 _BLOCKS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "latency": (lambda d: _build(LatencyStats, d), dataclasses.asdict),
-    "energy": (lambda d: _build(EnergyResult, d, warnings=tuple(d.get("warnings") or ())), EnergyResult.to_dict),
+    "energy": (EnergyResult.from_dict, EnergyResult.to_dict),
     "telemetry": (TelemetrySummary.from_dict, TelemetrySummary.to_dict),
     "device_check": (lambda d: _build(Agreement, d), dataclasses.asdict),
     "fidelity": (lambda d: _build(Fidelity, d), Fidelity.to_dict),

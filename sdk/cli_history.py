@@ -22,7 +22,7 @@ from edgeship.compare import (
     render,
 )
 from edgeship.errors import ConfigError
-from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult, llm_documents
+from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult, LLMRunConfig, llm_documents
 from edgeship.profiling.results import ArtifactResult, DeviceRun, FleetResult, ProfileResult, Status
 
 EXIT_FAIL = 1
@@ -231,7 +231,7 @@ def _llm_from_history(conn: sqlite3.Connection, rid: int, device: str) -> Device
         d = json.loads(x["result_json"])
         d["token_ns"] = hist.unpack_samples(x["samples"]).tolist()
         results.append(LLMArtifactResult.from_dict(d))
-    run = llm_as_run(LLMProfileResult(DeviceInfo(), {}, tuple(results), "", None, "", ""))
+    run = llm_as_run(LLMProfileResult(DeviceInfo(), LLMRunConfig(), tuple(results), "", None, "", ""))
     return DeviceRun(run.profile, identity={"place": device, "kind": "llm"})
 
 

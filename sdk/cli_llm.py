@@ -193,9 +193,9 @@ def _profile_llm_remote(a: argparse.Namespace, cfg: Any) -> int:
 def _estimate_note(runs: Any) -> None:
     for res in runs:
         for r in res.results:
-            if r.status == "ok" and r.energy.get("estimated"):
+            if r.status == "ok" and r.energy_estimated:
                 print("mJ/token marked (est.) is an ESTIMATE from the target power model, not a measurement "
-                      f"({r.energy.get('source')}: no real power meter on the device that ran it)")
+                      f"({r.energy.source if r.energy else '?'}: no real power meter on the device that ran it)")
                 return
 
 

@@ -255,7 +255,7 @@ def record_llm(conn: sqlite3.Connection, res: LLMProfileResult, source: str | Pa
         "target": res.target, "edgeship_version": res.edgeship_version, "status": "ok" if res.ok else "error",
         "error": res.error, "device_json": json.dumps(dev),
         "identity_json": json.dumps({**res.device_identity, "kind": "llm"}, default=str),
-        "config_json": json.dumps(res.config),
+        "config_json": json.dumps(res.config.to_dict()),
     }, (_llm_result_row(r, info, runtimes) for r in res.results))
 
 
@@ -263,12 +263,13 @@ def _llm_result_row(r: LLMArtifactResult, info: SourceInfo, runtimes: str) -> di
     body = r.to_dict()
     body.pop("token_ns", None)  # kept once, as the blob
     longest = max(r.prompts, key=lambda p: p.prompt_tokens, default=None)
-    stats = r.decode_token_ms or {}
+    stats = r.decode_token_ms
     return {"artifact": r.artifact, "format": r.format, "recipe": r.recipe,
             "artifact_sha256": (info.artifact_sha256 or {}).get(r.artifact), "model_name": info.model_name,
             "model_sha256": info.model_sha256, "status": r.status, "threads": r.threads,
             "input": f"{r.decode_tokens} decode tokens" if r.decode_tokens else None, "runtimes_json": runtimes,
-            "p50_ms": stats.get("p50_ms"), "p99_ms": stats.get("p99_ms"), "n_samples": len(r.token_ns),
+            "p50_ms": stats.p50_ms if stats else None, "p99_ms": stats.p99_ms if stats else None,
+            "n_samples": len(r.token_ns),
             "samples": pack_samples(r.token_ns), "result_json": json.dumps(body), "kind": "llm",
             "ttft_ms": longest.ttft_ms if longest else None,
             "ttft_prompt_tokens": longest.prompt_tokens if longest else None,

@@ -11,7 +11,6 @@ Torch-free formats run with torch made unimportable (as the encoder worker does)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -25,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from edgeship.errors import ConfigError, EdgeshipError, InputError
+from edgeship.errors import EdgeshipError, InputError
 from edgeship.manifest import Bundle, load_bundle
 from edgeship.profiling import energy, resident, sysinfo
 from edgeship.profiling.child import run_module
-from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult, PromptTiming
+from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult, LLMRunConfig, PromptTiming
 from edgeship.profiling.llm.runtime import get_llm_runtime
 from edgeship.profiling.stats import LatencyStats
 from edgeship.profiling.worker import _peak_rss_mb, _rss_mb, block_torch, torch_blocked
@@ -38,36 +37,27 @@ ARTIFACT_TIMEOUT_S = 1800  # one artifact's fresh process, load to last token
 
 
 @dataclass(frozen=True)
-class LLMRunConfig:
-    prompt_lengths: tuple[int, ...] = (64, 256)
-    new_tokens: int = 128
-    threads: int | None = None
-    energy: str = "auto"
-    idle_seconds: float = 1.0
-    sample_hz: float = 10.0
-    energy_csv: str | None = None
-    power_target: str | None = None
+class LLMArtifactJob:
+    """One artifact to measure in a fresh process: what crosses to ``python -m edgeship.profiling.llm.bench``."""
 
-    def __post_init__(self) -> None:
-        if not self.prompt_lengths or any(n < 1 for n in self.prompt_lengths):
-            raise ConfigError(f"--prompt-lengths must be positive integers, got {list(self.prompt_lengths)}")
-        if self.new_tokens < 10:
-            raise ConfigError(f"--new-tokens must be >= 10 (decode throughput compares the first and last 10%), "
-                              f"got {self.new_tokens}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+    bundle: str
+    artifact: str
+    format: str
+    recipe: str
+    config: LLMRunConfig
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["prompt_lengths"] = list(self.prompt_lengths)
-        return d
+        return {"bundle": self.bundle, "artifact": self.artifact, "format": self.format, "recipe": self.recipe,
+                "config": self.config.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LLMRunConfig:
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown LLM run option(s) {', '.join(unknown)}")
-        return cls(**{**d, "prompt_lengths": tuple(int(n) for n in d.get("prompt_lengths", cls.prompt_lengths))})
+    def from_dict(cls, d: Mapping[str, Any]) -> LLMArtifactJob:
+        return cls(str(d["bundle"]), str(d["artifact"]), str(d["format"]), str(d["recipe"]),
+                   LLMRunConfig.from_dict(d["config"]))
+
+    def failed(self, error: str, warnings: tuple[str, ...] = ()) -> LLMArtifactResult:
+        return LLMArtifactResult(artifact=self.artifact, format=self.format, recipe=self.recipe, status="error",
+                                 error=error, warnings=warnings)
 
 
 def is_llm_bundle(source: str | Path) -> bool:
@@ -95,9 +85,10 @@ def _prompt(ids: Sequence[int], n: int) -> list[int]:
     return (list(ids) * reps)[:n]
 
 
-def _measure(job: dict[str, Any], cfg: LLMRunConfig) -> LLMArtifactResult:
-    bundle = load_bundle(job["bundle"], verify=False)  # the parent verified every checksum
-    art = bundle.manifest.artifact(job["artifact"])
+def _measure(job: LLMArtifactJob) -> LLMArtifactResult:
+    cfg = job.config
+    bundle = load_bundle(job.bundle, verify=False)  # the parent verified every checksum
+    art = bundle.manifest.artifact(job.artifact)
     cls = get_llm_runtime(art.format)
     if cls.runs_torch_free():
         block_torch()
@@ -139,20 +130,25 @@ def _measure(job: dict[str, Any], cfg: LLMRunConfig) -> LLMArtifactResult:
     recorder.stop()
     split = resident.snapshot(path)  # before close(): the model and its KV cache still loaded
     rt.close()
-    stats = LatencyStats.from_ns(token_ns)
+    return _result(art, rt, recorder, len(token_ns), token_ns, decode_tokens_per_s=len(token_ns) / (sum(token_ns) / 1e9),
+                   torch_free=torch_free, threads=threads, load_seconds=load_s, prompts=tuple(timings),
+                   rss_after_load_mb=rss_load, resident_at_end=split)
+
+
+def _result(art: Any, rt: Any, recorder: Any, decode_tokens: int, token_ns: Sequence[int],
+            **measured: Any) -> LLMArtifactResult:
+    """The figures every way of timing shares, from the per-token times and the energy window's recorder."""
     tenth = max(1, len(token_ns) // 10)
-    retained = float(np.sum(token_ns[:tenth]) / np.sum(token_ns[-tenth:]))
-    en = recorder.result(len(token_ns)).to_dict()
+    en = recorder.result(max(1, decode_tokens))
     peak_pred = art.details.get("predicted_peak_memory_bytes")
     return LLMArtifactResult(
-        artifact=art.key, format=art.format, recipe=art.recipe, status="ok", torch_free=torch_free, threads=threads,
-        runtime=rt.info(), load_seconds=load_s, prompts=tuple(timings), decode_tokens=len(token_ns),
-        decode_tokens_per_s=len(token_ns) / (sum(token_ns) / 1e9), decode_token_ms=stats.to_dict(),
-        decode_retained=retained, token_ns=tuple(token_ns), rss_after_load_mb=rss_load, peak_rss_mb=_peak_rss_mb(),
-        resident_at_end=split, max_context=rt.max_context,
+        artifact=art.key, format=art.format, recipe=art.recipe, status="ok", runtime=rt.info(),
+        decode_tokens=decode_tokens, decode_token_ms=LatencyStats.from_ns(token_ns),
+        decode_retained=float(np.sum(token_ns[:tenth]) / np.sum(token_ns[-tenth:])), token_ns=tuple(token_ns),
+        peak_rss_mb=_peak_rss_mb(), max_context=rt.max_context,
         kv_cache_bytes_per_token=art.details.get("kv_cache_bytes_per_token"),
         predicted_peak_memory_mb=peak_pred / 2**20 if peak_pred else None, energy=en,
-        joules_per_token=en.get("joules_per_inference_net") or en.get("joules_per_inference_gross"))
+        joules_per_token=en.joules_per_inference_net or en.joules_per_inference_gross, **measured)
 
 
 def _measure_generation(rt: Any, art: Any, path: Path, cfg: LLMRunConfig, text_ids: list[int], recorder: Any, load_s: float,
@@ -179,44 +175,28 @@ def _measure_generation(rt: Any, art: Any, path: Path, cfg: LLMRunConfig, text_i
         warnings.append(f"the engine stopped at a stop token after {g.decode_tokens} tokens")
     if not token_ns:
         raise InputError("the LiteRT-LM engine streamed a single chunk: no decode steps to time")
-    stats = LatencyStats.from_ns(token_ns)
-    tenth = max(1, len(token_ns) // 10)
-    en = recorder.result(max(1, g.decode_tokens - 1)).to_dict()
-    peak_pred = art.details.get("predicted_peak_memory_bytes")
-    return LLMArtifactResult(
-        artifact=art.key, format=art.format, recipe=art.recipe, status="ok", torch_free=torch_free, threads=threads,
-        runtime=rt.info(), load_seconds=load_s, prompts=tuple(timings), decode_tokens=g.decode_tokens - 1,
-        decode_tokens_per_s=(g.decode_tokens - 1) / g.decode_seconds if g.decode_seconds > 0 else None,
-        decode_token_ms=stats.to_dict(), decode_retained=float(np.sum(token_ns[:tenth]) / np.sum(token_ns[-tenth:])),
-        token_ns=tuple(token_ns), rss_after_load_mb=rss_load, peak_rss_mb=_peak_rss_mb(), resident_at_end=split,
-        max_context=rt.max_context,
-        kv_cache_bytes_per_token=art.details.get("kv_cache_bytes_per_token"),
-        predicted_peak_memory_mb=peak_pred / 2**20 if peak_pred else None, energy=en,
-        joules_per_token=en.get("joules_per_inference_net") or en.get("joules_per_inference_gross"),
-        warnings=tuple(warnings))
+    return _result(art, rt, recorder, g.decode_tokens - 1, token_ns,
+                   decode_tokens_per_s=(g.decode_tokens - 1) / g.decode_seconds if g.decode_seconds > 0 else None,
+                   torch_free=torch_free, threads=threads, load_seconds=load_s, prompts=tuple(timings),
+                   rss_after_load_mb=rss_load, resident_at_end=split, warnings=tuple(warnings))
 
 
-def run_job(job: dict[str, Any]) -> LLMArtifactResult:
-    cfg = LLMRunConfig.from_dict(job["config"])
-    ident = {"artifact": job["artifact"], "format": job.get("format", "?"), "recipe": job.get("recipe", "?")}
+def run_job(job: LLMArtifactJob) -> LLMArtifactResult:
     try:
-        return _measure(job, cfg)
+        return _measure(job)
     except EdgeshipError as e:
-        return LLMArtifactResult(**ident, status="error", error=str(e))
+        return job.failed(str(e))
     except Exception as e:  # a runtime crashing mid-run must not lose the other artifacts' results
-        return LLMArtifactResult(**ident, status="error", error=f"{type(e).__name__}: {e}",
-                                 warnings=(traceback.format_exc()[-2000:],))
+        return job.failed(f"{type(e).__name__}: {e}", (traceback.format_exc()[-2000:],))
 
 
-def _run_child(job: dict[str, Any], timeout: float) -> LLMArtifactResult:
-    ident = {"artifact": job["artifact"], "format": job["format"], "recipe": job["recipe"]}
-    run = run_module("edgeship.profiling.llm.bench", job, timeout, prefix="edgeship-llm-job-")
+def _run_child(job: LLMArtifactJob, timeout: float) -> LLMArtifactResult:
+    run = run_module("edgeship.profiling.llm.bench", job.to_dict(), timeout, prefix="edgeship-llm-job-")
     if run.returncode is None:
-        return LLMArtifactResult(**ident, status="error", error=f"timed out after {timeout:.0f} s")
+        return job.failed(f"timed out after {timeout:.0f} s")
     if run.result is not None:
         return LLMArtifactResult.from_dict(run.result)
-    return LLMArtifactResult(**ident, status="error", error=f"worker exited with code {run.returncode} and "
-                             "wrote no result (the runtime crashed)")
+    return job.failed(f"worker exited with code {run.returncode} and wrote no result (the runtime crashed)")
 
 
 def profile_llm(source: str | Path, *, artifact: str | None = None, config: LLMRunConfig | None = None,
@@ -234,12 +214,11 @@ def profile_llm(source: str | Path, *, artifact: str | None = None, config: LLMR
     check_context(bundle, [a.key for a in arts], cfg)
     results = []
     for a in arts:
-        job = {"bundle": str(bundle.root.resolve()), "artifact": a.key, "format": a.format, "recipe": a.recipe,
-               "config": cfg.to_dict()}
+        job = LLMArtifactJob(str(bundle.root.resolve()), a.key, a.format, a.recipe, cfg)
         results.append(_run_child(job, timeout=ARTIFACT_TIMEOUT_S) if isolate else run_job(job))
         if on_result is not None:
             on_result(results[-1])
-    res = LLMProfileResult(device=sysinfo.describe(), config=cfg.to_dict(), results=tuple(results), source=str(source),
+    res = LLMProfileResult(device=sysinfo.describe(), config=cfg, results=tuple(results), source=str(source),
                            target=bundle.manifest.target.get("name"),
                            created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), edgeship_version=__version__)
     if json_path is not None:
@@ -252,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m edgeship.profiling.llm.bench JOB.json RESULT.json", file=sys.stderr)
         return 2
-    res = run_job(json.loads(Path(args[0]).read_text()))
+    res = run_job(LLMArtifactJob.from_dict(json.loads(Path(args[0]).read_text())))
     Path(args[1]).write_text(json.dumps(res.to_dict()))
     return 0 if res.status == "ok" else 1
 

@@ -33,11 +33,6 @@ def _ttft(r: LLMArtifactResult) -> float | None:
     return None if longest is None else longest.ttft_ms
 
 
-def _token_ms(r: LLMArtifactResult, key: str) -> float | None:
-    v = r.decode_token_ms.get(key)
-    return None if v is None else float(v)
-
-
 @dataclass(frozen=True)
 class LLMBudget:
     max_peak_mb: float | None = None
@@ -52,10 +47,10 @@ class LLMBudget:
     def misses(self, r: LLMArtifactResult) -> list[str]:
         """Why ``r`` does not meet the budget (empty: it does). A limit on something not measured is a miss."""
         mj = None if r.joules_per_token is None else r.joules_per_token * 1e3
+        p50, p99 = (r.decode_token_ms.p50_ms, r.decode_token_ms.p99_ms) if r.decode_token_ms else (None, None)
         checks = [("peak RSS", r.peak_rss_mb, self.max_peak_mb, " MB"), ("mJ/token", mj, self.max_mj_per_token, ""),
                   ("TTFT", _ttft(r), self.max_ttft_ms, " ms"),
-                  ("p50/token", _token_ms(r, "p50_ms"), self.max_p50_ms, " ms"),
-                  ("p99/token", _token_ms(r, "p99_ms"), self.max_p99_ms, " ms")]
+                  ("p50/token", p50, self.max_p50_ms, " ms"), ("p99/token", p99, self.max_p99_ms, " ms")]
         out = []
         for name, value, limit, unit in checks:
             if limit is None:
@@ -85,7 +80,7 @@ class LLMDecision:
 def _summary(r: LLMArtifactResult) -> dict[str, Any]:
     return {"status": r.status, "error": r.error, "decode_tokens_per_s": r.decode_tokens_per_s,
             "ttft_ms": {str(p.prompt_tokens): p.ttft_ms for p in r.prompts}, "peak_rss_mb": r.peak_rss_mb,
-            "joules_per_token": r.joules_per_token, "energy_estimated": bool(r.energy.get("estimated"))}
+            "joules_per_token": r.joules_per_token, "energy_estimated": r.energy_estimated}
 
 
 def is_llm_document(d: Any) -> bool:
@@ -146,8 +141,8 @@ def _cells(r: LLMArtifactResult) -> list[str]:
     if r.status != "ok":
         return ["-"] * 6
     j = "-" if r.joules_per_token is None else (f"{r.joules_per_token * 1e3:.2f}"
-                                                + (" (est.)" if r.energy.get("estimated") else ""))
-    p50 = _token_ms(r, "p50_ms")
+                                                + (" (est.)" if r.energy_estimated else ""))
+    p50 = r.decode_token_ms.p50_ms if r.decode_token_ms else None
     return [", ".join(f"{p.ttft_ms:.3g}@{p.prompt_tokens}" for p in r.prompts) or "-",
             ", ".join(f"{p.prefill_tokens_per_s:.0f}" for p in r.prompts) or "-",
             "-" if r.decode_tokens_per_s is None else f"{r.decode_tokens_per_s:.1f}",
@@ -168,7 +163,7 @@ def render_llm_decision(d: LLMDecision) -> str:
         lines.append(f"budget: {budget}; objective: {OBJECTIVES[d.objective][0]}. Pick: {d.rows[d.pick][0]}")
     else:
         lines.append(f"budget: {budget}: no artifact meets it; relax the budget or export another recipe")
-    if any(r.status == "ok" and r.energy.get("estimated") for _, r in d.rows):
+    if any(r.status == "ok" and r.energy_estimated for _, r in d.rows):
         lines.append("mJ/token marked (est.) is an ESTIMATE from the target power model, not a measurement")
     return "\n".join(lines)
 

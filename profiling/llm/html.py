@@ -19,7 +19,7 @@ def _row(r: LLMArtifactResult) -> tuple[str, list[str]]:
         return "bad", [esc(r.artifact), esc(r.format), "-", "-", "-", "-", "-", esc(f"ERROR: {r.error}")]
     ttft = ", ".join(f"{p.ttft_ms:.3g} ms @ {p.prompt_tokens}" for p in r.prompts)
     prefill = ", ".join(f"{p.prefill_tokens_per_s:.0f}" for p in r.prompts)
-    est = bool(r.energy.get("estimated"))
+    est = r.energy_estimated
     j = "-" if not r.joules_per_token else (f'<span class="est">{r.joules_per_token * 1e3:.2f} (est.)</span>' if est
                                              else f"{r.joules_per_token * 1e3:.2f}")
     decode = "-" if r.decode_tokens_per_s is None else f"{r.decode_tokens_per_s:.1f}"
@@ -47,13 +47,13 @@ def render_llm_html(res: LLMProfileResult) -> str:
     ok = [r for r in res.results if r.status == "ok"]
     body = [_row(r) for r in res.results]
     fastest = max(ok, key=lambda r: r.decode_tokens_per_s or 0.0, default=None)
-    est = any(r.energy.get("estimated") for r in ok)
+    est = any(r.energy_estimated for r in ok)
     lead = (f"<p>Fastest decode: <b>{esc(fastest.artifact)}</b> at {fastest.decode_tokens_per_s or 0:.1f} tokens/s.</p>"
             if fastest else '<p class="warn">Nothing was measured.</p>')
     env = [("device", f"{dev.cpu_model or '?'} ({dev.arch or '?'}, {dev.logical_cpus or '?'} logical CPUs)"),
            ("host / OS", f"{dev.hostname or '?'}, {dev.os or '?'}"),
-           ("timed input", "prompts of " + ", ".join(str(p) for p in res.config.get("prompt_lengths", ())) + " tokens, "
-            f"{res.config.get('new_tokens', '?')} new tokens, greedy"),
+           ("timed input", "prompts of " + ", ".join(str(p) for p in res.config.prompt_lengths) + " tokens, "
+            f"{res.config.new_tokens} new tokens, greedy"),
            ("threads", ", ".join(sorted({str(r.threads) for r in ok if r.threads})) or "runtime default"),
            ("runtimes", json.dumps(dict(dev.runtimes))), ("when", f"{res.created_utc} by edgeship {res.edgeship_version}")]
     parts = ['<!doctype html><html lang="en"><meta charset="utf-8">',

@@ -65,7 +65,7 @@ class LLMJob(RemoteJob[LLMProfileResult]):
         else:  # what finished before the failure (maybe nothing), in the same schema
             from edgeship import __version__
 
-            res = LLMProfileResult(device=device or DeviceInfo(), config=self.config.to_dict(),
+            res = LLMProfileResult(device=device or DeviceInfo(), config=self.config,
                                    results=tuple(LLMArtifactResult.from_dict(r) for r in streamed), source=source,
                                    target=None, created_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                    edgeship_version=__version__)

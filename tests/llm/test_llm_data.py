@@ -20,8 +20,10 @@ from edgeship.manifest import (
     load_bundle,
     tree_digest,
 )
-from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult, PromptTiming
+from edgeship.profiling.energy import EnergyResult
+from edgeship.profiling.llm.results import LLMArtifactResult, LLMProfileResult, LLMRunConfig, PromptTiming
 from edgeship.profiling.results import DeviceInfo
+from edgeship.profiling.stats import LatencyStats
 from edgeship.targets.schema import PROFILE_DIR, LLMSettings, parse_profile
 
 FID = LLMFidelity(n_tokens=256, top1_agreement=0.97, mean_kl=0.01, perplexity=9.5, perplexity_reference=9.3,
@@ -99,16 +101,29 @@ def test_llm_results_round_trip() -> None:
     r = LLMArtifactResult(artifact="onnx/int4-weight", format="onnx", recipe="int4-weight", status="ok", torch_free=True,
                           threads=2, runtime={"runtime": "onnxruntime-genai"}, load_seconds=0.3,
                           prompts=(PromptTiming(64, 40.0, 1600.0), PromptTiming(256, 120.0, 2133.3)), decode_tokens=128,
-                          decode_tokens_per_s=100.0, decode_token_ms={"p50_ms": 10.0}, decode_retained=0.98,
+                          decode_tokens_per_s=100.0, decode_token_ms=LatencyStats.from_ns([10_000_000] * 128), decode_retained=0.98,
                           token_ns=(10_000_000,) * 128, rss_after_load_mb=200.0, peak_rss_mb=260.0, max_context=2048,
                           kv_cache_bytes_per_token=23040, predicted_peak_memory_mb=330.0,
-                          energy={"estimated": True}, joules_per_token=0.05, warnings=("w",))
-    res = LLMProfileResult(device=DeviceInfo(hostname="pi", arch="aarch64", logical_cpus=4), config={"new_tokens": 128}, results=(r,), source="B",
+                          energy=EnergyResult("estimate:pixel-8", True, "power model", True, warnings=("est",)),
+                          joules_per_token=0.05, warnings=("w",))
+    res = LLMProfileResult(device=DeviceInfo(hostname="pi", arch="aarch64", logical_cpus=4),
+                           config=LLMRunConfig(new_tokens=128), results=(r,), source="B",
                            target="pixel-8", created_utc="t", edgeship_version="0.1.0")
     back = LLMProfileResult.from_dict(json.loads(res.to_json()))
     assert back == res and back.ok
     with pytest.raises(ConfigError, match="not an LLM results document"):
         LLMProfileResult.from_dict({**res.to_dict(), "kind": "encoder"})
+
+
+def test_an_llm_results_file_from_before_the_typed_fields_reads_and_writes_back_unchanged() -> None:
+    """Written when the run config, per-token latency and energy were plain dicts (an error row's as ``{}``)."""
+    doc = json.loads((Path(__file__).parent / "data" / "llm-results-v1.json").read_text())
+    res = LLMProfileResult.from_dict(doc)
+    ok, bad = res.results
+    assert res.config.prompt_lengths == (16, 32) and ok.decode_token_ms is not None and ok.energy is not None
+    assert ok.decode_token_ms.count == len(ok.token_ns) and ok.energy_estimated and ok.energy.warnings == ("estimate",)
+    assert bad.decode_token_ms is None and bad.energy is None and not bad.energy_estimated
+    assert res.to_dict() == doc
 
 
 def _profile_data() -> dict[str, Any]:

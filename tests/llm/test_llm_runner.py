@@ -28,7 +28,8 @@ def test_profile_measures_every_metric_torch_free(tiny_llama_bundle: Path, tmp_p
     assert r.decode_tokens == 128 and len(r.token_ns) == 128 and r.decode_tokens_per_s and r.decode_tokens_per_s > 0
     assert r.decode_retained is not None and r.decode_retained > 0
     assert r.load_seconds and r.load_seconds > 0 and r.peak_rss_mb and r.peak_rss_mb >= (r.rss_after_load_mb or 0)
-    assert r.energy["estimated"] is True and r.joules_per_token and r.joules_per_token > 0
+    assert r.energy is not None and r.energy.estimated and r.joules_per_token and r.joules_per_token > 0
+    assert r.decode_token_ms is not None and r.decode_token_ms.count == 128
     assert r.max_context == 512 and r.kv_cache_bytes_per_token == 512
     split = r.resident_at_end  # what the peak was made of, read before the runtime closed
     assert split is not None and split.anon_mb > 0 and split.libraries_mb > 5 and split.total_mb <= r.peak_rss_mb + 0.5

@@ -104,4 +104,4 @@ def test_profile_gives_every_metric(smollm2_bundle: Path) -> None:
         assert r.decode_tokens_per_s and r.decode_tokens_per_s > 1
         assert [p.prompt_tokens for p in r.prompts] == [64, 256] and all(p.ttft_ms > 0 for p in r.prompts)
         assert r.peak_rss_mb and r.peak_rss_mb > 50 and r.joules_per_token and r.decode_retained
-        assert r.energy["available"]
+        assert r.energy is not None and r.energy.available
