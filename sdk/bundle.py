@@ -22,10 +22,17 @@ from edgeship.manifest import MANIFEST_NAME, Manifest, load_bundle
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
+    """Refuse to write over ``out`` unless ``overwrite``, and even then unless it is a bundle or empty: an
+    overwrite replaces the whole directory, so a directory of anything else (``-o ~/work``) is never taken."""
+    if not out.exists():
+        return
+    if not overwrite:
         raise OutputExistsError(f"output directory {out} exists; pass --overwrite to replace it, or choose another -o")
-    if out.exists() and not out.is_dir():
+    if not out.is_dir():
         raise OutputExistsError(f"output path {out} exists and is not a directory")
+    if not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
+        raise OutputExistsError(f"output directory {out} is not an edgeship bundle (no {MANIFEST_NAME}) and not "
+                                "empty: --overwrite replaces a bundle, never another directory; choose another -o")
 
 
 class BundleWriter:

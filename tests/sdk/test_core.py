@@ -119,6 +119,22 @@ def test_existing_output_refused_unless_overwrite(tmp_path: Path) -> None:
     load_bundle(root)
 
 
+def test_overwrite_replaces_a_bundle_or_an_empty_directory_and_nothing_else(tmp_path: Path) -> None:
+    mine = tmp_path / "work"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match="not an edgeship bundle"):
+        BundleWriter(mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep me" and not list(tmp_path.glob(".work.partial-*"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with BundleWriter(empty, overwrite=True) as w:
+        p = w.path("onnx/fp32.onnx")
+        p.write_bytes(b"new")
+        w.commit(_manifest(ArtifactRecord("onnx/fp32.onnx", "onnx", "fp32", sha256_file(p), 3, 1.0, None, {})))
+    load_bundle(empty)
+
+
 def test_pack_and_unpack(tmp_path: Path) -> None:
     root = _bundle(tmp_path)
     z = pack(root)
