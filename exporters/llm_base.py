@@ -5,8 +5,9 @@ KV cache, two phases (prefill, decode) and are judged by next-token agreement. T
 (``edgeship.llm``) loads the model, writes the bundle and measures fidelity through the *device* runtime
 (:mod:`edgeship.profiling.llm`); a format only turns a Hugging Face causal LM into files.
 
-Adding an LLM format is one function registered here plus one :class:`~edgeship.profiling.llm.runtime.LLMRuntime`
-registered on the device side under the same format name.
+Adding an LLM format is one exporter module (a function registered in :data:`LLM_EXPORTERS`), one
+:class:`~edgeship.profiling.llm.runtime.LLMRuntime` module on the device side, and the line in
+:data:`edgeship.vocab.LLM_FORMATS` that names both (``tests/sdk/test_vocab.py`` checks they agree).
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeship.registry import Registry
+from edgeship.vocab import LLM_FORMATS
 
 if TYPE_CHECKING:
     from torch import nn
 
     from edgeship.llm_fidelity import LLMReference
     from edgeship.manifest import LLMFidelity
-
-LLM_RECIPES = ("fp32", "int8-dynamic", "int4-weight")
 
 
 @dataclass(frozen=True)
@@ -81,16 +81,11 @@ class LLMExportResult:
 
 LLMExporter = Callable[[LLMExportRequest], LLMExportResult]
 
-#: format name ("onnx", "pte", "tflite") -> exporter function. Filled by the ``@LLM_EXPORTERS.register`` decorator in
-#: each ``edgeship.exporters.llm_<format>`` module; :data:`LLM_EXPORTER_MODULES` lists them so that the core can
-#: import them lazily (each pulls its own heavy converter).
+#: format name -> exporter function. Filled by the ``@LLM_EXPORTERS.register`` decorator in each module
+#: :data:`LLM_EXPORTER_MODULES` names (from the vocabulary), which the core imports lazily (each pulls its own
+#: heavy converter).
 LLM_EXPORTERS: Registry[LLMExporter] = Registry("LLM exporter")
-LLM_EXPORTER_MODULES = {
-    "onnx": "edgeship.exporters.llm_onnx",
-    "pte": "edgeship.exporters.llm_pte",
-    "tflite": "edgeship.exporters.llm_tflite",
-    "litertlm": "edgeship.exporters.llm_litertlm",
-}
+LLM_EXPORTER_MODULES = {f.name: f.exporter for f in LLM_FORMATS.values()}
 
 
 def kv_cache_bytes_per_token(config: Any, bytes_per_element: int = 4) -> int:

@@ -51,12 +51,12 @@ from typing import TYPE_CHECKING, Any, cast
 from edgeship.errors import ExportError, UnsupportedRecipeError
 from edgeship.exporters.llm_base import (
     LLM_EXPORTERS,
-    LLM_RECIPES,
     LLMExportRequest,
     LLMExportResult,
     kv_cache_bytes_per_token,
 )
 from edgeship.exporters.llm_rotate import rotated, untie_output_embedding
+from edgeship.vocab import LLM_RECIPES
 
 if TYPE_CHECKING:
     import torch

@@ -34,7 +34,6 @@ from edgeship.exporters.llm_base import (
     KV_CACHE_DTYPES,
     LLM_EXPORTER_MODULES,
     LLM_EXPORTERS,
-    LLM_RECIPES,
     LLMExportRequest,
     LLMExportResult,
     kv_cache_bytes_per_token,
@@ -51,6 +50,7 @@ from edgeship.llm_models import LoadedLLM, load_llm
 from edgeship.manifest import ArtifactRecord, LLMFidelity, Manifest, checksum_tree, tree_digest
 from edgeship.pipeline import ExportResult
 from edgeship.targets import TargetProfile, get_profile
+from edgeship.vocab import LLM_RECIPES
 
 TASK = "text-generation"
 DEFAULT_RECIPES = ("int8-dynamic", "int4-weight")

@@ -56,6 +56,25 @@ DEVICE_FORMATS: dict[str, FormatSpec] = {f.name: f for f in (
 
 
 @dataclass(frozen=True)
+class LLMFormatSpec:
+    """One decoder-LLM artifact format: the export-side module that registers its exporter and the device-side
+    runtime that runs it, both imported only when that format is used (each pulls its own heavy library)."""
+
+    name: str
+    exporter: str  # module registering the exporter under ``name`` (edgeship.exporters.llm_base.LLM_EXPORTERS)
+    runtime: str  # "module:Class" of its edgeship.profiling.llm.runtime.LLMRuntime
+
+
+LLM_FORMATS: dict[str, LLMFormatSpec] = {f.name: f for f in (
+    LLMFormatSpec("onnx", "edgeship.exporters.llm_onnx", "edgeship.profiling.llm.onnx:GenAIRuntime"),
+    LLMFormatSpec("pte", "edgeship.exporters.llm_pte", "edgeship.profiling.llm.pte:PteLLMRuntime"),
+    LLMFormatSpec("tflite", "edgeship.exporters.llm_tflite", "edgeship.profiling.llm.tflite:TfliteLLMRuntime"),
+    LLMFormatSpec("litertlm", "edgeship.exporters.llm_litertlm", "edgeship.profiling.llm.litertlm:LiteRTLMRuntime"),
+)}
+LLM_RECIPES: tuple[str, ...] = (Recipe.FP32, Recipe.INT8_DYNAMIC, Recipe.INT4_WEIGHT)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """What a task's model takes and gives, and how an export of it is judged against PyTorch."""
 
@@ -83,5 +102,5 @@ def listing(names: Iterable[object]) -> str:
     return ", ".join(str(n) for n in names)
 
 
-__all__ = ["DEVICE_FORMATS", "FORMATS", "METERS", "PTE_IO_METHOD", "RECIPES", "TASKS", "TEXT_TASKS", "TFLITE_METADATA",
-           "TFLITE_SIGNATURE", "FormatSpec", "Recipe", "TaskSpec", "listing"]
+__all__ = ["DEVICE_FORMATS", "FORMATS", "LLM_FORMATS", "LLM_RECIPES", "METERS", "PTE_IO_METHOD", "RECIPES", "TASKS", "TEXT_TASKS", "TFLITE_METADATA",
+           "TFLITE_SIGNATURE", "FormatSpec", "LLMFormatSpec", "Recipe", "TaskSpec", "listing"]

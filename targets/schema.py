@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.errors import ConfigError, UnknownKeyError
-from edgeship.vocab import FORMATS, METERS, RECIPES
+from edgeship.vocab import FORMATS, LLM_RECIPES, METERS, RECIPES
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 SCHEMA_VERSION = 1
@@ -78,9 +78,6 @@ class PowerModel:
     meter: str
     calibration_scale: float = 1.0
     calibration_offset_w: float = 0.0
-
-
-LLM_RECIPES = ("fp32", "int8-dynamic", "int4-weight")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from edgeship.errors import InputError, UnknownKeyError
+from edgeship.vocab import LLM_FORMATS
 
 
 class ContextOverflowError(InputError):
@@ -77,12 +78,7 @@ class LLMRuntime(ABC):
 
 
 #: format -> "module:Class", imported only when an artifact of that format is opened.
-_RUNTIMES: dict[str, str] = {
-    "onnx": "edgeship.profiling.llm.onnx:GenAIRuntime",
-    "pte": "edgeship.profiling.llm.pte:PteLLMRuntime",
-    "tflite": "edgeship.profiling.llm.tflite:TfliteLLMRuntime",
-    "litertlm": "edgeship.profiling.llm.litertlm:LiteRTLMRuntime",
-}
+_RUNTIMES: dict[str, str] = {f.name: f.runtime for f in LLM_FORMATS.values()}
 
 
 def register_llm_runtime(fmt: str, ref: str) -> None:

@@ -514,9 +514,10 @@ def test_unknown_recipe_and_sliding_window_refused_before_work(tiny_llama_model:
 
 
 def test_plans_cover_every_llm_recipe() -> None:
-    from edgeship.exporters.llm_base import LLM_EXPORTERS, LLM_RECIPES
+    from edgeship.exporters.llm_base import LLM_EXPORTERS
     from edgeship.exporters.llm_pte import PLANS, export_pte
     from edgeship.profiling.llm.runtime import get_llm_runtime
+    from edgeship.vocab import LLM_RECIPES
 
     assert tuple(PLANS) == LLM_RECIPES
     assert LLM_EXPORTERS.get("pte") is export_pte

@@ -72,3 +72,14 @@ def test_cli_help_and_defaults_come_from_the_tables(capsys: pytest.CaptureFixtur
         assert squashed(vocab.listing(table)) in text
     runs = next(f.default for f in dataclasses.fields(RunConfig) if f.name == "runs")
     assert squashed(f"at least this many timed runs (default {runs})") in text
+
+
+def test_llm_formats_name_the_runtime_that_runs_them_and_known_recipes() -> None:
+    from edgeship.exporters.llm_base import LLM_EXPORTER_MODULES
+    from edgeship.profiling.llm.runtime import get_llm_runtime
+
+    assert LLM_EXPORTER_MODULES == {n: f.exporter for n, f in vocab.LLM_FORMATS.items()}
+    for name, spec in vocab.LLM_FORMATS.items():
+        rt = get_llm_runtime(name)  # LLM runtime modules import their library lazily too
+        assert rt.format == name and f"{rt.__module__}:{rt.__name__}" == spec.runtime
+    assert set(vocab.LLM_RECIPES) <= set(vocab.RECIPES) and "fp32" in vocab.LLM_RECIPES
