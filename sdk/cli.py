@@ -14,7 +14,7 @@ from typing import Any
 
 from edgeship import cli_decide, cli_farm, cli_history, cli_llm, quiet
 from edgeship.errors import ConfigError, EdgeshipError
-from edgeship.vocab import FORMATS, METERS, RECIPES, TASKS, listing
+from edgeship.vocab import FORMATS, LLM_FORMATS, LLM_RECIPES, METERS, RECIPES, TASKS, listing
 
 EXIT_USAGE = 2
 EXIT_FAIL = 1
@@ -95,8 +95,10 @@ def _add_run_length_args(p: argparse.ArgumentParser) -> None:
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     # Not argparse choices=: the export core rejects a wrong name with a one-line error naming the closest valid
     # one (argparse would print usage), and a format added by an entry point is valid too.
-    p.add_argument("--format", action="append", help=f"{listing(FORMATS)} (repeatable; default: the profile's)")
-    p.add_argument("--quant", action="append", help=f"{listing(RECIPES)} (repeatable; default: the profile's)")
+    p.add_argument("--format", action="append", help=f"{listing(FORMATS)}; a causal LM: {listing(LLM_FORMATS)} "
+                   "(repeatable; default: the profile's)")
+    p.add_argument("--quant", action="append", help=f"{listing(RECIPES)}; a causal LM: {listing(LLM_RECIPES)} "
+                   "(repeatable; default: the profile's)")
 
 
 def _jobs(text: str) -> int | None:
