@@ -24,6 +24,7 @@ import time
 import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -70,6 +71,7 @@ class Stage(StrEnum):
     """The named stages of one export, in pipeline order. Timed exclusively: a stage run inside another
     (quantize and validate inside search) counts only toward itself, so the manifest's times add up."""
 
+    PREPARE = "prepare"  # rewrites of the model before anything else (an LLM's rotation, fused projections, cache)
     CAPTURE = "capture"
     CALIBRATE = "calibrate"
     SENSITIVITY = "sensitivity"
@@ -80,6 +82,34 @@ class Stage(StrEnum):
     SERIALIZE = "serialize"
     COMPILE = "compile"  # an offline compile for an accelerator (onnx/npu: the QNN HTP context binary)
     VALIDATE = "validate"
+
+
+@dataclass
+class StageClock:
+    """Seconds per :class:`Stage` of one export, each exclusive of the stages nested inside it, so that they add up
+    to the wall time; a failure inside a stage becomes one :class:`ExportError` naming ``label`` and the stage."""
+
+    label: str  # "format/recipe"
+    log: Callable[[str], None] = print
+    stages: dict[Stage, float] = field(default_factory=dict)
+    _inner: list[float] = field(default_factory=list, repr=False)  # per open stage: seconds its nested stages took
+
+    @contextlib.contextmanager
+    def stage(self, stage: Stage) -> Iterator[None]:
+        self.log(f"[{self.label}] {stage}...")
+        t0 = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        except EdgeshipError:
+            raise
+        except Exception as e:
+            raise ExportError(f"{self.label}: stage '{stage}' failed: {describe_failure(e)}") from e
+        finally:
+            took = time.perf_counter() - t0
+            self.stages[stage] = self.stages.get(stage, 0.0) + took - self._inner.pop()
+            if self._inner:
+                self._inner[-1] += took
 
 
 @dataclass
@@ -102,26 +132,19 @@ class ExportContext:
     # one dict per export call, shared by all its (format, recipe) contexts: what does not change between recipes
     # (pte: the torch.export capture), keyed by the exporter that fills it
     shared: dict[Any, Any] = field(default_factory=dict)
-    stages: dict[Stage, float] = field(default_factory=dict)  # seconds spent in each stage, exclusive of nested ones
-    _inner: list[float] = field(default_factory=list, repr=False)  # per open stage: seconds its nested stages took
+    clock: StageClock = field(init=False, repr=False)
 
-    @contextlib.contextmanager
-    def stage(self, stage: Stage) -> Iterator[None]:
+    def __post_init__(self) -> None:
+        self.clock = StageClock(f"{self.format}/{self.recipe}", self.log)
+
+    @property
+    def stages(self) -> dict[Stage, float]:
+        """Seconds spent in each stage, exclusive of nested ones."""
+        return self.clock.stages
+
+    def stage(self, stage: Stage) -> AbstractContextManager[None]:
         """Time a stage; re-raise failures as ExportError naming the format, recipe and stage."""
-        self.log(f"[{self.format}/{self.recipe}] {stage}...")
-        t0 = time.perf_counter()
-        self._inner.append(0.0)
-        try:
-            yield
-        except EdgeshipError:
-            raise
-        except Exception as e:
-            raise ExportError(f"{self.format}/{self.recipe}: stage '{stage}' failed: {describe_failure(e)}") from e
-        finally:
-            took = time.perf_counter() - t0
-            self.stages[stage] = self.stages.get(stage, 0.0) + took - self._inner.pop()
-            if self._inner:
-                self._inner[-1] += took
+        return self.clock.stage(stage)
 
     def floor(self, recipe: str) -> float:
         return self.target.min_mean_cosine(recipe)

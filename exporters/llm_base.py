@@ -13,10 +13,12 @@ Adding an LLM format is one exporter module (a function registered in :data:`LLM
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeship.exporters.base import Stage, StageClock
 from edgeship.registry import Registry
 from edgeship.vocab import LLM_FORMATS
 
@@ -65,6 +67,12 @@ class LLMExportRequest:
     #: token sequences as the runtime will see them (plain text, chat-templated turns), disjoint from the reference's,
     #: for an exporter that calibrates scales (the int8 KV cache); filled when the request needs them
     calibration: tuple[tuple[int, ...], ...] = ()
+    #: the core's clock: seconds per stage for the manifest, a failure inside one named with it
+    clock: StageClock = field(default_factory=lambda: StageClock("llm", lambda m: None))
+
+    def stage(self, stage: Stage) -> AbstractContextManager[None]:
+        """``with req.stage(Stage.LOWER): ...``: timed exclusively, as the encoder exporters' stages are."""
+        return self.clock.stage(stage)
 
 
 @dataclass

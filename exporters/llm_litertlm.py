@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeship.errors import ExportError, UnsupportedRecipeError
 from edgeship.exporters import llm_tflite as lt
+from edgeship.exporters.base import Stage
 from edgeship.exporters.llm_base import (
     LLM_EXPORTERS,
     LLMExportRequest,
@@ -61,19 +62,22 @@ def export_litertlm(req: LLMExportRequest) -> LLMExportResult:
     mcfg = lt.model_config(hf, req.max_context, warnings)
     lengths = lt.prefill_lengths(req.max_context)
     quant: dict[str, Any] = {"recipe": req.recipe}
-    float_path = lt.float_graph(req, mcfg, lengths, recipe, quant, "litertlm", functools.partial(
-        _convert_stock, max_context=req.max_context, lengths=lengths))
+    with req.stage(Stage.LOWER):
+        float_path = lt.float_graph(req, mcfg, lengths, recipe, quant, "litertlm", functools.partial(
+            _convert_stock, max_context=req.max_context, lengths=lengths))
     configure = recipe.configure
+    model_path = float_path
     if configure is not None:
-        data = lt.quantize_recipe(float_path.read_bytes(), configure, req.group_size, quant, "litertlm")
-        model_path = req.workdir / "quantized.tflite"
-        model_path.write_bytes(data)
+        with req.stage(Stage.QUANTIZE):
+            data = lt.quantize_recipe(float_path.read_bytes(), configure, req.group_size, quant, "litertlm")
+            model_path = req.workdir / "quantized.tflite"
+            model_path.write_bytes(data)
     else:
         quant.update(weights="float32", activations="float32", embeddings="float32")
-        model_path = float_path
     meta = llm_metadata(req)
     req.out.mkdir(parents=True, exist_ok=True)
-    _pack(model_path, tokenizer_json, meta, req.workdir, req.out / FILE)
+    with req.stage(Stage.SERIALIZE):  # LiteRT-LM's packer: the model, the tokenizer and the metadata in one file
+        _pack(model_path, tokenizer_json, meta, req.workdir, req.out / FILE)
     kv = mcfg.block_config(0).attn_config
     runtime = {
         "kind": "litertlm", "file": FILE, "max_context": req.max_context, "vocab_size": int(hf.vocab_size),

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.errors import ExportError, RuntimeMissingError, UnsupportedRecipeError
+from edgeship.exporters.base import Stage
 from edgeship.exporters.llm_base import (
     KV_CACHE_DTYPES,
     LLM_EXPORTERS,
@@ -246,10 +247,11 @@ def export_onnx(req: LLMExportRequest) -> LLMExportResult:
     spec = RECIPES[req.recipe]
     kv_type = KV_CACHE_DTYPES[req.kv_cache]  # one that onnx reads: plan() refused the others before the model loaded
     if req.kv_cache == "int8":
-        scales = kv_channel_scales(req.model, req.calibration)
-        (req.workdir / KV_SCALES).write_text(json.dumps({"scales": scales}), encoding="utf-8")
+        with req.stage(Stage.CALIBRATE):
+            scales = kv_channel_scales(req.model, req.calibration)
+            (req.workdir / KV_SCALES).write_text(json.dumps({"scales": scales}), encoding="utf-8")
     log_path = req.workdir / f"onnx-builder-{req.recipe}.log"
-    with open(log_path, "w", encoding="utf-8") as logf:
+    with open(log_path, "w", encoding="utf-8") as logf, req.stage(Stage.LOWER):  # the model builder, in one process
         proc = subprocess.run(_builder_command(req, spec), stdout=logf, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, check=False)
     if proc.returncode != 0 or not (req.out / GENAI_CONFIG).is_file():
@@ -269,7 +271,10 @@ def export_onnx(req: LLMExportRequest) -> LLMExportResult:
     runtime = {"kind": "onnxruntime-genai", "entry": GENAI_CONFIG, "execution_provider": "cpu",
                "max_context": req.max_context, "kv_cache_dtype": req.kv_cache, "logits": logits,
                "kv_cache": f"shared buffer of search.max_length tokens ({req.kv_cache})"}
-    affine = _quantize(req, spec, cfg["model"]["decoder"]["filename"], runtime, max_share) if spec.affine_bits else None
+    affine = None
+    if spec.affine_bits:
+        with req.stage(Stage.QUANTIZE):
+            affine = _quantize(req, spec, cfg["model"]["decoder"]["filename"], runtime, max_share)
     files = sorted(p.relative_to(req.out) for p in req.out.rglob("*") if p.is_file())
     bits = spec.affine_bits or {"fp32": 32, "int8": 8, "int4": 4}[spec.precision]
     kept = affine["fp32_activations"]["matmuls"] if affine else []

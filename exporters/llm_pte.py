@@ -41,14 +41,13 @@ import functools
 import inspect
 import json
 import logging
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from edgeship.errors import ExportError, UnsupportedRecipeError
+from edgeship.exporters.base import Stage
 from edgeship.exporters.llm_base import (
     LLM_EXPORTERS,
     LLMExportRequest,
@@ -102,8 +101,7 @@ def export_pte(req: LLMExportRequest) -> LLMExportResult:
     max_prefill = int(req.options.get("max_prefill", min(req.max_context, DEFAULT_MAX_PREFILL)))
     if not 1 <= max_prefill <= req.max_context:
         raise ExportError(f"pte: max_prefill {max_prefill} must be between 1 and max_context {req.max_context}")
-    timings: dict[str, float] = {}
-    with _stage("prepare", req, timings):
+    with req.stage(Stage.PREPARE):
         model, rotation = _prepared(req, plan)
         count = req.options.get("outliers", 0)
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
@@ -111,21 +109,20 @@ def export_pte(req: LLMExportRequest) -> LLMExportResult:
         fused = fuse_projections(model)
         outliers = outlier_channels(model, count) if plan.linear_bits == 4 and count else None
         module = static_cache_lm(_without_padding_idx(model), req.max_context)
-    with _stage("quantize", req, timings):
+    with req.stage(Stage.QUANTIZE):
         quant = quantize(module.model, req.recipe, req.group_size, outliers)
     if rotation is not None:
         quant["rotation"] = rotation
     quant["fused_projections"] = fused
     runtime = _runtime_entry(req, config, max_prefill)
-    with _stage("capture", req, timings):
+    with req.stage(Stage.CAPTURE):
         program = _capture(module, max_prefill)
-    with _stage("lower", req, timings):
+    with req.stage(Stage.LOWER):
         lowered = _lower(program, _metadata_methods(req, config, runtime))
     req.out.mkdir(parents=True, exist_ok=True)
-    with _stage("serialize", req, timings):
+    with req.stage(Stage.SERIALIZE):
         _write(lowered, req.out / ENTRY)
     runtime["delegation"] = _delegation(lowered)
-    runtime["export_seconds"] = {k: round(v, 2) for k, v in timings.items()}
     warnings = []
     if quant.get("int8_weights_by_shape"):
         warnings.append(f"{len(quant['int8_weights_by_shape'])} linear layer(s) kept 8-bit weights: input width not "
@@ -133,21 +130,6 @@ def export_pte(req: LLMExportRequest) -> LLMExportResult:
     return LLMExportResult(files=[Path(ENTRY)], runtime=runtime, quantization=quant,
                            kv_cache_bytes_per_token=kv_cache_bytes_per_token(config, 4), tool=_tools(),
                            warnings=warnings)
-
-
-@contextmanager
-def _stage(name: str, req: LLMExportRequest, timings: dict[str, float]) -> Iterator[None]:
-    """Time a stage; any failure becomes one ExportError line naming format, recipe and stage."""
-    t0 = time.perf_counter()
-    log.info("[pte/%s] %s...", req.recipe, name)
-    try:
-        yield
-    except ExportError:
-        raise
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
-        raise ExportError(f"pte/{req.recipe}: {name} failed: {type(e).__name__}: {first}") from e
-    timings[name] = time.perf_counter() - t0
 
 
 def _prepared(req: LLMExportRequest, plan: Plan) -> tuple[Any, dict[str, Any] | None]:

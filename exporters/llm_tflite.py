@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeship.errors import ExportError, UnsupportedRecipeError
+from edgeship.exporters.base import Stage
 from edgeship.exporters.llm_base import (
     LLM_EXPORTERS,
     LLMExportRequest,
@@ -229,16 +230,17 @@ def export_tflite(req: LLMExportRequest) -> LLMExportResult:
     mcfg = model_config(hf, req.max_context, warnings)
     lengths = prefill_lengths(req.max_context)
     quant: dict[str, Any] = {"recipe": req.recipe}
-    data = float_graph(req, mcfg, lengths, recipe, quant, "tflite").read_bytes()
+    with req.stage(Stage.LOWER):  # converted once per process and graph (float_graph), then reused
+        data = float_graph(req, mcfg, lengths, recipe, quant, "tflite").read_bytes()
     configure = recipe.configure
     if configure is not None:
-        data = quantize_recipe(data, configure, req.group_size, quant, "tflite")
+        with req.stage(Stage.QUANTIZE):
+            data = quantize_recipe(data, configure, req.group_size, quant, "tflite")
     else:
         quant.update(weights="float32", activations="float32", embeddings="float32")
     req.out.mkdir(parents=True, exist_ok=True)
-    tmp = req.out / (FILE + ".part")
-    tmp.write_bytes(data)
-    tmp.replace(req.out / FILE)
+    with req.stage(Stage.SERIALIZE):
+        (req.out / FILE).write_bytes(data)  # the core stages the whole folder and renames it into the bundle
     warnings.append("plain .tflite for edgeship's own decode loop on the LiteRT interpreter (KV slices, last-token "
                     "logits); LiteRT-LM's engine needs litert-torch's stock signatures instead: export "
                     "--format litertlm for a .litertlm run by litert-lm-api")

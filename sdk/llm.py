@@ -30,6 +30,7 @@ from edgeship.errors import (
     FidelityError,
     UnknownKeyError,
 )
+from edgeship.exporters.base import Stage, StageClock
 from edgeship.exporters.llm_base import (
     KV_CACHE_DTYPES,
     LLM_EXPORTER_MODULES,
@@ -242,13 +243,13 @@ def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -
                            group_size=ctx.prof.llm.int4_group_size, out=stage, workdir=work,
                            options={**ctx.options, "target": ctx.prof.name, "target_arch": ctx.prof.arch},
                            score=score if ctx.greedy_search else None, reference=ctx.ref, kv_cache=ctx.kv_cache,
-                           calibration=ctx.calibration)
+                           calibration=ctx.calibration, clock=StageClock(rel, ctx.say))
     t0 = time.perf_counter()
     res = _export_one(fn, req, dest)
-    export_s = time.perf_counter() - t0
     files = checksum_tree(dest)
     size = sum(int(v["size_bytes"]) for v in files.values())
-    fid, measured_on = _score(ctx, fmt, dest, res.runtime, floor)
+    with req.stage(Stage.VALIDATE):  # the device runtime against PyTorch fp32
+        fid, measured_on = _score(ctx, fmt, dest, res.runtime, floor)
     warnings = list(res.warnings)
     if not fid.passed:
         msg = (f"{rel}: teacher-forced top-1 agreement {fid.top1_agreement:.3f} with PyTorch fp32 is below the "
@@ -266,7 +267,7 @@ def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -
     return ArtifactRecord(
         path=rel, format=fmt, recipe=recipe, sha256=tree_digest(files), size_bytes=size,
         export_seconds=round(time.perf_counter() - t0, 3), fidelity=None, runtime=res.runtime,
-        stages={"export": round(export_s, 3), "validate": round(time.perf_counter() - t0 - export_s, 3)},
+        stages={str(k): round(v, 3) for k, v in req.clock.stages.items()},
         quantization=res.quantization,
         details={"kv_cache_bytes_per_token": res.kv_cache_bytes_per_token, "max_context": ctx.max_context,
                  "predicted_peak_memory_bytes": peak,

@@ -55,6 +55,8 @@ def test_bundle_carries_artifacts_fidelity_tokenizer_and_generation_config(tiny_
         assert a.details["fidelity_measured_on"]["torch_blocked"] is False  # same kernels in every process
         # the head runs on the last position only (the builder's graph ran it on every prompt position)
         assert a.runtime["logits"] == "last" and a.details["predicted_peak_memory"]["prefill_logits_bytes"] == 4 * 384
+    # seconds per stage, each exclusive of the others: the builder lowers, the block pass quantizes int4
+    assert list(fp32.stages) == ["lower", "validate"] and list(int4.stages) == ["lower", "quantize", "validate"]
     assert m.llm is not None and m.llm["generation"] == {"eos_token_ids": [2], "bos_token_id": 0, "max_context": 512}
     assert (b.root / m.llm["chat_template"]).read_text().startswith("{% for message in messages %}")
     assert (b.root / "tokenizer/tokenizer.json").is_file()
@@ -178,6 +180,7 @@ def test_cli_export_prints_only_our_lines(tiny_llama_dir: Path, tmp_path: Path) 
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
     ours = [re.compile(p) for p in (
         r"loading .*\.\.\.$", r"PyTorch fp32 reference: .*$", r"\[1/1\] pte/fp32$", r"  pte/fp32: .*$",
+        r"\[pte/fp32\] (prepare|quantize|capture|lower|serialize|validate)\.\.\.$",
         r"artifact +.*$", r"-+( +-+)+$", r"pte/fp32 +\d.*$", r"bundle: .*$",
         r"other libraries' output \(\d+ lines\): (\S+\.log) \(--verbose shows it here\)$")]
     assert not [ln for ln in lines if not any(p.match(ln) for p in ours)], lines
@@ -185,7 +188,10 @@ def test_cli_export_prints_only_our_lines(tiny_llama_dir: Path, tmp_path: Path) 
     assert "Warning" in log.read_text()  # the noise existed and went to the log
     # the export process holds torch (so the wheel's LLM kernels); the fidelity kept is the device's: measured in a
     # fresh process with torch blocked, on the shim's own kernels (an int4 SmolLM2 reply differs between the two)
-    measured = load_bundle(tmp_path / "b").manifest.artifact("pte/fp32").details["fidelity_measured_on"]
+    art = load_bundle(tmp_path / "b").manifest.artifact("pte/fp32")
+    assert list(art.stages) == ["prepare", "quantize", "capture", "lower", "serialize", "validate"], art.stages
+    assert sum(art.stages.values()) <= art.export_seconds + 0.01  # exclusive: no stage counted twice
+    measured = art.details["fidelity_measured_on"]
     assert measured["torch_blocked"] is True and "edgeship's" in measured["executes"], measured
 
 
