@@ -6,7 +6,6 @@ import argparse
 import functools
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -334,7 +333,7 @@ def cmd_quickstart(a: argparse.Namespace) -> int:
     print(f"edgeship quickstart: all-MiniLM-L6-v2 -> {a.target} -> {out}", flush=True)
     with quiet.for_command("quickstart", a.verbose) as q:
         export(default_model_dir(), target=a.target, out=out, formats=a.format or None,
-               recipes=a.quant or None, overwrite=True, log=_brief(q), jobs=_jobs(a.jobs))
+               recipes=a.quant or None, overwrite=True, log=q.brief, jobs=_jobs(a.jobs))
         # no export table here: the one line per artifact above has its size and fidelity, and the profile table
         # below repeats both (`edgeship inspect` shows the full table)
         cfg = RunConfig(runs=a.runs, min_seconds=a.min_seconds, energy="auto", progress=True)
@@ -383,15 +382,6 @@ def _add_signing_commands(sub: Any) -> None:
     v.add_argument("bundle")
     v.add_argument("--pubkey", required=True, help="PEM ed25519 public key of the signer")
     v.set_defaults(fn=cmd_verify)
-
-
-def _brief(q: Any) -> Any:
-    """quickstart's export log: one line per finished artifact (and warnings) on the terminal; the per-stage lines
-    ("[onnx/fp32] lower...", "[1/6] onnx/fp32") go to the log file with the other libraries' output."""
-    def say(message: str) -> None:
-        detail = re.match(r"\[[a-z][\w.-]*/[\w.-]+\] ", message) or re.fullmatch(r"\[\d+/\d+\] \S+", message)
-        (q.log if detail else q.say)(message)
-    return say
 
 
 def cmd_device(a: argparse.Namespace) -> int:

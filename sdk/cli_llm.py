@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeship import quiet
 from edgeship.errors import ConfigError
 from edgeship.exporters.llm_base import KV_CACHE_DTYPES
 
@@ -228,11 +229,12 @@ def quickstart_llm(a: argparse.Namespace) -> int:
 
     out = Path(a.output)
     print(f"edgeship quickstart --llm: SmolLM2-135M-Instruct -> {a.target} -> {out}", flush=True)
-    res = export_llm(default_llm_gguf(), target=a.target, out=out, formats=a.format or ["onnx"],
-                     recipes=a.quant or None, overwrite=True)
-    print(res.summary(), flush=True)
     json_path = out.with_name(out.name + "-profile.json")
-    prof = profile_llm(out, config=LLMRunConfig(), json_path=json_path)
+    with quiet.for_command("quickstart", a.verbose) as q:  # the converters' and runtimes' chatter to a log
+        res = export_llm(default_llm_gguf(), target=a.target, out=out, formats=a.format or ["onnx"],
+                         recipes=a.quant or None, overwrite=True, log=q.brief)
+        print(res.summary(), flush=True)
+        prof = profile_llm(out, config=LLMRunConfig(), json_path=json_path)
     print()
     print(render(prof))
     print(f"\nbundle: {out}   results: {json_path}   chat: edgeship chat {out} --prompt 'What is the capital of France?'")

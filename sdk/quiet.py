@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -107,6 +108,12 @@ class Diversion:
     def log(self, message: str) -> None:
         """A line of ours only worth keeping in the log (per-stage detail); on the terminal with --verbose."""
         print(message, file=sys.stderr if self.log_path is not None else terminal_err(), flush=True)
+
+    def brief(self, message: str) -> None:
+        """A finished step's line on the terminal (:meth:`say`); a per-stage detail line ("[onnx/fp32] lower...",
+        "[1/6] onnx/fp32") only in the log (:meth:`log`): what ``edgeship quickstart`` shows of an export."""
+        detail = re.match(r"\[[a-z][\w.-]*/[\w.-]+\] ", message) or re.fullmatch(r"\[\d+/\d+\] \S+", message)
+        (self.log if detail else self.say)(message)
 
     def lines(self) -> int:
         if self.log_path is None or not self.log_path.is_file():

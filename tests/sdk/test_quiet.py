@@ -135,21 +135,21 @@ def test_export_and_profile_print_only_our_lines(tiny_bert_dir: Path, tmp_path: 
 
 
 def test_quickstart_keeps_one_line_per_artifact_and_logs_the_stages() -> None:
-    from edgeship.cli import _brief
+    from edgeship.quiet import Diversion
 
     seen: list[tuple[str, str]] = []
 
-    class Q:
+    class Q(Diversion):
         def say(self, m: str) -> None:
             seen.append(("terminal", m))
 
         def log(self, m: str) -> None:
             seen.append(("log", m))
 
-    say = _brief(Q())
-    for m in ("loading model x...", "[1/6] onnx/fp32", "[onnx/fp32] lower...",
+    q = Q(None)
+    for m in ("loading model x...", "[1/6] onnx/fp32", "[onnx/fp32] lower...", "[pte/int4-weight] prepare...",
               "[1/6] onnx/fp32: 86.1 MB, mean cosine 1.0000 (min 1.0000), 2.8 s", "WARNING: no --calibration given"):
-        say(m)
+        q.brief(m)
     assert [m for where, m in seen if where == "terminal"] == [
         "loading model x...", "[1/6] onnx/fp32: 86.1 MB, mean cosine 1.0000 (min 1.0000), 2.8 s",
         "WARNING: no --calibration given"]
