@@ -190,10 +190,11 @@ class _Builds:
             # an 8-bit one has none (it dequantizes its matrix on every call), so it stays a plain fp32 MatMul
             four = self.spec.affine_bits == 4
             try:
-                report = convert_file(self.fp32 / self.name, d / self.name, f"{self.name}.data", block=self.block,
-                                      accuracy_level=self.spec.accuracy_level or 4, bits=self.spec.affine_bits or 4,
-                                      node_accuracy=dict.fromkeys(key if four else (), FP32_ACTIVATIONS),
-                                      skip=() if four else key)
+                with self.req.stage(Stage.QUANTIZE):  # inside the search: a build counts as quantize, its score as validate
+                    report = convert_file(self.fp32 / self.name, d / self.name, f"{self.name}.data", block=self.block,
+                                          accuracy_level=self.spec.accuracy_level or 4, bits=self.spec.affine_bits or 4,
+                                          node_accuracy=dict.fromkeys(key if four else (), FP32_ACTIVATIONS),
+                                          skip=() if four else key)
             except (ValueError, OSError) as e:
                 raise ExportError(f"onnx/{self.req.recipe}: the block pass failed on the builder's graph: {e}") from None
             self.reports[key] = (d, report.to_dict())
@@ -216,8 +217,9 @@ def _quantize(req: LLMExportRequest, spec: BuilderRecipe, name: str, runtime: di
 
     builds = _Builds(req, spec, name)
     # the LM head is never a candidate: fp32 activations there cost the most (it is the largest matmul)
-    keep = keep_fp32_activations(req, builds.build, builds.fp32 / name, runtime, builds.block, {LM_HEAD},
-                                 max_share=max_share)
+    with req.stage(Stage.SEARCH):  # ranking on the PyTorch proxy; its builds and scores time as their own stages
+        keep = keep_fp32_activations(req, builds.build, builds.fp32 / name, runtime, builds.block, {LM_HEAD},
+                                     max_share=max_share)
     report = builds.finish(keep.artifact)
     report["fp32_activations"] = keep.record
     return report
@@ -271,10 +273,7 @@ def export_onnx(req: LLMExportRequest) -> LLMExportResult:
     runtime = {"kind": "onnxruntime-genai", "entry": GENAI_CONFIG, "execution_provider": "cpu",
                "max_context": req.max_context, "kv_cache_dtype": req.kv_cache, "logits": logits,
                "kv_cache": f"shared buffer of search.max_length tokens ({req.kv_cache})"}
-    affine = None
-    if spec.affine_bits:
-        with req.stage(Stage.QUANTIZE):
-            affine = _quantize(req, spec, cfg["model"]["decoder"]["filename"], runtime, max_share)
+    affine = _quantize(req, spec, cfg["model"]["decoder"]["filename"], runtime, max_share) if spec.affine_bits else None
     files = sorted(p.relative_to(req.out) for p in req.out.rglob("*") if p.is_file())
     bits = spec.affine_bits or {"fp32": 32, "int8": 8, "int4": 4}[spec.precision]
     kept = affine["fp32_activations"]["matmuls"] if affine else []

@@ -236,14 +236,17 @@ def _artifact(ctx: _Ctx, fn: Any, fmt: str, recipe: str, writer: BundleWriter) -
     work.mkdir()
     floor = ctx.prof.llm.top1_floor(recipe)
 
-    def score(path: Path, runtime: dict[str, Any]) -> LLMFidelity:
-        return _score(ctx, fmt, path, runtime, floor)[0]
+    clock = StageClock(rel, ctx.say)
+
+    def score(path: Path, runtime: dict[str, Any]) -> LLMFidelity:  # an exporter's search scoring a candidate
+        with clock.stage(Stage.VALIDATE):
+            return _score(ctx, fmt, path, runtime, floor)[0]
 
     req = LLMExportRequest(model=ctx.llm.model, hf_dir=ctx.llm.hf_dir, recipe=recipe, max_context=ctx.max_context,
                            group_size=ctx.prof.llm.int4_group_size, out=stage, workdir=work,
                            options={**ctx.options, "target": ctx.prof.name, "target_arch": ctx.prof.arch},
                            score=score if ctx.greedy_search else None, reference=ctx.ref, kv_cache=ctx.kv_cache,
-                           calibration=ctx.calibration, clock=StageClock(rel, ctx.say))
+                           calibration=ctx.calibration, clock=clock)
     t0 = time.perf_counter()
     res = _export_one(fn, req, dest)
     files = checksum_tree(dest)
