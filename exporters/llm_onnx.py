@@ -40,6 +40,7 @@ from edgeship.exporters.llm_base import (
     LLMExportResult,
     kv_cache_bytes_per_token,
 )
+from edgeship.exporters.onnx_affine4 import BlockCache
 
 GENAI_CONFIG = "genai_config.json"
 KV_SCALES = "kv-cache-scales.json"  # the builder's kv_cache_scale_file (workdir only; the scales end in the graph)
@@ -175,6 +176,7 @@ class _Builds:
         req.out.rename(self.fp32)  # the builder's folder: every variant is made from it, the chosen one moved back
         self.block = req.group_size if spec.affine_bits == 4 else 32
         self.reports: dict[tuple[str, ...], tuple[Path, dict[str, Any]]] = {}
+        self.blocks: BlockCache = {}  # every build quantizes the same weights the same way: once
 
     def build(self, fp32_activations: Sequence[str]) -> Path:
         from edgeship.exporters.onnx_affine4 import convert_file
@@ -194,7 +196,7 @@ class _Builds:
                     report = convert_file(self.fp32 / self.name, d / self.name, f"{self.name}.data", block=self.block,
                                           accuracy_level=self.spec.accuracy_level or 4, bits=self.spec.affine_bits or 4,
                                           node_accuracy=dict.fromkeys(key if four else (), FP32_ACTIVATIONS),
-                                          skip=() if four else key)
+                                          skip=() if four else key, cache=self.blocks)
             except (ValueError, OSError) as e:
                 raise ExportError(f"onnx/{self.req.recipe}: the block pass failed on the builder's graph: {e}") from None
             self.reports[key] = (d, report.to_dict())
