@@ -198,22 +198,29 @@ def test_output_exists_and_failed_export_leaves_no_bundle(tiny_bert_dir: Path, t
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(OutputExistsError, match="--overwrite"):
         export(tiny_bert_dir, target="raspberry-pi-5", out=out, formats=["onnx"], recipes=["fp32"], **QUIET)
+    # --overwrite replaces a bundle, never a directory of other files
+    with pytest.raises(OutputExistsError, match="not an edgeship bundle"):
+        export(tiny_bert_dir, target="raspberry-pi-5", out=out, formats=["onnx"], recipes=["fp32"], overwrite=True,
+               **QUIET)
     assert (out / "precious.txt").read_text() == "keep me"
-    # A floor nothing can meet fails the export, and the old directory survives untouched.
+    # A floor nothing can meet fails the export, and the old bundle survives untouched.
+    old = export(tiny_bert_dir, target="raspberry-pi-5", out=tmp_path / "bundle", formats=["onnx"], recipes=["fp32"],
+                 **QUIET).bundle
+    before = (old / "manifest.json").read_bytes()
     prof = (Path(__file__).parents[2] / "targets/profiles/raspberry-pi-5.toml").read_text()
     strict = tmp_path / "strict.toml"
     strict.write_text(prof.replace('name = "raspberry-pi-5"', 'name = "strict"')
                       .replace('min_mean_cosine = { default = 0.99, "int4-weight" = 0.97 }',
                                'min_mean_cosine = { default = 1.0 }'))
     with pytest.raises(FidelityError, match="below the strict floor 1.0.*--allow-degraded"):
-        export(tiny_bert_dir, target=str(strict), out=out, formats=["onnx"], recipes=["int8-dynamic"], overwrite=True,
+        export(tiny_bert_dir, target=str(strict), out=old, formats=["onnx"], recipes=["int8-dynamic"], overwrite=True,
                **QUIET)
-    assert (out / "precious.txt").read_text() == "keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "strict.toml"]
-    r = export(tiny_bert_dir, target=str(strict), out=out, formats=["onnx"], recipes=["int8-dynamic"], overwrite=True,
+    assert (old / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "bundle", "strict.toml"]
+    r = export(tiny_bert_dir, target=str(strict), out=old, formats=["onnx"], recipes=["int8-dynamic"], overwrite=True,
                allow_degraded=True, **QUIET)
     assert r.manifest.artifacts[0].warnings[0].startswith("DEGRADED")
-    assert not (out / "precious.txt").exists()
+    assert [a.key for a in load_bundle(old).manifest.artifacts] == ["onnx/int8-dynamic"]
 
 
 def test_export_stage_error_names_stage(tmp_path: Path) -> None:
