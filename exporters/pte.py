@@ -121,8 +121,10 @@ class PteExporter(Exporter):
             has_emb = bool(tables)
             if has_emb:
                 quant["embeddings"] = _embeddings_record(lm.module, tables)
+            least = min(tables.values(), default=0)  # int8 for the tables at least this large
             make, candidates = spec.make(self, ctx, ep, args, quant, dyn, module)
-            report, extra = _searched(ctx, _last_one(make), lower, out, has_emb, candidates, spec.higher)
+            report, extra = _searched(ctx, _last_one(lambda kept, emb: make(kept, least if emb else 0)), lower, out,
+                                      has_emb, candidates, spec.higher)
             quant.update(extra)
         details = {"delegation": report, "shapes": shapes_info, "fallbacks": fallbacks,
                    "layer_norms": {"rewritten_for_xnnpack": swapped, "why": "XNNPACK has no native_layer_norm "
@@ -140,9 +142,10 @@ class PteExporter(Exporter):
 
     # ---- recipes -----------------------------------------------------------------------------
     # make(exporter, ctx, captured program, example args, quantization entries to fill, dynamic shapes, module)
-    #   -> ((layers kept in higher precision, int8 embeddings) -> quantized torch module, the layers it may keep)
+    #   -> ((layers kept in higher precision, smallest int8 embedding table in values, 0: none) -> quantized torch
+    #       module, the layers it may keep)
     def _pt2e_quantizer(self, ctx: ExportContext, ep: Any, args: tuple[torch.Tensor, ...], quant: dict[str, Any],
-                        dyn: Any, module: nn.Module) -> tuple[Callable[[Sequence[str], bool], nn.Module], list[str]]:
+                        dyn: Any, module: nn.Module) -> tuple[Callable[[Sequence[str], int], nn.Module], list[str]]:
         lm = ctx.model
         static = self.spec(ctx.recipe).needs_calibration
         quant.update(weights="int8 symmetric per-channel",
@@ -153,12 +156,10 @@ class PteExporter(Exporter):
             calib = [lm.torch_args(f) for f in ctx.calibration]
         else:
             calib = [args]
-        least = min(_int8_tables(lm.module).values(), default=0)  # int8 for the tables at least this large
-        return (lambda kept, emb: _pt2e(ep, lm.linear_layers(), kept, static, least if emb else 0, calib)), \
-            lm.linear_layers()
+        return (lambda kept, emb: _pt2e(ep, lm.linear_layers(), kept, static, emb, calib)), lm.linear_layers()
 
     def _int4_quantizer(self, ctx: ExportContext, ep: Any, args: tuple[torch.Tensor, ...], quant: dict[str, Any],
-                        dyn: Any, module: nn.Module) -> tuple[Callable[[Sequence[str], bool], nn.Module], list[str]]:
+                        dyn: Any, module: nn.Module) -> tuple[Callable[[Sequence[str], int], nn.Module], list[str]]:
         lm = ctx.model
         group = ctx.target.int4_group_size
         layers = _linear_layers(lm.module)
@@ -173,8 +174,7 @@ class PteExporter(Exporter):
         by_shape = sorted(set(layers) - set(fits))
         if by_shape:
             quant["int8_weights_by_shape"] = by_shape
-        least = min(_int8_tables(lm.module).values(), default=0)
-        return (lambda kept, emb: _8da4w(module, fits, kept, group, least if emb else 0, args, dyn)), list(layers)
+        return (lambda kept, emb: _8da4w(module, fits, kept, group, emb, args, dyn)), list(layers)
 
     support: ClassVar[tuple[RecipeSupport, ...]] = (
         PteRecipe(Recipe.FP32, "torch.export + XNNPACK delegate, dynamic sequence (batch 1)"),
