@@ -111,8 +111,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
-        return cls(**{**known_fields(cls, d, "run config"), "shapes": _shapes(d.get("shapes")), "options": dict(d.get("options") or {}),
-                      "cpus": tuple(d.get("cpus") or ())})
+        return cls(**{**known_fields(cls, d, "run config"), "shapes": _shapes(d.get("shapes")),
+                      "options": dict(d.get("options") or {}), "cpus": tuple(d.get("cpus") or ())})
 
 
 @dataclass(frozen=True)

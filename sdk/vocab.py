@@ -102,5 +102,6 @@ def listing(names: Iterable[object]) -> str:
     return ", ".join(str(n) for n in names)
 
 
-__all__ = ["DEVICE_FORMATS", "FORMATS", "LLM_FORMATS", "LLM_RECIPES", "METERS", "PTE_IO_METHOD", "RECIPES", "TASKS", "TEXT_TASKS", "TFLITE_METADATA",
-           "TFLITE_SIGNATURE", "FormatSpec", "LLMFormatSpec", "Recipe", "TaskSpec", "listing"]
+__all__ = ["DEVICE_FORMATS", "FORMATS", "LLM_FORMATS", "LLM_RECIPES", "METERS", "PTE_IO_METHOD", "RECIPES", "TASKS",
+           "TEXT_TASKS", "TFLITE_METADATA", "TFLITE_SIGNATURE", "FormatSpec", "LLMFormatSpec", "Recipe", "TaskSpec",
+           "listing"]

@@ -45,7 +45,8 @@ class LLMRunConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LLMRunConfig:
-        return cls(**{**known_fields(cls, d, "LLM run config"), "prompt_lengths": tuple(int(n) for n in d.get("prompt_lengths", cls.prompt_lengths))})
+        lengths = tuple(int(n) for n in d.get("prompt_lengths", cls.prompt_lengths))
+        return cls(**{**known_fields(cls, d, "LLM run config"), "prompt_lengths": lengths})
 
 
 @dataclass(frozen=True)
